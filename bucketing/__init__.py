@@ -1,0 +1,45 @@
+"""Bin planning, assignment, fit geometry and the batch schedule: pure logic (numpy only, no torch, no I/O)."""
+
+from bucketing.bins import (
+    STRATEGIES,
+    BinningConfig,
+    assign_bins,
+    assign_strict,
+    assign_with_config,
+    capped_shapes,
+    plan_bins,
+    plan_fixed,
+    plan_smart,
+    plan_strict,
+)
+from bucketing.geometry import FIT_MODES, Bin, FitGeometry, as_sizes, fit_geometry, fit_sizes, parse_bins
+from bucketing.report import BinReport, BinStats, plan_report
+from bucketing.schedule import Step, epoch_schedule, schedule_stats, steps_per_epoch, token_budget_batch_sizes
+
+__all__ = [
+    "FIT_MODES",
+    "STRATEGIES",
+    "Bin",
+    "BinReport",
+    "BinStats",
+    "BinningConfig",
+    "FitGeometry",
+    "Step",
+    "as_sizes",
+    "assign_bins",
+    "assign_strict",
+    "assign_with_config",
+    "capped_shapes",
+    "epoch_schedule",
+    "fit_geometry",
+    "fit_sizes",
+    "parse_bins",
+    "plan_bins",
+    "plan_fixed",
+    "plan_report",
+    "plan_smart",
+    "plan_strict",
+    "schedule_stats",
+    "steps_per_epoch",
+    "token_budget_batch_sizes",
+]

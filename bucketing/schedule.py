@@ -1,0 +1,214 @@
+"""The batch schedule: which bin and which samples every rank trains on at every step of an epoch.
+
+A pure function of (per-bin sample counts, batch sizes, seed, epoch, world size, rank), so every rank computes
+its own share without talking to the others, and a resumed run recomputes the same epoch.
+
+Per bin, the samples ``0..count-1`` (the bin's stored order) are permuted with a generator seeded by
+``(seed, epoch, bin name)``, independent of dict order and of Python's hash seed. The permutation is cut into
+global batches of ``batch_size x world_size``; rank ``r`` takes the ``r``-th slice of ``batch_size`` from each.
+The last, incomplete global batch of a bin is either
+
+- padded (default) by wrapping around the bin's permutation (cycling it again when the bin is smaller than
+  one global batch), so every rank gets a full batch: at most ``batch_size x world_size - 1`` repeated
+  samples per bin and epoch; or
+- dropped (``drop_incomplete=True``, strict/VariViT mode): its ``count % (batch_size x world_size)`` samples
+  are skipped this epoch (a different subset every epoch, as the permutation changes).
+
+The global batches of all bins are then interleaved in one seeded random order, the same on every rank, so
+every rank has the same number of steps and the same bin at each step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from bucketing.geometry import Bin
+
+BatchSize = int | Mapping[str, int]
+
+# Separate seed streams for the per-bin permutations and the interleaving of bins.
+_PERMUTE_STREAM, _INTERLEAVE_STREAM = 0, 1
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of one rank: a batch of samples from one bin."""
+
+    bin: str
+    """The bin's name, ``HxW``."""
+    indices: tuple[int, ...]
+    """Indices into the bin's samples (0..count-1, in the bin's stored order)."""
+
+
+def _name_key(name: str) -> int:
+    """A stable 64-bit integer for a bin name (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
+
+
+def _rng(seed: int, epoch: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, *stream]))
+
+
+def _check(counts: Mapping[str, int], world_size: int, rank: int | None = None) -> None:
+    if world_size < 1:
+        raise ValueError(f"world_size must be ≥ 1, got {world_size}")
+    if rank is not None and not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
+    bad = [name for name, count in counts.items() if count < 0]
+    if bad:
+        raise ValueError(f"negative sample count for bin {bad[0]!r}")
+
+
+def _batch_size_of(batch_size: BatchSize, name: str) -> int:
+    """The per-rank batch size for one bin."""
+    if isinstance(batch_size, Mapping):
+        if name not in batch_size:
+            raise ValueError(f"no batch size given for bin {name!r}")
+        size = batch_size[name]
+    else:
+        size = batch_size
+    if size < 1:
+        raise ValueError(f"batch size must be ≥ 1, got {size} for bin {name!r}")
+    return int(size)
+
+
+def _num_global_batches(count: int, global_batch: int, drop_incomplete: bool) -> int:
+    return count // global_batch if drop_incomplete else -(-count // global_batch)
+
+
+def epoch_schedule(
+    counts: Mapping[str, int],
+    batch_size: BatchSize,
+    *,
+    seed: int,
+    epoch: int,
+    world_size: int,
+    rank: int,
+    drop_incomplete: bool = False,
+) -> list[Step]:
+    """The ordered steps of one epoch for one rank.
+
+    Args:
+        counts: samples per bin name (bins with 0 samples contribute nothing).
+        batch_size: per-rank batch size, one for all bins or one per bin name (e.g. token budgets).
+        seed: the run's seed (≥ 0).
+        epoch: the epoch number (≥ 0); another epoch gives another order.
+        world_size: number of ranks.
+        rank: this rank, in ``[0, world_size)``.
+        drop_incomplete: drop each bin's last incomplete global batch instead of padding it.
+
+    Returns:
+        The same number of steps on every rank, with the same bin at every step index.
+    """
+    _check(counts, world_size, rank)
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be ≥ 0, got seed={seed}, epoch={epoch}")
+    names = sorted(name for name, count in counts.items() if count > 0)
+    rank_batches: dict[str, np.ndarray] = {}
+    for name in names:
+        size = _batch_size_of(batch_size, name)
+        global_batch = size * world_size
+        n_batches = _num_global_batches(counts[name], global_batch, drop_incomplete)
+        perm = _rng(seed, epoch, _PERMUTE_STREAM, _name_key(name)).permutation(counts[name])
+        # np.resize cycles the permutation: the wrap-around padding of the last global batch.
+        taken = np.resize(perm, n_batches * global_batch) if n_batches else perm[:0]
+        rank_batches[name] = taken.reshape(n_batches, world_size, size)[:, rank, :]
+    labels = np.repeat(np.arange(len(names)), [len(rank_batches[n]) for n in names])
+    order = _rng(seed, epoch, _INTERLEAVE_STREAM).permutation(labels)
+    next_batch = [0] * len(names)
+    steps = []
+    for label in order:
+        name = names[label]
+        steps.append(Step(name, tuple(rank_batches[name][next_batch[label]].tolist())))
+        next_batch[label] += 1
+    return steps
+
+
+def steps_per_epoch(
+    counts: Mapping[str, int], batch_size: BatchSize, world_size: int, drop_incomplete: bool = False
+) -> int:
+    """Number of steps per rank in an epoch (the length of :func:`epoch_schedule`), without building it."""
+    _check(counts, world_size)
+    return sum(
+        _num_global_batches(count, _batch_size_of(batch_size, name) * world_size, drop_incomplete)
+        for name, count in counts.items()
+        if count > 0
+    )
+
+
+def token_budget_batch_sizes(
+    bins: Sequence[str | Bin],
+    tokens_per_batch: int,
+    patch_size: int,
+    max_batch: int | None = None,
+    multiple_of: int = 1,
+) -> dict[str, int]:
+    """Per-bin batch sizes that hold about ``tokens_per_batch`` tokens each: ``tokens_per_batch // tokens``.
+
+    The result is capped at ``max_batch``, rounded down to a multiple of ``multiple_of``, and at least
+    ``multiple_of`` (so at least 1; a bin larger than the budget gets ``multiple_of`` images).
+
+    Returns:
+        Batch size per bin name.
+    """
+    if tokens_per_batch < 1 or patch_size < 1 or multiple_of < 1:
+        raise ValueError("tokens_per_batch, patch_size and multiple_of must be ≥ 1")
+    if max_batch is not None and max_batch < multiple_of:
+        raise ValueError(f"max_batch ({max_batch}) must be ≥ multiple_of ({multiple_of})")
+    sizes = {}
+    for entry in bins:
+        b = Bin.parse(entry) if isinstance(entry, str) else entry
+        size = tokens_per_batch // b.tokens(patch_size)
+        if max_batch is not None:
+            size = min(size, max_batch)
+        sizes[b.name] = max(size // multiple_of * multiple_of, multiple_of)
+    return sizes
+
+
+def schedule_stats(
+    counts: Mapping[str, int],
+    batch_size: BatchSize,
+    world_size: int,
+    drop_incomplete: bool,
+    patch_size: int,
+) -> dict[str, float | int]:
+    """Cost of a schedule, computed from the counts alone (bin names must be ``HxW``).
+
+    Returns:
+        ``steps_per_epoch``; ``real_samples`` (sum of counts); ``padded_samples`` and ``padding_fraction``
+        (repeated samples / real samples, pad mode); ``skipped_samples`` (drop mode); tokens per step of one
+        rank: ``tokens_per_step_mean``, ``_min``, ``_max`` and ``_cv`` (coefficient of variation, std / mean).
+    """
+    _check(counts, world_size)
+    step_tokens, step_counts = [], []
+    padded = skipped = 0
+    for name, count in counts.items():
+        if count == 0:
+            continue
+        size = _batch_size_of(batch_size, name)
+        n_batches = _num_global_batches(count, size * world_size, drop_incomplete)
+        covered = n_batches * size * world_size
+        padded += max(covered - count, 0)
+        skipped += max(count - covered, 0)
+        if n_batches:
+            step_tokens.append(size * Bin.parse(name).tokens(patch_size))
+            step_counts.append(n_batches)
+    real = sum(counts.values())
+    tokens, weights = np.array(step_tokens, dtype=np.float64), np.array(step_counts, dtype=np.float64)
+    mean = float(np.average(tokens, weights=weights)) if len(tokens) else 0.0
+    std = float(np.sqrt(np.average((tokens - mean) ** 2, weights=weights))) if len(tokens) else 0.0
+    return {
+        "steps_per_epoch": int(weights.sum()),
+        "real_samples": int(real),
+        "padded_samples": int(padded),
+        "padding_fraction": padded / real if real else 0.0,
+        "skipped_samples": int(skipped),
+        "tokens_per_step_mean": mean,
+        "tokens_per_step_min": int(tokens.min()) if len(tokens) else 0,
+        "tokens_per_step_max": int(tokens.max()) if len(tokens) else 0,
+        "tokens_per_step_cv": std / mean if mean else 0.0,
+    }

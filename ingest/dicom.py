@@ -1,0 +1,172 @@
+"""DICOM specifics: detection, header, decoding of the first frame and the grayscale pipeline.
+
+The pipeline, in the order the standard applies it (PS3.3 C.11 / C.7.6.3.1.2):
+
+1. Decode the first frame of Pixel Data: native and RLE by pydicom, JPEG (baseline, extended, lossless) and
+   JPEG 2000 by the pylibjpeg plugins; a transfer syntax no installed plugin decodes (JPEG-LS needs another
+   one) is rejected with the decoder's message. Multi-frame objects: only frame 0 is used; the number of
+   frames is reported so the caller can record it.
+2. Bits Stored: for unsigned data the bits above Bits Stored are masked off (old files keep overlays or
+   garbage there); signed data is sign-extended by pydicom.
+3. Modality LUT: the Modality LUT Sequence when present, else Rescale Slope / Intercept.
+4. Optionally the VOI LUT Sequence or Window Centre / Width (first view).
+5. MONOCHROME1 is inverted so that bone, always attenuating, ends up bright as in MONOCHROME2.
+
+Colour objects (RGB, YBR_*, PALETTE COLOR) are turned into luminance instead of steps 3-5.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from ingest.errors import RejectError
+from ingest.normalize import luminance
+
+# Groups a DICOM data set without preamble usually starts with: command/group-length, file meta, identifying.
+_FIRST_GROUPS = {0x0000, 0x0002, 0x0008}
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# What dcmread raises on a malformed or truncated file.
+_READ_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, KeyError, struct.error)
+# What decoding and the LUT functions raise on malformed pixel data or LUT elements; missing required
+# elements surface as AttributeError, unsupported transfer syntaxes as NotImplementedError.
+_DECODE_ERRORS = (
+    AttributeError,
+    IndexError,
+    KeyError,
+    ValueError,
+    RuntimeError,
+    NotImplementedError,
+    OSError,
+)
+
+
+def looks_like_dicom(head: bytes) -> bool:
+    """Whether a file's first 132 bytes look like DICOM.
+
+    True for a Part 10 file (128-byte preamble, then ``b"DICM"``) and for a bare data set without preamble
+    whose first tag (little endian) is in group 0000, 0002 or 0008.
+    """
+    if head[128:132] == b"DICM":
+        return True
+    if len(head) < 8:
+        return False
+    group = int.from_bytes(head[:2], "little")
+    return group in _FIRST_GROUPS
+
+
+def _set_transfer_syntax(ds: Dataset) -> None:
+    """Give a data set read without file meta the transfer syntax its body was found to be encoded in."""
+    if ds.file_meta.get("TransferSyntaxUID"):
+        return
+    implicit, little = ds.original_encoding
+    if implicit is False:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    else:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+
+
+def open_dicom(path: Path, *, stop_before_pixels: bool = False) -> Dataset:
+    """Parse a DICOM file (Part 10 or a bare data set) without decoding its pixel data.
+
+    Raises:
+        RejectError: the file is not DICOM, or cannot be read or parsed.
+    """
+    try:
+        with path.open("rb") as f:
+            head = f.read(132)
+            if not looks_like_dicom(head):
+                raise RejectError("not a DICOM file")
+            f.seek(0)
+            ds = pydicom.dcmread(f, force=head[128:132] != b"DICM", stop_before_pixels=stop_before_pixels)
+    except _READ_ERRORS as err:
+        raise RejectError(f"unreadable DICOM: {one_line(err)}") from err
+    _set_transfer_syntax(ds)
+    return ds
+
+
+def header_fields(ds: Dataset) -> dict:
+    """The header facts the pipeline needs: patient_id, rows, cols, bits, photometric, frames."""
+    patient_id = str(ds.get("PatientID", "") or "").strip() or None
+    return {
+        "patient_id": patient_id,
+        "rows": int(ds.get("Rows", 0) or 0),
+        "cols": int(ds.get("Columns", 0) or 0),
+        "bits": int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 0) or 0),
+        "photometric": str(ds.get("PhotometricInterpretation", "") or "").strip() or None,
+        "frames": int(ds.get("NumberOfFrames", 1) or 1),
+    }
+
+
+def read_dicom_header(path: str | Path) -> dict:
+    """Header-only read (pixel data is not even loaded): see :func:`header_fields` for the keys.
+
+    Raises:
+        RejectError: the file is not DICOM or cannot be parsed.
+    """
+    return header_fields(open_dicom(Path(path), stop_before_pixels=True))
+
+
+def has_pixel_data(ds: Dataset) -> bool:
+    """Whether the data set carries any kind of pixel data."""
+    return any(keyword in ds for keyword in _PIXEL_KEYWORDS)
+
+
+def _mask_unused_bits(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Clear the bits above Bits Stored in unsigned integer data (a no-op where they are already clear)."""
+    bits_stored = int(ds.get("BitsStored", 0) or 0)
+    if arr.dtype.kind != "u" or not 0 < bits_stored < arr.dtype.itemsize * 8:
+        return arr
+    return arr & arr.dtype.type((1 << bits_stored) - 1)
+
+
+def _grayscale_values(raw: np.ndarray, ds: Dataset, apply_voi: bool) -> np.ndarray:
+    """Modality LUT, optional VOI LUT, MONOCHROME1 inversion; see the module docstring."""
+    values = apply_modality_lut(raw, ds)
+    if apply_voi:
+        if ds.get("VOILUTSequence") and values.dtype.kind == "f":
+            # A VOI LUT is indexed by integer values; a float modality output (rescale) is rounded first.
+            values = np.rint(values).astype(np.int64)
+        values = apply_voi_lut(values, ds, index=0)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        values = -values.astype(np.float64)
+    return values
+
+
+def decode_dicom(ds: Dataset, apply_voi: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Decode the first frame and bring it to grayscale values where higher means brighter.
+
+    Args:
+        ds: a data set from :func:`open_dicom` that has pixel data (see :func:`has_pixel_data`), not yet
+            decoded.
+        apply_voi: apply the VOI LUT Sequence or Window Centre / Width when present.
+
+    Returns:
+        ``(raw, values)``: the decoded stored pixels of frame 0 (high bits masked; colour as RGB) and the
+        grayscale values, any real dtype, ready for min-max normalisation.
+
+    Raises:
+        RejectError: the decoder or a LUT failed (its message is kept).
+    """
+    photometric = ds.get("PhotometricInterpretation")
+    try:
+        raw = _mask_unused_bits(pixel_array(ds, index=0), ds)
+        if photometric == "PALETTE COLOR":
+            return raw, luminance(apply_color_lut(raw, ds))
+        if raw.ndim == 3:
+            return raw, luminance(raw)
+        return raw, _grayscale_values(raw, ds, apply_voi)
+    except _DECODE_ERRORS as err:
+        raise RejectError(f"DICOM pixel data cannot be decoded: {one_line(err)}") from err
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (decoder messages can span several), for a RejectError."""
+    return " ".join(str(err).split()) or type(err).__name__

@@ -1,0 +1,535 @@
+"""The synthetic radiograph corpus: the project's embedded default data (no real image may be downloaded).
+
+``synthesize(out_dir, n, seed)`` writes a folder that looks and behaves like a clinical archive:
+
+- the 8 body regions of the reference study (plus a few ``whole_body`` images, which the builder drops by
+  default) in the real IRMA class imbalance (``REGION_COUNTS``), several images per patient;
+- region-specific anatomy (``ingest.synth_anatomy``) under a random pose, contrast, blur and
+  quantum + electronic noise, bone bright;
+- detector formats (2500×2048, 1760×1760, 2294×1914 mammography, ...) and random sizes, sides from ~200 px to
+  ``max_side`` and aspect ratios (h/w) from 0.4 to 2.5, all scaled by ``max_side / 2500``;
+- black collimation margins, sometimes a white or grey frame and a burned-in marker (L, R, AP, ...);
+- 8-bit PNG, 16-bit PNG (12-bit data raw or shifted, or 16-bit) and uncompressed DICOM (MONOCHROME1 stored
+  inverted / MONOCHROME2, BitsStored 12 or 16, rescale slope/intercept on some, CR/DX/MG).
+
+Layout::
+
+    out_dir/images/<region>/<patient>_<k>.<png|dcm>
+    out_dir/manifest.csv      path,label,irma_code,patient_id   (path relative to out_dir)
+    out_dir/irma_codes.csv    image_id;irma_code                (image_id = file stem, like the real lists)
+    out_dir/synth.json        parameters and summary (no timings, so a rerun leaves identical bytes)
+
+The corpus is a pure function of (n, seed, max_side): every image has its own random stream derived from
+(seed, index) and every file is written deterministically (no timestamps, DICOM UIDs from the seed), so the
+bytes do not depend on ``workers``. Files are written under a hidden temporary name and renamed into place;
+an image whose file already exists is skipped, so an interrupted run resumes cheaply.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import multiprocessing
+import os
+import struct
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from tqdm import tqdm
+
+from ingest.synth_anatomy import radiograph
+
+logger = logging.getLogger(__name__)
+
+SYNTH_VERSION = 1
+"""Bumped whenever the same parameters would give different files."""
+
+REGION_COUNTS: dict[str, int] = {
+    "whole_body": 3,
+    "cranium": 1246,
+    "spine": 1475,
+    "upper_extremity": 2041,
+    "chest": 4829,
+    "breast": 339,
+    "abdomen": 307,
+    "pelvis": 284,
+    "lower_extremity": 2153,
+}
+"""Images per body region in the IRMA training list (train_codes_02.csv), in IRMA region-digit order."""
+
+FORMAT_SHARES = {"png8": 0.45, "png16": 0.30, "dicom": 0.25}
+"""Share of each file format in the corpus."""
+
+REFERENCE_SIDE = 2500
+"""The ``max_side`` the detector formats below are given for; other values scale them proportionally."""
+
+# Real IRMA codes per region digit (all codes of the training list); a synthetic image gets one of its region.
+_IRMA_CODES = {
+    1: "1121-125-110-000",
+    2: "1121-110-213-700 1121-120-200-700 1121-210-212-700 1121-210-213-700 1121-210-221-700 1121-210-230-700 "
+    "1121-220-212-700 1121-220-213-700 1121-220-215-700 1121-220-221-700 1121-220-230-700 1121-420-212-700 "
+    "1121-420-213-700 1121-430-213-700 1121-430-215-700 1121-460-216-700 1121-4b0-233-700",
+    3: "1121-120-310-700 1121-120-311-700 1121-120-320-700 1121-120-330-700 1121-120-331-700 1121-200-300-700 "
+    "1121-210-310-700 1121-210-320-700 1121-210-321-700 1121-210-330-700 1121-210-331-700 1121-210-333-700 "
+    "1121-218-310-700 1121-220-310-700 1121-220-330-700 1121-228-310-700 1121-490-310-700 1122-220-333-700",
+    4: "1121-110-411-700 1121-110-414-700 1121-110-415-700 1121-120-412-700 1121-120-413-700 1121-120-421-700 "
+    "1121-120-422-700 1121-120-433-700 1121-120-434-700 1121-120-441-700 1121-120-442-700 1121-120-451-700 "
+    "1121-120-462-700 1121-120-463-700 1121-12f-466-700 1121-200-411-700 1121-230-463-700 1121-240-421-700 "
+    "1121-240-441-700 1121-490-415-700 1121-4a0-414-700",
+    5: "1121-110-540-370 1121-120-514-700 1121-120-516-700 1121-490-514-700 1123-110-500-000 1123-112-500-000 "
+    "1123-127-500-000 1123-211-500-000 112d-121-500-000",
+    6: "1124-310-610-625 1124-310-620-625 1124-410-610-625 1124-410-620-625 1127-310-600-625",
+    7: "1121-115-700-400 1121-115-710-400 1121-117-731-443 1121-120-720-400 1121-127-700-400 1121-127-700-500 "
+    "1121-129-700-400 1123-115-710-400",
+    8: "1121-120-800-700 1121-120-811-700 1121-120-820-700 1121-127-800-700 1121-200-800-700 1121-200-810-700",
+    9: "1121-120-911-700 1121-120-914-700 1121-120-915-700 1121-120-921-700 1121-120-922-700 1121-120-942-700 "
+    "1121-120-943-700 1121-120-961-700 1121-120-962-700 1121-230-921-700 1121-230-922-700 1121-230-942-700 "
+    "1121-230-943-700 1121-320-941-700 1121-4a0-914-700 1121-490-915-700",
+}
+IRMA_CODES: dict[str, tuple[str, ...]] = {
+    name: tuple(_IRMA_CODES[digit].split()) for digit, name in enumerate(REGION_COUNTS, start=1)
+}
+"""Region → the real IRMA codes synthetic images of that region are given."""
+
+# Detector formats per region: ((height, width) at REFERENCE_SIDE, weight); larger ones are shrunk to fit.
+# The weight left over goes to random sizes with the region's aspect range (h/w); EXPORT_SHARE of all images
+# are archive exports with a 512 px longest side (the size of the IRMA images themselves).
+_DETECTOR_FORMATS: dict[str, list[tuple[tuple[int, int], float]]] = {
+    "whole_body": [((2500, 1000), 0.5)],
+    "cranium": [((2010, 1670), 0.2), ((1670, 2010), 0.15), ((1760, 1760), 0.15), ((1024, 1024), 0.1)],
+    "spine": [((2500, 1000), 0.12), ((2964, 2364), 0.15), ((2010, 1670), 0.15), ((1760, 1760), 0.08)],
+    "upper_extremity": [
+        ((2010, 1670), 0.12),
+        ((1670, 2010), 0.1),
+        ((1760, 1760), 0.1),
+        ((2500, 1000), 0.05),
+        ((1000, 2500), 0.05),
+        ((1024, 1024), 0.08),
+    ],
+    "chest": [
+        ((2500, 2048), 0.25),
+        ((2048, 2500), 0.08),
+        ((2964, 2364), 0.15),
+        ((3000, 3000), 0.07),
+        ((1760, 1760), 0.1),
+        ((1024, 1024), 0.05),
+    ],
+    "breast": [((2294, 1914), 0.35), ((3328, 2560), 0.3)],
+    "abdomen": [((2500, 2048), 0.25), ((2048, 2500), 0.1), ((2964, 2364), 0.15), ((1760, 1760), 0.08)],
+    "pelvis": [((2048, 2500), 0.3), ((2364, 2964), 0.2), ((1760, 1760), 0.1)],
+    "lower_extremity": [
+        ((2500, 1000), 0.1),
+        ((2010, 1670), 0.12),
+        ((1670, 2010), 0.1),
+        ((1760, 1760), 0.08),
+        ((1000, 2500), 0.05),
+    ],
+}
+_ASPECTS = {  # (low, high) h/w of random sizes; negative share = chance of the landscape (inverse) aspect
+    "whole_body": (2.0, 2.5, 0.0),
+    "cranium": (0.75, 1.35, 0.0),
+    "spine": (1.1, 2.5, 0.1),
+    "upper_extremity": (1.25, 2.5, 0.3),
+    "chest": (0.8, 1.3, 0.0),
+    "breast": (1.15, 1.5, 0.0),
+    "abdomen": (0.75, 1.35, 0.0),
+    "pelvis": (0.6, 1.0, 0.0),
+    "lower_extremity": (1.25, 2.5, 0.3),
+}
+EXPORT_SHARE = 0.12
+MIN_SIDE_AT_REFERENCE = 200
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Everything decided about one image before it is drawn (the plan; cheap, in the main process).
+
+    Attributes:
+        index: position in the corpus; with the seed it gives the image's random stream.
+        region: body region (the label).
+        patient_id: e.g. "P000123".
+        k: the image's number within its patient.
+        height, width: pixel size of the file.
+        fmt: "png8", "png16" or "dicom".
+        irma_code: the image's IRMA code (its region digit matches ``region``).
+        bits_stored: significant bits of the stored values (8, 12 or 16).
+        shift: left shift of the stored values in their 16-bit container (12-bit data scaled: 4).
+        photometric: "MONOCHROME1" (stored inverted) or "MONOCHROME2".
+        modality: DICOM modality (CR, DX, MG), "" for PNG.
+        rescale: DICOM (slope, intercept), or None when not set.
+    """
+
+    index: int
+    region: str
+    patient_id: str
+    k: int
+    height: int
+    width: int
+    fmt: str
+    irma_code: str
+    bits_stored: int
+    shift: int
+    photometric: str
+    modality: str
+    rescale: tuple[float, float] | None
+
+    @property
+    def relpath(self) -> str:
+        """Path of the file relative to the corpus root."""
+        ext = "dcm" if self.fmt == "dicom" else "png"
+        return f"images/{self.region}/{self.patient_id}_{self.k}.{ext}"
+
+
+def region_counts(n: int) -> dict[str, int]:
+    """Images per region for a corpus of ``n``: the IRMA proportions by largest remainder.
+
+    ``whole_body`` gets its ~0.02 % share but at least one image when n ≥ 200; every other region gets at least
+    one image when n ≥ 16.
+    """
+    total = sum(REGION_COUNTS.values())
+    whole = max(round(n * REGION_COUNTS["whole_body"] / total), 1 if n >= 200 else 0)
+    names = [r for r in REGION_COUNTS if r != "whole_body"]
+    weights = np.array([REGION_COUNTS[r] for r in names], dtype=np.float64)
+    rest = n - whole
+    exact = rest * weights / weights.sum()
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: rest - counts.sum()]:
+        counts[i] += 1
+    if n >= 16:  # no region may vanish: take the missing images from the largest class
+        for i in np.flatnonzero(counts == 0):
+            counts[i] += 1
+            counts[np.argmax(counts)] -= 1
+    return {"whole_body": whole, **{r: int(c) for r, c in zip(names, counts, strict=True)}}
+
+
+def _patients(counts: dict[str, int], rng: np.random.Generator) -> list[list[str]]:
+    """Group the images of each region into patients of 1–4; about one patient in ten gets a second region."""
+    patients: list[list[str]] = []
+    for region, count in counts.items():
+        left = count
+        while left > 0:
+            size = min(left, int(rng.choice([1, 2, 3, 4], p=[0.45, 0.3, 0.15, 0.1])))
+            patients.append([region] * size)
+            left -= size
+    multi = [i for i, p in enumerate(patients) if len(p) > 1]
+    for i in multi:  # swap one image with another patient's: region counts stay exact
+        if rng.random() < 0.1:
+            j = int(rng.integers(len(patients)))
+            a, b = int(rng.integers(len(patients[i]))), int(rng.integers(len(patients[j])))
+            patients[i][a], patients[j][b] = patients[j][b], patients[i][a]
+    order = rng.permutation(len(patients))
+    return [sorted(patients[i], key=list(REGION_COUNTS).index) for i in order]
+
+
+def _size(region: str, max_side: int, rng: np.random.Generator) -> tuple[int, int]:
+    """(height, width) of one image: a detector format, an archive export or a random size."""
+    scale = max_side / REFERENCE_SIDE
+    min_side = max(32, round(MIN_SIDE_AT_REFERENCE * scale))
+    formats = _DETECTOR_FORMATS[region]
+    u = rng.random()
+    for (h, w), weight in formats:
+        if u < weight:
+            f = min(scale, max_side / max(h, w))
+            return max(min_side, round(h * f)), max(min_side, round(w * f))
+        u -= weight
+    low, high, landscape = _ASPECTS[region]
+    aspect = float(np.exp(rng.uniform(np.log(low), np.log(high))))
+    if rng.random() < landscape:
+        aspect = 1.0 / aspect
+    stretch = max(aspect, 1.0 / aspect)
+    if rng.random() < EXPORT_SHARE / max(1.0 - sum(w for _, w in formats), 1e-9):
+        longest = max(round(512 * scale), round(min_side * stretch))
+    else:
+        longest = round(
+            np.exp(rng.uniform(np.log(max(0.2 * max_side, min_side * stretch)), np.log(max_side)))
+        )
+    longest = min(longest, max_side)
+    short = max(min_side, round(longest / stretch))
+    return (longest, short) if aspect >= 1 else (short, longest)
+
+
+def _encoding(region: str, rng: np.random.Generator) -> dict:
+    """File format and stored-value encoding of one image."""
+    fmt = str(rng.choice(list(FORMAT_SHARES), p=list(FORMAT_SHARES.values())))
+    enc = {
+        "fmt": fmt,
+        "bits_stored": 8,
+        "shift": 0,
+        "photometric": "MONOCHROME2",
+        "modality": "",
+        "rescale": None,
+    }
+    if fmt == "png16":
+        enc["bits_stored"], enc["shift"] = [(12, 0), (12, 4), (16, 0)][int(rng.integers(3))]
+    elif fmt == "dicom":
+        enc["modality"] = "MG" if region == "breast" else str(rng.choice(["CR", "DX"]))
+        enc["bits_stored"] = 12 if rng.random() < 0.6 else 16
+        mono1 = rng.random() < (0.6 if enc["modality"] == "CR" else 0.25)
+        enc["photometric"] = "MONOCHROME1" if mono1 else "MONOCHROME2"
+        if rng.random() < 0.4:
+            enc["rescale"] = (float(rng.choice([0.5, 1.0, 2.0])), float(rng.choice([0.0, -1024.0, 100.0])))
+    return enc
+
+
+def plan_corpus(n: int, seed: int, max_side: int = REFERENCE_SIDE) -> list[ImageSpec]:
+    """Decide every image of the corpus (region, patient, size, format) without drawing any.
+
+    Args:
+        n: number of images.
+        seed: non-negative corpus seed.
+        max_side: longest image side in pixels; detector formats are scaled by ``max_side / 2500``.
+
+    Returns:
+        The specs in corpus order (patients in random order, their images consecutive).
+    """
+    _check_args(n, seed, max_side, 1)
+    rng = np.random.default_rng([seed, 0])
+    specs: list[ImageSpec] = []
+    for p, regions in enumerate(_patients(region_counts(n), rng), start=1):
+        for k, region in enumerate(regions):
+            h, w = _size(region, max_side, rng)
+            code = IRMA_CODES[region][int(rng.integers(len(IRMA_CODES[region])))]
+            enc = _encoding(region, rng)
+            specs.append(ImageSpec(len(specs), region, f"P{p:06d}", k, h, w, irma_code=code, **enc))
+    return specs
+
+
+def _check_args(n: int, seed: int, max_side: int, workers: int) -> None:
+    if n < 1:
+        raise ValueError(f"n={n}: need at least one image")
+    if seed < 0:
+        raise ValueError(f"seed={seed}: must be non-negative")
+    if max_side < 64:
+        raise ValueError(f"max_side={max_side}: must be at least 64 px")
+    if workers < 1:
+        raise ValueError(f"workers={workers}: must be at least 1")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` under a hidden temporary name beside ``path``, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """A grayscale PNG (uint8 → 8-bit, uint16 → 16-bit) with zlib level 1.
+
+    Written by hand because Pillow tries all five PNG filters on every row, which makes it 3x slower on
+    detector-sized images; here every row uses the Sub filter and zlib's RLE strategy (level 1), which is as
+    small and deterministic.
+    """
+    h, w = pixels.shape
+    depth = pixels.dtype.itemsize * 8
+    rows = pixels.astype(">u2").view(np.uint8) if depth == 16 else np.ascontiguousarray(pixels, np.uint8)
+    step = depth // 8
+    filtered = np.empty((h, w * step + 1), np.uint8)
+    filtered[:, 0] = 1  # filter type Sub: each byte minus the same byte of the pixel to its left (mod 256)
+    filtered[:, 1 : 1 + step] = rows[:, :step]
+    np.subtract(rows[:, step:], rows[:, :-step], out=filtered[:, 1 + step :])
+    comp = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    idat = comp.compress(filtered) + comp.flush()
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(tag)))
+        )
+
+    header = struct.pack(">IIBBBBB", w, h, depth, 0, 0, 0, 0)  # grayscale, deflate, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def stored_values(spec: ImageSpec, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Quantise a [0, 1] image as the file stores it: bit depth, used sub-range, shift, MONOCHROME1 inversion.
+
+    8-bit PNGs span 0..255 (a display export); 12/16-bit data span a random part of the detector range, as
+    raw data do (the margins stay the minimum, so min-max normalisation maps them back to 0).
+    """
+    if spec.bits_stored == 8:
+        img *= 255.0
+        img += 0.5
+        return img.astype(np.uint8)
+    full = (1 << spec.bits_stored) - 1
+    low, high = rng.uniform(0.0, 0.1) * full, rng.uniform(0.75, 1.0) * full
+    img *= high - low
+    img += low + 0.5
+    values = img.astype(np.uint16)
+    if spec.photometric == "MONOCHROME1":  # stored inverted: a correct reader inverts it back
+        np.subtract(full, values, out=values)
+    return values << spec.shift if spec.shift else values
+
+
+_SOP_CLASSES = {
+    "CR": "1.2.840.10008.5.1.4.1.1.1",
+    "DX": "1.2.840.10008.5.1.4.1.1.1.1",
+    "MG": "1.2.840.10008.5.1.4.1.1.1.2",
+}
+_BODY_PARTS = {
+    "whole_body": "WHOLEBODY",
+    "cranium": "SKULL",
+    "spine": "SPINE",
+    "upper_extremity": "ARM",
+    "chest": "CHEST",
+    "breast": "BREAST",
+    "abdomen": "ABDOMEN",
+    "pelvis": "PELVIS",
+    "lower_extremity": "LEG",
+}
+
+
+def dicom_bytes(spec: ImageSpec, values: np.ndarray, seed: int) -> bytes:
+    """An uncompressed Explicit VR Little Endian DICOM file; UIDs derived from the seed, no dates or times."""
+
+    def uid(*parts: object) -> str:
+        return generate_uid(entropy_srcs=["radstream-synth", str(seed), *map(str, parts)])
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = _SOP_CLASSES[spec.modality]
+    meta.MediaStorageSOPInstanceUID = uid("image", spec.index)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = uid("study", spec.patient_id)
+    ds.SeriesInstanceUID = uid("series", spec.index)
+    ds.PatientID, ds.PatientName = spec.patient_id, f"SYNTH^{spec.patient_id}"
+    ds.Modality, ds.BodyPartExamined = spec.modality, _BODY_PARTS[spec.region]
+    ds.InstanceNumber = spec.k + 1
+    ds.Rows, ds.Columns = values.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, spec.photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
+        16,
+        spec.bits_stored,
+        spec.bits_stored - 1,
+        0,
+    )
+    if spec.rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = (
+            f"{spec.rescale[0]:g}",
+            f"{spec.rescale[1]:g}",
+            "US",
+        )
+    ds.add_new(0x7FE00010, "OW", values.astype("<u2").tobytes())
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def make_image(out_dir: str, spec: ImageSpec, seed: int) -> bool:
+    """Draw and write one image unless its file exists; returns whether it was written."""
+    path = Path(out_dir) / spec.relpath
+    if path.exists():
+        return False
+    rng = np.random.default_rng([seed, 1, spec.index])
+    values = stored_values(spec, radiograph(spec.region, spec.height, spec.width, rng), rng)
+    _write_atomic(path, dicom_bytes(spec, values, seed) if spec.fmt == "dicom" else encode_png(values))
+    return True
+
+
+def _make_image_task(args: tuple[str, ImageSpec, int]) -> bool:
+    return make_image(*args)
+
+
+def _summary(specs: list[ImageSpec], n: int, seed: int, max_side: int, out: Path) -> dict:
+    classes = Counter(s.region for s in specs)
+    return {
+        "generator": "ingest.synth",
+        "version": SYNTH_VERSION,
+        "parameters": {"n": n, "seed": seed, "max_side": max_side},
+        "n": n,
+        "classes": {r: classes[r] for r in REGION_COUNTS},
+        "formats": {f: sum(s.fmt == f for s in specs) for f in FORMAT_SHARES},
+        "photometric": dict(sorted(Counter(s.photometric for s in specs if s.fmt == "dicom").items())),
+        "patients": len({s.patient_id for s in specs}),
+        "megapixels": round(sum(s.height * s.width for s in specs) / 1e6, 3),
+        "bytes": sum((out / s.relpath).stat().st_size for s in specs),
+    }
+
+
+def _write_tables(out: Path, specs: list[ImageSpec]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "label", "irma_code", "patient_id"])
+    writer.writerows([s.relpath, s.region, s.irma_code, s.patient_id] for s in specs)
+    _write_atomic(out / "manifest.csv", buf.getvalue().encode())
+    lines = ["image_id;irma_code"] + [f"{Path(s.relpath).stem};{s.irma_code}" for s in specs]
+    _write_atomic(out / "irma_codes.csv", ("\n".join(lines) + "\n").encode())
+
+
+def _claim_folder(out: Path, parameters: dict) -> None:
+    """Refuse a folder holding a corpus of other parameters; mark it as (incomplete) ours otherwise."""
+    meta = out / "synth.json"
+    if meta.exists():
+        old = json.loads(meta.read_text())
+        if old.get("parameters") != parameters or old.get("version") != SYNTH_VERSION:
+            raise ValueError(
+                f"{out} holds a synthetic corpus made with {old.get('parameters')} (version {old.get('version')}); "
+                f"use an empty folder for {parameters}"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(
+        meta, json.dumps({"version": SYNTH_VERSION, "parameters": parameters, "complete": False}).encode()
+    )
+
+
+def synthesize(
+    out_dir: str | os.PathLike, n: int, seed: int, *, max_side: int = 2500, workers: int = 1
+) -> dict:
+    """Write a synthetic radiograph corpus of ``n`` images into ``out_dir`` (see the module docstring).
+
+    Args:
+        out_dir: the corpus folder (created; an existing corpus of the same parameters is completed).
+        n: number of images.
+        seed: non-negative seed; the files are a pure function of (n, seed, max_side).
+        max_side: longest image side in pixels; sizes scale by ``max_side / 2500``.
+        workers: processes drawing images (does not change the output).
+
+    Returns:
+        The summary: images per class and format, patients, bytes, plus ``written``, ``skipped``,
+        ``seconds`` and ``images_per_s`` of this call.
+
+    Raises:
+        ValueError: bad arguments, or ``out_dir`` holds a corpus made with other parameters.
+    """
+    _check_args(n, seed, max_side, workers)
+    start = time.perf_counter()
+    out = Path(out_dir)
+    parameters = {"n": n, "seed": seed, "max_side": max_side}
+    _claim_folder(out, parameters)
+    specs = plan_corpus(n, seed, max_side)
+    for region in {s.region for s in specs}:
+        (out / "images" / region).mkdir(parents=True, exist_ok=True)
+    tasks = [(str(out), s, seed) for s in specs]
+    with tqdm(total=n, desc="synth", unit="img", disable=None) as bar:
+        if workers == 1:
+            written = [bar.update() or make_image(*t) for t in tasks]
+        else:
+            with multiprocessing.get_context().Pool(workers) as pool:
+                written = []
+                for w in pool.imap(_make_image_task, tasks, chunksize=max(1, min(16, n // (8 * workers)))):
+                    written.append(w)
+                    bar.update()
+    _write_tables(out, specs)
+    summary = _summary(specs, n, seed, max_side, out)
+    _write_atomic(out / "synth.json", (json.dumps({**summary, "complete": True}, indent=2) + "\n").encode())
+    seconds = time.perf_counter() - start
+    result = {
+        **summary,
+        "written": sum(written),
+        "skipped": n - sum(written),
+        "workers": workers,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(n / seconds, 2),
+    }
+    logger.info("synth: %d images (%d written) in %s, %.1f s", n, result["written"], out, seconds)
+    return result

@@ -1,0 +1,187 @@
+"""The `radstream` console script: the non-training commands (training stages run under `accelerate launch`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from radstream.config import ConfigError
+
+log = logging.getLogger("radstream")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def _build_overrides(args: argparse.Namespace) -> list[str]:
+    """Translate the convenience flags into dotted config overrides (explicit overrides win: they come last)."""
+    flags = {
+        "manifest_csv": "ingest.manifest_csv",
+        "labels": "ingest.labels",
+        "irma_csv": "ingest.irma_csv",
+        "codec": "shards.codec",
+        "strategy": "binning.strategy",
+        "workers": "workers",
+        "seed": "seed",
+    }
+    out = [f"source={args.source}", f"out={args.out}"]
+    out += [f"{key}={getattr(args, name)}" for name, key in flags.items() if getattr(args, name, None) is not None]
+    return out + list(args.overrides)
+
+
+def _load_build_config(args: argparse.Namespace):
+    from radstream.config import load_config
+    from shards.config import BuildConfig
+
+    return load_config(BuildConfig, args.config, _build_overrides(args))
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from ingest.synth import synthesize
+
+    summary = synthesize(args.out, n=args.n, seed=args.seed, max_side=args.max_side, workers=args.workers)
+    print(f"synth: {summary.get('n', args.n)} images in {args.out} ({summary.get('seconds', 0):.1f} s)")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from shards.build import run_build
+    from shards.manifest import finalize
+
+    cfg = _load_build_config(args)
+    start = time.perf_counter()
+    run_build(cfg, task_index=args.task_index, num_tasks=args.num_tasks)
+    if args.num_tasks > 1 and not args.finalize:
+        print(f"build-shards: task {args.task_index} of {args.num_tasks} done; run `radstream finalize-shards` after all")
+        return 0
+    manifest = finalize(cfg)
+    _print_summary(manifest, time.perf_counter() - start)
+    return 0
+
+
+def _print_summary(manifest: dict, seconds: float) -> None:
+    c = manifest["counts"]
+    total_bytes = sum(s["bytes"] for b in manifest["bins"] for s in b["shards"])
+    print(
+        f"build-shards: {c['written']} written, {c['rejected']} rejected, {c['duplicates']} duplicates "
+        f"(of {c['seen']} seen), {total_bytes / 1e6:.1f} MB in {len(manifest['bins'])} bins, {seconds:.1f} s"
+    )
+
+
+def cmd_finalize(args: argparse.Namespace) -> int:
+    from shards.manifest import finalize
+    from shards.plan import load_plan_config
+
+    cfg = load_plan_config(args.out)
+    start = time.perf_counter()
+    _print_summary(finalize(cfg), time.perf_counter() - start)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from shards.verify import verify_shards
+
+    report = verify_shards(args.out, quick=args.quick)
+    for problem in report.problems[:50]:
+        print(f"  {problem}")
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def cmd_bins(args: argparse.Namespace) -> int:
+    from shards.binreport import bins_report
+
+    print(bins_report(args.path, args.overrides, batch_size=args.batch_size, workers=args.workers))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from radstream.demo import run_demo
+
+    return run_demo(args.out, n=args.n, max_side=args.max_side, seed=args.seed, workers=args.workers)
+
+
+def _add_build_parser(sub) -> None:
+    p = sub.add_parser("build-shards", help="radiograph files → size-binned WebDataset shards")
+    p.add_argument("source", help="folder of DICOM/PNG/JPEG/TIFF files (or the root a --manifest-csv is relative to)")
+    p.add_argument("out", help="output dataset folder")
+    p.add_argument("--config", help="YAML recipe (keys of shards.config.BuildConfig)")
+    p.add_argument("--manifest-csv", help="CSV manifest: path[,label][,irma_code][,patient_id]")
+    p.add_argument("--labels", choices=["none", "folder", "csv", "irma"], help="label source")
+    p.add_argument("--irma-csv", help="IRMA code list (image_id;irma_code)")
+    p.add_argument("--codec", help="jpg | png | png16 | jp2")
+    p.add_argument("--strategy", choices=["fixed", "strict", "smart"], help="binning strategy")
+    p.add_argument("--workers", type=int, help="worker processes")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--task-index", type=int, default=0, help="this task's index (SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--num-tasks", type=int, default=1, help="number of tasks (SLURM_ARRAY_TASK_COUNT)")
+    p.add_argument("--finalize", action="store_true", help="with --num-tasks > 1: also finalize (all parts done)")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. binning.num_bins=6")
+    p.set_defaults(func=cmd_build)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radstream", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic radiograph corpus (the embedded default data)")
+    p.add_argument("out")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-side", type=int, default=2500)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=cmd_synth)
+
+    _add_build_parser(sub)
+
+    p = sub.add_parser("demo", help="the whole pipeline on synthetic radiographs, end to end")
+    p.add_argument("out", nargs="?", default="demo_out")
+    p.add_argument("--n", type=int, default=600, help="synthetic images")
+    p.add_argument("--max-side", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("finalize-shards", help="merge the parts of a multi-task build into the manifest")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_finalize)
+
+    p = sub.add_parser("verify-shards", help="re-read every shard and check it against the manifest")
+    p.add_argument("out")
+    p.add_argument("--quick", action="store_true", help="decode a 5%% sample of the images instead of all")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("bins", help="print the bin plan of a source folder or a shard dataset")
+    p.add_argument("path", help="source folder, or a shard dataset (has manifest.json)")
+    p.add_argument("--batch-size", type=int, default=64, help="report images in bins that cannot fill a batch")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("overrides", nargs="*", help="binning overrides, e.g. binning.strategy=strict")
+    p.set_defaults(func=cmd_bins)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `radstream` console script."""
+    args = make_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        if args.verbose:
+            raise
+        print(f"radstream {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Config loading shared by every stage: defaults → recipe file → dotted CLI overrides.
+
+Each stage declares one frozen dataclass (with nested dataclasses for sub-configs). ``load_config`` builds an
+OmegaConf structured config from it, so unknown keys and wrong types are errors, merges a YAML recipe and
+``key=value`` overrides on top, and returns a real instance of the dataclass (its ``__post_init__`` checks run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the stage's config."""
+
+
+def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Resolve a stage config.
+
+    Args:
+        cls: the stage's config dataclass.
+        recipe: optional YAML file; its keys must exist in ``cls``.
+        overrides: dotted ``key=value`` strings applied last, e.g. ``optim.base_lr=1e-3``.
+
+    Returns:
+        An instance of ``cls`` with every value resolved.
+
+    Raises:
+        ConfigError: unknown key, wrong type, unreadable recipe or a failed ``__post_init__`` check.
+    """
+    try:
+        base = OmegaConf.structured(cls)
+        layers = [base]
+        if recipe is not None:
+            path = Path(recipe)
+            if not path.is_file():
+                raise ConfigError(f"{path}: recipe file not found")
+            layers.append(OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        msg = str(err).splitlines()[0]
+        where = f"{recipe}: " if recipe else ""
+        raise ConfigError(f"{where}{msg}") from None
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(str(err)) from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML/JSON-friendly dict of a config dataclass (paths and tuples become str and list)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return plain(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML text, for ``config.yaml`` in a run directory and in checkpoints."""
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))

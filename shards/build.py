@@ -1,0 +1,228 @@
+"""The shard build: plan → parts (read, normalise, bin, resize, encode, write) → finalize.
+
+A part is a fixed group of whole patients (see ``shards.plan``). A task of a SLURM array builds the parts
+``p`` with ``p % num_tasks == task_index``; a part's shards are named after it, so the dataset is identical
+whatever the number of tasks. A finished part leaves ``OUT/_work/parts/part-NNNN.json``; a rerun skips it, and
+a part that was killed half way is cleaned up and rebuilt from scratch (its shards only become visible by an
+atomic rename, so nothing half written ever looks finished).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from bucketing.bins import Bin, BinningConfig, assign_with_config, fit_geometry
+from ingest.errors import RejectError
+from ingest.readers import ReadConfig, read_image
+from shards.codecs import encode, extension
+from shards.config import BuildConfig
+from shards.plan import BuildPlan, get_plan, stable_hash
+from shards.writer import ShardWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What a worker needs to turn one source file into one encoded sample (picklable, set once per pool)."""
+
+    read: ReadConfig
+    bins: tuple[Bin, ...]
+    binning: BinningConfig
+    codec: str
+    quality: int
+    crop_to_foreground: bool
+
+
+_JOB: _Job | None = None
+
+
+def _init_worker(job: _Job) -> None:
+    global _JOB
+    _JOB = job
+
+
+def sample_key(rel: str) -> str:
+    """A webdataset key for a source path: readable stem + a hash of the full path (unique, no dots)."""
+    stem = re.sub(r"[^A-Za-z0-9_-]", "_", Path(rel).stem)[:48]
+    return f"{stem}_{hashlib.sha1(rel.encode()).hexdigest()[:10]}"
+
+
+def resize_into_bin(pixels: np.ndarray, bin_: Bin, mode: str):
+    """Resize a float [0, 1] image into ``bin_`` with the fit mode; returns (pixels [H, W], geometry)."""
+    h, w = pixels.shape
+    geom = fit_geometry(h, w, bin_, mode)
+    rh, rw = geom.resized
+    img = Image.fromarray(pixels.astype(np.float32, copy=False), mode="F")
+    resized = np.asarray(img.resize((rw, rh), Image.Resampling.BILINEAR, reducing_gap=3.0), dtype=np.float32)
+    out = np.zeros((bin_.height, bin_.width), dtype=np.float32)
+    oy, ox = geom.offset
+    if mode == "crop":
+        out[:] = resized[oy : oy + bin_.height, ox : ox + bin_.width]
+    else:
+        out[oy : oy + rh, ox : ox + rw] = resized
+    return np.clip(out, 0.0, 1.0), geom
+
+
+def process_item(item: dict) -> dict:
+    """Read → normalise → pick the bin → resize → encode one input. Runs in a worker process."""
+    job = _JOB
+    assert job is not None, "worker not initialised"
+    try:
+        img = read_image(item["path"], job.read)
+    except RejectError as err:
+        return {"reject": str(err)}
+    pixels, box = img.pixels, img.foreground
+    if job.crop_to_foreground:
+        y0, x0, y1, x1 = box
+        pixels = pixels[y0:y1, x0:x1]
+        box = (0, 0, y1 - y0, x1 - x0)
+    h, w = pixels.shape
+    bin_ = job.bins[int(assign_with_config(job.binning, np.array([[h, w]]), job.bins)[0])]
+    binned, geom = resize_into_bin(pixels, bin_, job.binning.fit)
+    data = encode(binned, job.codec, job.quality)
+    return {
+        "bin": bin_.name,
+        "data": data,
+        "meta": img.meta,
+        "foreground": [int(v) for v in img.foreground],
+        "foreground_bin": [int(v) for v in geom.map_box(box)],
+    }
+
+
+def _sample_json(item: dict, res: dict, plan: BuildPlan, cfg: BuildConfig) -> dict:
+    meta = res["meta"]
+    return {
+        "source": item["rel"],
+        "format": meta.get("format"),
+        "height": int(meta.get("height", item["height"])),
+        "width": int(meta.get("width", item["width"])),
+        "bits": meta.get("bits"),
+        "photometric": meta.get("photometric"),
+        "frames": meta.get("frames", 1),
+        "foreground": res["foreground"],
+        "foreground_bin": res["foreground_bin"],
+        "patient_id": item["patient"],
+        "split": item["split"],
+        "label": item["label"],
+        "label_index": plan.class_names.index(item["label"]) if item["label"] in plan.class_names else -1,
+        "fractions": item["fractions"],
+        "bin": res["bin"],
+        "fit": cfg.binning.fit,
+        "cropped_to_foreground": cfg.shards.crop_to_foreground,
+        "pixel_sha1": meta.get("pixel_sha1"),
+    }
+
+
+def _clean_part(out: Path, part: int) -> None:
+    """Remove what a killed run of this part left behind (final-named or partial shard files)."""
+    pattern = re.compile(rf"^[a-z]+-\d+x\d+-{part:04d}-\d{{6}}\.(tar|idx)")
+    for split_dir in (p for p in out.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        for f in split_dir.glob("*/*"):
+            if pattern.match(f.name) or (f.name.startswith(".") and f"-{part:04d}-" in f.name):
+                f.unlink()
+
+
+def _results(items: list[dict], job: _Job, workers: int, desc: str):
+    if workers <= 1:
+        _init_worker(job)
+        yield from map(process_item, items)
+        return
+    with Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
+        yield from pool.imap(process_item, items, chunksize=4)
+
+
+def build_part(cfg: BuildConfig, plan: BuildPlan, part: int) -> dict:
+    """Write every sample of one part; returns (and saves) the part record."""
+    out = Path(cfg.out)
+    _clean_part(out, part)
+    items = sorted((it for it in plan.items if it["part"] == part), key=lambda it: stable_hash(cfg.seed, it["rel"]))
+    sh = cfg.shards
+    job = _Job(cfg.ingest.read, tuple(plan.bins), cfg.binning, sh.codec, sh.quality, sh.crop_to_foreground)
+    writers: dict[tuple[str, str], ShardWriter] = {}
+    rows, rejects, duplicates, seen_pixels = [], [], [], {}
+    results = _results(items, job, cfg.workers, f"part {part}")
+    for item, res in tqdm(zip(items, results), total=len(items), desc=f"part {part}", unit="img", disable=None):
+        if "reject" in res:
+            rejects.append({"path": item["rel"], "reason": res["reject"]})
+            continue
+        sha = res["meta"].get("pixel_sha1")
+        if sha in seen_pixels:
+            duplicates.append({"path": item["rel"], "duplicate_of": seen_pixels[sha]})
+            continue
+        seen_pixels[sha] = item["rel"]
+        key = sample_key(item["rel"])
+        meta = _sample_json(item, res, plan, cfg)
+        members = {extension(sh.codec): res["data"]}
+        if meta["label_index"] >= 0:
+            members["cls"] = str(meta["label_index"]).encode()
+        members["json"] = json.dumps(meta, sort_keys=True).encode()
+        wkey = (item["split"], res["bin"])
+        if wkey not in writers:
+            folder = out / item["split"] / res["bin"]
+            folder.mkdir(parents=True, exist_ok=True)
+            prefix = f"{item['split']}-{res['bin']}-{part:04d}"
+            writers[wkey] = ShardWriter(folder, prefix, max_samples=sh.max_samples_per_shard, max_bytes=sh.max_shard_bytes)
+        writers[wkey].write(key, members)
+        rows.append({"key": key, **meta})
+    shards = []
+    for (split, bin_name), writer in sorted(writers.items()):
+        for info in writer.close():
+            shards.append({"split": split, "bin": bin_name, "path": f"{split}/{bin_name}/{Path(info.path).name}",
+                           "samples": info.samples, "bytes": info.bytes, "sha256": info.sha256})
+    record = {"part": part, "fingerprint": plan.fingerprint, "seen": len(items), "rows": rows,
+              "rejects": rejects, "duplicates": duplicates, "shards": shards}
+    parts_dir = out / "_work" / "parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    tmp = parts_dir / f".part-{part:04d}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, parts_dir / f"part-{part:04d}.json")
+    return record
+
+
+def part_done(out: Path, part: int, fingerprint: str) -> bool:
+    """A part is finished when its record exists and was made under the same plan."""
+    path = out / "_work" / "parts" / f"part-{part:04d}.json"
+    if not path.is_file():
+        return False
+    try:
+        with open(path) as fh:
+            return json.load(fh).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def run_build(cfg: BuildConfig, task_index: int = 0, num_tasks: int = 1) -> list[int]:
+    """Build this task's parts (skipping finished ones); returns the parts built now."""
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = get_plan(cfg)
+    mine = [p for p in range(plan.num_parts) if p % num_tasks == task_index]
+    if not mine:
+        log.warning("task %d of %d has no part to build (%d parts in all)", task_index, num_tasks, plan.num_parts)
+    built = []
+    for part in mine:
+        if part_done(out, part, plan.fingerprint):
+            log.info("part %d already built, skipped", part)
+            continue
+        start = time.perf_counter()
+        rec = build_part(cfg, plan, part)
+        secs = time.perf_counter() - start
+        log.info("part %d: %d written, %d rejected, %d duplicates in %.1f s (%.1f img/s)", part, len(rec["rows"]),
+                 len(rec["rejects"]), len(rec["duplicates"]), secs, rec["seen"] / max(secs, 1e-9))
+        built.append(part)
+    return built

@@ -1,0 +1,60 @@
+"""Shared fixtures: the real test data folder and a tiny synthetic shard dataset built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the checkout (real DICOM files and IRMA code lists); skip where absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (a fresh clone has no ../shared)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory) -> Path:
+    """60 synthetic radiographs (all formats, 8 regions), small sides so the build takes seconds."""
+    from ingest.synth import synthesize
+
+    root = tmp_path_factory.mktemp("synth")
+    synthesize(root, n=60, seed=0, max_side=256)
+    return root
+
+
+def build_tiny_shards(source: Path, out: Path, *overrides: str) -> Path:
+    """Build a finalized shard dataset from ``source`` (a synth corpus) with test-sized settings."""
+    from radstream.config import load_config
+    from shards.build import run_build
+    from shards.config import BuildConfig
+    from shards.manifest import finalize
+
+    cfg = load_config(
+        BuildConfig,
+        None,
+        [
+            f"source={source / 'images'}",
+            f"out={out}",
+            "ingest.labels=folder",
+            "binning.strategy=smart",
+            "binning.num_bins=3",
+            "binning.max_tokens=24",
+            "shards.max_samples_per_shard=8",
+            "shards.part_size=25",
+            *overrides,
+        ],
+    )
+    run_build(cfg)
+    finalize(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, synth_corpus) -> Path:
+    """A finalized shard dataset: ~60 samples, 3 smart bins (≤ 24 patches of 16 px), jpg, folder labels."""
+    return build_tiny_shards(synth_corpus, tmp_path_factory.mktemp("shards"))

@@ -1,0 +1,245 @@
+"""PNG / JPEG / TIFF reading, format sniffing and the rejections every reader shares."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ingest.errors import RejectError
+from ingest.readers import LoadedImage, ReadConfig, read_image
+
+
+def _minmax(arr: np.ndarray) -> np.ndarray:
+    arr = arr.astype(np.float64)
+    return (arr - arr.min()) / (arr.max() - arr.min())
+
+
+def _ramp(height: int, width: int, lo: int, hi: int, dtype) -> np.ndarray:
+    return np.linspace(lo, hi, height * width).reshape(height, width).astype(dtype)
+
+
+def _save(arr: np.ndarray, path: Path, **kwargs) -> Path:
+    Image.fromarray(arr).save(path, **kwargs)
+    return path
+
+
+def _check_image(img: LoadedImage, fmt: str, shape: tuple[int, int]) -> None:
+    assert img.pixels.dtype == np.float32
+    assert img.pixels.shape == shape
+    assert img.pixels.min() == 0.0 and img.pixels.max() == 1.0
+    assert img.meta["format"] == fmt
+    assert (img.meta["height"], img.meta["width"]) == shape
+    assert img.meta["patient_id"] is None
+    assert img.meta["frames"] == 1
+    assert len(img.meta["pixel_sha1"]) == 40
+
+
+def test_png_8bit_roundtrip(tmp_path):
+    arr = _ramp(32, 48, 10, 250, np.uint8)
+    img = read_image(_save(arr, tmp_path / "a.png"))
+    _check_image(img, "png", (32, 48))
+    assert img.meta["bits"] == 8 and img.meta["photometric"] == "MONOCHROME2"
+    np.testing.assert_allclose(img.pixels, _minmax(arr), atol=1e-6)
+
+
+def test_png_16bit_keeps_16_bits(tmp_path):
+    arr = _ramp(40, 40, 1000, 61000, np.uint16)
+    arr[0, :2] = [30000, 30001]  # one grey level apart: lost if the reader dropped to 8 bits
+    img = read_image(_save(arr, tmp_path / "a.png"))
+    _check_image(img, "png", (40, 40))
+    assert img.meta["bits"] == 16
+    np.testing.assert_allclose(img.pixels, _minmax(arr), atol=1e-6)
+    assert img.pixels[0, 1] > img.pixels[0, 0]
+
+
+def test_jpeg(tmp_path):
+    yy, xx = np.mgrid[0:64, 0:64]
+    arr = (xx * 2 + yy * 1.5 + 20).astype(np.uint8)  # smooth: survives JPEG closely
+    img = read_image(_save(arr, tmp_path / "a.jpg", quality=95))
+    _check_image(img, "jpeg", (64, 64))
+    assert img.meta["bits"] == 8
+    assert np.abs(img.pixels - _minmax(arr)).mean() < 0.01
+
+
+def test_tiff_16bit(tmp_path):
+    arr = _ramp(30, 50, 0, 65535, np.uint16)
+    img = read_image(_save(arr, tmp_path / "a.tif"))
+    _check_image(img, "tiff", (30, 50))
+    assert img.meta["bits"] == 16
+    np.testing.assert_allclose(img.pixels, _minmax(arr), atol=1e-6)
+
+
+def test_multipage_tiff_reads_first_page(tmp_path):
+    first = _ramp(20, 20, 0, 200, np.uint8)
+    second = first[::-1].copy()
+    path = tmp_path / "pages.tif"
+    Image.fromarray(first).save(path, save_all=True, append_images=[Image.fromarray(second)])
+    img = read_image(path)
+    assert img.meta["frames"] == 2
+    np.testing.assert_allclose(img.pixels, _minmax(first), atol=1e-6)
+
+
+def test_colour_converted_to_luminance(tmp_path):
+    rgb = np.zeros((20, 40, 3), dtype=np.uint8)
+    rgb[:, 10:20, 0] = 255  # red
+    rgb[:, 20:30, 1] = 255  # green
+    rgb[:, 30:40] = 255  # white; columns 0-9 black
+    img = read_image(_save(rgb, tmp_path / "c.png"))
+    assert img.pixels.shape == (20, 40)
+    assert img.meta["photometric"] == "RGB->L"
+    np.testing.assert_allclose(img.pixels[0, [0, 10, 20, 30]], [0.0, 0.299, 0.587, 1.0], atol=1e-6)
+
+
+def test_format_from_content_not_extension(tmp_path):
+    arr = _ramp(20, 20, 0, 255, np.uint8)
+    path = tmp_path / "really_a_png.jpg"
+    _save(arr, path, format="PNG")
+    assert read_image(path).meta["format"] == "png"
+
+
+def test_exif_orientation_applied(tmp_path):
+    arr = _ramp(20, 40, 0, 255, np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(arr).save(path, exif=exif, quality=95)
+    img = read_image(path)
+    assert img.pixels.shape == (40, 20)
+    assert (img.meta["height"], img.meta["width"]) == (40, 20)
+
+
+def test_percentile_clip(tmp_path):
+    arr = _ramp(50, 50, 100, 1100, np.uint16)
+    arr[0, 0] = 65535  # one hot pixel
+    plain = read_image(_save(arr, tmp_path / "h.png"))
+    clipped = read_image(tmp_path / "h.png", ReadConfig(percentile_low=1.0, percentile_high=99.0))
+    assert plain.pixels[25, 25] < 0.02  # the hot pixel squashes everything else
+    lo, hi = np.percentile(arr, [1.0, 99.0])
+    np.testing.assert_allclose(clipped.pixels, np.clip((arr - lo) / (hi - lo), 0, 1), atol=1e-6)
+    assert clipped.pixels[0, 0] == 1.0 and clipped.pixels[0, 1] == 0.0
+
+
+def test_foreground_box_on_bordered_image(tmp_path):
+    arr = np.random.default_rng(0).integers(60, 200, (80, 100), dtype=np.uint8)
+    arr[:12] = 0
+    arr[:, :7] = 0
+    arr[70:] = 0
+    arr[:, 91:] = 255  # white frame
+    img = read_image(_save(arr, tmp_path / "b.png"))
+    assert img.foreground == (12, 7, 70, 91)
+
+
+def test_pixel_sha1_identifies_pixels(tmp_path):
+    arr = _ramp(20, 30, 0, 255, np.uint8)
+    a = read_image(_save(arr, tmp_path / "a.png")).meta["pixel_sha1"]
+    b = read_image(_save(arr, tmp_path / "b.tif")).meta["pixel_sha1"]
+    other = arr.copy()
+    other[0, 0] += 1
+    c = read_image(_save(other, tmp_path / "c.png")).meta["pixel_sha1"]
+    reshaped = read_image(_save(arr.reshape(30, 20), tmp_path / "d.png")).meta["pixel_sha1"]
+    assert a == b
+    assert len({a, c, reshaped}) == 3
+
+
+def test_constant_image_rejected(tmp_path):
+    path = _save(np.full((32, 32), 9, dtype=np.uint8), tmp_path / "flat.png")
+    with pytest.raises(RejectError, match=r"constant image \(min == max == 9\)"):
+        read_image(path)
+
+
+def test_tiny_image_rejected(tmp_path):
+    path = _save(_ramp(8, 64, 0, 255, np.uint8), tmp_path / "tiny.png")
+    with pytest.raises(RejectError, match="too small"):
+        read_image(path)
+
+
+def test_truncated_png_rejected(tmp_path):
+    arr = np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8)
+    data = _save(arr, tmp_path / "full.png").read_bytes()
+    path = tmp_path / "cut.png"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(RejectError, match="cannot decode PNG.*truncated"):
+        read_image(path)
+
+
+def test_text_file_rejected(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("not an image, whatever the name says\n")
+    with pytest.raises(RejectError, match=r"not an image file \(unrecognised format\)"):
+        read_image(path)
+
+
+def test_empty_file_rejected(tmp_path):
+    path = tmp_path / "empty.png"
+    path.touch()
+    with pytest.raises(RejectError, match="empty file"):
+        read_image(path)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose IHDR claims the given size, followed by the start of an unfinished image stream."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    stream = zlib.compressobj()
+    idat = stream.compress(bytes(width + 1)) + stream.flush(zlib.Z_SYNC_FLUSH)  # one scanline, not finished
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat))
+    return path
+
+
+def test_bomb_rejected_from_header_before_decoding(tmp_path):
+    # 108 M pixels: over our limit, under Pillow's own (which only warns).
+    path = _png_header_only(tmp_path / "big.png", 12_000, 9_000)
+    with (
+        pytest.warns(Image.DecompressionBombWarning),
+        pytest.raises(RejectError, match="too large.*max_pixels"),
+    ):
+        read_image(path)
+    # With a higher limit the reader gets as far as decoding, which fails on the missing data.
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(RejectError, match="truncated"):
+        read_image(path, ReadConfig(max_pixels=200_000_000))
+
+
+def test_bomb_over_pillow_limit_rejected(tmp_path):
+    path = _png_header_only(tmp_path / "huge.png", 100_000, 100_000)
+    with pytest.raises(RejectError, match="decompression bomb"):
+        read_image(path)
+
+
+def test_small_max_pixels_rejects(tmp_path):
+    path = _save(_ramp(64, 64, 0, 255, np.uint8), tmp_path / "a.png")
+    with pytest.raises(RejectError, match="too large: 64x64 = 4096 pixels > max_pixels 4000"):
+        read_image(path, ReadConfig(max_pixels=4000))
+
+
+def test_missing_file_rejected(tmp_path):
+    with pytest.raises(RejectError, match="cannot read file: No such file"):
+        read_image(tmp_path / "nope.png")
+
+
+def test_directory_rejected(tmp_path):
+    with pytest.raises(RejectError, match="cannot read file: Is a directory"):
+        read_image(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"percentile_low": 50.0, "percentile_high": 50.0},
+        {"percentile_high": 101.0},
+        {"percentile_low": -1.0},
+        {"foreground_tolerance": 1.5},
+        {"min_side": 0},
+        {"max_pixels": 10},
+    ],
+)
+def test_read_config_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        ReadConfig(**kwargs)
