@@ -172,7 +172,15 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `radstream` console script."""
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    # argparse fills a trailing nargs="*" positional at its first chance, so `key=value` overrides written after
+    # options arrive as unknown arguments: take them back as overrides.
+    args, rest = parser.parse_known_args(argv)
+    stray = [r for r in rest if "=" not in r or r.startswith("-")]
+    if stray or (rest and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
