@@ -14,10 +14,14 @@ import argparse
 import io
 import logging
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+# This file is named like the `ingest` package: keep its own folder off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import numpy as np
 import pydicom

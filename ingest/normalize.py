@@ -46,11 +46,15 @@ def minmax_normalize(
         p_lo, p_hi = (float(p) for p in np.percentile(arr, [percentile_low, percentile_high]))
         if p_hi > p_lo:
             lo, hi = p_lo, p_hi
-    out = arr.astype(np.float64)
-    out -= lo
-    out *= 1.0 / (hi - lo)
+    # float32 holds every integer below 2**24 exactly, which covers all radiograph bit depths: the common case
+    # then avoids float64 temporaries (half the memory traffic on the largest arrays of the build).
+    exact32 = arr.dtype == np.float32 or (arr.dtype.kind in "iub" and max(abs(lo), abs(hi)) < 2**24)
+    work = np.float32 if exact32 else np.float64
+    out = arr.astype(work)
+    out -= work(lo)
+    out /= work(hi - lo)
     np.clip(out, 0.0, 1.0, out=out)
-    return out.astype(np.float32)
+    return out if exact32 else out.astype(np.float32)
 
 
 def _uniform_run(ranges: np.ndarray, tolerance: float) -> tuple[int, int]:

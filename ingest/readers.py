@@ -124,7 +124,7 @@ def check_size(height: int, width: int, cfg: ReadConfig) -> None:
 def pixel_sha1(raw: np.ndarray) -> str:
     """Hex sha1 of a decoded pixel array's bytes (little endian, C order), shape and dtype: the duplicate key."""
     arr = np.ascontiguousarray(raw, dtype=raw.dtype.newbyteorder("<"))
-    digest = hashlib.sha1(arr.tobytes())
+    digest = hashlib.sha1(memoryview(arr).cast("B"))  # hashes the buffer in place, no copy
     digest.update(f"{arr.shape}{arr.dtype.str}".encode())
     return digest.hexdigest()
 

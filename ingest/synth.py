@@ -27,6 +27,7 @@ an image whose file already exists is skipped, so an interrupted run resumes che
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -72,7 +73,7 @@ FORMAT_SHARES = {"png8": 0.45, "png16": 0.30, "dicom": 0.25}
 REFERENCE_SIDE = 2500
 """The ``max_side`` the detector formats below are given for; other values scale them proportionally."""
 
-# Real IRMA codes per region digit (all codes of the training list); a synthetic image gets one of its region.
+# Real IRMA codes (from the training list) per region digit; an image gets one of its region's codes.
 _IRMA_CODES = {
     1: "1121-125-110-000",
     2: "1121-110-213-700 1121-120-200-700 1121-210-212-700 1121-210-213-700 1121-210-221-700 1121-210-230-700 "
@@ -100,41 +101,34 @@ IRMA_CODES: dict[str, tuple[str, ...]] = {
 }
 """Region → the real IRMA codes synthetic images of that region are given."""
 
-# Detector formats per region: ((height, width) at REFERENCE_SIDE, weight); larger ones are shrunk to fit.
-# The weight left over goes to random sizes with the region's aspect range (h/w); EXPORT_SHARE of all images
-# are archive exports with a 512 px longest side (the size of the IRMA images themselves).
-_DETECTOR_FORMATS: dict[str, list[tuple[tuple[int, int], float]]] = {
-    "whole_body": [((2500, 1000), 0.5)],
-    "cranium": [((2010, 1670), 0.2), ((1670, 2010), 0.15), ((1760, 1760), 0.15), ((1024, 1024), 0.1)],
-    "spine": [((2500, 1000), 0.12), ((2964, 2364), 0.15), ((2010, 1670), 0.15), ((1760, 1760), 0.08)],
-    "upper_extremity": [
-        ((2010, 1670), 0.12),
-        ((1670, 2010), 0.1),
-        ((1760, 1760), 0.1),
-        ((2500, 1000), 0.05),
-        ((1000, 2500), 0.05),
-        ((1024, 1024), 0.08),
-    ],
-    "chest": [
-        ((2500, 2048), 0.25),
-        ((2048, 2500), 0.08),
-        ((2964, 2364), 0.15),
-        ((3000, 3000), 0.07),
-        ((1760, 1760), 0.1),
-        ((1024, 1024), 0.05),
-    ],
-    "breast": [((2294, 1914), 0.35), ((3328, 2560), 0.3)],
-    "abdomen": [((2500, 2048), 0.25), ((2048, 2500), 0.1), ((2964, 2364), 0.15), ((1760, 1760), 0.08)],
-    "pelvis": [((2048, 2500), 0.3), ((2364, 2964), 0.2), ((1760, 1760), 0.1)],
-    "lower_extremity": [
-        ((2500, 1000), 0.1),
-        ((2010, 1670), 0.12),
-        ((1670, 2010), 0.1),
-        ((1760, 1760), 0.08),
-        ((1000, 2500), 0.05),
-    ],
+# Detector formats per region as "HxW:weight" at REFERENCE_SIDE (larger ones are shrunk to fit max_side).
+# The weight left over goes to random sizes in the region's aspect range; EXPORT_SHARE of all images are
+# archive exports with a 512 px longest side (at REFERENCE_SIDE), the size of the IRMA images themselves.
+_DETECTOR_FORMATS = {
+    "whole_body": "2500x1000:.5",
+    "cranium": "2010x1670:.2 1670x2010:.15 1760x1760:.15 1024x1024:.1",
+    "spine": "2500x1000:.12 2964x2364:.15 2010x1670:.15 1760x1760:.08",
+    "upper_extremity": "2010x1670:.12 1670x2010:.1 1760x1760:.1 2500x1000:.05 1000x2500:.05 1024x1024:.08",
+    "chest": "2500x2048:.25 2048x2500:.08 2964x2364:.15 3000x3000:.07 1760x1760:.1 1024x1024:.05",
+    "breast": "2294x1914:.35 3328x2560:.3",
+    "abdomen": "2500x2048:.25 2048x2500:.1 2964x2364:.15 1760x1760:.08",
+    "pelvis": "2048x2500:.3 2364x2964:.2 1760x1760:.1",
+    "lower_extremity": "2500x1000:.1 2010x1670:.12 1670x2010:.1 1760x1760:.08 1000x2500:.05",
 }
-_ASPECTS = {  # (low, high) h/w of random sizes; negative share = chance of the landscape (inverse) aspect
+
+
+def _parse_formats(text: str) -> list[tuple[int, int, float]]:
+    """'HxW:weight ...' → [(h, w, weight), ...]."""
+    formats = []
+    for item in text.split():
+        shape, weight = item.split(":")
+        h, w = shape.split("x")
+        formats.append((int(h), int(w), float(weight)))
+    return formats
+
+
+_FORMATS = {region: _parse_formats(text) for region, text in _DETECTOR_FORMATS.items()}
+_ASPECTS = {  # random sizes: h/w drawn log-uniform in (low, high), inverted (landscape) with the given chance
     "whole_body": (2.0, 2.5, 0.0),
     "cranium": (0.75, 1.35, 0.0),
     "spine": (1.1, 2.5, 0.1),
@@ -234,19 +228,19 @@ def _size(region: str, max_side: int, rng: np.random.Generator) -> tuple[int, in
     """(height, width) of one image: a detector format, an archive export or a random size."""
     scale = max_side / REFERENCE_SIDE
     min_side = max(32, round(MIN_SIDE_AT_REFERENCE * scale))
-    formats = _DETECTOR_FORMATS[region]
+    formats = _FORMATS[region]
     u = rng.random()
-    for (h, w), weight in formats:
+    for h, w, weight in formats:
         if u < weight:
             f = min(scale, max_side / max(h, w))
             return max(min_side, round(h * f)), max(min_side, round(w * f))
         u -= weight
     low, high, landscape = _ASPECTS[region]
     aspect = float(np.exp(rng.uniform(np.log(low), np.log(high))))
+    stretch = min(max(aspect, 1.0 / aspect), max_side / min_side)  # a tiny max_side caps the elongation
     if rng.random() < landscape:
         aspect = 1.0 / aspect
-    stretch = max(aspect, 1.0 / aspect)
-    if rng.random() < EXPORT_SHARE / max(1.0 - sum(w for _, w in formats), 1e-9):
+    if rng.random() < EXPORT_SHARE / max(1.0 - sum(f[2] for f in formats), 1e-9):
         longest = max(round(512 * scale), round(min_side * stretch))
     else:
         longest = round(
@@ -396,6 +390,7 @@ def dicom_bytes(spec: ImageSpec, values: np.ndarray, seed: int) -> bytes:
     meta.MediaStorageSOPClassUID = _SOP_CLASSES[spec.modality]
     meta.MediaStorageSOPInstanceUID = uid("image", spec.index)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationVersionName = f"RADSTREAM_SYNTH{SYNTH_VERSION}"  # not pydicom's: bytes stay put
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
@@ -406,18 +401,11 @@ def dicom_bytes(spec: ImageSpec, values: np.ndarray, seed: int) -> bytes:
     ds.InstanceNumber = spec.k + 1
     ds.Rows, ds.Columns = values.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, spec.photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
-        16,
-        spec.bits_stored,
-        spec.bits_stored - 1,
-        0,
-    )
+    ds.BitsAllocated, ds.PixelRepresentation = 16, 0
+    ds.BitsStored, ds.HighBit = spec.bits_stored, spec.bits_stored - 1
     if spec.rescale is not None:
-        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = (
-            f"{spec.rescale[0]:g}",
-            f"{spec.rescale[1]:g}",
-            "US",
-        )
+        slope, intercept = spec.rescale
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = f"{slope:g}", f"{intercept:g}", "US"
     ds.add_new(0x7FE00010, "OW", values.astype("<u2").tobytes())
     buf = io.BytesIO()
     dcmwrite(buf, ds, enforce_file_format=True)
@@ -437,6 +425,18 @@ def make_image(out_dir: str, spec: ImageSpec, seed: int) -> bool:
 
 def _make_image_task(args: tuple[str, ImageSpec, int]) -> bool:
     return make_image(*args)
+
+
+def _make_images(tasks: list[tuple[str, ImageSpec, int]], workers: int) -> list[bool]:
+    """Run ``make_image`` over the tasks in this process or a pool; a progress bar either way."""
+    with contextlib.ExitStack() as stack:
+        if workers == 1:
+            results = map(_make_image_task, tasks)
+        else:
+            pool = stack.enter_context(multiprocessing.get_context().Pool(workers))
+            chunk = max(1, min(16, len(tasks) // (8 * workers)))
+            results = pool.imap(_make_image_task, tasks, chunksize=chunk)
+        return list(tqdm(results, total=len(tasks), desc="synth", unit="img", disable=None))
 
 
 def _summary(specs: list[ImageSpec], n: int, seed: int, max_side: int, out: Path) -> dict:
@@ -509,16 +509,7 @@ def synthesize(
     specs = plan_corpus(n, seed, max_side)
     for region in {s.region for s in specs}:
         (out / "images" / region).mkdir(parents=True, exist_ok=True)
-    tasks = [(str(out), s, seed) for s in specs]
-    with tqdm(total=n, desc="synth", unit="img", disable=None) as bar:
-        if workers == 1:
-            written = [bar.update() or make_image(*t) for t in tasks]
-        else:
-            with multiprocessing.get_context().Pool(workers) as pool:
-                written = []
-                for w in pool.imap(_make_image_task, tasks, chunksize=max(1, min(16, n // (8 * workers)))):
-                    written.append(w)
-                    bar.update()
+    written = _make_images([(str(out), s, seed) for s in specs], workers)
     _write_tables(out, specs)
     summary = _summary(specs, n, seed, max_side, out)
     _write_atomic(out / "synth.json", (json.dumps({**summary, "complete": True}, indent=2) + "\n").encode())

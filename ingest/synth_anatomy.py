@@ -3,7 +3,7 @@
 Each body region is drawn on a small float canvas from a few smooth primitives (ellipses, rounded boxes,
 capsules, arcs) placed in a *body frame*: the shorter image side spans [-1, 1], y grows downwards, and a random
 pose (rotation, scale, shift, mirror) maps the body frame onto the pixels. The drawing is an attenuation map —
-air ≈ 0, soft tissue ≈ 0.3, bone up to ≈ 1 — so bone is bright as a radiograph is displayed. ``render`` adds
+air ≈ 0, soft tissue ≈ 0.3, bone up to ≈ 1 — so bone is bright as a radiograph is displayed. ``draw`` adds
 soft-tissue texture, a heel-effect gradient and a random contrast curve, and returns values in [0, 1].
 
 Everything is vectorised numpy on a canvas of at most ``CANVAS_SIDE`` pixels a side; ``radiograph`` upsamples
@@ -264,17 +264,20 @@ def _ribs(c: Canvas, top: float, bottom: float, count: int, width: float, intens
 
 
 def _chest(c: Canvas, rng: np.random.Generator) -> np.ndarray:
-    w = rng.uniform(0.85, 1.0)
+    w, tall = rng.uniform(0.85, 1.0), rng.uniform(0.85, 1.1)  # thorax width, lung height
+    heart, top = rng.uniform(0.8, 1.2), -0.08 - 0.62 * tall  # heart size, lung apex
     img = 0.35 * ramp(box(c, 0, 0.15, w, 1.5), 0.08)  # thorax
     lungs = np.minimum(
-        ellipse(c, -0.38 * w, -0.08, 0.29 * w, 0.62, 0.08), ellipse(c, 0.38 * w, -0.08, 0.29 * w, 0.6, -0.08)
+        ellipse(c, -0.38 * w, top + 0.62 * tall, 0.29 * w, 0.62 * tall, 0.08),
+        ellipse(c, 0.38 * w, top + 0.6 * tall, 0.29 * w, 0.6 * tall, -0.08),
     )
-    img -= 0.25 * ramp(lungs, 0.06)
-    img += 0.22 * ramp(ellipse(c, 0.13 * w, 0.3, 0.3 * w, 0.24, -0.3), 0.05)  # heart shadow
+    img -= rng.uniform(0.2, 0.3) * ramp(lungs, 0.06)
+    img += 0.22 * ramp(ellipse(c, 0.13 * w, 0.3, 0.3 * w * heart, 0.24 * heart, -0.3), 0.05)  # heart shadow
     img += 0.15 * ramp(np.abs(c.X) - 0.08, 0.03)  # mediastinum + spine
-    img += _ribs(c, -0.75, 0.35, rng.integers(8, 11), 0.72 * w, 0.14)
+    img += _ribs(c, top, top + 1.1 * tall, int(rng.integers(8, 11)), 0.72 * w, 0.14)
     for side in (-1, 1):  # clavicles
-        img += bone(c, capsule(c, (side * 0.1, -0.72), (side * 0.62 * w, -0.86), 0.035), 0.015, 0.35, 0.2)
+        p0, p1 = (side * 0.1, top + 0.04), (side * 0.62 * w, top - rng.uniform(0.06, 0.18))
+        img += bone(c, capsule(c, p0, p1, 0.035), 0.015, 0.35, 0.2)
     return img
 
 
@@ -363,6 +366,14 @@ RENDERERS: dict[str, Callable[[Canvas, np.random.Generator], np.ndarray]] = {
 }
 """Region name → drawing function (body-frame attenuation map on the canvas)."""
 
+
+def _soften(img: np.ndarray, passes: int) -> None:
+    """Binomial [1, 2, 1] / 4 blur along both axes, ``passes`` times, in place (focal-spot unsharpness)."""
+    for _ in range(passes):
+        img[1:-1] = (img[:-2] + 2 * img[1:-1] + img[2:]) * 0.25
+        img[:, 1:-1] = (img[:, :-2] + 2 * img[:, 1:-1] + img[:, 2:]) * 0.25
+
+
 _MAX_ROTATION_DEG = {"upper_extremity": 25.0, "lower_extremity": 15.0, "breast": 3.0}
 
 
@@ -383,6 +394,7 @@ def draw(region: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     att = RENDERERS[region](canvas, rng)
     body = att > 0.05
     att = att + body * (0.035 * smooth_noise(rng, (ch, cw), rng.integers(4, 9)))
+    _soften(att, int(rng.integers(0, 3)))
     if transpose:
         att = att.T
     gy, gx = rng.uniform(-0.08, 0.08, size=2)  # heel effect: a gentle exposure gradient
@@ -391,7 +403,9 @@ def draw(region: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
         + gy * np.linspace(-1, 1, h, dtype=np.float32)[:, None]
         + gx * np.linspace(-1, 1, w, dtype=np.float32)
     )
-    img = np.clip(att * rng.uniform(0.9, 1.25) + rng.uniform(0.0, 0.06), 0.0, 1.0) ** rng.uniform(0.8, 1.25)
+    # film-like response: saturates softly, so overlapping bones keep their detail instead of clipping
+    img = 1.0 - np.exp(np.maximum(att, 0.0) * -rng.uniform(1.4, 2.0))
+    img = np.clip(img * rng.uniform(1.0, 1.2) + rng.uniform(0.0, 0.05), 0.0, 1.0) ** rng.uniform(0.8, 1.25)
     return np.ascontiguousarray(img, dtype=np.float32)
 
 
@@ -453,9 +467,9 @@ def _borders(img: np.ndarray, rng: np.random.Generator) -> None:
     if rng.random() < 0.1:
         value = 1.0 if rng.random() < 0.5 else rng.uniform(0.5, 0.9)
         t = max(2, round(min(h, w) * rng.uniform(0.005, 0.02)))
-        sides = rng.random(4) < 0.7
-        for side in np.flatnonzero(sides):
-            img[[np.s_[:t], np.s_[:, :t], np.s_[-t:], np.s_[:, -t:]][side]] = value
+        for edge in (np.s_[:t, :], np.s_[:, :t], np.s_[-t:, :], np.s_[:, -t:]):  # top, left, bottom, right
+            if rng.random() < 0.7:
+                img[edge] = value
 
 
 def radiograph(region: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
