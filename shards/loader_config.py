@@ -1,0 +1,89 @@
+"""Configuration of the streaming loader (``shards.loader.build_loader``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BACKENDS = ("auto", "dali", "torch")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation: a random resized crop back to the bin's shape, then a horizontal flip.
+
+    Applied only when the loader is built with ``train=True``; evaluation loaders yield the stored pixels.
+    The parameters of every crop and flip are drawn in Python from ``(seed, epoch, rank, step)``, so both
+    backends apply the same ones and a resumed run repeats them exactly.
+    """
+
+    enabled: bool = True
+    """Augment training batches at all."""
+    scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    """Range of the crop's area as a fraction of the image's area (MAE uses [0.2, 1.0] on ImageNet; radiographs
+    are mostly anatomy, so a milder lower end keeps more of it)."""
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    """Range of the crop's aspect ratio (width / height) relative to the bin's own aspect ratio: [1, 1] cuts
+    crops of exactly the bin's shape, so nothing is stretched when resized back to it."""
+    flip_prob: float = 0.5
+    """Probability of a horizontal flip."""
+
+    def __post_init__(self) -> None:
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"augment.scale must be [low, high] with 0 < low <= high <= 1, got {self.scale}")
+        if len(self.ratio) != 2 or not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"augment.ratio must be [low, high] with 0 < low <= high, got {self.ratio}")
+        if not 0 <= self.flip_prob <= 1:
+            raise ValueError(f"augment.flip_prob must lie in [0, 1], got {self.flip_prob}")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How shards become training batches on one rank."""
+
+    backend: str = "auto"
+    """``dali`` (DALI pipeline: GPU "mixed" decode when the device is CUDA, CPU decode otherwise), ``torch``
+    (torch DataLoader workers decoding with Pillow) or ``auto`` (dali when ``nvidia.dali`` imports). On a
+    CPU-only machine, training with augmentation is faster on torch (DALI's CPU resize is slow)."""
+    batch_size: int = 64
+    """Images per device batch; with ``token_budget`` the most images a device batch may hold."""
+    token_budget: int | None = None
+    """Patch tokens per device batch: each bin gets ``token_budget // tokens per image`` images (capped at
+    ``batch_size``, at least 1), so big bins get smaller batches. None: ``batch_size`` for every bin."""
+    patch_size: int = 16
+    """Patch side in pixels, to count a bin's tokens for ``token_budget``."""
+    strict: bool = False
+    """Drop each bin's last incomplete global batch instead of padding it by wrap-around (VariViT-style
+    strict binning); the skipped samples change every epoch and are counted in ``loader.skipped_samples``.
+    Training only: evaluation always pads, so every sample is seen."""
+    num_workers: int = 4
+    """DataLoader worker processes (torch backend; 0 decodes in the main process) or DALI threads (at
+    least 1)."""
+    prefetch: int = 2
+    """Batches prepared ahead of the one being consumed (DALI: steps fed ahead; torch: per worker)."""
+    seed: int = 0
+    """Seed of the batch schedule and of the augmentation; the same seed gives the same batches."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Training augmentation."""
+    label_fraction: float | None = None
+    """Keep only the train samples in this label fraction (one of the dataset's ``label_fractions``, e.g.
+    0.01 for the 1% regime). Ignored for the val and test splits, which are always used whole."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"loader.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"loader.batch_size must be >= 1, got {self.batch_size}")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise ValueError(f"loader.token_budget must be >= 1 or None, got {self.token_budget}")
+        if self.patch_size < 1:
+            raise ValueError(f"loader.patch_size must be >= 1, got {self.patch_size}")
+        if self.num_workers < 0 or self.prefetch < 1:
+            raise ValueError(
+                f"loader.num_workers must be >= 0 and prefetch >= 1, got {self.num_workers}, {self.prefetch}"
+            )
+        if self.seed < 0:
+            raise ValueError(f"loader.seed must be >= 0, got {self.seed}")
+        if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
+            raise ValueError(
+                f"loader.label_fraction must lie in (0, 1] or be None, got {self.label_fraction}"
+            )

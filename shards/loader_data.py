@@ -1,0 +1,179 @@
+"""The loader's view of a shard dataset: one split's samples per bin, and reading their bytes by offset.
+
+``load_split`` turns the manifest and ``samples.parquet`` into flat numpy arrays per bin (keys, shard, byte
+range, label, foreground box) in the dataset's stored order, which is the order the schedule's indices refer
+to. They pickle cheaply into DataLoader workers. ``ShardFiles`` reads an image member with one ``pread``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+
+from shards.manifest import read_manifest, read_samples
+
+_MAX_OPEN_SHARDS = 64  # file descriptors kept open per process
+
+
+@dataclass(frozen=True)
+class BinSamples:
+    """The samples of one bin of a split, in stored order (the schedule's indices point into these arrays)."""
+
+    name: str
+    height: int
+    width: int
+    keys: np.ndarray
+    """object [N], sample keys."""
+    shard: np.ndarray
+    """int32 [N], index into ``SplitSamples.shards``."""
+    offset: np.ndarray
+    """int64 [N], byte offset of the image member in its tar."""
+    size: np.ndarray
+    """int64 [N], byte size of the image member."""
+    label: np.ndarray
+    """int64 [N], class index, -1 unlabeled."""
+    foreground: np.ndarray
+    """int64 [N, 4], foreground box (y0, x0, y1, x1) in bin pixels."""
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass(frozen=True)
+class SplitSamples:
+    """What a loader needs to know about one split of a shard dataset."""
+
+    split: str
+    codec: str
+    """Codec name from the manifest (``shards.codecs``)."""
+    shards: tuple[str, ...]
+    """Absolute tar paths, indexed by ``BinSamples.shard``."""
+    bins: dict[str, BinSamples]
+    """Bins with at least one sample, by name, sorted."""
+    class_names: tuple[str, ...]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Samples per bin name."""
+        return {name: len(b) for name, b in self.bins.items()}
+
+
+def _fraction_mask(fractions, fraction: float) -> np.ndarray:
+    """Rows whose list of label fractions contains ``fraction`` (compared with a float tolerance)."""
+    lists = fractions.combine_chunks()
+    flat = lists.flatten().to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+    keep = np.zeros(len(lists), dtype=bool)
+    keep[parents[np.isclose(flat, fraction, rtol=0, atol=1e-9)]] = True
+    return keep
+
+
+def _boxes(column, root: Path) -> np.ndarray:
+    """The foreground_bin list column as int64 [N, 4] (without a Python object per row)."""
+    lists = column.combine_chunks()
+    if (pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False) != 4).any():
+        raise ValueError(f"{root}: samples table has a foreground_bin that is not 4 numbers")
+    return lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, 4)
+
+
+def load_split(root: str | os.PathLike[str], split: str, label_fraction: float | None = None) -> SplitSamples:
+    """Read the manifest and the split's rows of the samples table.
+
+    Args:
+        root: the shard dataset folder (holding ``manifest.json`` and ``samples.parquet``).
+        split: ``train``, ``val`` or ``test``.
+        label_fraction: keep only rows whose ``fractions`` contain it (None: all rows).
+
+    Raises:
+        ValueError: no sample left, or a bin the manifest does not know.
+    """
+    root = Path(root)
+    manifest = read_manifest(root)
+    columns = ["key", "split", "bin", "shard", "offset", "size", "label_index", "fractions", "foreground_bin"]
+    table = read_samples(root, split, columns=columns)
+    if label_fraction is not None:
+        table = table.filter(_fraction_mask(table["fractions"], label_fraction))
+    if table.num_rows == 0:
+        known = manifest.get("label_fraction_sizes", {})
+        why = f" in label fraction {label_fraction} (the dataset has {known})" if label_fraction else ""
+        raise ValueError(f"{root}: no {split!r} samples{why}")
+    shapes = {b["name"]: (int(b["height"]), int(b["width"])) for b in manifest["bins"]}
+    shard_names, shard_index = np.unique(table["shard"].to_numpy(zero_copy_only=False), return_inverse=True)
+    bin_col = table["bin"].to_numpy(zero_copy_only=False)
+    keys = table["key"].to_numpy(zero_copy_only=False)
+    offsets, sizes = table["offset"].to_numpy().astype(np.int64), table["size"].to_numpy().astype(np.int64)
+    labels = table["label_index"].to_numpy().astype(np.int64)
+    boxes = _boxes(table["foreground_bin"], root)
+    bins = {}
+    for name in sorted(set(bin_col)):
+        if name not in shapes:
+            raise ValueError(f"{root}: samples table has bin {name!r}, the manifest does not")
+        rows = np.flatnonzero(bin_col == name)
+        bins[name] = BinSamples(
+            name,
+            *shapes[name],
+            keys[rows],
+            shard_index[rows].astype(np.int32),
+            offsets[rows],
+            sizes[rows],
+            labels[rows],
+            boxes[rows],
+        )
+    return SplitSamples(
+        split,
+        manifest["codec"]["name"],
+        tuple(str(root / s) for s in shard_names),
+        bins,
+        tuple(manifest.get("class_names") or ()),
+    )
+
+
+class ShardFiles:
+    """Reads byte ranges of the shards with ``os.pread``, keeping the last few tars open.
+
+    Safe to pickle into worker processes (descriptors are dropped) and to use after a fork (a new process
+    opens its own).
+    """
+
+    def __init__(self, paths: tuple[str, ...]) -> None:
+        self.paths = paths
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._pid = os.getpid()
+
+    def read(self, shard: int, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` of shard number ``shard``."""
+        if self._pid != os.getpid():
+            self._fds, self._pid = OrderedDict(), os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            if len(self._fds) >= _MAX_OPEN_SHARDS:
+                os.close(self._fds.popitem(last=False)[1])
+            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        else:
+            self._fds.move_to_end(shard)
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise ValueError(
+                f"{self.paths[shard]}: truncated, wanted {size} bytes at {offset}, got {len(data)}"
+            )
+        return data
+
+    def close(self) -> None:
+        """Close the open descriptors (of this process)."""
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        return {"paths": self.paths, "_fds": OrderedDict(), "_pid": None}
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # interpreter shutdown
+            self.close()

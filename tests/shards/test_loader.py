@@ -1,0 +1,313 @@
+"""The streaming loader on tiny shards: both backends, schedule coverage, resume, fractions, budgets, eval."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shards import codecs
+from shards.index import read_member
+from shards.loader import build_loader, crop_params, dali_available, transform_boxes
+from shards.loader_config import AugmentConfig, LoaderConfig
+from shards.loader_data import load_split
+from shards.manifest import read_samples
+from tests.conftest import build_tiny_shards
+
+BACKENDS = [
+    "torch",
+    pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="no nvidia.dali")),
+]
+
+
+def make(root, backend="torch", split="train", *, rank=0, world=1, train=True, **cfg) -> object:
+    cfg.setdefault("batch_size", 4)
+    cfg.setdefault("num_workers", 0 if backend == "torch" else 1)
+    config = LoaderConfig(backend=backend, **cfg)
+    return build_loader(config, root, split, process_index=rank, num_processes=world, train=train)
+
+
+def epoch_batches(loader, epoch=None) -> list[dict]:
+    if epoch is not None:
+        loader.set_epoch(epoch)
+    return list(loader)
+
+
+def keys_of(batches) -> list[list[str]]:
+    return [b["key"] for b in batches]
+
+
+def samples(root, split="train") -> dict[str, dict]:
+    return {r["key"]: r for r in read_samples(root, split).to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def codec_shards(request, tmp_path_factory, synth_corpus) -> dict[str, Path]:
+    """The synthetic corpus built with the 16-bit codecs too (the default fixture is jpg)."""
+    out = {}
+    for codec in ("png16", "jp2"):
+        out[codec] = build_tiny_shards(synth_corpus, tmp_path_factory.mktemp(codec), f"shards.codec={codec}")
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_backends_yield_same_keys_and_cover_the_split(tiny_shards: Path, world: int) -> None:
+    expected = set(samples(tiny_shards))
+    seen = Counter()
+    for rank in range(world):
+        torch_keys = keys_of(epoch_batches(make(tiny_shards, "torch", rank=rank, world=world)))
+        if dali_available():
+            assert keys_of(epoch_batches(make(tiny_shards, "dali", rank=rank, world=world))) == torch_keys
+        seen.update(k for batch in torch_keys for k in batch)
+    assert set(seen) == expected
+    loader = make(tiny_shards, rank=0, world=world)
+    assert sum(seen.values()) == len(expected) + loader.padded_samples  # repeats only as schedule padding
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_contents(tiny_shards: Path, backend: str, train: bool) -> None:
+    table = samples(tiny_shards)
+    loader = make(tiny_shards, backend, train=train)
+    batches = epoch_batches(loader)
+    assert len(batches) == len(loader)
+    for batch in batches:
+        height, width = (int(v) for v in batch["bin"].split("x"))
+        n = len(batch["key"])
+        assert n == loader.batch_sizes[batch["bin"]]
+        assert batch["image"].shape == (n, 1, height, width) and batch["image"].dtype == torch.float32
+        assert float(batch["image"].min()) >= 0.0 and float(batch["image"].max()) <= 1.0
+        assert batch["label"].dtype == torch.int64 and batch["foreground"].shape == (n, 4)
+        assert batch["foreground"].dtype == torch.int64 and batch["valid"].dtype == torch.bool
+        assert batch["label"].tolist() == [table[k]["label_index"] for k in batch["key"]]
+        assert all(table[k]["bin"] == batch["bin"] for k in batch["key"])
+        if not train:
+            assert batch["foreground"].tolist() == [table[k]["foreground_bin"] for k in batch["key"]]
+        box = batch["foreground"]
+        assert bool(((box[:, :2] <= box[:, 2:]) & (box[:, 2:] <= torch.tensor([height, width]))).all())
+
+
+def test_set_epoch_reshuffles_deterministically(tiny_shards: Path) -> None:
+    a, b = make(tiny_shards), make(tiny_shards)
+    e0, e1 = keys_of(epoch_batches(a, 0)), keys_of(epoch_batches(a, 1))
+    assert keys_of(epoch_batches(b, 1)) == e1 and keys_of(epoch_batches(b, 0)) == e0
+    assert e0 != e1
+    assert {k for s in e0 for k in s} == {k for s in e1 for k in s}
+    other_seed = make(tiny_shards, seed=1)
+    assert keys_of(epoch_batches(other_seed, 0)) != e0
+
+
+def test_epoch_advances_after_a_full_pass(tiny_shards: Path) -> None:
+    loader = make(tiny_shards)
+    first, second = keys_of(loader), keys_of(loader)
+    assert loader.epoch == 2 and loader.step == 0
+    assert second == keys_of(epoch_batches(make(tiny_shards), 1)) and first != second
+    loader.set_epoch(2)  # the current epoch: a no-op
+    assert loader.state_dict()["epoch"] == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mid_epoch_resume_yields_exactly_the_rest(tiny_shards: Path, backend: str, monkeypatch) -> None:
+    loader = make(tiny_shards, backend)
+    loader.set_epoch(3)
+    full = epoch_batches(loader, 3)
+    loader = make(tiny_shards, backend)
+    loader.set_epoch(3)
+    it = iter(loader)
+    head = [next(it) for _ in range(5)]
+    state = loader.state_dict()
+    assert state["epoch"] == 3 and state["step"] == 5
+    it.close()
+    assert keys_of(head) == keys_of(full[:5])
+
+    reads = []
+    from shards.loader_data import ShardFiles
+
+    original = ShardFiles.read
+    monkeypatch.setattr(ShardFiles, "read", lambda self, *a: reads.append(a) or original(self, *a))
+    restored = make(tiny_shards, backend)
+    restored.load_state_dict(state)
+    restored.set_epoch(3)  # a resumed loop calls it again: must not rewind
+    rest = list(restored)
+    assert keys_of(rest) == keys_of(full[5:])
+    assert len(reads) == sum(len(b["key"]) for b in rest)  # skipped batches were never read or decoded
+    for got, want in zip(rest, full[5:], strict=True):
+        assert torch.equal(got["image"], want["image"])  # same augmentation
+        assert torch.equal(got["foreground"], want["foreground"])
+    assert restored.epoch == 4 and restored.step == 0
+
+
+def test_resume_checks_the_world_size(tiny_shards: Path) -> None:
+    state = make(tiny_shards, rank=0, world=2).state_dict()
+    with pytest.raises(ValueError, match="num_processes"):
+        make(tiny_shards).load_state_dict(state)
+
+
+def test_label_fraction_keeps_only_that_subset(tiny_shards: Path) -> None:
+    table = samples(tiny_shards)
+    subset = {k for k, r in table.items() if any(abs(f - 0.1) < 1e-9 for f in r["fractions"])}
+    assert 0 < len(subset) < len(table)
+    loader = make(tiny_shards, label_fraction=0.1, batch_size=1)
+    assert {k for b in loader for k in b["key"]} == subset and loader.num_samples == len(subset)
+    assert make(tiny_shards, "torch", "val", label_fraction=0.1).num_samples == len(
+        samples(tiny_shards, "val")
+    )
+    with pytest.raises(ValueError, match="label fraction 0.5"):
+        make(tiny_shards, label_fraction=0.5)
+
+
+def test_token_budget_gives_smaller_batches_to_bigger_bins(tiny_shards: Path) -> None:
+    loader = make(tiny_shards, token_budget=100, batch_size=16, patch_size=16)
+    tokens = {name: (b.height // 16) * (b.width // 16) for name, b in loader.data.bins.items()}
+    assert len(set(tokens.values())) > 1
+    by_tokens = sorted(tokens, key=tokens.get)
+    sizes = [loader.batch_sizes[n] for n in by_tokens]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+    assert all(loader.batch_sizes[n] == min(16, max(1, 100 // tokens[n])) for n in tokens)
+    for batch in loader:
+        assert len(batch["key"]) == loader.batch_sizes[batch["bin"]]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_strict_drops_incomplete_global_batches(tiny_shards: Path, world: int) -> None:
+    counts = load_split(tiny_shards, "train").counts
+    expected_skip = sum(c % (4 * world) for c in counts.values())
+    assert expected_skip > 0
+    keys = []
+    for rank in range(world):
+        loader = make(tiny_shards, rank=rank, world=world, strict=True)
+        assert loader.skipped_samples == expected_skip and loader.padded_samples == 0
+        batches = epoch_batches(loader)
+        assert len(batches) == len(loader) == sum(c // (4 * world) for c in counts.values())
+        assert all(bool(b["valid"].all()) for b in batches)
+        keys += [k for b in batches for k in b["key"]]
+    assert len(keys) == len(set(keys)) == sum(counts.values()) - expected_skip
+    assert make(tiny_shards, train=False, strict=True).skipped_samples == 0  # evaluation never drops
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("codec", ["jpg", "png16", "jp2"])
+def test_eval_yields_stored_pixels(tiny_shards: Path, codec_shards, backend: str, codec: str) -> None:
+    root = tiny_shards if codec == "jpg" else codec_shards[codec]
+    table = samples(root, "val")
+    for batch in make(root, backend, "val", train=False, batch_size=3):
+        for key, image in zip(batch["key"], batch["image"], strict=True):
+            row = table[key]
+            stored = codecs.decode(read_member(root / row["shard"], row["offset"], row["size"]), codec)
+            np.testing.assert_allclose(image[0].numpy(), codecs.to_float01(stored), atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_valid_mask_marks_each_sample_once(tiny_shards: Path, backend: str) -> None:
+    expected = set(samples(tiny_shards, "test"))
+    valid, steps = [], set()
+    for rank in range(2):
+        loader = make(tiny_shards, backend, "test", rank=rank, world=2, train=False, batch_size=3)
+        batches = epoch_batches(loader)
+        steps.add(len(batches))
+        valid += [k for b in batches for k, v in zip(b["key"], b["valid"].tolist(), strict=True) if v]
+    assert len(steps) == 1  # equal steps on every rank
+    assert sorted(valid) == sorted(expected)  # each sample valid exactly once; padding repeats are invalid
+    assert loader.padded_samples > 0
+
+
+@pytest.mark.skipif(not dali_available(), reason="no nvidia.dali")
+def test_backends_apply_the_same_augmentation(tiny_shards: Path) -> None:
+    for a, b in zip(make(tiny_shards, "torch", seed=5), make(tiny_shards, "dali", seed=5), strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["foreground"], b["foreground"])
+        # Same crop windows and flips; the two resize kernels differ only in rounding at the edges.
+        assert float((a["image"] - b["image"]).abs().mean()) < 0.02
+
+
+def test_torch_workers_keep_the_order(tiny_shards: Path) -> None:
+    serial = epoch_batches(make(tiny_shards, num_workers=0))
+    with make(tiny_shards, num_workers=2, prefetch=2) as loader:
+        parallel = epoch_batches(loader)
+        again = epoch_batches(loader)  # persistent workers, next epoch
+    assert keys_of(parallel) == keys_of(serial)
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(parallel, serial, strict=True))
+    assert keys_of(again) == keys_of(epoch_batches(make(tiny_shards), 1))
+
+
+def test_augmentation_changes_pixels_but_not_shapes(tiny_shards: Path) -> None:
+    plain = {
+        k: img for b in make(tiny_shards, train=False) for k, img in zip(b["key"], b["image"], strict=True)
+    }
+    changed = 0
+    for batch in make(tiny_shards, augment=AugmentConfig(scale=[0.3, 0.6])):
+        for key, image in zip(batch["key"], batch["image"], strict=True):
+            assert image.shape == plain[key].shape
+            changed += not torch.equal(image, plain[key])
+    assert changed > 0.9 * len(plain)
+
+
+def test_crop_params_respect_scale_and_ratio() -> None:
+    rng = np.random.default_rng(0)
+    crops = crop_params(rng, 500, 64, 128, AugmentConfig(scale=[0.5, 1.0], ratio=[1.0, 1.0]))
+    top, left, h, w = crops.T
+    assert ((top >= 0) & (top <= 64 - h) & (left >= 0) & (left <= 128 - w)).all()
+    assert ((h * w / (64 * 128) >= 0.45) & (np.abs(w / h - 2.0) < 0.1)).all()
+    assert len({tuple(c) for c in crops.tolist()}) > 400  # really random
+    whole = crop_params(rng, 5, 64, 128, AugmentConfig(scale=[1.0, 1.0], ratio=[4.0, 4.0]))
+    assert whole.tolist() == [[0, 0, 64, 128]] * 5  # nothing fits: the whole image
+
+
+def test_transform_boxes_follow_crop_and_flip() -> None:
+    boxes = np.array([[10, 20, 30, 60], [0, 0, 64, 128]])
+    crops = np.array([[10, 20, 32, 64], [0, 0, 64, 128]])
+    assert transform_boxes(boxes, crops, np.array([False, False]), 64, 128).tolist() == [
+        [0, 0, 40, 80],
+        [0, 0, 64, 128],
+    ]
+    assert transform_boxes(boxes, crops, np.array([True, True]), 64, 128).tolist() == [
+        [0, 48, 40, 128],
+        [0, 0, 64, 128],
+    ]
+    outside = transform_boxes(
+        np.array([[0, 0, 8, 8]]), np.array([[32, 64, 32, 64]]), np.array([False]), 64, 128
+    )
+    assert outside[0, 0] == outside[0, 2]  # no foreground in view: an empty box
+
+
+def test_config_checks() -> None:
+    with pytest.raises(ValueError, match="backend"):
+        LoaderConfig(backend="fast")
+    with pytest.raises(ValueError, match="scale"):
+        AugmentConfig(scale=[0.8, 0.2])
+    with pytest.raises(ValueError, match="label_fraction"):
+        LoaderConfig(label_fraction=0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not dali_available(), reason="needs CUDA and nvidia.dali"
+)
+def test_dali_gpu_decodes_on_the_device(tiny_shards: Path) -> None:
+    cfg = LoaderConfig(backend="dali", batch_size=4, num_workers=2)
+    cpu = list(build_loader(cfg, tiny_shards, "val", train=False))
+    gpu_loader = build_loader(cfg, tiny_shards, "val", train=False, device="cuda")
+    gpu = list(gpu_loader)
+    assert keys_of(gpu) == keys_of(cpu)
+    for a, b in zip(cpu, gpu, strict=True):
+        assert b["image"].device.type == "cuda" and b["label"].device.type == "cuda"
+        # nvJPEG and libjpeg-turbo may round differently.
+        assert float((a["image"] - b["image"].cpu()).abs().max()) <= 3 / 255
+    train = list(build_loader(cfg, tiny_shards, "train", device="cuda"))
+    assert all(b["image"].is_cuda and float(b["image"].max()) <= 1.0 for b in train)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_corrupt_image_fails_with_its_key(tiny_shards: Path, tmp_path: Path, backend: str) -> None:
+    root = tmp_path / "shards"
+    shutil.copytree(tiny_shards, root)
+    row = next(iter(samples(root, "val").values()))
+    with open(root / row["shard"], "r+b") as f:
+        f.seek(row["offset"] + 2)  # right after the JPEG start marker: the headers become garbage
+        f.write(b"not a jpeg" * 20)
+    loader = make(root, backend, "val", train=False, batch_size=2)
+    with pytest.raises((ValueError, RuntimeError), match=row["key"]):
+        epoch_batches(loader)
