@@ -153,19 +153,20 @@ def random_masking(
     Returns:
         x_visible [N, len_keep, D], mask [N, L] (1 = hidden), ids_restore [N, L] (unshuffles decoder tokens).
 
-    ``len_keep = int(L * (1 - mask_ratio))`` from the image's total patches. Tensors need the same
-    ``len_keep`` for the whole batch, so with ``keep_bias`` it is capped by the smallest number of keepable
-    (finite-bias) patches in the batch: background is never visible, and the encoder sees fewer tokens. One
-    nearly empty image thus shrinks the batch's visible set; at least one patch is always kept (a fully
-    background image then shows one background patch). The cap reads a tensor on the host (one sync).
+    Without ``keep_bias``, ``len_keep = int(L * (1 - mask_ratio))``. With it (border-aware masking) the ratio
+    applies to the foreground: ``len_keep = int(F * (1 - mask_ratio))`` where F is the largest number of
+    keepable (finite-bias) patches in the batch, so the encoder skips the background's share of tokens — the
+    compute saving. Tensors need one ``len_keep`` per batch, so it is also capped by the smallest keepable
+    count: background is never visible. At least one patch is always kept (a fully background image then shows
+    one background patch). The counts are read on the host (one sync).
     """
     n, length, dim = x.shape
     len_keep = int(length * (1 - mask_ratio))
     if noise is None:
         noise = torch.rand(n, length, device=x.device)
     if keep_bias is not None:
-        keepable = int(torch.isfinite(keep_bias).sum(dim=1).min())
-        len_keep = min(len_keep, keepable)
+        keepable = torch.isfinite(keep_bias).sum(dim=1)
+        len_keep = min(int(int(keepable.max()) * (1 - mask_ratio)), int(keepable.min()))
         noise = noise + keep_bias
     len_keep = max(len_keep, 1)
 

@@ -151,6 +151,17 @@ def test_border_aware_masking():
     assert torch.allclose(model(changed, background=bg, noise=noise).loss, out.loss)
 
 
+def test_border_aware_masking_skips_the_background_share_of_tokens():
+    model = tiny(border_aware=True)
+    imgs = images(2, 64, 128)  # 4 x 8 = 32 patches
+    imgs[:, :, :, 64:] = 0.0  # right half black: 16 foreground patches each
+    out = model(imgs)
+    # 75% of the 16 foreground patches hidden: 4 visible (+ CLS), against int(32 * 0.25) = 8 without the mask
+    assert out.stats["encoder_tokens"].item() == 4 + 1
+    plain = tiny(border_aware=False)(imgs)
+    assert plain.stats["encoder_tokens"].item() == 8 + 1
+
+
 def test_all_background_image_keeps_one_token():
     model = tiny(border_aware=True)
     out = model(torch.zeros(2, 1, 32, 48))

@@ -1,0 +1,216 @@
+"""MAE pretraining: LR schedule, config, grids, a CPU smoke run, early stopping, non-finite loss.
+
+Runs are in-process on the CPU with the debug recipe on the session's tiny shard dataset (seconds each).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train.pretrain as pretrain
+from radstream.config import ConfigError, load_config
+from train.checkpoint import latest_checkpoint
+from train.config import PretrainConfig
+from train.loop import NonFiniteLossError, lr_at, make_schedule
+from train.visualize import masked_images, reconstruction_grid
+
+RECIPES = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
+
+
+def debug_config(shards: Path, run_dir: Path, *overrides: str) -> PretrainConfig:
+    return load_config(
+        PretrainConfig, RECIPES / "debug.yaml", [f"shards={shards}", f"run_dir={run_dir}", *overrides]
+    )
+
+
+def read_metrics(run_dir: Path, split: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [row for row in map(json.loads, lines) if row["split"] == split]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    """Accelerate keeps process-wide state; reset it between runs as accelerate's own test case does."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_lr_at_warmup_then_cosine():
+    kw = {"peak_lr": 1.0, "min_lr": 0.1, "warmup_steps": 4, "total_steps": 14}
+    lrs = [lr_at(s, **kw) for s in range(14)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(0.1)
+    assert (np.diff(lrs[4:]) <= 0).all()  # cosine only decreases
+    assert lr_at(100, **kw) == pytest.approx(0.1)  # past the end it stays at min_lr
+    assert lr_at(0, peak_lr=2.0, min_lr=0.0, warmup_steps=0, total_steps=10) == pytest.approx(2.0)
+
+
+def test_schedule_scales_lr_by_global_batch(tmp_path):
+    cfg = debug_config(tmp_path, tmp_path, "loader.batch_size=16", "optim.base_lr=1e-3", "optim.grad_accum_steps=2",
+                       "optim.warmup_steps=null", "optim.warmup_epochs=1.5", "run.epochs=3")  # fmt: skip
+    sched = make_schedule(cfg.optim, cfg.run.epochs, cfg.loader.batch_size, loader_batches=9, num_processes=4)
+    assert sched.global_batch == 16 * 4 * 2
+    assert sched.peak_lr == pytest.approx(1e-3 * 128 / 256)
+    assert (sched.steps_per_epoch, sched.total_steps, sched.warmup_steps) == (4, 12, 6)
+    assert cfg.optim.base_lr == 1e-3  # derived values are never written back
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="shards"):
+        load_config(PretrainConfig, RECIPES / "debug.yaml", [f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        debug_config(tmp_path, tmp_path, "run.mixed_precision=fp8")
+    with pytest.raises(ConfigError, match="patch size"):
+        debug_config(tmp_path, tmp_path, "loader.patch_size=14")
+    with pytest.raises(ConfigError, match="nope"):
+        debug_config(tmp_path, tmp_path, "optim.nope=1")
+
+
+@pytest.mark.parametrize("recipe", ["debug.yaml", "vit_b16_224.yaml", "vit_s16_smart.yaml"])
+def test_recipes_load(recipe, tmp_path):
+    cfg = load_config(PretrainConfig, RECIPES / recipe, [f"shards={tmp_path}", f"run_dir={tmp_path}"])
+    assert cfg.loader.patch_size == 16
+
+
+def test_reconstruction_grid_rows_of_different_shapes():
+    wide, tall = torch.zeros(1, 16, 32), torch.ones(1, 32, 16)
+    grid = reconstruction_grid([[wide, wide, wide], [tall, tall, tall]], gap=2)
+    assert grid.dtype == np.uint8
+    assert grid.shape == (2 + 16 + 2 + 32 + 2, 2 + 3 * 32 + 2 * 2 + 2)
+    assert grid[2, 2] == 0 and grid[20, 2] == 255  # first row black panel, second row white panel
+    with pytest.raises(ValueError, match="height"):
+        reconstruction_grid([[wide, tall]])
+
+
+def test_masked_images_fill_only_hidden_patches():
+    imgs = torch.zeros(1, 1, 32, 32)
+    out = masked_images(imgs, torch.tensor([[1.0, 0.0, 0.0, 1.0]]), 16, fill=0.5)
+    assert out[0, 0, :16, :16].eq(0.5).all() and out[0, 0, 16:, 16:].eq(0.5).all()
+    assert out[0, 0, :16, 16:].eq(0).all() and out[0, 0, 16:, :16].eq(0).all()
+
+
+def test_smoke_run_writes_everything(tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    assert pretrain.run(debug_config(tiny_shards, run_dir)) == 0
+
+    train = read_metrics(run_dir, "train")
+    steps_per_epoch = train[-1]["step"] // 2
+    assert [row["step"] for row in train] == list(range(1, 2 * steps_per_epoch + 1))  # log_every 1, 2 epochs
+    for key in (
+        "loss",
+        "lr",
+        "images_per_s",
+        "tokens_per_s",
+        "data_wait_frac",
+        "peak_memory_mb",
+        "tokens_skipped",
+    ):
+        assert all(math.isfinite(row[key]) for row in train), key
+    assert all(0 <= row["data_wait_frac"] <= 1 for row in train)
+    assert [row["epoch"] for row in read_metrics(run_dir, "val")] == [0, 1]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped"] == "done" and summary["steps"] == 2 * steps_per_epoch
+    assert 0 < summary["test_mse"] < 1 and summary["test_images"] > 0
+    assert read_metrics(run_dir, "test")[0]["pixel_mse"] == summary["test_mse"]
+
+    latest = latest_checkpoint(run_dir)
+    assert latest is not None and latest.name == f"step-{2 * steps_per_epoch}"
+    assert {
+        "model.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "loop_state.json",
+        "config.yaml",
+    } <= {p.name for p in latest.iterdir()}
+    assert len(list((run_dir / "checkpoints").glob("step-*"))) == 2  # keep_last 2
+    assert "embed_dim: 32" in (run_dir / "config.yaml").read_text()
+    assert (run_dir / "best" / "model.safetensors").is_file()
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    grids = sorted((run_dir / "samples").glob("*.png"))
+    assert [g.name for g in grids] == ["epoch-000.png", "epoch-001.png"]
+    assert Image.open(grids[0]).mode == "L"
+
+
+def test_restart_after_finish_does_nothing(tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = debug_config(tiny_shards, run_dir, "run.epochs=1", "run.grid_images=0")
+    assert pretrain.run(cfg) == 0
+    lines = (run_dir / "metrics.jsonl").read_text().count('"train"')
+    assert pretrain.run(cfg) == 0
+    assert (run_dir / "metrics.jsonl").read_text().count('"train"') == lines  # no step trained again
+
+
+def test_early_stopping_with_zero_lr(tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = debug_config(tiny_shards, run_dir, "optim.base_lr=0", "run.patience=1", "run.epochs=6",
+                       "run.grid_images=0", "run.log_every=100")  # fmt: skip
+    assert pretrain.run(cfg) == 0
+    val = read_metrics(run_dir, "val")
+    assert len(val) == 2  # epoch 0 sets the best, epoch 1 does not beat it: patience 1 is used up
+    assert val[0]["loss"] == val[1]["loss"]  # fixed per-image masks: an unchanged model scores the same
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped"] == "early_stop" and summary["epochs_completed"] == 2
+    assert summary["best_epoch"] == 0
+
+
+def test_non_finite_loss_names_step_and_keys(tiny_shards, tmp_path, monkeypatch):
+    seen: list[list[str]] = []
+
+    class Poisoned:
+        """The train loader, with NaN pixels in its third batch."""
+
+        def __init__(self, loader) -> None:
+            self.loader = loader
+
+        def __getattr__(self, name: str):
+            return getattr(self.loader, name)
+
+        def __len__(self) -> int:
+            return len(self.loader)
+
+        def __iter__(self):
+            for i, batch in enumerate(self.loader):
+                if i == 2:
+                    batch["image"] = batch["image"] * float("nan")
+                    seen.append(batch["key"])
+                yield batch
+
+    def poisoned_loader(*args, **kwargs):
+        loader = build_loader(*args, **kwargs)
+        return Poisoned(loader) if kwargs["train"] else loader
+
+    build_loader = pretrain.build_loader
+    monkeypatch.setattr(pretrain, "build_loader", poisoned_loader)
+    run_dir = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="at step 2 ") as err:
+        pretrain.run(debug_config(tiny_shards, run_dir, "checkpoint.every_steps=0"))
+    assert seen and all(key in str(err.value) for key in seen[0])
+    assert latest_checkpoint(run_dir) is None  # nothing saved from the broken step
+
+
+def test_main_exit_codes(tmp_path):
+    assert pretrain.main(["--config", str(RECIPES / "debug.yaml"), f"run_dir={tmp_path}"]) == 2  # no shards
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bf16_compiled_run(tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = debug_config(tiny_shards, run_dir, "run.cpu=false", "run.mixed_precision=bf16", "run.compile=true",
+                       "loader.backend=auto", "run.epochs=1")  # fmt: skip
+    assert pretrain.run(cfg) == 0
+    train = read_metrics(run_dir, "train")
+    assert all(math.isfinite(row["loss"]) for row in train) and train[-1]["peak_memory_mb"] > 0
+    assert 0 < json.loads((run_dir / "summary.json").read_text())["test_mse"] < 1

@@ -1,0 +1,217 @@
+"""Checkpoints of a run: ``run_dir/checkpoints/step-N/`` plus a ``latest`` file naming the newest.
+
+A checkpoint holds Accelerate's state (model, optimizer, grad scaler, the accelerator's step counter and the
+RNG states of python, numpy, torch and cuda, one file per rank), ``loop_state.json`` (epoch, step, loader
+position, early stopping) and the resolved ``config.yaml``.
+
+Never half written: every rank writes into ``checkpoints/.tmp-step-N``; after a barrier the main process
+fsyncs the files and renames the folder to ``step-N``, then replaces ``latest`` (write a temp file, fsync,
+rename). A crash at any point leaves the previous ``latest`` and its folder intact; a leftover ``.tmp-*``
+folder is ignored and removed by the next save. Only then are checkpoints beyond the last ``keep_last``
+deleted. The run directory must be on storage every rank sees (one node, or a shared file system).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+LOOP_STATE = "loop_state.json"
+CONFIG = "config.yaml"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_TMP_PREFIX = ".tmp-"
+
+
+def checkpoints_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """The folder holding a run's checkpoints."""
+    return Path(run_dir) / CHECKPOINTS
+
+
+def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Complete checkpoints (``step-N`` folders with a loop state), oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m[1]), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and (p / LOOP_STATE).is_file()
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint to resume from: the one ``latest`` names, else (``latest`` missing or naming a folder
+    that is gone) the newest complete one; None when there is none."""
+    root = checkpoints_dir(run_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if _STEP_DIR.match(named.name) and (named / LOOP_STATE).is_file():
+            return named
+        logger.warning(
+            "%s names %r, which is not a complete checkpoint; using the newest one", pointer, named.name
+        )
+    complete = list_checkpoints(run_dir)
+    return complete[-1] if complete else None
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    run_dir: str | os.PathLike[str],
+    step: int,
+    loop_state: dict,
+    config_yaml: str,
+    keep_last: int,
+) -> Path:
+    """Write ``checkpoints/step-<step>`` atomically and point ``latest`` at it. Every rank must call it.
+
+    Args:
+        accelerator: the run's accelerator (its prepared model and optimizer are saved).
+        run_dir: the run directory.
+        step: optimizer steps done.
+        loop_state: JSON-friendly loop state (epoch, loader position, early stopping, ...).
+        config_yaml: the resolved config.
+        keep_last: complete checkpoints to keep.
+
+    Returns:
+        The checkpoint folder.
+    """
+    root = checkpoints_dir(run_dir)
+    final, tmp = root / f"step-{step}", root / f"{_TMP_PREFIX}step-{step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(root)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / LOOP_STATE).write_text(json.dumps({"step": step, **loop_state}, indent=1))
+        (tmp / CONFIG).write_text(config_yaml)
+    accelerator.wait_for_everyone()  # every rank's RNG state is in tmp
+    if accelerator.is_main_process:
+        _fsync_tree(tmp)
+        _replace_dir(tmp, final)
+        _write_pointer(root, final.name)
+        _prune(run_dir, keep_last, keep=final)
+        logger.info("checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike[str]) -> dict:
+    """Restore Accelerate's state from ``path`` on every rank; returns the loop state saved with it.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a complete checkpoint.
+    """
+    path = Path(path)
+    if not (path / LOOP_STATE).is_file():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {LOOP_STATE})")
+    accelerator.load_state(str(path))
+    return json.loads((path / LOOP_STATE).read_text())
+
+
+def save_weights(
+    accelerator: Accelerator, model: torch.nn.Module, folder: str | os.PathLike[str], meta: dict
+) -> Path:
+    """Write the model's full state dict as ``folder/model.safetensors`` plus ``meta.json``, atomically (a temp
+    folder renamed into place). Every rank must call it (FSDP gathers the weights)."""
+    final = Path(folder)
+    tmp = final.with_name(f"{_TMP_PREFIX}{final.name}")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_model(model, tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        _fsync_tree(tmp)
+        _replace_dir(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_weights(accelerator: Accelerator, model: torch.nn.Module, folder: str | os.PathLike[str]) -> bool:
+    """Load ``folder/model.safetensors`` (from ``save_weights``) into the model; False when there is none or
+    the model is sharded by FSDP (a full state dict does not load into it here)."""
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        return False
+    if accelerator.distributed_type == DistributedType.FSDP:
+        logger.warning("FSDP: %s not loaded (a full state dict does not load into a sharded model)", path)
+        return False
+    from safetensors.torch import load_file
+
+    accelerator.unwrap_model(model).load_state_dict(load_file(str(path)))
+    return True
+
+
+def _remove_stale_tmp(root: Path) -> None:
+    """Delete temp folders of saves that never finished (a crash or a kill during a save)."""
+    for p in root.iterdir():
+        if p.name.startswith(_TMP_PREFIX) and p.is_dir():
+            logger.warning("removing unfinished checkpoint %s", p)
+            shutil.rmtree(p)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` and the folder itself to disk before it is renamed into place."""
+    for p in folder.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` (the same step saved again) is moved aside first."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{_TMP_PREFIX}old-{final.name}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _write_pointer(root: Path, name: str) -> None:
+    """Atomically make ``root/latest`` contain ``name``."""
+    tmp = root / f"{_TMP_PREFIX}{LATEST}"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST)
+    _fsync_dir(root)
+
+
+def _prune(run_dir: str | os.PathLike[str], keep_last: int, keep: Path) -> None:
+    """Delete complete checkpoints older than the last ``keep_last`` (never ``keep``)."""
+    complete = list_checkpoints(run_dir)
+    for p in complete[: max(len(complete) - keep_last, 0)]:
+        if p != keep:
+            shutil.rmtree(p)
