@@ -126,7 +126,7 @@ class DaliLoader(ShardLoader):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._files = ShardFiles(self.data.shards)
+        self._files = ShardFiles(self.data.shards, self.store)
         self._pipe: Pipeline | None = None
 
     def _pipeline(self) -> Pipeline:
@@ -234,3 +234,5 @@ class DaliLoader(ShardLoader):
         """Free the pipeline and the open shard files."""
         self._pipe = None
         self._files.close()
+        if self.store is not None:
+            self.store.close()

@@ -44,6 +44,7 @@ from bucketing.schedule import epoch_schedule, schedule_stats, steps_per_epoch, 
 from shards.codecs import bit_depth
 from shards.loader_config import AugmentConfig, LoaderConfig
 from shards.loader_data import SplitSamples, load_split
+from shards.remote import Lookahead, ShardStore, resolve_dataset, shard_schedule
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +163,11 @@ class ShardLoader:
         num_processes: int,
         device: str | torch.device,
         train: bool,
+        store: ShardStore | None = None,
     ) -> None:
         if not 0 <= process_index < num_processes:
             raise ValueError(f"process_index {process_index} is outside 0..{num_processes - 1}")
-        self.data, self.cfg, self.train = data, cfg, train
+        self.data, self.cfg, self.train, self.store = data, cfg, train, store
         self.rank, self.world_size = process_index, num_processes
         self.device = torch.device(device)
         self.augment = train and cfg.augment.enabled
@@ -273,9 +275,15 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict]:
         plans = self.epoch_plans(self.epoch)[self.step :]
+        ahead = None
+        if self.store is not None and self.store.remote:  # fetch the next shards while these are decoded
+            ahead = Lookahead(self.store, shard_schedule(self.data, plans), self.cfg.remote.prefetch_shards)
+            ahead.advance(0)
         images = self._images(plans)
         try:
-            for plan, image in zip(plans, images, strict=True):
+            for i, (plan, image) in enumerate(zip(plans, images, strict=True)):
+                if ahead is not None:
+                    ahead.advance(i + 1)
                 self.step = plan.step + 1
                 yield self._batch(plan, image)
         finally:
@@ -362,12 +370,14 @@ def build_loader(
             "loader.backend=dali but nvidia.dali does not import; install nvidia-dali or use torch"
         )
     fraction = cfg.label_fraction if split == "train" else None
+    root, store = resolve_dataset(root, cfg.remote)
     data = load_split(root, split, fraction)
     kwargs = {
         "process_index": process_index,
         "num_processes": num_processes,
         "device": device,
         "train": train,
+        "store": store,
     }
     if backend == "dali":
         from shards.dali_backend import DaliLoader

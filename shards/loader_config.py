@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from shards.remote import RemoteConfig
+
 BACKENDS = ("auto", "dali", "torch")
 
 
@@ -64,6 +66,8 @@ class LoaderConfig:
     """Seed of the batch schedule and of the augmentation; the same seed gives the same batches."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training augmentation."""
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+    """Node cache and transfers when the dataset root is an ``s3://`` or ``http(s)://`` URL."""
     label_fraction: float | None = None
     """Keep only the train samples in this label fraction (one of the dataset's ``label_fractions``, e.g.
     0.01 for the 1% regime). Ignored for the val and test splits, which are always used whole."""

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from shards.manifest import read_manifest, read_samples
+from shards.remote import ShardStore
 
 _MAX_OPEN_SHARDS = 64  # file descriptors kept open per process
 
@@ -141,8 +142,10 @@ class ShardFiles:
     opens its own).
     """
 
-    def __init__(self, paths: tuple[str, ...]) -> None:
+    def __init__(self, paths: tuple[str, ...], store: ShardStore | None = None) -> None:
         self.paths = paths
+        self.store = store
+        """Opens remote shards (fetched into the node cache, held against eviction while open)."""
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
 
@@ -154,7 +157,13 @@ class ShardFiles:
         if fd is None:
             if len(self._fds) >= _MAX_OPEN_SHARDS:
                 os.close(self._fds.popitem(last=False)[1])
-            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            path = self.paths[shard]
+            fd = (
+                self.store.open(path)
+                if self.store
+                else os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            )
+            self._fds[shard] = fd
         else:
             self._fds.move_to_end(shard)
         data = os.pread(fd, size, offset)
@@ -172,7 +181,7 @@ class ShardFiles:
         self._fds = OrderedDict()
 
     def __getstate__(self) -> dict:
-        return {"paths": self.paths, "_fds": OrderedDict(), "_pid": None}
+        return {"paths": self.paths, "store": self.store, "_fds": OrderedDict(), "_pid": None}
 
     def __del__(self) -> None:
         with contextlib.suppress(OSError, AttributeError):  # interpreter shutdown

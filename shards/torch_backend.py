@@ -20,6 +20,7 @@ from torchvision.transforms.v2 import functional as F
 from shards.codecs import bit_depth, decode
 from shards.loader import ShardLoader, StepPlan
 from shards.loader_data import ShardFiles, SplitSamples
+from shards.remote import ShardStore
 
 Request = tuple[str, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
 
@@ -28,9 +29,9 @@ class StepDataset(Dataset):
     """Map-style dataset: step request ``(bin, rows, crops, flips)`` → stored integers [B, 1, H, W] (uint8 or
     uint16; cropped and resized in that type, as DALI does)."""
 
-    def __init__(self, data: SplitSamples) -> None:
+    def __init__(self, data: SplitSamples, store: ShardStore | None = None) -> None:
         self.data = data
-        self.files = ShardFiles(data.shards)
+        self.files = ShardFiles(data.shards, store)
 
     def __getitem__(self, request: Request) -> torch.Tensor:
         name, rows, crops, flips = request
@@ -84,7 +85,7 @@ class TorchLoader(ShardLoader):
         if self._dataloader is None:
             workers = self.cfg.num_workers
             self._dataloader = DataLoader(
-                StepDataset(self.data),
+                StepDataset(self.data, self.store),
                 batch_size=None,
                 sampler=self._requests,
                 num_workers=workers,
@@ -103,3 +104,5 @@ class TorchLoader(ShardLoader):
     def close(self) -> None:
         """Let the worker processes go (they stop when the DataLoader is freed); a later pass starts new ones."""
         self._dataloader = None
+        if self.store is not None:
+            self.store.close()  # stops prefetching; a later pass starts it again

@@ -1,0 +1,597 @@
+"""Shard datasets on object storage (``s3://``) or a web server (``http(s)://``), read through a node cache.
+
+``open_dataset(url)`` gives a :class:`ShardStore`: the manifest, the samples table and, per shard,
+``local_path(rel)`` / ``open(rel)``, which fetch the file once per node into the cache folder
+(``shards.cache``: locks, LRU eviction, space reservation) and verify it. ``prefetch(rels)`` fetches ahead on
+a thread pool. A local folder goes through the same interface without any copy. ``publish`` uploads a
+finished local build so that readers never see a manifest whose shards are missing.
+
+Verification: a tar must match the manifest's sha256 (one more download on a mismatch, then
+:class:`ChecksumError`); the manifest has no hash for the ``.idx``, so an index is checked against its
+(verified) tar member by member (``shards.index.verify_index``), which also re-derives every offset.
+``samples.parquet`` must hold the manifest's count of written samples.
+
+All network access is fsspec (s3fs for S3, its aiohttp HTTP filesystem); transient failures (dropped
+connections, timeouts, 5xx, 408/429) are retried with exponential backoff, a bounded number of times.
+S3 endpoint: ``RemoteConfig.s3_endpoint``, else ``$RADSTREAM_S3_ENDPOINT``, else ``$AWS_ENDPOINT_URL``;
+credentials only from the environment or the usual AWS config files (botocore's chain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shards.cache import CacheFullError, ChecksumError, Lookahead, ShardCache, shard_schedule  # noqa: F401
+from shards.index import verify_index
+from shards.manifest import read_manifest, read_samples
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+REMOTE_SCHEMES = ("s3://", "http://", "https://")
+_OPEN_ATTEMPTS = 3  # a shard evicted between its download and our open is fetched again, this many times
+
+
+class RemoteError(OSError):
+    """A remote read or write still failed after every retry."""
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """Reading a shard dataset from ``s3://`` or ``http(s)://`` through a node-local cache."""
+
+    cache_dir: str | None = None
+    """Base folder of the node cache (node-local NVMe ideally); each dataset gets ``<cache_dir>/<hash of its
+    URL and endpoint>``. None: ``$RADSTREAM_CACHE``, else ``~/.cache/radstream``."""
+    max_cache_bytes: int | None = None
+    """Bound on the bytes one dataset's cache folder holds; least recently used shards are evicted to stay
+    under it. None: no bound, shards are evicted only when the disk is full."""
+    prefetch: int = 4
+    """Download threads fetching ahead of the schedule."""
+    prefetch_shards: int = 8
+    """Shards the loader keeps requested ahead of the step it is at."""
+    s3_endpoint: str | None = None
+    """S3 endpoint URL (MinIO, Ceph, ...); None: ``$RADSTREAM_S3_ENDPOINT``, ``$AWS_ENDPOINT_URL`` or AWS."""
+    retries: int = 5
+    """Attempts per request before a transient failure becomes an error."""
+    backoff_s: float = 0.5
+    """Wait before the second attempt; doubled for each further one (with jitter), at most 30 s."""
+    chunk_bytes: int = 8 << 20
+    """Bytes per ranged GET: a failed request costs at most this much again."""
+    max_pinned: int = 16
+    """Shards ``local_path`` keeps open (so not evictable) per process; ``release`` frees them sooner."""
+
+    def __post_init__(self) -> None:
+        if self.max_cache_bytes is not None and self.max_cache_bytes < 1:
+            raise ValueError(f"remote.max_cache_bytes must be >= 1 or None, got {self.max_cache_bytes}")
+        if self.prefetch < 1 or self.prefetch_shards < 0 or self.max_pinned < 1:
+            raise ValueError("remote.prefetch, max_pinned must be >= 1 and remote.prefetch_shards >= 0")
+        if self.retries < 1 or self.backoff_s < 0 or self.chunk_bytes < 1:
+            raise ValueError("remote.retries and remote.chunk_bytes must be >= 1, remote.backoff_s >= 0")
+
+
+def is_remote(url: str | os.PathLike[str]) -> bool:
+    """Whether ``url`` names an S3 or HTTP(S) location rather than a local path."""
+    return str(url).startswith(REMOTE_SCHEMES)
+
+
+def s3_endpoint(cfg: RemoteConfig) -> str | None:
+    """The S3 endpoint in force: config, then ``$RADSTREAM_S3_ENDPOINT``, then ``$AWS_ENDPOINT_URL``."""
+    return cfg.s3_endpoint or os.environ.get("RADSTREAM_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def filesystem(url: str, cfg: RemoteConfig):
+    """(fsspec filesystem, base path without trailing slash) for ``url``."""
+    from fsspec.core import url_to_fs
+
+    options: dict = {} if is_remote(url) else {"auto_mkdir": True}  # publishing into a local folder
+    if url.startswith("s3://") and s3_endpoint(cfg):
+        options["endpoint_url"] = s3_endpoint(cfg)
+    fs, base = url_to_fs(url.rstrip("/"), **options)
+    return fs, base.rstrip("/")
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [OSError, asyncio.TimeoutError]
+    try:
+        import aiohttp
+
+        types.append(aiohttp.ClientError)
+    except ImportError:
+        pass  # no HTTP filesystem installed: its errors cannot occur
+    try:
+        from botocore.exceptions import HTTPClientError
+
+        types.append(HTTPClientError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether retrying may help: not for missing files or refused access, not for 4xx except 408/429."""
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    status = getattr(err, "status", None)
+    if isinstance(status, int):
+        return status >= 500 or status in (408, 429)
+    return isinstance(err, _transient_types())
+
+
+def with_retries(call: Callable[[], T], what: str, retries: int, backoff_s: float) -> T:
+    """``call()``, retried on transient errors with exponential backoff.
+
+    Raises:
+        RemoteError: still failing after ``retries`` attempts (naming ``what`` and the last error).
+    """
+    for attempt in range(1, retries + 1):
+        try:
+            return call()
+        except _transient_types() as err:
+            if not is_transient(err):
+                raise
+            if attempt == retries:
+                raise RemoteError(
+                    f"{what}: failed {retries} times, last: {type(err).__name__}: {err}"
+                ) from err
+            delay = min(30.0, backoff_s * 2 ** (attempt - 1)) * random.uniform(
+                0.5, 1.0
+            )  # jitter spreads nodes
+            log.info("%s: %s: %s; retry %d in %.2f s", what, type(err).__name__, err, attempt, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def cache_folder(url: str, cfg: RemoteConfig) -> Path:
+    """The node cache folder of the dataset at ``url`` (its endpoint is part of the identity)."""
+    base = cfg.cache_dir or os.environ.get("RADSTREAM_CACHE") or Path.home() / ".cache" / "radstream"
+    identity = url.rstrip("/") + ("|" + (s3_endpoint(cfg) or "") if url.startswith("s3://") else "")
+    return Path(base).expanduser() / hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def shard_entries(manifest: dict) -> dict[str, dict]:
+    """Tar path relative to the dataset -> its manifest entry (path, split, samples, bytes, sha256)."""
+    return {s["path"]: s for b in manifest["bins"] for s in b["shards"]}
+
+
+class ShardStore:
+    """A shard dataset as local files. This base class is a local folder read in place (no copy, no cache);
+    :class:`RemoteStore` adds fetching. Picklable, so it can travel to DataLoader workers."""
+
+    remote = False
+    """Whether files are fetched on demand (then worth prefetching)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.url = str(root)
+        self.root = Path(root)
+        """A folder laid out like the dataset (manifest.json, samples.parquet, shards on demand)."""
+        self.manifest = read_manifest(self.root)
+
+    def samples(self, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
+        """The samples table (optionally one split)."""
+        return read_samples(self.root, split, columns)
+
+    def rel(self, path: str | os.PathLike[str]) -> str:
+        """A dataset-relative path from a relative one or an absolute one under ``root``."""
+        p = Path(path)
+        return str(p.relative_to(self.root)) if p.is_absolute() else str(p)
+
+    def local_path(self, rel: str | os.PathLike[str]) -> Path:
+        """The local file of ``rel`` (a shard's .tar or .idx, or any file of the dataset)."""
+        path = self.root / self.rel(rel)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not in the dataset at {self.url}")
+        return path
+
+    def open(self, rel: str | os.PathLike[str]) -> int:
+        """A read-only descriptor of ``rel``'s local file; the caller closes it."""
+        return os.open(self.local_path(rel), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def prefetch(self, rels: Sequence[str | os.PathLike[str]]) -> None:
+        """Fetch ``rels`` in the background, in order (nothing to do for a local folder)."""
+
+    def release(self, rel: str | os.PathLike[str]) -> None:
+        """Let ``local_path``'s hold on ``rel`` go (nothing to do for a local folder)."""
+
+    def wait(self) -> None:
+        """Block until every queued prefetch has finished."""
+
+    def close(self) -> None:
+        """Stop background work and let every hold go."""
+
+    def __enter__(self) -> ShardStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RemoteStore(ShardStore):
+    """A shard dataset at an ``s3://`` or ``http(s)://`` URL, fetched into a node cache on demand."""
+
+    remote = True
+
+    def __init__(self, url: str, cfg: RemoteConfig) -> None:
+        self.url, self.cfg = url.rstrip("/"), cfg
+        self.cache = ShardCache(cache_folder(url, cfg), cfg.max_cache_bytes)
+        self.root = self.cache.root
+        self._reset()
+        self.manifest = self._sync_metadata()
+        self._shards = shard_entries(self.manifest)
+
+    def _reset(self) -> None:
+        """Per-process state: made anew after pickling or a fork."""
+        self._pid = os.getpid()
+        self._fs = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: dict[str, Future] = {}
+        self._pins: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        keep = ("url", "cfg", "cache", "root", "manifest", "_shards")
+        return {k: v for k, v in self.__dict__.items() if k in keep}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():  # forked: the parent's threads and pins are not ours
+            for fd in self._pins.values():
+                os.close(fd)  # the parent's descriptor keeps its lock; closing our copy releases nothing
+            self._reset()
+
+    @property
+    def fs(self):
+        """The fsspec filesystem (made lazily, per process)."""
+        self._check_pid()
+        if self._fs is None:
+            self._fs, self._base = filesystem(self.url, self.cfg)
+        return self._fs
+
+    def _get(
+        self, rel: str, start: int | None = None, end: int | None = None, size: int | None = None
+    ) -> bytes:
+        """Bytes ``start:end`` of ``rel`` (whole file by default), retried; a short body counts as a failure."""
+        fs = self.fs
+        path, want = f"{self._base}/{rel}", (end - start if start is not None else size)
+
+        def call() -> bytes:
+            data = fs.cat_file(path, start=start, end=end)
+            if start is not None and size is not None and len(data) == size != want:
+                data = data[start:end]  # the server ignored the Range header and sent the whole file
+            if want is not None and len(data) != want:
+                raise ConnectionError(f"short read: {len(data)} of {want} bytes")
+            return data
+
+        try:
+            return with_retries(call, f"GET {self.url}/{rel}", self.cfg.retries, self.cfg.backoff_s)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.url}/{rel}: not found") from None
+
+    def _sync_metadata(self) -> dict:
+        """Read the manifest from the URL; refresh the cached manifest and samples table when it changed."""
+        raw = self._get("manifest.json")
+        try:
+            manifest = json.loads(raw)
+        except ValueError as err:
+            raise ValueError(f"{self.url}/manifest.json: unreadable manifest ({err})") from None
+        cached, samples = self.root / "manifest.json", self.root / "samples.parquet"
+        with self.cache.cache_lock():  # one process per node refreshes; the others then find it done
+            old = cached.read_bytes() if cached.is_file() else None
+            if old == raw and samples.is_file():
+                return manifest
+            if old is not None:
+                self._invalidate(json.loads(old), manifest)
+            data = self._get("samples.parquet")
+            rows = pq.read_metadata(pa.BufferReader(data)).num_rows
+            written = manifest.get("counts", {}).get("written", rows)
+            if rows != written:
+                raise ValueError(f"{self.url}/samples.parquet has {rows} rows, the manifest says {written}")
+            for path, content in ((samples, data), (cached, raw)):  # manifest last: it marks "complete"
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_bytes(content)
+                os.replace(tmp, path)
+        return manifest
+
+    def _invalidate(self, old: dict, new: dict) -> None:
+        """Drop cached shards whose bytes the new manifest does not list any more."""
+        fresh = shard_entries(new)
+        for rel, entry in shard_entries(old).items():
+            now = fresh.get(rel)
+            if now is not None and now["sha256"] == entry["sha256"]:
+                continue
+            if self.cache.path(rel).exists() and not self.cache.evict(rel):
+                raise RuntimeError(
+                    f"the dataset at {self.url} changed, but its old shard {rel} is open in another "
+                    "process of this node; stop those readers first"
+                )
+        log.info("dataset at %s changed since it was cached; stale shards dropped", self.url)
+
+    def _ensure(self, rel: str) -> Path:
+        """The cached file of ``rel``, downloaded (by one thread of one process) and verified if missing."""
+        path = self.cache.path(rel)
+        if path.exists():
+            return path
+        with self.cache.download_lock(rel):
+            if path.exists():  # another thread or process fetched it while we waited
+                return path
+            tar = rel[: -len(".idx")] + ".tar" if rel.endswith(".idx") else None
+            if tar in self._shards:
+                return self._fetch_index(rel, tar)
+            entry = self._shards.get(rel)
+            if entry is None:
+                return self._fetch_small(rel, lambda *_: [])
+            expected = entry["sha256"]
+            return self.cache.fill(
+                rel,
+                entry["bytes"],
+                lambda p: self._download(rel, p, entry["bytes"]),
+                lambda digest, _: (
+                    [] if digest == expected else [f"sha256 {digest}, the manifest says {expected}"]
+                ),
+                f"{self.url}/{rel}",
+            )
+
+    def _fetch_small(self, rel: str, problems: Callable[[str, Path], list[str]]) -> Path:
+        """Fetch a file small enough for memory (an index, metadata); a second try downloads it again."""
+        first = [self._get(rel)]
+
+        def fetch(partial: Path) -> str:
+            return self._write(partial, first.pop() if first else self._get(rel))
+
+        return self.cache.fill(rel, len(first[0]), fetch, problems, f"{self.url}/{rel}")
+
+    def _fetch_index(self, rel: str, tar: str) -> Path:
+        """Fetch a shard's .idx and check it against its (verified) tar, which stays held meanwhile."""
+        fd = self.open(tar)
+        try:
+            return self._fetch_small(rel, lambda _, partial: verify_index(self.cache.path(tar), partial))
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _write(partial: Path, data: bytes) -> str:
+        with open(partial, "r+b") as f:
+            f.write(data)
+            f.truncate(len(data))  # a second download may differ in size from the space reserved
+            f.flush()
+            os.fsync(f.fileno())
+        return hashlib.sha256(data).hexdigest()
+
+    def _download(self, rel: str, partial: Path, size: int) -> str:
+        """Fetch ``rel`` into ``partial`` in ranged chunks (each retried alone); returns the sha256."""
+        sha, chunk = hashlib.sha256(), self.cfg.chunk_bytes
+        with open(partial, "r+b") as f:
+            if size <= chunk:  # one plain GET: no Range support needed from the server
+                data = self._get(rel, size=size)
+                f.write(data)
+                sha.update(data)
+            for start in range(0, size if size > chunk else 0, chunk):
+                data = self._get(rel, start, min(start + chunk, size), size)
+                f.write(data)
+                sha.update(data)
+            f.flush()
+            os.fsync(f.fileno())  # a machine crash must not leave a torn file under the final name
+        return sha.hexdigest()
+
+    def open(self, rel: str | os.PathLike[str]) -> int:
+        """A read-only descriptor of ``rel``'s cached file holding a shared lock: the file cannot be evicted
+        until the caller closes it. Fetches the file first if needed (blocking)."""
+        rel = self.rel(rel)
+        self._check_pid()
+        for _ in range(_OPEN_ATTEMPTS):
+            self._ensure(rel)
+            fd = self.cache.open_shared(rel)
+            if fd is not None:
+                return fd
+        raise RuntimeError(
+            f"{rel} was evicted right after each of {_OPEN_ATTEMPTS} downloads: the cache at "
+            f"{self.root} is too small for the shards being read at once"
+        )
+
+    def local_path(self, rel: str | os.PathLike[str]) -> Path:
+        """The cached file of ``rel``, fetched and verified if needed. A shard (or, for an .idx, its tar) stays
+        held, so not evictable, until ``release(rel)``, ``close()`` or ``max_pinned`` newer holds."""
+        rel = self.rel(rel)
+        tar = rel[: -len(".idx")] + ".tar" if rel.endswith(".idx") else rel
+        if tar in self._shards:
+            with self._lock:
+                held = tar in self._pins
+            if not held:
+                self._pin(tar, self.open(tar))
+        return self._ensure(rel)
+
+    def _pin(self, rel: str, fd: int) -> None:
+        with self._lock:
+            old = self._pins.pop(rel, None)
+            self._pins[rel] = fd
+            drop = [self._pins.popitem(last=False)[1] for _ in range(len(self._pins) - self.cfg.max_pinned)]
+        for other in [old, *drop]:
+            if other is not None:
+                os.close(other)
+
+    def release(self, rel: str | os.PathLike[str]) -> None:
+        """Let the hold ``local_path`` took on ``rel`` (or its tar) go."""
+        rel = self.rel(rel)
+        with self._lock:
+            fd = self._pins.pop(rel[: -len(".idx")] + ".tar" if rel.endswith(".idx") else rel, None)
+        if fd is not None:
+            os.close(fd)
+
+    def prefetch(self, rels: Sequence[str | os.PathLike[str]]) -> None:
+        """Queue ``rels`` for download on ``cfg.prefetch`` threads, in order; cached or queued ones are skipped.
+        Errors are logged here and raised again by the reader's own ``open`` / ``local_path``."""
+        self._check_pid()
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    self.cfg.prefetch, thread_name_prefix="radstream-prefetch"
+                )
+            for rel in map(self.rel, rels):
+                if rel in self._pending or self.cache.path(rel).exists():
+                    continue
+                future = self._executor.submit(self._prefetch_one, rel)
+                self._pending[rel] = future
+                future.add_done_callback(lambda _, rel=rel: self._pending.pop(rel, None))
+
+    def _prefetch_one(self, rel: str) -> None:
+        try:
+            self._ensure(rel)
+        except Exception as err:  # noqa: BLE001 - a background thread: the reader's own fetch raises it again
+            log.warning("prefetch of %s/%s failed: %s: %s", self.url, rel, type(err).__name__, err)
+
+    def wait(self) -> None:
+        """Block until every queued prefetch has finished."""
+        with self._lock:
+            futures = list(self._pending.values())
+        for future in futures:
+            future.result()
+
+    def close(self) -> None:
+        """Cancel queued prefetches, wait for running ones, let every hold go."""
+        self._check_pid()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        with self._lock:
+            fds, self._pins = list(self._pins.values()), OrderedDict()
+        for fd in fds:
+            os.close(fd)
+
+
+def open_dataset(url: str | os.PathLike[str], cfg: RemoteConfig | None = None, **overrides) -> ShardStore:
+    """Open a shard dataset from a local folder, ``s3://bucket/prefix`` or an ``http(s)://`` base URL.
+
+    Args:
+        url: where the dataset's ``manifest.json`` lies.
+        cfg: cache and transfer settings (default ``RemoteConfig()``).
+        **overrides: fields of ``RemoteConfig`` to change, e.g. ``cache_dir=..., max_cache_bytes=...``.
+
+    Raises:
+        FileNotFoundError: no manifest at ``url``.
+        RemoteError: the server kept failing.
+    """
+    cfg = dataclasses.replace(cfg or RemoteConfig(), **overrides)
+    if is_remote(url):
+        return RemoteStore(str(url), cfg)
+    return ShardStore(str(url).removeprefix("file://"))
+
+
+def resolve_dataset(root: str | os.PathLike[str], cfg: RemoteConfig | None = None) -> tuple[Path, ShardStore]:
+    """For the loader: (a local folder laid out like the dataset, the store that fills it).
+
+    A local dataset is its own folder; a remote one is its cache folder, holding the manifest and samples
+    table, whose shards appear once ``store.open`` / ``store.local_path`` / ``store.prefetch`` fetched them.
+    """
+    store = open_dataset(root, cfg)
+    return store.root, store
+
+
+def _dataset_files(out: Path, manifest: dict) -> list[tuple[str, int, str | None]]:
+    """(rel, bytes, sha256 or None) of every shard and index of a local build, checked against the manifest."""
+    files = []
+    for rel, entry in shard_entries(manifest).items():
+        tar, idx = out / rel, (out / rel).with_suffix(".idx")
+        if not tar.is_file() or tar.stat().st_size != entry["bytes"]:
+            raise FileNotFoundError(f"{tar}: missing or not the {entry['bytes']} bytes the manifest lists")
+        if not idx.is_file():
+            raise FileNotFoundError(f"{idx}: the index of a listed shard is missing")
+        files += [
+            (rel, entry["bytes"], entry["sha256"]),
+            (str(idx.relative_to(out)), idx.stat().st_size, None),
+        ]
+    return files
+
+
+def publish(
+    local_out: str | os.PathLike[str], url: str, cfg: RemoteConfig | None = None, workers: int = 8
+) -> dict:
+    """Upload a finished local build to ``url`` (``s3://bucket/prefix`` or a local folder).
+
+    Order: shards and indexes first, then ``samples.parquet`` and ``rejects.jsonl``, ``manifest.json``
+    last, so a reader never sees a manifest whose files are missing. A different manifest already there is
+    deleted first, so readers of the old dataset get "no manifest" rather than mixed shards. Resume: a file
+    already there with the same size is skipped, unless the old manifest lists that shard with another
+    sha256 (a rebuild that kept the size); an index is uploaded again whenever its tar is.
+
+    Returns:
+        ``{"uploaded": files, "skipped": files, "bytes": bytes uploaded}``.
+
+    Raises:
+        ValueError: ``url`` is http(s) (read-only).
+        FileNotFoundError: the build is not finished or a listed file is missing or of the wrong size.
+        RemoteError: the store kept failing.
+    """
+    from tqdm import tqdm
+
+    cfg, out = cfg or RemoteConfig(), Path(local_out)
+    if str(url).startswith(("http://", "https://")):
+        raise ValueError(f"cannot publish to {url}: HTTP is read-only here; publish to s3:// and serve that")
+    manifest_raw = (out / "manifest.json").read_bytes() if (out / "manifest.json").is_file() else None
+    if manifest_raw is None:
+        raise FileNotFoundError(f"{out}: no manifest.json (finish the build with finalize-shards first)")
+    files = _dataset_files(out, json.loads(manifest_raw))
+    fs, base = filesystem(str(url), cfg)
+
+    def retry(call: Callable[[], T], what: str) -> T:
+        return with_retries(call, f"{what} {url}", cfg.retries, cfg.backoff_s)
+
+    fs.invalidate_cache()
+    try:
+        there = {
+            p[len(base) + 1 :]: int(i["size"])
+            for p, i in retry(lambda: fs.find(base, detail=True), "list").items()
+        }
+    except FileNotFoundError:
+        there = {}
+    old_sha = {}
+    if "manifest.json" in there:
+        old = retry(lambda: fs.cat_file(f"{base}/manifest.json"), "read manifest")
+        if old != manifest_raw:
+            old_sha = {rel: e["sha256"] for rel, e in shard_entries(json.loads(old)).items()}
+            retry(lambda: fs.rm_file(f"{base}/manifest.json"), "delete old manifest")
+    todo, tar_sent = [], False
+    for rel, size, sha in files:
+        same = there.get(rel) == size and (sha is None or old_sha.get(rel, sha) == sha)
+        tar_sent = (not same) if sha is not None else tar_sent
+        if not same or (sha is None and tar_sent):
+            todo.append((rel, size))
+    meta = [name for name in ("samples.parquet", "rejects.jsonl") if (out / name).is_file()]
+
+    def put(rel: str) -> None:
+        retry(lambda: fs.put_file(str(out / rel), f"{base}/{rel}"), f"upload {rel} to")
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(
+            tqdm(pool.map(put, [rel for rel, _ in todo]), total=len(todo), desc="publish shards", unit="file")
+        )
+    for rel in [*meta, "manifest.json"]:
+        put(rel)
+    sent = sum(size for _, size in todo) + sum((out / rel).stat().st_size for rel in [*meta, "manifest.json"])
+    log.info(
+        "published %s to %s: %d shard files uploaded, %d already there",
+        out,
+        url,
+        len(todo),
+        len(files) - len(todo),
+    )
+    return {"uploaded": len(todo) + len(meta) + 1, "skipped": len(files) - len(todo), "bytes": sent}
