@@ -45,6 +45,15 @@ def _load_build_config(args: argparse.Namespace):
     return load_config(BuildConfig, args.config, _build_overrides(args))
 
 
+def _staging_folder(url: str) -> Path:
+    """Local folder a build for a remote destination is written to before it is published."""
+    import hashlib
+    import os
+
+    base = Path(os.environ.get("RADSTREAM_STAGING", Path.home() / ".cache" / "radstream" / "staging"))
+    return base / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from ingest.synth import synthesize
 
@@ -57,6 +66,16 @@ def cmd_build(args: argparse.Namespace) -> int:
     from shards.build import run_build
     from shards.manifest import finalize
 
+    from shards.remote import is_remote, publish
+
+    remote_out = args.out if is_remote(args.out) else None
+    if remote_out:
+        if args.num_tasks > 1:
+            raise ValueError(
+                f"{remote_out}: a multi-task build writes to a shared folder; publish it afterwards with "
+                "`radstream publish OUT URL`"
+            )
+        args.out = str(_staging_folder(remote_out))
     cfg = _load_build_config(args)
     start = time.perf_counter()
     run_build(cfg, task_index=args.task_index, num_tasks=args.num_tasks)
@@ -65,6 +84,18 @@ def cmd_build(args: argparse.Namespace) -> int:
         return 0
     manifest = finalize(cfg)
     _print_summary(manifest, time.perf_counter() - start)
+    if remote_out:
+        done = publish(cfg.out, remote_out, workers=max(cfg.workers, 4))
+        print(f"published to {remote_out}: {done['uploaded']} files uploaded, {done['skipped']} already there")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from shards.remote import publish
+
+    done = publish(args.out, args.url, workers=args.workers)
+    print(f"published to {args.url}: {done['uploaded']} files uploaded, {done['skipped']} already there, "
+          f"{done['bytes'] / 1e6:.1f} MB")
     return 0
 
 
@@ -113,7 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_build_parser(sub) -> None:
     p = sub.add_parser("build-shards", help="radiograph files → size-binned WebDataset shards")
     p.add_argument("source", help="folder of DICOM/PNG/JPEG/TIFF files (or the root a --manifest-csv is relative to)")
-    p.add_argument("out", help="output dataset folder")
+    p.add_argument("out", help="output dataset folder, or s3://bucket/prefix (built locally, then published)")
     p.add_argument("--config", help="YAML recipe (keys of shards.config.BuildConfig)")
     p.add_argument("--manifest-csv", help="CSV manifest: path[,label][,irma_code][,patient_id]")
     p.add_argument("--labels", choices=["none", "folder", "csv", "irma"], help="label source")
@@ -155,6 +186,12 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finalize-shards", help="merge the parts of a multi-task build into the manifest")
     p.add_argument("out")
     p.set_defaults(func=cmd_finalize)
+
+    p = sub.add_parser("publish", help="upload a finished shard dataset to s3:// (manifest last)")
+    p.add_argument("out", help="local finished dataset")
+    p.add_argument("url", help="destination, e.g. s3://bucket/prefix (endpoint: $RADSTREAM_S3_ENDPOINT)")
+    p.add_argument("--workers", type=int, default=8, help="parallel uploads")
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("verify-shards", help="re-read every shard and check it against the manifest")
     p.add_argument("out")

@@ -395,3 +395,15 @@ def test_endpoint_precedence_and_cache_identity(monkeypatch, tmp_path: Path) -> 
     assert cache_folder("http://h/x", one).parent == tmp_path
     monkeypatch.setenv("RADSTREAM_CACHE", str(tmp_path / "env"))
     assert cache_folder("http://h/x", RemoteConfig()).parent == tmp_path / "env"
+
+
+def test_build_shards_cli_writes_to_s3(s3, synth_corpus: Path, tmp_path: Path, monkeypatch) -> None:
+    from radstream.cli import main
+
+    monkeypatch.setenv("RADSTREAM_STAGING", str(tmp_path / "staging"))
+    url = f"s3://data/cli-{uuid.uuid4().hex[:8]}"
+    assert main(["build-shards", str(synth_corpus / "images"), url, "--labels", "folder"]) == 0
+    store = open_dataset(url, cache_dir=str(tmp_path / "cache"))
+    staged = next((tmp_path / "staging").iterdir())
+    assert store.manifest["counts"] == json.loads((staged / "manifest.json").read_text())["counts"]
+    assert_same_files(store, staged)
