@@ -198,6 +198,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="decode a 5%% sample of the images instead of all")
     p.set_defaults(func=cmd_verify)
 
+    from train.report import add_report_parser
+
+    add_report_parser(sub)
+
     p = sub.add_parser("bins", help="print the bin plan of a source folder or a shard dataset")
     p.add_argument("path", help="source folder, or a shard dataset (has manifest.json)")
     p.add_argument("--batch-size", type=int, default=64, help="report images in bins that cannot fill a batch")

@@ -1,0 +1,126 @@
+"""Supervised baselines: CPU smoke runs (tiny ViT, tiny ResNet), resume, local-weights initialisation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from radstream.config import ConfigError, load_config
+from train.classifier import adapt_state, build_classifier
+from train.supervised import ClassifierConfig, SupervisedConfig, run
+
+RECIPES = Path(__file__).resolve().parents[2] / "configs" / "supervised"
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    """Accelerate keeps process-wide state; reset it after each run."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def config(recipe: str, shards: Path, run_dir: Path, *overrides: str) -> SupervisedConfig:
+    return load_config(
+        SupervisedConfig, RECIPES / recipe, [f"shards={shards}", f"run_dir={run_dir}", *overrides]
+    )
+
+
+def lines(run_dir: Path, split: str) -> list[dict]:
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [r for r in rows if r["split"] == split]
+
+
+def test_vit_smoke_run_writes_results_and_resumes(tmp_path: Path, tiny_shards: Path) -> None:
+    run_dir = tmp_path / "vit"
+    assert run(config("debug_vit.yaml", tiny_shards, run_dir, "run.epochs=1", "optim.lr=3e-3")) == 0
+    first = json.loads((run_dir / "results.json").read_text())
+    assert first["epochs"] == 1 and first["stopped"] == "done"
+    (run_dir / "results.json").unlink()  # pretend the job was extended: the run resumes after epoch 0
+    assert run(config("debug_vit.yaml", tiny_shards, run_dir, "run.epochs=2", "optim.lr=3e-3")) == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [r["epoch"] for r in lines(run_dir, "val")] == [0, 1]  # epoch 0 was not trained again
+    assert results["kind"] == "supervised" and results["model"] == "vit"
+    assert results["arch"] == "vit_tiny_patch16_224" and results["lr"] == 3e-3
+    assert results["fraction"] == 1.0 and results["seed"] == 0 and results["epochs"] == 2
+    assert 0.0 <= results["val_acc"] <= 1.0 and 0.0 <= results["test_acc"] <= 1.0
+    assert results["val_acc"] == max(r["acc"] for r in lines(run_dir, "val"))
+    n_test = sum(sum(row) for row in results["confusion"])
+    assert n_test == 9  # every test sample scored once: the loader's padding repeats are skipped
+    assert (run_dir / "best" / "model.safetensors").is_file()
+    mtime = (run_dir / "results.json").stat().st_mtime
+    assert run(config("debug_vit.yaml", tiny_shards, run_dir, "run.epochs=2")) == 0  # finished: nothing to do
+    assert (run_dir / "results.json").stat().st_mtime == mtime
+
+
+def test_resnet_smoke_run_on_one_percent_from_local_weights(tmp_path: Path, tiny_shards: Path) -> None:
+    rgb = timm.create_model("resnet10t", pretrained=False)  # 3 channels, 1000 classes: an "ImageNet" file
+    save_file(rgb.state_dict(), tmp_path / "resnet10t.safetensors")
+    cfg = config(
+        "debug_resnet.yaml",
+        tiny_shards,
+        tmp_path / "run",
+        "loader.label_fraction=0.01",
+        f"model.init={tmp_path / 'resnet10t.safetensors'}",
+        "run.max_steps=2",
+    )
+    assert run(cfg) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["model"] == "resnet50" and results["arch"] == "resnet10t"
+    assert results["fraction"] == 0.01 and results["stopped"] in ("max_steps", "done")
+
+
+def test_init_adapts_channels_and_drops_the_head(tmp_path: Path) -> None:
+    rgb = timm.create_model("resnet10t", pretrained=False)
+    path = tmp_path / "w.pth"
+    torch.save({"state_dict": rgb.state_dict()}, path)
+    model = build_classifier(
+        ClassifierConfig(kind="resnet50", arch="resnet10t", init=str(path)), num_classes=5
+    )
+    stem = rgb.state_dict()["conv1.0.weight"]
+    torch.testing.assert_close(model.state_dict()["conv1.0.weight"], stem.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(
+        model.state_dict()["layer1.0.conv1.weight"], rgb.state_dict()["layer1.0.conv1.weight"]
+    )
+    assert model.fc.weight.shape == (5, rgb.fc.weight.shape[1])
+    with pytest.raises(FileNotFoundError, match="local files only"):
+        build_classifier(
+            ClassifierConfig(kind="resnet50", arch="resnet10t", init=str(tmp_path / "no.pth")), 5
+        )
+    vit = ClassifierConfig(
+        kind="vit", arch="vit_tiny_patch16_224", embed_dim=32, depth=1, num_heads=2, init=str(path)
+    )
+    with pytest.raises(ValueError, match="fits only"):
+        build_classifier(vit, 5)
+
+
+def test_vit_init_resamples_positions_and_reads_mae_encoders() -> None:
+    small = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=112, embed_dim=32, depth=1, num_heads=2
+    )
+    model = build_classifier(
+        ClassifierConfig(kind="vit", arch="vit_tiny_patch16_224", embed_dim=32, depth=1, num_heads=2),
+        num_classes=3,
+    )
+    adapted = adapt_state(model, small.state_dict())
+    assert adapted["pos_embed"].shape == model.pos_embed.shape  # 7x7 grid resampled to 14x14
+    assert adapted["patch_embed.proj.weight"].shape[1] == 1
+    mae_style = {f"encoder.{k}": v for k, v in model.state_dict().items()} | {
+        "decoder_pred.weight": torch.zeros(1)
+    }
+    adapted = adapt_state(model, mae_style)
+    assert "head.weight" not in adapted and "blocks.0.attn.qkv.weight" in adapted
+
+
+def test_bad_config_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="kind"):
+        config("debug_vit.yaml", tmp_path, tmp_path, "model.kind=densenet")
+    with pytest.raises(ConfigError, match="ViT only"):
+        config("debug_resnet.yaml", tmp_path, tmp_path, "model.depth=2")

@@ -1,0 +1,362 @@
+"""Embed every split once with the frozen MAE encoder into a zarr store (``train.embed_store``).
+
+    accelerate launch -m train.embed --checkpoint RUN/checkpoints/latest --shards OUT --out EMB.zarr \\
+        [--splits train,val,test] [--pool-grid 4x4] [loader.batch_size=128 ...]
+
+No masking, eval mode, stored pixels (no augmentation). Per sample three aggregations of the encoder's tokens
+``[1+L, D]`` (CLS first) are stored in float16:
+
+- ``cls``: the CLS token, ``[D]``;
+- ``mean``: the mean of the L patch tokens, ``[D]``;
+- ``flattened``: the patch tokens flattened, which needs one fixed token grid. Images of different bins have
+  different grids, so the grid ``(h, w)`` is first adaptive-average-pooled to ``pool_grid`` (default 4×4;
+  a grid smaller than it is upsampled by repetition), then flattened position-major (row, column, then
+  channel): ``[gh*gw*D]``. ``--pool-grid none`` keeps the native grid (all bins must share one shape, e.g.
+  the study's fixed 224×224 → 196·D, its "flattened").
+
+Every rank embeds the batches its loader gives it; padding repeats (``valid`` False) are skipped. See
+``train.embed_store`` for how ranks write disjoint rows and how a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import MISSING, OmegaConf
+from tqdm import tqdm
+
+from radstream.config import ConfigError, load_config, to_dict
+from shards.loader_config import LoaderConfig
+from train import embed_store
+from train.embed_store import SplitRows, StagingWriter
+from train.mae import MAE, MAEConfig, load_init
+
+logger = logging.getLogger(__name__)
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """``train.embed``: which encoder, which data, where the embeddings go."""
+
+    checkpoint: str = MISSING
+    """An MAE checkpoint: ``RUN/checkpoints/latest`` (the pointer file), a ``step-N`` folder, a run folder (its
+    latest checkpoint) or ``RUN/best`` (the weights of the best validation loss, as the study used)."""
+    shards: str = MISSING
+    """Root of a finalized shard dataset."""
+    out: str = MISSING
+    """The zarr store to write (resumed when it exists and came from the same checkpoint)."""
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    """Splits to embed; splits without samples are skipped."""
+    pool_grid: str = "4x4"
+    """Token grid the ``flattened`` aggregation is pooled to ("HxW"), or "none" for the native grid."""
+    chunk_rows: int = 1024
+    """Rows per zarr chunk (and per resumable unit)."""
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    """The evaluation loader (never augments; ``label_fraction`` is ignored: every sample is embedded)."""
+    mixed_precision: str = "no"
+    """"no", "fp16" or "bf16" autocast for the encoder."""
+    cpu: bool = False
+    """Force the CPU even where a GPU is present."""
+
+    def __post_init__(self) -> None:
+        for name in ("checkpoint", "shards", "out"):
+            if not getattr(self, name) or getattr(self, name) == MISSING:
+                raise ValueError(f"{name} is required")
+        parse_grid(self.pool_grid)
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+
+
+def parse_grid(text: str) -> tuple[int, int] | None:
+    """ "4x4" -> (4, 4); "none" -> None (the native token grid)."""
+    if text.lower() == "none":
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"pool grid must look like 4x4 or be none, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def aggregate_tokens(
+    tokens: torch.Tensor, grid_hw: tuple[int, int], pool_grid: tuple[int, int] | None
+) -> dict[str, torch.Tensor]:
+    """tokens: [N, 1+L, D] (CLS first) -> {"cls": [N, D], "mean": [N, D], "flattened": [N, gh*gw*D]} float32.
+
+    ``flattened`` pools the (h, w) token grid to ``pool_grid`` (None: no pooling), position-major.
+    """
+    tokens = tokens.float()
+    patches = tokens[:, 1:]
+    n, length, dim = patches.shape
+    h, w = grid_hw
+    if h * w != length:
+        raise ValueError(f"{length} patch tokens do not form a {h}x{w} grid")
+    if pool_grid is None:
+        flat = patches.reshape(n, length * dim)
+    else:
+        grid = patches.transpose(1, 2).reshape(n, dim, h, w)
+        pooled = F.adaptive_avg_pool2d(grid, pool_grid)  # [N, D, gh, gw]
+        flat = pooled.permute(0, 2, 3, 1).reshape(n, -1)
+    return {"cls": tokens[:, 0], "mean": patches.mean(dim=1), "flattened": flat}
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """The weights folder ``path`` names and the config.yaml that describes its model.
+
+    Accepts ``RUN/checkpoints/latest`` (the pointer file), a ``step-N`` folder (config inside), a run folder
+    (its latest checkpoint) or ``RUN/best`` (the best-validation weights; config from the run folder).
+
+    Raises:
+        FileNotFoundError: nothing usable at ``path``.
+    """
+    from train.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if path.is_file():  # the `latest` pointer: a file holding the step folder's name
+        path = path.parent / path.read_text().strip()
+    elif path.is_dir() and (path / "checkpoints").is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"{path}: run folder without a complete checkpoint")
+        path = found
+    config = next((c for c in (path / "config.yaml", path.parent / "config.yaml") if c.is_file()), None)
+    if not path.is_dir() or config is None:
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (need model weights and a config.yaml)")
+    return path, config
+
+
+def load_encoder(checkpoint: str | Path) -> tuple[MAE, dict, Path]:
+    """The MAE of a pretraining checkpoint, weights loaded, in eval mode.
+
+    Returns:
+        (model, the checkpoint's resolved config as a dict, the weights folder).
+
+    Raises:
+        FileNotFoundError: no checkpoint folder or no weights file in it.
+    """
+    folder, config_path = resolve_checkpoint(checkpoint)
+    config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    if not isinstance(config, dict) or "model" not in config:
+        raise ValueError(f"{config_path}: no 'model' section (not a pretraining config)")
+    model_cfg = MAEConfig(**{**config["model"], "init": None})  # the checkpoint's weights replace any init
+    weights = next((folder / n for n in _WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{folder}: no model weights ({', '.join(_WEIGHT_FILES)})")
+    model = MAE(model_cfg)
+    load_init(model, weights)
+    return model.eval(), config, folder
+
+
+def fraction_matrix(fractions: Sequence[Sequence[float]], levels: Sequence[float]) -> np.ndarray:
+    """bool [N, F]: sample i is in label fraction ``levels[j]`` (float-tolerant)."""
+    out = np.zeros((len(fractions), len(levels)), dtype=bool)
+    for i, fr in enumerate(fractions):
+        for j, level in enumerate(levels):
+            out[i, j] = any(abs(f - level) < 1e-9 for f in fr)
+    return out
+
+
+def split_rows(shards: str | Path, split: str, levels: Sequence[float]) -> SplitRows:
+    """The split's keys, labels and fraction matrix in samples-table order."""
+    from shards.manifest import read_samples
+
+    table = read_samples(shards, split, columns=["key", "split", "label_index", "fractions"])
+    return SplitRows(
+        keys=[str(k) for k in table["key"].to_pylist()],
+        labels=np.asarray(table["label_index"].to_numpy(), dtype=np.int64),
+        fractions=fraction_matrix(table["fractions"].to_pylist(), levels),
+    )
+
+
+@torch.no_grad()
+def embed_batches(
+    model: MAE,
+    batches: Iterable[dict],
+    writer: StagingWriter,
+    rows: SplitRows,
+    pool_grid: tuple[int, int] | None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> None:
+    """Phase 1 of one rank: embed ``batches`` (already positioned after ``writer.batches_done``) into staging.
+
+    ``autocast`` makes the mixed-precision context (``accelerator.autocast``).
+
+    Raises:
+        ValueError: a batch key or label that does not match the samples table.
+    """
+    row_of = {k: i for i, k in enumerate(rows.keys)}
+    for batch in batches:
+        valid = batch["valid"].bool().cpu().numpy()
+        if not valid.any():
+            writer.skip()
+            continue
+        keys = [k for k, v in zip(batch["key"], valid, strict=True) if v]
+        missing = [k for k in keys if k not in row_of]
+        if missing:
+            raise ValueError(f"loader key {missing[0]!r} is not in the samples table")
+        idx = np.array([row_of[k] for k in keys], dtype=np.int64)
+        labels = batch["label"].cpu().numpy()[valid]
+        if not np.array_equal(labels, rows.labels[idx]):
+            raise ValueError(f"loader labels differ from the samples table (batch of {keys[0]!r})")
+        images = batch["image"][torch.from_numpy(valid).to(batch["image"].device)]
+        with autocast():
+            tokens = model.forward_features(images)
+        feats = aggregate_tokens(tokens, model.grid(images), pool_grid)
+        writer.add(idx, {k: v.cpu().numpy() for k, v in feats.items()})
+    writer.flush(finished=True)
+
+
+def store_meta(cfg: EmbedConfig, model: MAE, config: dict, folder: Path) -> dict:
+    """The store's attrs: source checkpoint and its config, data, aggregations and their widths."""
+    from shards.manifest import read_manifest
+
+    manifest = read_manifest(cfg.shards)
+    grid = parse_grid(cfg.pool_grid)
+    dim = model.encoder.embed_dim
+    if grid is None:
+        shapes = {(b["height"], b["width"]) for b in manifest["bins"]}
+        if len(shapes) != 1:
+            raise ValueError(f"--pool-grid none needs one bin shape; the dataset has {sorted(shapes)}")
+        (height, width), p = shapes.pop(), model.patch_size
+        tokens = (height // p) * (width // p)
+    else:
+        tokens = grid[0] * grid[1]
+    levels = sorted(float(f) for f in manifest["config"]["ingest"]["splits"]["label_fractions"])
+    return {
+        "checkpoint": str(folder.resolve()),
+        "checkpoint_config": config,
+        "shards": str(Path(cfg.shards).resolve()),
+        "class_names": list(manifest.get("class_names") or []),
+        "label_fractions": levels,
+        "aggregations": list(embed_store.AGGREGATIONS),
+        "dims": {"cls": dim, "mean": dim, "flattened": tokens * dim},
+        "embed_dim": dim,
+        "pool_grid": list(grid) if grid else None,
+        "patch_size": model.patch_size,
+        "embed_config": to_dict(cfg),
+    }
+
+
+def _embed_rank(cfg: EmbedConfig, accelerator, model: MAE, split: str, rows: SplitRows) -> None:
+    """Phase 1 on this rank: the split's batches from this rank's loader, resumed after the stored ones."""
+    from shards.loader import build_loader
+
+    loader_cfg = replace(cfg.loader, label_fraction=None)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    loader = build_loader(
+        loader_cfg,
+        cfg.shards,
+        split,
+        process_index=rank,
+        num_processes=world,
+        device=accelerator.device,
+        train=False,
+    )
+    with loader:
+        plan = {
+            "steps": len(loader),
+            "seed": loader_cfg.seed,
+            "batch_size": loader_cfg.batch_size,
+            "token_budget": loader_cfg.token_budget,
+        }
+        writer = StagingWriter(cfg.out, split, rank, world, plan)
+        if writer.finished:
+            return
+        loader.load_state_dict({"epoch": 0, "step": writer.batches_done})
+        bar = tqdm(
+            loader,
+            total=len(loader),
+            initial=writer.batches_done,
+            desc=f"embed {split}",
+            unit="batch",
+            disable=not accelerator.is_main_process,
+        )
+        embed_batches(model, bar, writer, rows, parse_grid(cfg.pool_grid), accelerator.autocast)
+
+
+def run(cfg: EmbedConfig) -> Path:
+    """Embed ``cfg.splits`` into ``cfg.out``; every rank of an ``accelerate launch`` calls it.
+
+    Returns:
+        The store's path.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)  # one log, from the main process
+    main_process = accelerator.is_main_process
+    model, config, folder = load_encoder(cfg.checkpoint)
+    model.to(accelerator.device)
+    meta = store_meta(cfg, model, config, folder)
+    if main_process:
+        embed_store.create_store(cfg.out, meta)
+    accelerator.wait_for_everyone()
+    for split in cfg.splits:
+        if embed_store.split_complete(cfg.out, split):
+            logger.info("embed %s: already complete in %s, skipped", split, cfg.out)
+            continue
+        rows = split_rows(cfg.shards, split, meta["label_fractions"])
+        if not rows.keys:
+            logger.warning("embed %s: no samples in %s, skipped", split, cfg.shards)
+            continue
+        if main_process:
+            embed_store.prepare_split(cfg.out, split, rows, cfg.chunk_rows, accelerator.num_processes)
+        accelerator.wait_for_everyone()
+        _embed_rank(cfg, accelerator, model, split, rows)
+        accelerator.wait_for_everyone()
+        embed_store.assemble_split(cfg.out, split, accelerator.process_index, accelerator.num_processes)
+        accelerator.wait_for_everyone()
+        if main_process:
+            embed_store.finish_split(cfg.out, split)
+            logger.info("embed %s: %d samples written to %s", split, len(rows.keys), cfg.out)
+        accelerator.wait_for_everyone()
+    return Path(cfg.out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.embed", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--checkpoint", required=True, help="RUN/checkpoints/latest, RUN/best, a step-N or run folder"
+    )
+    p.add_argument("--shards", required=True, help="finalized shard dataset")
+    p.add_argument("--out", required=True, help="zarr store to write (EMB.zarr)")
+    p.add_argument("--splits", help="comma-separated splits (default train,val,test)")
+    p.add_argument("--pool-grid", help="token grid of the flattened aggregation, e.g. 4x4, or none")
+    p.add_argument("--config", help="YAML recipe (keys of EmbedConfig)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loader.batch_size=128")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: ``accelerate launch -m train.embed ...``."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = [f"checkpoint={args.checkpoint}", f"shards={args.shards}", f"out={args.out}"]
+    if args.splits:
+        overrides.append(f"splits=[{args.splits}]")
+    if args.pool_grid:
+        overrides.append(f"pool_grid={args.pool_grid}")
+    try:
+        cfg = load_config(EmbedConfig, args.config, overrides + list(args.overrides))
+    except ConfigError as err:
+        print(f"train.embed: error: {err}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Linear probing of cached embeddings: a whole grid of heads trained in one pass.
+
+    python -m train.probe --embeddings EMB.zarr --out RUN_DIR [--config configs/probe/default.yaml] [key=value]
+
+A head is ``BatchNorm1d(affine=False) + Linear`` (MAE's linear-probe recipe) trained with SGD + momentum on the
+frozen embeddings of one aggregation (``cls``, ``mean``, ``flattened``). The grid is every (aggregation, label
+fraction, seed, learning rate); ``train.probe_grid`` trains all of it in one pass over the cached embeddings,
+each head with its own BatchNorm statistics and its own early stopping on validation accuracy.
+
+Per (aggregation, fraction, seed) the learning rate with the best validation accuracy is chosen (ties: the
+smaller rate); the chosen heads are scored on the test split: top-1, balanced accuracy, per-class recall and
+a confusion matrix. Outputs in RUN_DIR: ``probe_results.json`` (every head, the chosen ones, mean ± std over
+seeds; ``radstream report`` reads it), ``probe_results.csv`` (every head), ``confusion_<agg>_<percent>%.png``
+(chosen heads, summed over seeds), ``chosen_heads.pt`` (their weights with BatchNorm folded in) and
+``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import MISSING
+
+from radstream.config import ConfigError, load_config
+from train.probe_grid import Group, HeadGrid, predict, train_grids
+from train.report import (
+    accuracy,
+    balanced_accuracy,
+    confusion_matrix,
+    mean_std,
+    per_class_recall,
+    plot_confusion,
+    write_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """``train.probe``: the grid of linear heads over one embedding store."""
+
+    embeddings: str = MISSING
+    """The zarr store written by ``train.embed``."""
+    out: str = MISSING
+    """Run folder for the results."""
+    aggregations: list[str] = field(default_factory=lambda: ["flattened", "mean", "cls"])
+    """Which stored aggregations to probe."""
+    label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    """Training subsets: label fractions stored with the embeddings (the dataset's nested fractions)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Seeds of head initialisation and batch order; results are mean ± std over them."""
+    lr_min: float = 3e-4
+    """Smallest learning rate of the grid."""
+    lr_max: float = 3.0
+    """Largest learning rate of the grid."""
+    num_lrs: int = 10
+    """Learning rates, log-spaced from lr_min to lr_max (the study searched 10)."""
+    batch_size: int = 256
+    """Largest batch; an epoch of n samples is cut into ceil(n / batch_size) near-equal batches."""
+    max_epochs: int = 100
+    """Epochs per data group at most; the cosine schedule spans them."""
+    patience: int = 10
+    """Early stopping: a head stops after this many epochs without a better validation accuracy (0: never)."""
+    schedule: str = "cosine"
+    """Learning-rate schedule per head: "cosine" (to 0 over max_epochs) or "constant"."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 0.0
+    """L2 weight decay (MAE's linear probe uses none)."""
+    bn_eps: float = 1e-6
+    """BatchNorm epsilon (MAE's linear probe: 1e-6)."""
+    bn_momentum: float = 0.1
+    """BatchNorm running-statistics momentum (torch's default)."""
+    eval_batch_size: int = 4096
+    """Rows scored at a time."""
+    device: str = "auto"
+    """"auto" (CUDA when available), "cpu" or "cuda"."""
+
+    def __post_init__(self) -> None:
+        for name in ("embeddings", "out"):
+            if not getattr(self, name) or getattr(self, name) == MISSING:
+                raise ValueError(f"{name} is required")
+        if not self.aggregations or not self.label_fractions or not self.seeds:
+            raise ValueError("aggregations, label_fractions and seeds must not be empty")
+        if not 0 < self.lr_min <= self.lr_max or self.num_lrs < 1:
+            raise ValueError(f"need 0 < lr_min <= lr_max and num_lrs >= 1, got {self.lr_min}, {self.lr_max}")
+        if min(self.batch_size, self.max_epochs, self.eval_batch_size) < 1 or self.patience < 0:
+            raise ValueError("batch_size, max_epochs and eval_batch_size must be >= 1, patience >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
+            raise ValueError("momentum must be in [0, 1) and weight_decay >= 0")
+
+
+def lr_grid(cfg: ProbeConfig) -> list[float]:
+    """The grid's learning rates, ascending."""
+    return [float(x) for x in np.geomspace(cfg.lr_min, cfg.lr_max, cfg.num_lrs)]
+
+
+@dataclass
+class ProbeData:
+    """Labelled embeddings of the three splits, on the probing device."""
+
+    features: dict[str, dict[str, torch.Tensor]]
+    """split -> aggregation -> float32 [N, D]."""
+    labels: dict[str, torch.Tensor]
+    """split -> int64 [N]."""
+    train_fractions: np.ndarray
+    """bool [N_train, F]: training row i is in label fraction ``levels[j]``."""
+    levels: list[float]
+    class_names: list[str]
+
+
+def load_probe_data(cfg: ProbeConfig, device: torch.device) -> ProbeData:
+    """Read the train, val and test splits of the store, keeping labelled rows only.
+
+    Raises:
+        ValueError: a split without labelled rows, or an aggregation the store lacks.
+    """
+    from train.embed_store import read_attrs, read_split
+
+    attrs = read_attrs(cfg.embeddings)
+    features, labels, fractions = {}, {}, None
+    for split in ("train", "val", "test"):
+        part = read_split(cfg.embeddings, split, cfg.aggregations)
+        keep = part.labels >= 0
+        if not keep.any():
+            raise ValueError(f"{cfg.embeddings}: split {split!r} has no labelled samples")
+        features[split] = {a: torch.from_numpy(v[keep]).to(device) for a, v in part.features.items()}
+        labels[split] = torch.from_numpy(part.labels[keep]).to(device)
+        if split == "train":
+            fractions = part.fractions[keep]
+    class_names = list(attrs.get("class_names") or [])
+    if not class_names:
+        class_names = [str(i) for i in range(int(max(int(y.max()) for y in labels.values())) + 1)]
+    return ProbeData(features, labels, fractions, [float(f) for f in attrs["label_fractions"]], class_names)
+
+
+def make_groups(data: ProbeData, cfg: ProbeConfig) -> list[Group]:
+    """One data group per (label fraction, seed), fractions outermost.
+
+    Raises:
+        ValueError: a fraction the store does not have, or one without labelled training rows.
+    """
+    groups = []
+    for fraction in cfg.label_fractions:
+        match = [j for j, level in enumerate(data.levels) if abs(level - fraction) < 1e-9]
+        if not match:
+            raise ValueError(f"label fraction {fraction} is not in the embedding store (has {data.levels})")
+        rows = np.flatnonzero(data.train_fractions[:, match[0]])
+        if len(rows) < 2:
+            raise ValueError(f"label fraction {fraction} has {len(rows)} labelled training rows; need >= 2")
+        groups += [Group(float(fraction), int(seed), rows) for seed in cfg.seeds]
+    return groups
+
+
+def build_grids(data: ProbeData, groups: Sequence[Group], cfg: ProbeConfig) -> dict[str, HeadGrid]:
+    """A freshly initialised HeadGrid per aggregation."""
+    lrs, c = lr_grid(cfg), len(data.class_names)
+    return {
+        agg: HeadGrid(agg, x.shape[1], c, groups, lrs, cfg, x.device)
+        for agg, x in data.features["train"].items()
+    }
+
+
+def _head_record(agg: str, group: Group, lr: float, grid: HeadGrid, s: int, i: int, cm: np.ndarray) -> dict:
+    return {
+        "model": f"probe_{agg}",
+        "aggregation": agg,
+        "fraction": group.fraction,
+        "seed": group.seed,
+        "lr": lr,
+        "train_size": len(group.rows),
+        "val_acc": float(grid.best_acc[s, i]),
+        "best_epoch": int(grid.best_epoch[s, i]),
+        "epochs": int(grid.epochs[s, i]),
+        "test_acc": accuracy(cm),
+        "test_balanced_acc": balanced_accuracy(cm),
+    }
+
+
+def score_heads(
+    grids: dict[str, HeadGrid], data: ProbeData, groups: Sequence[Group], cfg: ProbeConfig
+) -> dict:
+    """Test metrics of every head's best weights, the chosen learning rate per (aggregation, fraction, seed)
+    and the chosen heads' weights.
+
+    Returns:
+        {"heads": [record per head], "chosen": [record with per-class recall and confusion matrix],
+        "weights": {"agg/fraction/seed": {"weight" [C, D], "bias" [C], "lr"}}}
+    """
+    lrs, names = lr_grid(cfg), data.class_names
+    y = data.labels["test"].cpu().numpy()
+    heads, chosen, weights = [], [], {}
+    for agg, grid in grids.items():
+        preds = predict(data.features["test"][agg], grid.best_weight, grid.best_bias, cfg.eval_batch_size)
+        preds = preds.cpu().numpy()
+        for s, group in enumerate(groups):
+            cms = [confusion_matrix(y, preds[s, i], len(names)) for i in range(len(lrs))]
+            records = [_head_record(agg, group, lr, grid, s, i, cms[i]) for i, lr in enumerate(lrs)]
+            best = int(np.argmax([r["val_acc"] for r in records]))  # first maximum: the smaller rate on ties
+            heads += records
+            recall = per_class_recall(cms[best])
+            chosen.append(
+                {
+                    **records[best],
+                    "per_class_recall": dict(zip(names, recall, strict=True)),
+                    "confusion": cms[best].tolist(),
+                }
+            )
+            weights[f"{agg}/{group.fraction}/{group.seed}"] = {
+                "weight": grid.best_weight[s, :, best].T.cpu().clone(),
+                "bias": grid.best_bias[s, best].cpu().clone(),
+                "lr": lrs[best],
+            }
+    return {"heads": heads, "chosen": chosen, "weights": weights}
+
+
+def summarize(chosen: Sequence[dict]) -> list[dict]:
+    """Mean ± std over seeds of the chosen heads, per (aggregation, fraction)."""
+    by_key: dict[tuple[str, float], list[dict]] = {}
+    for rec in chosen:
+        by_key.setdefault((rec["aggregation"], rec["fraction"]), []).append(rec)
+    out = []
+    for (agg, fraction), recs in by_key.items():
+        acc, acc_std = mean_std([r["test_acc"] for r in recs])
+        bal, bal_std = mean_std([r["test_balanced_acc"] for r in recs])
+        out.append(
+            {
+                "model": f"probe_{agg}",
+                "aggregation": agg,
+                "fraction": fraction,
+                "seeds": [r["seed"] for r in recs],
+                "lrs": [r["lr"] for r in recs],
+                "val_acc_mean": mean_std([r["val_acc"] for r in recs])[0],
+                "test_acc_mean": acc,
+                "test_acc_std": acc_std,
+                "test_balanced_acc_mean": bal,
+                "test_balanced_acc_std": bal_std,
+            }
+        )
+    return out
+
+
+def write_results(out: Path, scored: dict, data: ProbeData, cfg: ProbeConfig, steps: int) -> dict:
+    """probe_results.json/.csv, confusion PNGs (chosen heads summed over seeds), chosen_heads.pt, config.yaml."""
+    from radstream.config import to_dict, to_yaml
+    from train.embed_store import read_attrs
+
+    out.mkdir(parents=True, exist_ok=True)
+    attrs = read_attrs(cfg.embeddings)
+    results = {
+        "kind": "probe",
+        "embeddings": str(Path(cfg.embeddings).resolve()),
+        "checkpoint": attrs.get("checkpoint"),
+        "class_names": data.class_names,
+        "lrs": lr_grid(cfg),
+        "steps": steps,
+        "config": to_dict(cfg),
+        "summary": summarize(scored["chosen"]),
+        "chosen": scored["chosen"],
+        "heads": scored["heads"],
+    }
+    write_atomic(out / "probe_results.json", json.dumps(results, indent=1))
+    fields = list(scored["heads"][0])
+    lines = [",".join(fields)] + [",".join(str(h[f]) for f in fields) for h in scored["heads"]]
+    write_atomic(out / "probe_results.csv", "\n".join(lines) + "\n")
+    totals: dict[tuple[str, float], np.ndarray] = {}
+    for rec in scored["chosen"]:
+        key = (rec["aggregation"], rec["fraction"])
+        totals[key] = totals.get(key, 0) + np.asarray(rec["confusion"])
+    for (agg, fraction), cm in totals.items():
+        title = f"probe {agg}, {fraction:.0%} of labels: test acc {accuracy(cm):.3f} (seeds summed)"
+        plot_confusion(cm, data.class_names, out / f"confusion_{agg}_{fraction:.0%}.png", title)
+    torch.save(scored["weights"], out / "chosen_heads.pt")
+    write_atomic(out / "config.yaml", to_yaml(cfg))
+    return results
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(cfg: ProbeConfig, progress: bool = True) -> dict:
+    """Train and score the whole grid over ``cfg.embeddings``; writes the results into ``cfg.out``."""
+    device = _device(cfg.device)
+    data = load_probe_data(cfg, device)
+    groups = make_groups(data, cfg)
+    grids = build_grids(data, groups, cfg)
+    n_heads = sum(g.weight.shape[0] * g.weight.shape[2] for g in grids.values())
+    logger.info("probe: %d heads (%d data groups) on %s", n_heads, len(groups), device)
+    steps = train_grids(grids, data, groups, cfg, progress=progress)
+    results = write_results(Path(cfg.out), score_heads(grids, data, groups, cfg), data, cfg, steps)
+    for row in results["summary"]:
+        logger.info(
+            "probe %-9s fraction %-5g test top-1 %.4f ± %.4f (lrs %s)",
+            row["aggregation"],
+            row["fraction"],
+            row["test_acc_mean"],
+            row["test_acc_std"],
+            row["lrs"],
+        )
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: ``python -m train.probe --embeddings EMB.zarr --out RUN_DIR [key=value ...]``."""
+    parser = argparse.ArgumentParser(prog="train.probe", description="linear probes over cached embeddings")
+    parser.add_argument("--embeddings", required=True, help="zarr store from train.embed")
+    parser.add_argument("--out", required=True, help="run folder for the results")
+    parser.add_argument("--config", help="YAML recipe (keys of ProbeConfig), e.g. configs/probe/default.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds=[0] max_epochs=50")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = [f"embeddings={args.embeddings}", f"out={args.out}", *args.overrides]
+    try:
+        cfg = load_config(ProbeConfig, args.config, overrides)
+    except ConfigError as err:
+        print(f"train.probe: error: {err}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,427 @@
+"""The study's results: classification metrics, and ``radstream report``, which turns probe and supervised runs
+into the tables of the reference study.
+
+    radstream report RUN_DIRS... --out RESULTS
+
+Collects ``probe_results.json`` (``train.probe``: every head of the grid) and supervised ``results.json``
+(``train.supervised``: one run per learning rate, fraction and seed) under the given folders, recursively.
+Per (model, regime) it chooses the learning rate with the best validation accuracy averaged over seeds (ties:
+the smaller rate) and reports the test top-1 accuracy at that rate as mean ± std over seeds (sample std; 0
+for one seed). Writes ``results.csv`` (every model × regime), ``results.md`` (Table 1: full data, Table 2: 1%
+of the labels, as the study, plus a 10% table; the study's figure beside ours) and ``accuracy_vs_fraction.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MODELS = (
+    ("resnet50", "ResNet50"),
+    ("vit", "ViT"),
+    ("probe_flattened", "MAE probe (flattened)"),
+    ("probe_mean", "MAE probe (mean)"),
+    ("probe_cls", "MAE probe (CLS)"),
+)
+"""Table rows: (model id used in the result files, label)."""
+REGIMES = (
+    (1.0, "Table 1: full data"),
+    (0.01, "Table 2: 1% of the labels"),
+    (0.1, "Table 3: 10% of the labels"),
+)
+"""Tables: (label fraction, title)."""
+STUDY = {
+    ("resnet50", 1.0): 0.9912,
+    ("vit", 1.0): 0.9685,
+    ("probe_flattened", 1.0): 0.9604,
+    ("probe_mean", 1.0): 0.9688,
+    ("probe_cls", 1.0): 0.9692,
+    ("resnet50", 0.01): 0.4408,
+    ("vit", 0.01): 0.7908,
+    ("probe_flattened", 0.01): 0.8300,
+    ("probe_mean", 0.01): 0.8312,
+    ("probe_cls", 0.01): 0.8458,
+}
+"""The reference study's test top-1 accuracy (IRMA, 8 classes; ARCHITECTURE.md §1)."""
+HEADER = ("Model", "Top-1 (ours)", "Top-1 (study)", "Chosen LR", "Seeds")
+"""Columns of every table in results.md."""
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """int64 [C, C]: row = true class, column = predicted class."""
+    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    flat = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def per_class_recall(cm: np.ndarray) -> list[float | None]:
+    """Recall of each class; None for a class with no samples."""
+    totals = cm.sum(axis=1)
+    return [float(cm[i, i] / t) if t else None for i, t in enumerate(totals)]
+
+
+def balanced_accuracy(cm: np.ndarray) -> float:
+    """Mean recall over the classes that have samples."""
+    recalls = [r for r in per_class_recall(cm) if r is not None]
+    return float(np.mean(recalls)) if recalls else 0.0
+
+
+def accuracy(cm: np.ndarray) -> float:
+    """Top-1 accuracy from a confusion matrix."""
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else 0.0
+
+
+def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: str | Path, title: str) -> None:
+    """Row-normalised confusion matrix as a PNG (counts written in the cells)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    totals = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, totals, out=np.zeros(cm.shape, dtype=float), where=totals > 0)
+    size = 1.0 + 0.6 * len(class_names)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(
+                j,
+                i,
+                str(int(cm[i, j])),
+                ha="center",
+                va="center",
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path``, then rename: never a half-written result."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ collect and select
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One trained model (a probe head or a supervised run): what LR selection and the tables need."""
+
+    model: str
+    """Row id: one of ``MODELS`` (``resnet50``, ``vit``, ``probe_<aggregation>``)."""
+    fraction: float
+    seed: int
+    lr: float
+    val_acc: float
+    test_acc: float
+    arch: str
+    """What actually ran (timm name, or the probe's aggregation)."""
+    source: str
+    """The result file it came from."""
+
+
+def _probe_records(path: Path, data: dict) -> list[RunRecord]:
+    return [
+        RunRecord(
+            h["model"],
+            round(float(h["fraction"]), 6),
+            int(h["seed"]),
+            float(h["lr"]),
+            float(h["val_acc"]),
+            float(h["test_acc"]),
+            f"MAE probe, {h['aggregation']}",
+            str(path),
+        )
+        for h in data["heads"]
+    ]
+
+
+def _supervised_record(path: Path, data: dict) -> RunRecord:
+    return RunRecord(
+        data["model"],
+        round(float(data["fraction"]), 6),
+        int(data["seed"]),
+        float(data["lr"]),
+        float(data["val_acc"]),
+        float(data["test_acc"]),
+        str(data.get("arch", data["model"])),
+        str(path),
+    )
+
+
+def collect(run_dirs: Iterable[str | Path]) -> list[RunRecord]:
+    """Every probe head and supervised run under ``run_dirs`` (searched recursively).
+
+    Raises:
+        FileNotFoundError: a run folder that does not exist.
+        ValueError: an unreadable result file, or the same (model, fraction, lr, seed) found twice.
+    """
+    records: list[RunRecord] = []
+    for root in map(Path, run_dirs):
+        if not root.exists():
+            raise FileNotFoundError(f"{root}: no such run folder")
+        files = (
+            [root]
+            if root.is_file()
+            else sorted(root.rglob("probe_results.json")) + sorted(root.rglob("results.json"))
+        )
+        for path in files:
+            try:
+                data = json.loads(path.read_text())
+            except ValueError as err:
+                raise ValueError(f"{path}: unreadable result file ({err})") from None
+            if data.get("kind") == "probe":
+                records += _probe_records(path, data)
+            elif data.get("kind") == "supervised":
+                records.append(_supervised_record(path, data))
+            else:
+                logger.debug("%s: not a probe or supervised result, skipped", path)
+    seen: dict[tuple, str] = {}
+    for r in records:
+        key = (r.model, r.fraction, r.lr, r.seed)
+        if key in seen:
+            raise ValueError(
+                f"{r.model} fraction {r.fraction} lr {r.lr} seed {r.seed} appears in both "
+                f"{seen[key]} and {r.source}; report one set of runs at a time"
+            )
+        seen[key] = r.source
+    return records
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen learning rate of one (model, regime) and the test accuracy over seeds at that rate."""
+
+    model: str
+    fraction: float
+    lr: float
+    val_acc_mean: float
+    test_acc_mean: float
+    test_acc_std: float
+    seeds: tuple[int, ...]
+    lrs_searched: int
+    arch: str
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else 0.0)
+
+
+def select_best(records: Iterable[RunRecord]) -> list[Selection]:
+    """Per (model, fraction): the LR with the best validation accuracy averaged over its seeds (ties: the
+    smaller LR), with the mean ± std (sample std) of the test accuracy over those seeds."""
+    by_lr: dict[tuple[str, float], dict[float, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by_lr[(r.model, r.fraction)][r.lr].append(r)
+    out = []
+    for (model, fraction), runs in sorted(by_lr.items()):
+        lrs = sorted(runs)
+        val = [float(np.mean([r.val_acc for r in runs[lr]])) for lr in lrs]
+        lr = lrs[int(np.argmax(val))]  # first maximum over ascending LRs: the smaller on ties
+        chosen = sorted(runs[lr], key=lambda r: r.seed)
+        mean, std = mean_std([r.test_acc for r in chosen])
+        arch = ", ".join(sorted({r.arch for r in chosen}))
+        out.append(
+            Selection(model, fraction, lr, max(val), mean, std, tuple(r.seed for r in chosen), len(lrs), arch)
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------- tables and plot
+
+
+def _fmt_lr(lr: float) -> str:
+    return f"{lr:.3g}"
+
+
+def _regimes(selections: Sequence[Selection]) -> list[tuple[float, str]]:
+    """The study's regimes first, then any other label fraction the runs hold."""
+    known = [f for f, _ in REGIMES]
+    extra = sorted({s.fraction for s in selections if not any(math.isclose(s.fraction, f) for f in known)})
+    return list(REGIMES) + [(f, f"Label fraction {f:g}") for f in extra]
+
+
+def _find(selections: Sequence[Selection], model: str, fraction: float) -> Selection | None:
+    return next((s for s in selections if s.model == model and math.isclose(s.fraction, fraction)), None)
+
+
+def markdown(selections: Sequence[Selection]) -> str:
+    """results.md: one table per regime, rows in the study's order, the study's figure beside ours."""
+    lines = [
+        "# Results",
+        "",
+        "Test top-1 accuracy, mean ± std over seeds. Learning rate chosen per model and regime on validation",
+        "accuracy (mean over seeds). Study: the reference study (IRMA, 8 body regions; ARCHITECTURE.md §1).",
+    ]
+    for fraction, title in _regimes(selections):
+        lines += ["", f"## {title}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+        notes = []
+        for model, label in MODELS:
+            sel, study = _find(selections, model, fraction), STUDY.get((model, fraction))
+            study_text = f"{study:.4f}" if study is not None else "—"
+            if sel is None:
+                lines.append(f"| {label} | — | {study_text} | — | 0 |")
+                continue
+            ours = f"{sel.test_acc_mean:.4f} ± {sel.test_acc_std:.4f}"
+            lines.append(f"| {label} | {ours} | {study_text} | {_fmt_lr(sel.lr)} | {len(sel.seeds)} |")
+            if not sel.arch.startswith("MAE probe") and sel.arch not in ("resnet50", "vit_base_patch16_224"):
+                notes.append(f"{label}: {sel.arch}")
+        if notes:
+            lines += ["", "Architectures that differ from the study's: " + "; ".join(notes) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(selections: Sequence[Selection]) -> str:
+    """results.csv: one row per (regime, model) with a result."""
+    fields = [
+        "fraction",
+        "model",
+        "label",
+        "arch",
+        "test_acc_mean",
+        "test_acc_std",
+        "val_acc_mean",
+        "lr",
+        "n_seeds",
+        "seeds",
+        "lrs_searched",
+        "study_test_acc",
+    ]
+    labels = dict(MODELS)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(fields)
+    for s in selections:
+        study = STUDY.get((s.model, s.fraction))
+        writer.writerow(
+            [
+                s.fraction,
+                s.model,
+                labels.get(s.model, s.model),
+                s.arch,
+                f"{s.test_acc_mean:.6f}",
+                f"{s.test_acc_std:.6f}",
+                f"{s.val_acc_mean:.6f}",
+                s.lr,
+                len(s.seeds),
+                " ".join(map(str, s.seeds)),
+                s.lrs_searched,
+                "" if study is None else study,
+            ]
+        )
+    return buffer.getvalue()
+
+
+def plot_fractions(selections: Sequence[Selection], path: str | Path) -> None:
+    """Test accuracy against label fraction per model (log x), error bars = std over seeds; the study's
+    figures as open markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    order = [m for m, _ in MODELS] + sorted({s.model for s in selections} - {m for m, _ in MODELS})
+    labels = dict(MODELS)
+    for i, model in enumerate(order):
+        points = sorted((s for s in selections if s.model == model), key=lambda s: s.fraction)
+        if not points:
+            continue
+        color = f"C{i}"
+        ax.errorbar(
+            [p.fraction for p in points],
+            [p.test_acc_mean for p in points],
+            yerr=[p.test_acc_std for p in points],
+            marker="o",
+            capsize=3,
+            color=color,
+            label=labels.get(model, model),
+        )
+        study = sorted((f, acc) for (m, f), acc in STUDY.items() if m == model)
+        ax.plot(
+            [f for f, _ in study],
+            [a for _, a in study],
+            linestyle="none",
+            marker="o",
+            mfc="none",
+            color=color,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("label fraction of the training set")
+    ax.set_ylabel("test top-1 accuracy")
+    ax.set_title("Accuracy against label fraction (open markers: the study)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(run_dirs: Iterable[str | Path], out: str | Path) -> list[Selection]:
+    """Collect the runs, choose LRs and write results.csv, results.md and accuracy_vs_fraction.png to ``out``.
+
+    Raises:
+        ValueError: no probe or supervised result under ``run_dirs``.
+    """
+    run_dirs = list(run_dirs)
+    records = collect(run_dirs)
+    if not records:
+        raise ValueError(
+            f"no probe_results.json or supervised results.json under {', '.join(map(str, run_dirs))}"
+        )
+    selections = select_best(records)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "results.csv", csv_text(selections))
+    write_atomic(out / "results.md", markdown(selections))
+    plot_fractions(selections, out / "accuracy_vs_fraction.png")
+    return selections
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``radstream report``: print the markdown tables after writing them."""
+    write_report(args.run_dirs, args.out)
+    print((Path(args.out) / "results.md").read_text(), end="")
+    print(f"report: results.csv, results.md and accuracy_vs_fraction.png in {args.out}")
+    return 0
+
+
+def add_report_parser(subparsers) -> None:
+    """Add ``report`` to the ``radstream`` console script (``subparsers`` from ``add_subparsers``)."""
+    p = subparsers.add_parser("report", help="probe and supervised runs → the study's result tables")
+    p.add_argument("run_dirs", nargs="+", help="run folders (searched recursively) or result files")
+    p.add_argument(
+        "--out", required=True, help="folder for results.csv, results.md, accuracy_vs_fraction.png"
+    )
+    p.set_defaults(func=cmd_report)
