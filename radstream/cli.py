@@ -136,9 +136,14 @@ def cmd_bins(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from radstream.demo import run_demo
+    import dataclasses
 
-    return run_demo(args.out, n=args.n, max_side=args.max_side, seed=args.seed, workers=args.workers)
+    from radstream.demo import TINY, DemoSize, run_demo
+
+    size = TINY if args.tiny else DemoSize()
+    if args.n is not None:
+        size = dataclasses.replace(size, images=args.n)
+    return run_demo(args.out, size=size, seed=args.seed, workers=args.workers)
 
 
 def _add_build_parser(sub) -> None:
@@ -177,8 +182,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic radiographs, end to end")
     p.add_argument("out", nargs="?", default="demo_out")
-    p.add_argument("--n", type=int, default=600, help="synthetic images")
-    p.add_argument("--max-side", type=int, default=1024)
+    p.add_argument("--n", type=int, help="synthetic images (default 700; 80 with --tiny)")
+    p.add_argument("--tiny", action="store_true", help="a minute-long run with tiny sizes (what the tests run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_demo)
