@@ -142,9 +142,20 @@ def _manifest(cfg, plan, rows, shards, rejects, duplicates, cross) -> dict:
     }
 
 
+def _local_root(root: str | Path) -> Path:
+    """A remote dataset (s3://, http(s)://) is read from its node cache, which holds manifest and samples."""
+    from shards.remote import is_remote, resolve_dataset
+
+    if not is_remote(root):
+        return Path(root)
+    local, store = resolve_dataset(root)
+    store.close()
+    return local
+
+
 def read_manifest(root: str | Path) -> dict:
-    """The manifest of a shard dataset, with a clear error when it is missing or unreadable."""
-    path = Path(root) / "manifest.json"
+    """The manifest of a shard dataset (local or remote), with a clear error when it is missing or unreadable."""
+    path = _local_root(root) / "manifest.json"
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -154,8 +165,11 @@ def read_manifest(root: str | Path) -> dict:
 
 
 def read_samples(root: str | Path, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
-    """The samples table (optionally one split), in the dataset's stored order (split, bin, shard, position)."""
-    table = pq.read_table(Path(root) / "samples.parquet", columns=columns)
+    """The samples table (optionally one split), in the dataset's stored order (split, bin, shard, position);
+    local or remote."""
+    if split is not None and columns is not None and "split" not in columns:
+        columns = [*columns, "split"]
+    table = pq.read_table(_local_root(root) / "samples.parquet", columns=columns)
     if split is not None:
         import pyarrow.compute as pc
 
