@@ -34,7 +34,9 @@ def _build_overrides(args: argparse.Namespace) -> list[str]:
         "seed": "seed",
     }
     out = [f"source={args.source}", f"out={args.out}"]
-    out += [f"{key}={getattr(args, name)}" for name, key in flags.items() if getattr(args, name, None) is not None]
+    out += [
+        f"{key}={getattr(args, name)}" for name, key in flags.items() if getattr(args, name, None) is not None
+    ]
     return out + list(args.overrides)
 
 
@@ -65,7 +67,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from shards.build import run_build
     from shards.manifest import finalize
-
     from shards.remote import is_remote, publish
 
     remote_out = args.out if is_remote(args.out) else None
@@ -80,13 +81,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     run_build(cfg, task_index=args.task_index, num_tasks=args.num_tasks)
     if args.num_tasks > 1 and not args.finalize:
-        print(f"build-shards: task {args.task_index} of {args.num_tasks} done; run `radstream finalize-shards` after all")
+        print(
+            f"build-shards: task {args.task_index} of {args.num_tasks} done; run `radstream finalize-shards` after all"
+        )
         return 0
     manifest = finalize(cfg)
     _print_summary(manifest, time.perf_counter() - start)
     if remote_out:
         done = publish(cfg.out, remote_out, workers=max(cfg.workers, 4))
-        print(f"published to {remote_out}: {done['uploaded']} files uploaded, {done['skipped']} already there")
+        print(
+            f"published to {remote_out}: {done['uploaded']} files uploaded, {done['skipped']} already there"
+        )
     return 0
 
 
@@ -94,8 +99,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
     from shards.remote import publish
 
     done = publish(args.out, args.url, workers=args.workers)
-    print(f"published to {args.url}: {done['uploaded']} files uploaded, {done['skipped']} already there, "
-          f"{done['bytes'] / 1e6:.1f} MB")
+    print(
+        f"published to {args.url}: {done['uploaded']} files uploaded, {done['skipped']} already there, "
+        f"{done['bytes'] / 1e6:.1f} MB"
+    )
     return 0
 
 
@@ -148,7 +155,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_build_parser(sub) -> None:
     p = sub.add_parser("build-shards", help="radiograph files → size-binned WebDataset shards")
-    p.add_argument("source", help="folder of DICOM/PNG/JPEG/TIFF files (or the root a --manifest-csv is relative to)")
+    p.add_argument(
+        "source", help="folder of DICOM/PNG/JPEG/TIFF files (or the root a --manifest-csv is relative to)"
+    )
     p.add_argument("out", help="output dataset folder, or s3://bucket/prefix (built locally, then published)")
     p.add_argument("--config", help="YAML recipe (keys of shards.config.BuildConfig)")
     p.add_argument("--manifest-csv", help="CSV manifest: path[,label][,irma_code][,patient_id]")
@@ -160,7 +169,9 @@ def _add_build_parser(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--task-index", type=int, default=0, help="this task's index (SLURM_ARRAY_TASK_ID)")
     p.add_argument("--num-tasks", type=int, default=1, help="number of tasks (SLURM_ARRAY_TASK_COUNT)")
-    p.add_argument("--finalize", action="store_true", help="with --num-tasks > 1: also finalize (all parts done)")
+    p.add_argument(
+        "--finalize", action="store_true", help="with --num-tasks > 1: also finalize (all parts done)"
+    )
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. binning.num_bins=6")
     p.set_defaults(func=cmd_build)
 
@@ -183,7 +194,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline on synthetic radiographs, end to end")
     p.add_argument("out", nargs="?", default="demo_out")
     p.add_argument("--n", type=int, help="synthetic images (default 700; 80 with --tiny)")
-    p.add_argument("--tiny", action="store_true", help="a minute-long run with tiny sizes (what the tests run)")
+    p.add_argument(
+        "--tiny", action="store_true", help="a minute-long run with tiny sizes (what the tests run)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_demo)
@@ -209,7 +222,9 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bins", help="print the bin plan of a source folder or a shard dataset")
     p.add_argument("path", help="source folder, or a shard dataset (has manifest.json)")
-    p.add_argument("--batch-size", type=int, default=64, help="report images in bins that cannot fill a batch")
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="report images in bins that cannot fill a batch"
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("overrides", nargs="*", help="binning overrides, e.g. binning.strategy=strict")
     p.set_defaults(func=cmd_bins)

@@ -49,8 +49,10 @@ def _run(stage: str, args: list[str], log_file: Path) -> None:
     if code != 0:
         tail = "\n".join(log_file.read_text().splitlines()[-15:])
         raise RuntimeError(f"demo: {stage} failed (exit {code}); log {log_file}:\n{tail}")
-    print(f"demo: {stage} {' '.join(a for a in args if '=' not in a or a.startswith('loader.label'))[:80]} "
-          f"done in {time.perf_counter() - start:.0f} s")
+    print(
+        f"demo: {stage} {' '.join(a for a in args if '=' not in a or a.startswith('loader.label'))[:80]} "
+        f"done in {time.perf_counter() - start:.0f} s"
+    )
 
 
 def stage_synth(out: Path, size: DemoSize, seed: int, workers: int) -> Path:
@@ -74,9 +76,16 @@ def stage_shards(out: Path, src: Path, size: DemoSize, workers: int, seed: int) 
         cfg = load_config(
             BuildConfig,
             None,
-            [f"source={src}", f"out={shards}", f"workers={workers}", f"seed={seed}",
-             f"ingest.manifest_csv={src / 'manifest.csv'}", "ingest.labels=irma", "binning.strategy=smart",
-             f"binning.max_tokens={size.max_tokens}"],
+            [
+                f"source={src}",
+                f"out={shards}",
+                f"workers={workers}",
+                f"seed={seed}",
+                f"ingest.manifest_csv={src / 'manifest.csv'}",
+                "ingest.labels=irma",
+                "binning.strategy=smart",
+                f"binning.max_tokens={size.max_tokens}",
+            ],
         )
         run_build(cfg)
         finalize(cfg)
@@ -93,9 +102,18 @@ def stage_pretrain(out: Path, shards: Path, size: DemoSize, seed: int) -> Path:
 
     run_dir = out / "runs" / "mae"
     if not (run_dir / "summary.json").is_file():
-        _run("train.pretrain", ["--config", str(CONFIGS / "pretrain.yaml"), f"shards={shards}",
-                                f"run_dir={run_dir}", f"run.epochs={size.pretrain_epochs}", f"run.seed={seed}"],
-             out / "logs" / "pretrain.log")
+        _run(
+            "train.pretrain",
+            [
+                "--config",
+                str(CONFIGS / "pretrain.yaml"),
+                f"shards={shards}",
+                f"run_dir={run_dir}",
+                f"run.epochs={size.pretrain_epochs}",
+                f"run.seed={seed}",
+            ],
+            out / "logs" / "pretrain.log",
+        )
     loss_curves(run_dir / "metrics.jsonl", out / "pictures" / "mae_loss.png")
     grids = sorted((run_dir / "samples").glob("*.png"))
     for grid in (grids[0], grids[-1]) if grids else ():
@@ -107,26 +125,61 @@ def stage_probe(out: Path, shards: Path, mae_run: Path, size: DemoSize) -> Path:
     emb = out / "embeddings.zarr"
     probe_dir = out / "runs" / "probe"
     if not (probe_dir / "probe_results.json").is_file():
-        _run("train.embed", ["--checkpoint", str(mae_run / "best"), "--shards", str(shards), "--out", str(emb),
-                             "loader.backend=torch"], out / "logs" / "embed.log")
+        _run(
+            "train.embed",
+            [
+                "--checkpoint",
+                str(mae_run / "best"),
+                "--shards",
+                str(shards),
+                "--out",
+                str(emb),
+                "loader.backend=torch",
+            ],
+            out / "logs" / "embed.log",
+        )
         seeds = "[" + ",".join(map(str, range(size.seeds))) + "]"
-        _run("train.probe", ["--config", str(CONFIGS / "probe.yaml"), "--embeddings", str(emb),
-                             "--out", str(probe_dir), f"seeds={seeds}"], out / "logs" / "probe.log")
+        _run(
+            "train.probe",
+            [
+                "--config",
+                str(CONFIGS / "probe.yaml"),
+                "--embeddings",
+                str(emb),
+                "--out",
+                str(probe_dir),
+                f"seeds={seeds}",
+            ],
+            out / "logs" / "probe.log",
+        )
     return probe_dir
 
 
 def stage_supervised(out: Path, shards: Path, size: DemoSize, seed: int) -> Path:
     """One learning rate per (model, fraction): the demo's reduced grid (the full one is `slurm/sweep_lr`)."""
     root = out / "runs" / "supervised"
-    for (name, recipe), epochs in zip((("vit", "supervised_vit.yaml"), ("resnet50", "supervised_resnet50.yaml")),
-                                      size.supervised_epochs):
+    for (name, recipe), epochs in zip(
+        (("vit", "supervised_vit.yaml"), ("resnet50", "supervised_resnet50.yaml")),
+        size.supervised_epochs,
+        strict=False,
+    ):
         for fraction in FRACTIONS:
             run_dir = root / f"{name}-f{fraction:g}"
             if (run_dir / "results.json").is_file():
                 continue
-            _run("train.supervised", ["--config", str(CONFIGS / recipe), f"shards={shards}", f"run_dir={run_dir}",
-                                      f"loader.label_fraction={fraction}", f"run.epochs={epochs}",
-                                      f"run.seed={seed}"], out / "logs" / f"supervised-{name}-{fraction:g}.log")
+            _run(
+                "train.supervised",
+                [
+                    "--config",
+                    str(CONFIGS / recipe),
+                    f"shards={shards}",
+                    f"run_dir={run_dir}",
+                    f"loader.label_fraction={fraction}",
+                    f"run.epochs={epochs}",
+                    f"run.seed={seed}",
+                ],
+                out / "logs" / f"supervised-{name}-{fraction:g}.log",
+            )
     return root
 
 
@@ -157,6 +210,8 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), seed: int = 0, worker
     tables = stage_report(out, [probe_dir, sup_dir])
     print(tables)
     print(f"MAE: {json.dumps({k: summary[k] for k in summary if 'loss' in k or 'mse' in k})}")
-    print(f"demo: done in {time.perf_counter() - start:.0f} s; results in {out / 'results'}, "
-          f"pictures in {out / 'pictures'}")
+    print(
+        f"demo: done in {time.perf_counter() - start:.0f} s; results in {out / 'results'}, "
+        f"pictures in {out / 'pictures'}"
+    )
     return 0

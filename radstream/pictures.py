@@ -77,9 +77,9 @@ def loss_curves(metrics_jsonl: str | Path, out_png: str | Path, title: str = "MA
             val.append((rec["step"], rec["loss"]))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if train:
-        ax.plot(*zip(*train), label="train loss", alpha=0.7)
+        ax.plot(*zip(*train, strict=False), label="train loss", alpha=0.7)
     if val:
-        ax.plot(*zip(*val), "o-", label="validation loss (per epoch)")
+        ax.plot(*zip(*val, strict=False), "o-", label="validation loss (per epoch)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("MSE on masked patches")
     ax.set_yscale("log")

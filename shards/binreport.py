@@ -45,11 +45,15 @@ def _source_sizes(source: Path, workers: int) -> np.ndarray:
 def _compare_line(name: str, cfg: BinningConfig, sizes: np.ndarray, batch_size: int) -> str:
     bins = plan_bins(cfg, sizes)
     rep = plan_report(sizes, bins, assign_with_config(cfg, sizes, bins), cfg.patch_size, batch_size, cfg.fit)
-    return (f"{name:>7}: {len(bins):>5} bins, {rep.mean_tokens:6.1f} tokens/image, distortion "
-            f"{rep.mean_distortion:.3f}, {rep.stranded_images} images in bins that never fill a batch of {batch_size}")
+    return (
+        f"{name:>7}: {len(bins):>5} bins, {rep.mean_tokens:6.1f} tokens/image, distortion "
+        f"{rep.mean_distortion:.3f}, {rep.stranded_images} images in bins that never fill a batch of {batch_size}"
+    )
 
 
-def bins_report(path: str | Path, overrides: Sequence[str] = (), batch_size: int = 64, workers: int = 1) -> str:
+def bins_report(
+    path: str | Path, overrides: Sequence[str] = (), batch_size: int = 64, workers: int = 1
+) -> str:
     """A readable bin report; for a source folder also a one-line comparison of the three strategies."""
     path = Path(path)
     if (path / "manifest.json").is_file():
@@ -61,8 +65,15 @@ def bins_report(path: str | Path, overrides: Sequence[str] = (), batch_size: int
     if not len(sizes):
         raise ValueError(f"{path}: no readable images")
     bins = plan_bins(cfg, sizes)
-    report = plan_report(sizes, bins, assign_with_config(cfg, sizes, bins), cfg.patch_size, batch_size, cfg.fit)
-    lines = [f"source {path}: {len(sizes)} images, strategy {cfg.strategy}", report.to_text(), "", "strategies compared:"]
+    report = plan_report(
+        sizes, bins, assign_with_config(cfg, sizes, bins), cfg.patch_size, batch_size, cfg.fit
+    )
+    lines = [
+        f"source {path}: {len(sizes)} images, strategy {cfg.strategy}",
+        report.to_text(),
+        "",
+        "strategies compared:",
+    ]
     for strategy in ("fixed", "strict", "smart"):
         lines.append(_compare_line(strategy, dataclasses.replace(cfg, strategy=strategy), sizes, batch_size))
     return "\n".join(lines)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from bucketing.bins import BinningConfig
 from ingest.readers import ReadConfig
@@ -16,7 +15,7 @@ PATIENT_SOURCES = ("auto", "dicom", "parent", "file")
 class SplitConfig:
     """How images are divided into train/val/test and nested label fractions."""
 
-    counts: Optional[list[int]] = None
+    counts: list[int] | None = None
     """Exact [train, val, test] image counts (the study: 8000, 2000, 2600); images beyond them are rejected as
     'outside the requested split counts'. Overrides `fractions` when given."""
     fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
@@ -37,12 +36,12 @@ class SplitConfig:
 class IngestConfig:
     """Where the images come from and how they are labelled, grouped and read."""
 
-    manifest_csv: Optional[str] = None
+    manifest_csv: str | None = None
     """A CSV manifest (columns: path, and optionally label, irma_code, patient_id) instead of a folder scan."""
     labels: str = "none"
     """Label source: none (unlabeled, pretraining only), folder (first folder level), csv (manifest `label`
     column) or irma (IRMA code → body region, from the manifest's `irma_code` column or `irma_csv`)."""
-    irma_csv: Optional[str] = None
+    irma_csv: str | None = None
     """IRMA code list (`image_id;irma_code`, image_id = file stem), for labels=irma with a folder source."""
     drop_labels: list[str] = field(default_factory=lambda: ["whole_body"])
     """Classes rejected at ingest; the study drops 'whole body' (3 images)."""
@@ -58,7 +57,9 @@ class IngestConfig:
         if self.labels not in LABEL_SOURCES:
             raise ValueError(f"ingest.labels must be one of {LABEL_SOURCES}, got {self.labels!r}")
         if self.patient_from not in PATIENT_SOURCES:
-            raise ValueError(f"ingest.patient_from must be one of {PATIENT_SOURCES}, got {self.patient_from!r}")
+            raise ValueError(
+                f"ingest.patient_from must be one of {PATIENT_SOURCES}, got {self.patient_from!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,8 @@ def finalize(cfg: BuildConfig) -> dict:
     pq.write_table(table, sink)
     _atomic_write(out / "samples.parquet", sink.getvalue().to_pybytes())
     lines = [json.dumps(r) for r in rejects] + [
-        json.dumps({"path": d["path"], "reason": f"duplicate of {d['duplicate_of']} (same pixels)"}) for d in duplicates
+        json.dumps({"path": d["path"], "reason": f"duplicate of {d['duplicate_of']} (same pixels)"})
+        for d in duplicates
     ]
     _atomic_write(out / "rejects.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
     manifest = _manifest(cfg, plan, rows, shards, rejects, duplicates, cross)
@@ -106,35 +107,56 @@ def _cross_part_duplicates(rows: list[dict]) -> list[list[str]]:
             by_sha[r["pixel_sha1"]].append(r["source"])
     groups = [sorted(v) for v in by_sha.values() if len(v) > 1]
     if groups:
-        log.warning("%d groups of identical images sit in different parts; see manifest 'cross_part_duplicates'",
-                    len(groups))
+        log.warning(
+            "%d groups of identical images sit in different parts; see manifest 'cross_part_duplicates'",
+            len(groups),
+        )
     return sorted(groups)
 
 
 def _manifest(cfg, plan, rows, shards, rejects, duplicates, cross) -> dict:
     from shards.codecs import bit_depth
 
-    per_bin: dict[str, dict] = {b.name: {"name": b.name, "height": b.height, "width": b.width,
-                                         "counts": dict.fromkeys(SPLITS, 0), "shards": []} for b in plan.bins}
+    per_bin: dict[str, dict] = {
+        b.name: {
+            "name": b.name,
+            "height": b.height,
+            "width": b.width,
+            "counts": dict.fromkeys(SPLITS, 0),
+            "shards": [],
+        }
+        for b in plan.bins
+    }
     for r in rows:
         per_bin[r["bin"]]["counts"][r["split"]] += 1
     for s in shards:
         per_bin[s["bin"]]["shards"].append({k: s[k] for k in ("path", "split", "samples", "bytes", "sha256")})
     split_sizes = Counter(r["split"] for r in rows)
-    fraction_sizes = {str(f): sum(1 for r in rows if f in r["fractions"]) for f in cfg.ingest.splits.label_fractions}
+    fraction_sizes = {
+        str(f): sum(1 for r in rows if f in r["fractions"]) for f in cfg.ingest.splits.label_fractions
+    }
     return {
         "format_version": FORMAT_VERSION,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "source": str(Path(cfg.source).resolve()),
         "class_names": plan.class_names,
-        "codec": {"name": cfg.shards.codec, "quality": cfg.shards.quality, "bits": bit_depth(cfg.shards.codec)},
+        "codec": {
+            "name": cfg.shards.codec,
+            "quality": cfg.shards.quality,
+            "bits": bit_depth(cfg.shards.codec),
+        },
         "normalization": {"method": "min-max to [0, 1]", **to_dict(cfg.ingest.read)},
         "binning": to_dict(cfg.binning),
         "bins": [per_bin[b.name] for b in plan.bins if sum(per_bin[b.name]["counts"].values()) > 0],
         "split_sizes": {s: split_sizes.get(s, 0) for s in SPLITS},
         "label_fraction_sizes": fraction_sizes,
-        "counts": {"seen": plan.seen, "written": len(rows), "rejected": len(rejects), "duplicates": len(duplicates)},
+        "counts": {
+            "seen": plan.seen,
+            "written": len(rows),
+            "rejected": len(rejects),
+            "duplicates": len(duplicates),
+        },
         "cross_part_duplicates": cross,
         "seed": cfg.seed,
         "fingerprint": plan.fingerprint,
@@ -159,7 +181,9 @@ def read_manifest(root: str | Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no manifest (is this a finished shard dataset? run finalize-shards)") from None
+        raise FileNotFoundError(
+            f"{path}: no manifest (is this a finished shard dataset? run finalize-shards)"
+        ) from None
     except ValueError as err:
         raise ValueError(f"{path}: unreadable manifest ({err})") from None
 

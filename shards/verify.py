@@ -31,8 +31,10 @@ class VerifyReport:
 
     def summary(self) -> str:
         state = "OK" if self.ok else f"FAILED ({len(self.problems)} problems)"
-        return (f"verify-shards: {state}: {self.shards} shards, {self.samples} samples, "
-                f"{self.decoded} images decoded, {self.bytes / 1e6:.1f} MB")
+        return (
+            f"verify-shards: {state}: {self.shards} shards, {self.samples} samples, "
+            f"{self.decoded} images decoded, {self.bytes / 1e6:.1f} MB"
+        )
 
 
 def _sha256(path: Path) -> str:
@@ -86,7 +88,9 @@ def _check_sample(reader, pos, entry, ext, codec, bin_, where, rep) -> None:
         rep.problems.append(f"{where}: sample {entry.key} says bin {meta.get('bin')}")
 
 
-def verify_shards(root: str | Path, quick: bool = False, quick_share: float = 0.05, seed: int = 0) -> VerifyReport:
+def verify_shards(
+    root: str | Path, quick: bool = False, quick_share: float = 0.05, seed: int = 0
+) -> VerifyReport:
     """Check every shard: bytes, sha256 and sample count against the manifest, the ``.idx`` against the tar,
     and that images decode to their bin's shape (all of them, or a ``quick_share`` sample with ``quick``)."""
     root = Path(root)

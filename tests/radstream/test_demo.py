@@ -39,8 +39,13 @@ def test_tiny_demo_end_to_end(tmp_path: Path, capsys) -> None:
     assert (out / "results" / "results.csv").read_text().count("\n") >= 10
 
     pictures = {p.name for p in (out / "pictures").glob("*.png")}
-    assert {"bins.png", "bin_examples.png", "mae_loss.png", "accuracy_vs_fraction.png",
-            "confusion_matrix.png"} <= pictures
+    assert {
+        "bins.png",
+        "bin_examples.png",
+        "mae_loss.png",
+        "accuracy_vs_fraction.png",
+        "confusion_matrix.png",
+    } <= pictures
     assert any(name.startswith("reconstructions_") for name in pictures)
     for png in (out / "pictures").glob("*.png"):
         with Image.open(png) as im:

@@ -409,7 +409,9 @@ def test_build_shards_cli_writes_to_s3(s3, synth_corpus: Path, tmp_path: Path, m
     assert_same_files(store, staged)
 
 
-def test_loader_and_pretraining_read_an_s3_url_directly(s3, tiny_shards: Path, tmp_path: Path, monkeypatch) -> None:
+def test_loader_and_pretraining_read_an_s3_url_directly(
+    s3, tiny_shards: Path, tmp_path: Path, monkeypatch
+) -> None:
     """A cold cache: the loader resolves the URL itself; the debug MAE recipe trains from the bucket."""
     from train.pretrain import main as pretrain_main
 
@@ -421,5 +423,8 @@ def test_loader_and_pretraining_read_an_s3_url_directly(s3, tiny_shards: Path, t
     assert all(torch.equal(r["image"], m["image"]) for r, m in zip(remote, local, strict=True))
     recipe = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "debug.yaml"
     run_dir = tmp_path / "run"
-    assert pretrain_main(["--config", str(recipe), f"shards={s3.url}", f"run_dir={run_dir}", "run.epochs=1"]) == 0
+    assert (
+        pretrain_main(["--config", str(recipe), f"shards={s3.url}", f"run_dir={run_dir}", "run.epochs=1"])
+        == 0
+    )
     assert json.loads((run_dir / "summary.json").read_text())["steps"] > 0
