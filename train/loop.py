@@ -1,5 +1,5 @@
 """Reusable pieces of a training loop under Accelerate: builders, the LR schedule, one optimizer step,
-evaluation, metrics, early stopping and the stop signal.
+evaluation, metrics, early stopping, the loop state, exit codes and the stop signal.
 
 Pretraining (``train.pretrain``) composes them; the supervised baselines reuse them. "step" always means an
 optimizer step; a loader batch is a micro-batch (``grad_accum_steps`` of them make a step).
@@ -8,11 +8,16 @@ optimizer step; a loader batch is a micro-batch (``grad_accum_steps`` of them ma
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
+import os
 import resource
 import signal
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -21,6 +26,13 @@ from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin
 from train.config import OptimConfig, RunConfig
 from train.mae import MAE, background_patches, param_groups
 from train.visualize import masked_images
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_NON_FINITE, EXIT_BAD_CONFIG, EXIT_REQUEUE = 0, 1, 2, 124
+"""Exit codes of the training modules: done, non-finite loss, bad config, stopped by a signal (requeue)."""
+STOPPED = "stopped.json"
+"""Written when a signal stopped the run (requeue it); removed when the run starts again."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -404,3 +416,46 @@ class StopSignal:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every checkpoint."""
+
+    epoch: int = 0
+    step: int = 0
+    """Optimizer steps done in all."""
+    epoch_step: int = 0
+    """Optimizer steps done in ``epoch``."""
+
+
+def training_over(run: RunConfig, state: LoopState, early: EarlyStopping) -> str | None:
+    """Why training is over at ``state``: early_stop | done | max_steps; None while it goes on."""
+    if early.should_stop:
+        return "early_stop"
+    if state.epoch >= run.epochs:
+        return "done"
+    if run.max_steps is not None and state.step >= run.max_steps:
+        return "max_steps"
+    return None
+
+
+def clear_stopped(accelerator: Accelerator, run_dir: str | os.PathLike[str]) -> None:
+    """Remove an earlier stop's ``stopped.json`` (main process): only a stop of this launch counts."""
+    if accelerator.is_main_process:
+        (Path(run_dir) / STOPPED).unlink(missing_ok=True)
+
+
+def mark_stopped(
+    accelerator: Accelerator, stop: StopSignal, run_dir: str | os.PathLike[str], step: int
+) -> None:
+    """Log the stop and leave ``run_dir/stopped.json`` (main process), after the checkpoint of ``step``.
+
+    Launchers that do not pass the workers' code 124 on (torchrun exits 1 when a worker fails) still let
+    the job script see it should requeue.
+    """
+    got = f"signal {stop.signum} here" if stop.requested else "signal on another rank"
+    logger.warning("stopped at step %d (%s), checkpoint written; exit %d", step, got, EXIT_REQUEUE)
+    if accelerator.is_main_process:
+        marker = {"step": step, "exit_code": EXIT_REQUEUE, "time": time.time()}
+        (Path(run_dir) / STOPPED).write_text(json.dumps(marker))

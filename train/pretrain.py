@@ -37,7 +37,12 @@ from shards.loader import ShardLoader, build_loader
 from train.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, save_weights
 from train.config import PretrainConfig
 from train.loop import (
+    EXIT_BAD_CONFIG,
+    EXIT_NON_FINITE,
+    EXIT_OK,
+    EXIT_REQUEUE,
     EarlyStopping,
+    LoopState,
     Meter,
     NonFiniteLossError,
     Schedule,
@@ -45,33 +50,22 @@ from train.loop import (
     agree_after_step,
     build_accelerator,
     build_optimizer,
+    clear_stopped,
     evaluate,
     lr_at,
     make_schedule,
+    mark_stopped,
     set_lr,
     train_step,
+    training_over,
 )
 from train.mae import build_mae
 from train.visualize import save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_NON_FINITE, EXIT_BAD_CONFIG, EXIT_REQUEUE = 0, 1, 2, 124
-STOPPED = "stopped.json"
-"""Written when a signal stopped the run (requeue it); removed when the run starts again."""
 BEST_DIR = "best"
 """run_dir/best/model.safetensors: the weights of the best validation epoch (MAE state dict)."""
-
-
-@dataclass
-class LoopState:
-    """Where the loop is; saved in every checkpoint."""
-
-    epoch: int = 0
-    step: int = 0
-    """Optimizer steps done in all."""
-    epoch_step: int = 0
-    """Optimizer steps done in ``epoch``."""
 
 
 @dataclass
@@ -134,7 +128,7 @@ def run(cfg: PretrainConfig) -> int:
                 return EXIT_OK
             reason = _train(session)
             if reason == "signal":
-                _mark_stopped(session)
+                mark_stopped(accelerator, stop, cfg.run_dir, session.state.step)
                 return EXIT_REQUEUE
             _finish(session, reason)
             return EXIT_OK
@@ -164,7 +158,7 @@ def _setup(cfg: PretrainConfig, accelerator: Accelerator, stop: StopSignal) -> S
     if s.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_yaml)
-        (run_dir / STOPPED).unlink(missing_ok=True)
+    clear_stopped(accelerator, run_dir)
     if cfg.run.tensorboard:
         accelerator.init_trackers("tensorboard", config=_flat_hparams(to_dict(cfg)))
     logger.info(
@@ -203,7 +197,7 @@ def _resume(s: Session) -> None:
 def _train(s: Session) -> str:
     """Epochs until the end; returns why training stopped: done | early_stop | max_steps | signal."""
     while True:
-        reason = _finished(s)
+        reason = training_over(s.cfg.run, s.state, s.early)
         if reason is not None:
             return reason
         reason = _train_epoch(s)
@@ -218,30 +212,8 @@ def _train(s: Session) -> str:
 def _already_done(s: Session) -> bool:
     """Whether the run ended before (a restart of a finished job): its summary is of the current step."""
     path = s.run_dir / "summary.json"
-    return (
-        _finished(s) is not None and path.is_file() and json.loads(path.read_text())["steps"] == s.state.step
-    )
-
-
-def _mark_stopped(s: Session) -> None:
-    """Log the stop and leave run_dir/stopped.json: launchers that do not pass the workers' code 124 on
-    (torchrun exits 1 when a worker fails) still let the job script see it should requeue."""
-    got = f"signal {s.stop.signum} here" if s.stop.requested else "signal on another rank"
-    logger.warning("stopped at step %d (%s), checkpoint written; exit %d", s.state.step, got, EXIT_REQUEUE)
-    if s.main:
-        marker = {"step": s.state.step, "exit_code": EXIT_REQUEUE, "time": time.time()}
-        (s.run_dir / STOPPED).write_text(json.dumps(marker))
-
-
-def _finished(s: Session) -> str | None:
-    """Why training is over at the current state, or None."""
-    if s.early.should_stop:
-        return "early_stop"
-    if s.state.epoch >= s.cfg.run.epochs:
-        return "done"
-    if s.cfg.run.max_steps is not None and s.state.step >= s.cfg.run.max_steps:
-        return "max_steps"
-    return None
+    over = training_over(s.cfg.run, s.state, s.early) is not None
+    return over and path.is_file() and json.loads(path.read_text())["steps"] == s.state.step
 
 
 def _train_epoch(s: Session) -> str | None:

@@ -1,14 +1,18 @@
-"""The study's results: classification metrics, and ``radstream report``, which turns probe and supervised runs
-into the tables of the reference study.
+"""The study's results: classification metrics, and ``radstream report``, which turns probe, supervised and
+MAE pretraining runs into the tables of the reference study.
 
     radstream report RUN_DIRS... --out RESULTS
 
-Collects ``probe_results.json`` (``train.probe``: every head of the grid) and supervised ``results.json``
-(``train.supervised``: one run per learning rate, fraction and seed) under the given folders, recursively.
-Per (model, regime) it chooses the learning rate with the best validation accuracy averaged over seeds (ties:
-the smaller rate) and reports the test top-1 accuracy at that rate as mean ± std over seeds (sample std; 0
-for one seed). Writes ``results.csv`` (every model × regime), ``results.md`` (Table 1: full data, Table 2: 1%
-of the labels, as the study, plus a 10% table; the study's figure beside ours) and ``accuracy_vs_fraction.png``.
+Collects ``probe_results.json`` (``train.probe``: every head of the grid), supervised ``results.json``
+(``train.supervised``: one run per learning rate, fraction and seed) and MAE pretraining runs (``train.pretrain``:
+``summary.json`` with ``config.yaml`` beside it, one run per base learning rate) under the given folders,
+recursively. Per (model, regime) it chooses the learning rate with the best validation accuracy averaged over
+seeds (ties: the smaller rate) and reports the test top-1 accuracy at that rate as mean ± std over seeds (sample
+std; 0 for one seed). Writes ``results.csv`` (every model × regime), ``results.md`` (Table 1: full data, Table
+2: 1% of the labels, as the study, plus a 10% table; the study's figure beside ours) and
+``accuracy_vs_fraction.png``. MAE runs get a table of their own in ``results.md`` ("MAE pretraining": one row
+per run, the base LR with the lowest validation loss marked, as the study chose it; the study's test MSE
+below) and ``pretrain.csv``; files of a kind without runs are not written.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +62,12 @@ STUDY = {
 }
 """The reference study's test top-1 accuracy (IRMA, 8 classes; ARCHITECTURE.md §1)."""
 HEADER = ("Model", "Top-1 (ours)", "Top-1 (study)", "Chosen LR", "Seeds")
-"""Columns of every table in results.md."""
+"""Columns of every accuracy table in results.md."""
+MAE_TITLE = "MAE pretraining"
+MAE_HEADER = ("Run", "Base LR", "Peak LR", "Best val loss", "Test MSE", "Epochs", "Stopped", "Chosen")
+"""Columns of the MAE pretraining table in results.md."""
+MAE_STUDY = {"test_mse": 0.002475, "epochs": 36}
+"""The reference study's MAE: test MSE and the epoch early stopping ended it at (ARCHITECTURE.md §1)."""
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -107,14 +117,8 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: str | Path,
     ax.set_title(title)
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
-            ax.text(
-                j,
-                i,
-                str(int(cm[i, j])),
-                ha="center",
-                va="center",
-                color="white" if norm[i, j] > 0.5 else "black",
-            )
+            color = "white" if norm[i, j] > 0.5 else "black"
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", color=color)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -151,31 +155,17 @@ class RunRecord:
 
 def _probe_records(path: Path, data: dict) -> list[RunRecord]:
     return [
-        RunRecord(
-            h["model"],
-            round(float(h["fraction"]), 6),
-            int(h["seed"]),
-            float(h["lr"]),
-            float(h["val_acc"]),
-            float(h["test_acc"]),
-            f"MAE probe, {h['aggregation']}",
-            str(path),
-        )
+        RunRecord(h["model"], round(float(h["fraction"]), 6), int(h["seed"]), float(h["lr"]), float(h["val_acc"]),
+                  float(h["test_acc"]), f"MAE probe, {h['aggregation']}", str(path))
         for h in data["heads"]
-    ]
+    ]  # fmt: skip
 
 
 def _supervised_record(path: Path, data: dict) -> RunRecord:
     return RunRecord(
-        data["model"],
-        round(float(data["fraction"]), 6),
-        int(data["seed"]),
-        float(data["lr"]),
-        float(data["val_acc"]),
-        float(data["test_acc"]),
-        str(data.get("arch", data["model"])),
-        str(path),
-    )
+        data["model"], round(float(data["fraction"]), 6), int(data["seed"]), float(data["lr"]),
+        float(data["val_acc"]), float(data["test_acc"]), str(data.get("arch", data["model"])), str(path),
+    )  # fmt: skip
 
 
 def collect(run_dirs: Iterable[str | Path]) -> list[RunRecord]:
@@ -186,35 +176,50 @@ def collect(run_dirs: Iterable[str | Path]) -> list[RunRecord]:
         ValueError: an unreadable result file, or the same (model, fraction, lr, seed) found twice.
     """
     records: list[RunRecord] = []
+    for path in _result_files(run_dirs, ("probe_results.json", "results.json")):
+        data = _read_json(path)
+        if data.get("kind") == "probe":
+            records += _probe_records(path, data)
+        elif data.get("kind") == "supervised":
+            records.append(_supervised_record(path, data))
+        else:
+            logger.debug("%s: not a probe or supervised result, skipped", path)
+    _refuse_twice(records, lambda r: (r.model, r.fraction, r.lr, r.seed), "{0} fraction {1} lr {2} seed {3}")
+    return records
+
+
+def _result_files(run_dirs: Iterable[str | Path], names: Sequence[str]) -> list[Path]:
+    """The files called ``names`` under ``run_dirs``, searched recursively; a file given is taken as it is.
+
+    Raises:
+        FileNotFoundError: a run folder that does not exist.
+    """
+    files: list[Path] = []
     for root in map(Path, run_dirs):
         if not root.exists():
             raise FileNotFoundError(f"{root}: no such run folder")
-        files = (
-            [root]
-            if root.is_file()
-            else sorted(root.rglob("probe_results.json")) + sorted(root.rglob("results.json"))
-        )
-        for path in files:
-            try:
-                data = json.loads(path.read_text())
-            except ValueError as err:
-                raise ValueError(f"{path}: unreadable result file ({err})") from None
-            if data.get("kind") == "probe":
-                records += _probe_records(path, data)
-            elif data.get("kind") == "supervised":
-                records.append(_supervised_record(path, data))
-            else:
-                logger.debug("%s: not a probe or supervised result, skipped", path)
+        files += [root] if root.is_file() else [p for name in names for p in sorted(root.rglob(name))]
+    return files
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: unreadable result file ({err})") from None
+
+
+def _refuse_twice(records: Sequence, key, what: str) -> None:
+    """Raise ValueError when two records share ``key(record)`` (``what`` formats the key for the message):
+    two sets of runs mixed, whose selection would mean nothing."""
     seen: dict[tuple, str] = {}
     for r in records:
-        key = (r.model, r.fraction, r.lr, r.seed)
-        if key in seen:
+        k = key(r)
+        if k in seen:
             raise ValueError(
-                f"{r.model} fraction {r.fraction} lr {r.lr} seed {r.seed} appears in both "
-                f"{seen[key]} and {r.source}; report one set of runs at a time"
+                f"{what.format(*k)} appears in both {seen[k]} and {r.source}; report one set of runs at a time"
             )
-        seen[key] = r.source
-    return records
+        seen[k] = r.source
 
 
 @dataclass(frozen=True)
@@ -258,6 +263,107 @@ def select_best(records: Iterable[RunRecord]) -> list[Selection]:
     return out
 
 
+# ------------------------------------------------------------------------------------- MAE pretraining
+
+
+@dataclass(frozen=True)
+class PretrainRecord:
+    """One MAE pretraining run: ``train.pretrain``'s summary.json and the config.yaml beside it."""
+
+    run: str
+    """The run folder's name (``lr-<rate>`` in a sweep)."""
+    base_lr: float
+    """``optim.base_lr``: the rate per 256 images, the one a sweep varies."""
+    peak_lr: float
+    """The absolute rate it trained with (base_lr x global batch / 256)."""
+    seed: int
+    best_val_loss: float | None
+    """Validation loss (the MAE objective) of the best epoch; None when no epoch ended."""
+    test_mse: float
+    """Pixel MSE of the masked patches on the test split: the study's figure."""
+    epochs: int
+    """Epochs completed."""
+    stopped: str
+    """Why training ended: done | early_stop | max_steps."""
+    source: str
+
+
+def _pretrain_record(path: Path, data: dict) -> PretrainRecord | None:
+    """The record of a summary.json, or None when it is not one of ``train.pretrain``."""
+    if not {"best_val_loss", "test_mse", "epochs_completed", "peak_lr"} <= data.keys():
+        logger.debug("%s: not an MAE pretraining summary, skipped", path)
+        return None
+    config = path.parent / "config.yaml"
+    cfg = OmegaConf.load(config) if config.is_file() else OmegaConf.create()
+    base_lr = OmegaConf.select(cfg, "optim.base_lr")
+    if base_lr is None:  # no config beside it: back from the absolute rate, peak = base x batch / 256
+        base_lr = float(f"{data['peak_lr'] * 256 / data['global_batch']:.6g}")
+    best = data["best_val_loss"]
+    return PretrainRecord(
+        path.parent.name, float(base_lr), float(data["peak_lr"]), int(OmegaConf.select(cfg, "run.seed") or 0),
+        None if best is None else float(best), float(data["test_mse"]), int(data["epochs_completed"]),
+        str(data.get("stopped", "")), str(path),
+    )  # fmt: skip
+
+
+def collect_pretrain(run_dirs: Iterable[str | Path]) -> list[PretrainRecord]:
+    """Every MAE pretraining run (``summary.json``) under ``run_dirs`` (searched recursively).
+
+    Raises:
+        FileNotFoundError: a run folder that does not exist.
+        ValueError: an unreadable summary, or the same (base LR, seed) found twice.
+    """
+    records = [
+        r
+        for path in _result_files(run_dirs, ("summary.json",))
+        if (r := _pretrain_record(path, _read_json(path))) is not None
+    ]
+    _refuse_twice(records, lambda r: (r.base_lr, r.seed), "MAE base lr {0} seed {1}")
+    return records
+
+
+def choose_pretrain_lr(records: Iterable[PretrainRecord]) -> float | None:
+    """The base LR with the lowest best validation loss averaged over its seeds (ties: the smaller rate), as
+    the study chose the MAE's; None when no run has a validation loss."""
+    by_lr: dict[float, list[float]] = defaultdict(list)
+    for r in records:
+        if r.best_val_loss is not None:
+            by_lr[r.base_lr].append(r.best_val_loss)
+    return min(sorted(by_lr), key=lambda lr: float(np.mean(by_lr[lr])), default=None)
+
+
+def pretrain_markdown(records: Sequence[PretrainRecord]) -> list[str]:
+    """The "MAE pretraining" section of results.md: a row per run (by base LR), the chosen one marked ✓,
+    the study's figures last."""
+    chosen = choose_pretrain_lr(records)
+    lines = [
+        "", f"## {MAE_TITLE}", "",
+        "Validation loss: the MAE objective on the validation split, best epoch. Test MSE: masked patches, [0, 1]",
+        "pixels, on the test split. Base LR chosen on the lowest validation loss (mean over seeds), as the study: ✓.",
+        "", "| " + " | ".join(MAE_HEADER) + " |", "|" + "---|" * len(MAE_HEADER),
+    ]  # fmt: skip
+    for r in sorted(records, key=lambda r: (r.base_lr, r.seed)):
+        val = "—" if r.best_val_loss is None else f"{r.best_val_loss:.4g}"
+        cells = [r.run, _fmt_lr(r.base_lr), _fmt_lr(r.peak_lr), val, f"{r.test_mse:.4g}", r.epochs, r.stopped]
+        lines.append("| " + " | ".join(map(str, cells)) + (" | ✓ |" if r.base_lr == chosen else " |  |"))
+    study = MAE_STUDY
+    lines.append(f"| Study | — | — | — | {study['test_mse']:.4g} | {study['epochs']} | early_stop |  |")
+    return lines
+
+
+def pretrain_csv(records: Sequence[PretrainRecord]) -> str:
+    """pretrain.csv: one row per MAE run, by base LR; ``chosen`` is 1 on the rows of the chosen rate."""
+    chosen = choose_pretrain_lr(records)
+    fields = ["run", "base_lr", "peak_lr", "seed", "best_val_loss", "test_mse", "epochs", "stopped", "chosen",
+              "study_test_mse", "source"]  # fmt: skip
+    rows = [
+        [r.run, r.base_lr, r.peak_lr, r.seed, "" if r.best_val_loss is None else r.best_val_loss, r.test_mse,
+         r.epochs, r.stopped, int(r.base_lr == chosen), MAE_STUDY["test_mse"], r.source]
+        for r in sorted(records, key=lambda r: (r.base_lr, r.seed))
+    ]  # fmt: skip
+    return _csv(fields, rows)
+
+
 # --------------------------------------------------------------------------------------- tables and plot
 
 
@@ -276,10 +382,19 @@ def _find(selections: Sequence[Selection], model: str, fraction: float) -> Selec
     return next((s for s in selections if s.model == model and math.isclose(s.fraction, fraction)), None)
 
 
-def markdown(selections: Sequence[Selection]) -> str:
-    """results.md: one table per regime, rows in the study's order, the study's figure beside ours."""
+def markdown(selections: Sequence[Selection], pretrain: Sequence[PretrainRecord] = ()) -> str:
+    """results.md: one accuracy table per regime, rows in the study's order, the study's figure beside ours;
+    then the MAE pretraining runs, if any (without accuracy results, only they)."""
+    lines = ["# Results"]
+    if selections or not pretrain:
+        lines += _accuracy_tables(selections)
+    if pretrain:
+        lines += pretrain_markdown(pretrain)
+    return "\n".join(lines) + "\n"
+
+
+def _accuracy_tables(selections: Sequence[Selection]) -> list[str]:
     lines = [
-        "# Results",
         "",
         "Test top-1 accuracy, mean ± std over seeds. Learning rate chosen per model and regime on validation",
         "accuracy (mean over seeds). Study: the reference study (IRMA, 8 body regions; ARCHITECTURE.md §1).",
@@ -299,47 +414,28 @@ def markdown(selections: Sequence[Selection]) -> str:
                 notes.append(f"{label}: {sel.arch}")
         if notes:
             lines += ["", "Architectures that differ from the study's: " + "; ".join(notes) + "."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def csv_text(selections: Sequence[Selection]) -> str:
     """results.csv: one row per (regime, model) with a result."""
-    fields = [
-        "fraction",
-        "model",
-        "label",
-        "arch",
-        "test_acc_mean",
-        "test_acc_std",
-        "val_acc_mean",
-        "lr",
-        "n_seeds",
-        "seeds",
-        "lrs_searched",
-        "study_test_acc",
-    ]
+    fields = ["fraction", "model", "label", "arch", "test_acc_mean", "test_acc_std", "val_acc_mean", "lr",
+              "n_seeds", "seeds", "lrs_searched", "study_test_acc"]  # fmt: skip
     labels = dict(MODELS)
+    rows = [
+        [s.fraction, s.model, labels.get(s.model, s.model), s.arch, f"{s.test_acc_mean:.6f}",
+         f"{s.test_acc_std:.6f}", f"{s.val_acc_mean:.6f}", s.lr, len(s.seeds), " ".join(map(str, s.seeds)),
+         s.lrs_searched, STUDY.get((s.model, s.fraction), "")]
+        for s in selections
+    ]  # fmt: skip
+    return _csv(fields, rows)
+
+
+def _csv(fields: Sequence[str], rows: Iterable[Sequence]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(fields)
-    for s in selections:
-        study = STUDY.get((s.model, s.fraction))
-        writer.writerow(
-            [
-                s.fraction,
-                s.model,
-                labels.get(s.model, s.model),
-                s.arch,
-                f"{s.test_acc_mean:.6f}",
-                f"{s.test_acc_std:.6f}",
-                f"{s.val_acc_mean:.6f}",
-                s.lr,
-                len(s.seeds),
-                " ".join(map(str, s.seeds)),
-                s.lrs_searched,
-                "" if study is None else study,
-            ]
-        )
+    writer.writerows(rows)
     return buffer.getvalue()
 
 
@@ -359,24 +455,12 @@ def plot_fractions(selections: Sequence[Selection], path: str | Path) -> None:
         if not points:
             continue
         color = f"C{i}"
-        ax.errorbar(
-            [p.fraction for p in points],
-            [p.test_acc_mean for p in points],
-            yerr=[p.test_acc_std for p in points],
-            marker="o",
-            capsize=3,
-            color=color,
-            label=labels.get(model, model),
-        )
+        ax.errorbar([p.fraction for p in points], [p.test_acc_mean for p in points],
+                    yerr=[p.test_acc_std for p in points], marker="o", capsize=3, color=color,
+                    label=labels.get(model, model))  # fmt: skip
         study = sorted((f, acc) for (m, f), acc in STUDY.items() if m == model)
-        ax.plot(
-            [f for f, _ in study],
-            [a for _, a in study],
-            linestyle="none",
-            marker="o",
-            mfc="none",
-            color=color,
-        )
+        xs, ys = [f for f, _ in study], [a for _, a in study]
+        ax.plot(xs, ys, linestyle="none", marker="o", mfc="none", color=color)
     ax.set_xscale("log")
     ax.set_xlabel("label fraction of the training set")
     ax.set_ylabel("test top-1 accuracy")
@@ -389,39 +473,51 @@ def plot_fractions(selections: Sequence[Selection], path: str | Path) -> None:
 
 
 def write_report(run_dirs: Iterable[str | Path], out: str | Path) -> list[Selection]:
-    """Collect the runs, choose LRs and write results.csv, results.md and accuracy_vs_fraction.png to ``out``.
+    """Collect the runs, choose LRs and write to ``out``: results.md; with accuracy results results.csv and
+    accuracy_vs_fraction.png; with MAE pretraining runs pretrain.csv.
+
+    Returns:
+        The chosen LR and test accuracy per (model, regime); empty for MAE runs only.
 
     Raises:
-        ValueError: no probe or supervised result under ``run_dirs``.
+        ValueError: no probe, supervised or MAE pretraining result under ``run_dirs``.
     """
     run_dirs = list(run_dirs)
-    records = collect(run_dirs)
-    if not records:
+    records, pretrain = collect(run_dirs), collect_pretrain(run_dirs)
+    if not records and not pretrain:
         raise ValueError(
-            f"no probe_results.json or supervised results.json under {', '.join(map(str, run_dirs))}"
+            "no probe_results.json, supervised results.json or MAE summary.json under "
+            + ", ".join(map(str, run_dirs))
         )
     selections = select_best(records)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "results.csv", csv_text(selections))
-    write_atomic(out / "results.md", markdown(selections))
-    plot_fractions(selections, out / "accuracy_vs_fraction.png")
+    if selections:
+        write_atomic(out / "results.csv", csv_text(selections))
+        plot_fractions(selections, out / "accuracy_vs_fraction.png")
+    if pretrain:
+        write_atomic(out / "pretrain.csv", pretrain_csv(pretrain))
+    write_atomic(out / "results.md", markdown(selections, pretrain))
     return selections
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``radstream report``: print the markdown tables after writing them."""
-    write_report(args.run_dirs, args.out)
-    print((Path(args.out) / "results.md").read_text(), end="")
-    print(f"report: results.csv, results.md and accuracy_vs_fraction.png in {args.out}")
+    selections = write_report(args.run_dirs, args.out)
+    text = (Path(args.out) / "results.md").read_text()
+    print(text, end="")
+    written = ["results.md"] + (["results.csv", "accuracy_vs_fraction.png"] if selections else [])
+    written += ["pretrain.csv"] if f"## {MAE_TITLE}" in text else []
+    print(f"report: {', '.join(written)} in {args.out}")
     return 0
 
 
 def add_report_parser(subparsers) -> None:
     """Add ``report`` to the ``radstream`` console script (``subparsers`` from ``add_subparsers``)."""
-    p = subparsers.add_parser("report", help="probe and supervised runs → the study's result tables")
-    p.add_argument("run_dirs", nargs="+", help="run folders (searched recursively) or result files")
-    p.add_argument(
-        "--out", required=True, help="folder for results.csv, results.md, accuracy_vs_fraction.png"
+    p = subparsers.add_parser(
+        "report", help="probe, supervised and MAE pretraining runs → the study's result tables"
     )
+    p.add_argument("run_dirs", nargs="+", help="run folders (searched recursively) or result files")
+    outputs = "results.md, results.csv, accuracy_vs_fraction.png, pretrain.csv"
+    p.add_argument("--out", required=True, help=f"folder for {outputs}")
     p.set_defaults(func=cmd_report)

@@ -16,7 +16,9 @@ Each epoch: train (AdamW, warmup + cosine or constant LR), validation accuracy, 
 (``run.patience`` epochs), the best weights to ``run_dir/best``, a checkpoint. At the end the test split is
 scored with the best weights and ``run_dir/results.json`` written (read by ``radstream report``). Restarting
 the same command resumes from ``checkpoints/latest``; a finished run is not trained again. Exit codes as
-``train.pretrain``: 0 done, 1 non-finite loss, 2 bad config, 124 stopped by SIGTERM/SIGUSR1 (requeue).
+``train.pretrain``: 0 done, 1 non-finite loss, 2 bad config, 124 stopped by SIGTERM/SIGUSR1: every rank
+finishes its step, a checkpoint is written and ``run_dir/stopped.json`` left for job scripts (torchrun turns
+the ranks' 124 into 1; ``slurm/accelerate_job.sh`` requeues on the file).
 """
 
 from __future__ import annotations
@@ -47,14 +49,22 @@ from train.checkpoint import latest_checkpoint, load_checkpoint, load_weights, s
 from train.classifier import build_classifier
 from train.config import RunConfig
 from train.loop import (
+    EXIT_BAD_CONFIG,
+    EXIT_NON_FINITE,
+    EXIT_OK,
+    EXIT_REQUEUE,
     EarlyStopping,
+    LoopState,
     NonFiniteLossError,
     StepStats,
     StopSignal,
     agree_after_step,
     build_accelerator,
+    clear_stopped,
     lr_at,
+    mark_stopped,
     set_lr,
+    training_over,
 )
 from train.report import accuracy, balanced_accuracy, per_class_recall, write_atomic
 
@@ -62,7 +72,6 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("vit", "resnet50")
 SCHEDULES = ("cosine", "constant")
-EXIT_OK, EXIT_NON_FINITE, EXIT_BAD_CONFIG, EXIT_REQUEUE = 0, 1, 2, 124
 BEST_DIR = "best"
 """run_dir/best/model.safetensors: the weights of the best validation epoch."""
 RESULTS = "results.json"
@@ -159,15 +168,6 @@ class SupervisedConfig:
 
 
 @dataclass
-class LoopState:
-    """Where the loop is; saved in every checkpoint."""
-
-    epoch: int = 0
-    step: int = 0
-    epoch_step: int = 0
-
-
-@dataclass
 class Session:
     """What one run holds, passed between the loop's functions."""
 
@@ -250,6 +250,7 @@ def _setup(cfg: SupervisedConfig, accelerator: Accelerator, stop: StopSignal) ->
     if accelerator.is_main_process:
         s.run_dir.mkdir(parents=True, exist_ok=True)
         (s.run_dir / "config.yaml").write_text(to_yaml(cfg))
+    clear_stopped(accelerator, s.run_dir)
     return s
 
 
@@ -296,25 +297,28 @@ def _train_epoch(s: Session) -> str | None:
         desc=f"epoch {st.epoch}",
         disable=not acc.is_main_process,
     )
-    for batch in s.train_loader:
-        set_lr(s.optimizer, lr := _lr(s))
-        loss = masked_loss(s.model(batch["image"]), batch, cfg.optim.label_smoothing)
-        acc.backward(loss)
-        if cfg.optim.grad_clip is not None:
-            acc.clip_grad_norm_(s.model.parameters(), cfg.optim.grad_clip)
-        s.optimizer.step()
-        s.optimizer.zero_grad(set_to_none=True)
-        stats = StepStats(loss=loss.detach(), keys=list(batch["key"]))
-        stop = agree_after_step(acc, s.stop.requested, stats=stats, step=st.step)
-        st.step, st.epoch_step = st.step + 1, st.epoch_step + 1
-        bar.update()
-        if st.step % cfg.run.log_every == 0:
-            _log(s, "train", {"loss": float(loss.detach()), "lr": lr})
-        if stop or (cfg.run.max_steps is not None and st.step >= cfg.run.max_steps):
-            bar.close()
-            _checkpoint(s)
-            return "signal" if stop else "max_steps"
-    bar.close()
+    batches = iter(s.train_loader)
+    try:
+        for batch in batches:
+            set_lr(s.optimizer, lr := _lr(s))
+            loss = masked_loss(s.model(batch["image"]), batch, cfg.optim.label_smoothing)
+            acc.backward(loss)
+            if cfg.optim.grad_clip is not None:
+                acc.clip_grad_norm_(s.model.parameters(), cfg.optim.grad_clip)
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            stats = StepStats(loss=loss.detach(), keys=list(batch["key"]))
+            stop = agree_after_step(acc, s.stop.requested, stats=stats, step=st.step)
+            st.step, st.epoch_step = st.step + 1, st.epoch_step + 1
+            bar.update()
+            if st.step % cfg.run.log_every == 0:
+                _log(s, "train", {"loss": float(loss.detach()), "lr": lr})
+            if stop or (cfg.run.max_steps is not None and st.step >= cfg.run.max_steps):
+                _checkpoint(s)  # every rank finished this step: the checkpoint resumes right after it
+                return "signal" if stop else "max_steps"
+    finally:
+        batches.close()  # a stop mid-epoch: release the loader's pipeline now, not at garbage collection
+        bar.close()
     return None
 
 
@@ -331,19 +335,9 @@ def _end_epoch(s: Session) -> None:
     _checkpoint(s)
 
 
-def _finished(s: Session) -> str | None:
-    if s.early.should_stop:
-        return "early_stop"
-    if s.state.epoch >= s.cfg.run.epochs:
-        return "done"
-    if s.cfg.run.max_steps is not None and s.state.step >= s.cfg.run.max_steps:
-        return "max_steps"
-    return None
-
-
 def _train(s: Session) -> str:
     """Epochs until the end; returns why training stopped: done | early_stop | max_steps | signal."""
-    while (reason := _finished(s)) is None:
+    while (reason := training_over(s.cfg.run, s.state, s.early)) is None:
         reason = _train_epoch(s)
         if reason is not None:
             return reason
@@ -394,8 +388,7 @@ def run(cfg: SupervisedConfig) -> int:
         try:
             reason = _train(s)
             if reason == "signal":
-                logger.warning("stopped at step %d by a signal, checkpoint written; exit %d", s.state.step,
-                               EXIT_REQUEUE)  # fmt: skip
+                mark_stopped(accelerator, stop, cfg.run_dir, s.state.step)  # job scripts requeue on it
                 return EXIT_REQUEUE
             _finish(s, reason)
             return EXIT_OK

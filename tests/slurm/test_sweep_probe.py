@@ -1,8 +1,8 @@
 """Learning-rate sweep and probe arrays (slurm/submit_sweep.sh, slurm/submit_probe.sh) on a real SLURM cluster.
 
 The first test checks the array and report plumbing with stand-ins for `accelerate` and `radstream`; the others
-run a 3-rate supervised sweep of the debug ViT, and an embedding job followed by a reduced probe grid over its
-embeddings, each ended by the real `radstream report`.
+run a 3-rate supervised sweep of the debug ViT, a 2-rate MAE sweep of the debug MAE, and an embedding job
+followed by a reduced probe grid over its embeddings, each ended by the real `radstream report`.
 """
 
 from __future__ import annotations
@@ -137,6 +137,30 @@ def test_supervised_sweep_reports_all_rates(slurm_cluster, tmp_path, tiny_shards
     best = max(rates, key=lambda lr: (results[lr]["val_acc"], -float(lr)))  # ties: the smaller rate
     assert float(row["lr"]) == float(best)
     assert float(row["test_acc_mean"]) == pytest.approx(results[best]["test_acc"], abs=1e-6)
+
+
+def test_mae_sweep_reports_the_rate_with_the_lowest_validation_loss(slurm_cluster, tmp_path, tiny_shards):
+    require_report_command()
+    sweep = tmp_path / "sweep"
+    rates = ["1e-4", "1e-2"]
+    env = job_env(RADSTREAM_MODULE="train.pretrain", RADSTREAM_LRS=" ".join(rates), RADSTREAM_CPU_PROCS="1")
+    args = ["--config", "configs/pretrain/debug.yaml", f"shards={tiny_shards}", "run.epochs=1",
+            "run.grid_images=0", "run.tensorboard=false"]  # fmt: skip
+    array, report = submit(tmp_path, SUBMIT_SWEEP, [str(sweep), *args], env)
+
+    states = slurm_cluster.wait([array, report], timeout_s=240)
+
+    assert set(states.values()) == {"COMPLETED"} and len(states) == 3, job_logs(tmp_path)
+    summaries = {lr: json.loads((sweep / f"lr-{lr}" / "summary.json").read_text()) for lr in rates}
+    rows = list(csv.DictReader((sweep / "report" / "pretrain.csv").read_text().splitlines()))
+    assert [(r["run"], float(r["base_lr"])) for r in rows] == [(f"lr-{lr}", float(lr)) for lr in rates]
+    best = min(rates, key=lambda lr: (summaries[lr]["best_val_loss"], float(lr)))  # ties: the smaller rate
+    assert [r["chosen"] for r in rows] == ["1" if lr == best else "0" for lr in rates]
+    for row, lr in zip(rows, rates, strict=True):
+        assert float(row["test_mse"]) == pytest.approx(summaries[lr]["test_mse"])
+        assert float(row["best_val_loss"]) == pytest.approx(summaries[lr]["best_val_loss"])
+    markdown = (sweep / "report" / "results.md").read_text()
+    assert "## MAE pretraining" in markdown and "| Study |" in markdown
 
 
 def pretrain_tiny(tmp_path: Path, shards: Path) -> Path:

@@ -1,4 +1,4 @@
-"""radstream report: LR selection on validation accuracy, the study's tables, metrics."""
+"""radstream report: LR selection on validation accuracy, the study's tables, MAE pretraining sweeps, metrics."""
 
 from __future__ import annotations
 
@@ -9,15 +9,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from radstream.config import load_config, to_yaml
+from train.config import PretrainConfig
 from train.report import (
     HEADER,
+    MAE_HEADER,
+    MAE_TITLE,
     MODELS,
     STUDY,
+    PretrainRecord,
     RunRecord,
     add_report_parser,
     balanced_accuracy,
+    choose_pretrain_lr,
     collect,
+    collect_pretrain,
     confusion_matrix,
+    markdown,
     per_class_recall,
     select_best,
     write_report,
@@ -157,6 +165,104 @@ def test_collect_refuses_the_same_run_twice(tmp_path: Path) -> None:
         collect([tmp_path / "a", tmp_path / "b"])
     with pytest.raises(ValueError, match="no probe_results.json"):
         write_report([tmp_path / "a" / "sweep" / "other"], tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------- MAE pretraining
+
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "debug.yaml"
+
+
+def write_mae_run(
+    run_dir: Path,
+    base_lr: float,
+    val: float | None,
+    mse: float,
+    *,
+    seed: int = 0,
+    epochs: int = 3,
+    config: bool = True,
+) -> None:
+    """A finished train.pretrain run folder: its resolved config.yaml and summary.json (global batch 16)."""
+    run_dir.mkdir(parents=True)
+    if config:
+        overrides = [f"shards={run_dir}", f"run_dir={run_dir}", f"optim.base_lr={base_lr}", f"run.seed={seed}"]  # fmt: skip
+        (run_dir / "config.yaml").write_text(to_yaml(load_config(PretrainConfig, RECIPE, overrides)))
+    summary = {
+        "stopped": "early_stop" if val is not None else "max_steps", "epochs_completed": epochs, "steps": 7 * epochs,
+        "best_val_loss": val, "best_epoch": epochs - 1 if val is not None else -1, "test_loss": mse * 1.1,
+        "test_mse": mse, "test_images": 9, "tested_weights": "best", "global_batch": 16,
+        "peak_lr": base_lr * 16 / 256, "num_processes": 2,
+    }  # fmt: skip
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def write_mae_sweep(sweep: Path) -> None:
+    """An MAE LR sweep as slurm/sweep_lr.sbatch leaves it: one lr-<rate> folder per rate. 3e-4 has the lowest
+    validation loss, 1e-3 the lowest test MSE (which must not decide), 3e-3 ended before an epoch did."""
+    runs = ((1e-4, 0.031, 0.0040), (3e-4, 0.012, 0.0031), (1e-3, 0.019, 0.0024), (3e-3, None, 0.5))
+    for lr, val, mse in runs:
+        write_mae_run(sweep / f"lr-{lr:g}", lr, val, mse, epochs=0 if val is None else 3)
+
+
+def test_mae_sweep_report_marks_the_lowest_validation_loss(tmp_path: Path, capsys) -> None:
+    write_mae_sweep(tmp_path / "sweep")
+    (tmp_path / "sweep" / "lr-0.0001" / "checkpoints").mkdir()  # summary.json-free folders are ignored
+    (tmp_path / "sweep" / "other").mkdir()
+    (tmp_path / "sweep" / "other" / "summary.json").write_text(json.dumps({"kind": "a build summary"}))
+    out = tmp_path / "report"
+    parser = argparse.ArgumentParser()
+    add_report_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["report", str(tmp_path / "sweep"), "--out", str(out)])
+    assert args.func(args) == 0
+    assert "pretrain.csv" in capsys.readouterr().out
+    tables = parse_tables((out / "results.md").read_text())
+    assert list(tables) == [MAE_TITLE]  # no accuracy results: no empty accuracy tables
+    header, *rows, study = tables[MAE_TITLE]
+    assert tuple(header) == MAE_HEADER
+    assert [(r[0], r[1]) for r in rows] == [
+        ("lr-0.0001", "0.0001"), ("lr-0.0003", "0.0003"), ("lr-0.001", "0.001"), ("lr-0.003", "0.003")
+    ]  # fmt: skip
+    assert [r[-1] for r in rows] == ["", "✓", "", ""]  # the lowest validation loss, not the lowest test MSE
+    assert rows[1][2:7] == ["1.87e-05", "0.012", "0.0031", "3", "early_stop"]  # peak LR: base x 16 / 256
+    assert rows[3][3] == "—"  # no validation loss: listed, never chosen
+    assert study[0] == "Study" and float(study[4]) == 0.002475 and study[5] == "36"
+    csv_rows = (out / "pretrain.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("run,base_lr,peak_lr,seed,best_val_loss,test_mse,epochs,stopped,chosen")
+    assert [row.split(",")[8] for row in csv_rows[1:]] == ["0", "1", "0", "0"]
+    assert not (out / "results.csv").exists() and not (out / "accuracy_vs_fraction.png").exists()
+
+
+def test_mae_runs_beside_accuracy_results_leave_the_accuracy_tables_unchanged(tmp_path: Path) -> None:
+    write_runs(tmp_path / "runs")
+    alone = markdown(select_best(collect([tmp_path / "runs"])))
+    write_mae_sweep(tmp_path / "runs" / "mae")
+    write_report([tmp_path / "runs"], tmp_path / "out")
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert text.startswith(alone.rstrip("\n") + "\n\n## MAE pretraining\n")
+    assert list(parse_tables(text))[-1] == MAE_TITLE
+    assert len((tmp_path / "out" / "results.csv").read_text().splitlines()) == 1 + 3 * 3 + 2 * 2
+    assert len((tmp_path / "out" / "pretrain.csv").read_text().splitlines()) == 1 + 4
+
+
+def test_mae_lr_choice_averages_seeds_and_prefers_the_smaller_rate_on_ties(tmp_path: Path) -> None:
+    def rec(lr: float, seed: int, val: float | None) -> PretrainRecord:
+        return PretrainRecord(f"lr-{lr}", lr, lr / 16, seed, val, 0.01, 3, "done", "x")
+
+    # 1e-3 has the best single run, 3e-4 the best mean over seeds
+    records = [rec(3e-4, 0, 0.020), rec(3e-4, 1, 0.022), rec(1e-3, 0, 0.015), rec(1e-3, 1, 0.035)]
+    assert choose_pretrain_lr(records) == 3e-4
+    assert choose_pretrain_lr([rec(1e-3, 0, 0.02), rec(1e-4, 0, 0.02)]) == 1e-4
+    assert choose_pretrain_lr([rec(1e-3, 0, None)]) is None
+    # without config.yaml the base rate comes back from the absolute one (global batch 16)
+    write_mae_run(tmp_path / "a" / "lr-0.0003", 3e-4, 0.01, 0.003, config=False)
+    (got,) = collect_pretrain([tmp_path / "a"])
+    assert (got.base_lr, got.seed, got.run) == (3e-4, 0, "lr-0.0003")
+    write_mae_run(tmp_path / "b" / "again", 3e-4, 0.02, 0.004)
+    with pytest.raises(ValueError, match="MAE base lr 0.0003 seed 0 appears in both"):
+        collect_pretrain([tmp_path / "a", tmp_path / "b"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="or MAE summary.json under"):
+        write_report([tmp_path / "empty"], tmp_path / "out")
 
 
 def test_metrics_from_the_confusion_matrix() -> None:

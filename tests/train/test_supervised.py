@@ -1,8 +1,14 @@
-"""Supervised baselines: CPU smoke runs (tiny ViT, tiny ResNet), resume, local-weights initialisation."""
+"""Supervised baselines: CPU smoke runs (tiny ViT, tiny ResNet), resume, stop on a signal, local-weights
+initialisation."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +16,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+import train.supervised as supervised
 from radstream.config import ConfigError, load_config
+from train.checkpoint import latest_checkpoint
 from train.classifier import adapt_state, build_classifier
 from train.supervised import ClassifierConfig, SupervisedConfig, run
 
@@ -124,3 +132,84 @@ def test_bad_config_is_refused(tmp_path: Path) -> None:
         config("debug_vit.yaml", tmp_path, tmp_path, "model.kind=densenet")
     with pytest.raises(ConfigError, match="ViT only"):
         config("debug_resnet.yaml", tmp_path, tmp_path, "model.depth=2")
+
+
+# ------------------------------------------------------------------------------- stop, requeue, resume
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def comparable(results: dict) -> dict:
+    """results.json without the config (it names the run folder)."""
+    return {k: v for k, v in results.items() if k != "config"}
+
+
+def test_resume_after_signal_gives_the_results_of_an_uninterrupted_run(
+    tmp_path: Path, tiny_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM during a step of epoch 1 (in-process): the step finishes, a checkpoint and stopped.json are
+    written, exit 124; the same command resumes and ends with the uninterrupted run's results."""
+    reference = tmp_path / "reference"
+    assert run(config("debug_vit.yaml", tiny_shards, reference, "optim.lr=3e-3")) == 0
+    reset_accelerate()
+    steps_per_epoch = len(lines(reference, "train")) // 2
+    stop_at = steps_per_epoch + 1  # mid-epoch, after an epoch end (validation, best weights, early stopping)
+    loss_fn, calls = supervised.masked_loss, []
+
+    def signalling_loss(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == stop_at + 1:  # the loss of step `stop_at` (0-based): that step must still finish
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss_fn(*args, **kwargs)
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(supervised, "masked_loss", signalling_loss)
+    assert run(config("debug_vit.yaml", tiny_shards, run_dir, "optim.lr=3e-3")) == 124
+    assert latest_checkpoint(run_dir).name == f"step-{stop_at + 1}"
+    assert json.loads((run_dir / "stopped.json").read_text())["step"] == stop_at + 1
+    assert not (run_dir / "results.json").exists()
+    monkeypatch.setattr(supervised, "masked_loss", loss_fn)
+    reset_accelerate()
+
+    assert run(config("debug_vit.yaml", tiny_shards, run_dir, "optim.lr=3e-3")) == 0  # no flag change
+    assert not (run_dir / "stopped.json").exists()  # only a stop of the current launch leaves it
+    ref_losses = {r["step"]: r["loss"] for r in lines(reference, "train")}
+    got_losses = {r["step"]: r["loss"] for r in lines(run_dir, "train")}
+    assert got_losses == pytest.approx(ref_losses, abs=1e-6)
+    got, ref = (comparable(json.loads((d / "results.json").read_text())) for d in (run_dir, reference))
+    assert got["epochs"] == 2 and got["steps"] == 2 * steps_per_epoch
+    assert got.keys() == ref.keys()
+    for key, value in ref.items():  # floats within tolerance; counts, names and confusion matrix exactly
+        assert got[key] == (pytest.approx(value, abs=1e-6) if isinstance(value, float) else value), key
+
+
+def test_sigterm_exits_124_with_checkpoint_and_stop_marker(tmp_path: Path, tiny_shards: Path) -> None:
+    """A real process: SIGTERM once training is under way -> exit 124, a checkpoint of the step under way,
+    and run_dir/stopped.json for the job script (torchrun would hide the 124)."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "train.supervised", "--config", str(RECIPES / "debug_vit.yaml"),
+           f"shards={tiny_shards}", f"run_dir={run_dir}", "run.epochs=200"]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    repo = RECIPES.parents[1]
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text()) and proc.poll() is None:
+            time.sleep(0.2)  # wait for the first logged step: the handlers are installed by then
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 124, stderr.decode()[-2000:]
+    saved = json.loads((latest_checkpoint(run_dir) / "loop_state.json").read_text())
+    assert saved["step"] == saved["loop"]["step"] >= 1
+    assert max(r["step"] for r in lines(run_dir, "train")) == saved["step"]  # the step under way was saved
+    marker = json.loads((run_dir / "stopped.json").read_text())
+    assert marker["step"] == saved["step"] and marker["exit_code"] == 124
+    assert not (run_dir / "results.json").exists()
