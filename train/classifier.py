@@ -11,6 +11,8 @@ import timm
 import torch
 from torch import nn
 
+from train.checkpoint import read_state_dict
+
 if TYPE_CHECKING:  # train.supervised imports this module; its config is only needed for annotations here
     from train.supervised import ClassifierConfig
 
@@ -35,22 +37,6 @@ def build_classifier(cfg: ClassifierConfig, num_classes: int) -> nn.Module:
     if cfg.init is not None:
         load_classifier_init(model, cfg.init)
     return model
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A flat state dict from .safetensors or a torch file, unwrapped from "model"/"state_dict"/"module."."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
 def adapt_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -93,7 +79,7 @@ def load_classifier_init(model: nn.Module, path: str | Path) -> list[str]:
         raise FileNotFoundError(
             f"init weights {str(path)!r} not found: weights are read from local files only"
         )
-    state = adapt_state(model, _read_weights(path))
+    state = adapt_state(model, read_state_dict(path))
     missing = [k for k in model.state_dict() if k not in state]
     if len(state) < len(missing):
         raise ValueError(f"{path}: fits only {len(state)} of {len(model.state_dict())} weights of the model")

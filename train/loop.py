@@ -459,3 +459,33 @@ def mark_stopped(
     if accelerator.is_main_process:
         marker = {"step": step, "exit_code": EXIT_REQUEUE, "time": time.time()}
         (Path(run_dir) / STOPPED).write_text(json.dumps(marker))
+
+
+def stage_main(
+    argv, *, prog: str, description: str, config_cls, run, example_recipe: str, example_override: str
+) -> int:
+    """The thin entry point of a training stage: ``--config`` + ``key=value`` overrides → ``run(cfg)``.
+
+    Returns the exit code: ``run``'s, ``EXIT_BAD_CONFIG`` for a config that does not load, ``EXIT_NON_FINITE``
+    when the loss stops being finite.
+    """
+    import argparse
+
+    from radstream.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help=f"recipe YAML, e.g. {example_recipe}")
+    parser.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {example_override}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # it logs every file of every checkpoint
+    try:
+        cfg = load_config(config_cls, args.config, args.overrides)
+    except ConfigError as err:
+        logger.error("bad config: %s", err)
+        return EXIT_BAD_CONFIG
+    try:
+        return run(cfg)
+    except NonFiniteLossError as err:
+        logger.error("%s", err)
+        return EXIT_NON_FINITE

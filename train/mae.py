@@ -24,6 +24,7 @@ from timm.models import adapt_input_conv
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from train.checkpoint import read_state_dict
 from train.pos_embed import SinCosPosEmbed, resample_learned
 
 logger = logging.getLogger(__name__)
@@ -468,7 +469,7 @@ def load_init(model: MAE, path: str | Path) -> tuple[list[str], list[str]]:
         raise FileNotFoundError(
             f"init checkpoint {str(path)!r} not found: weights are read from local files only, never downloaded"
         )
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     if any(k.startswith("encoder.") for k in state):
         result = model.load_state_dict(state, strict=True)
         logger.info("loaded MAE checkpoint %s (encoder and decoder)", path)
@@ -483,25 +484,6 @@ def load_init(model: MAE, path: str | Path) -> tuple[list[str], list[str]]:
         logger.warning("init %s: checkpoint keys not used: %s", path, result.unexpected_keys)
     logger.info("loaded timm ViT weights %s into the encoder", path)
     return list(result.missing_keys), list(result.unexpected_keys)
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A flat state dict from .safetensors or a torch file, unwrapped from "model"/"state_dict" and from the
-    "module." (DDP) and "_orig_mod." (torch.compile) prefixes."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict")
-    for prefix in ("module.", "_orig_mod."):
-        state = {k.removeprefix(prefix): v for k, v in state.items()}
-    return state
 
 
 def _adapt_timm_state(model: MAE, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

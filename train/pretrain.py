@@ -17,7 +17,6 @@ itself exits 1 when its workers exit 124, so a stop also leaves ``run_dir/stoppe
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -32,19 +31,16 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from radstream.config import ConfigError, load_config, to_dict, to_yaml
+from radstream.config import to_dict, to_yaml
 from shards.loader import ShardLoader, build_loader
 from train.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, save_weights
 from train.config import PretrainConfig
 from train.loop import (
-    EXIT_BAD_CONFIG,
-    EXIT_NON_FINITE,
     EXIT_OK,
     EXIT_REQUEUE,
     EarlyStopping,
     LoopState,
     Meter,
-    NonFiniteLossError,
     Schedule,
     StopSignal,
     agree_after_step,
@@ -56,6 +52,7 @@ from train.loop import (
     make_schedule,
     mark_stopped,
     set_lr,
+    stage_main,
     train_step,
     training_over,
 )
@@ -93,24 +90,15 @@ class Session:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``--config`` and ``key=value`` overrides, then run. Returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="accelerate launch -m train.pretrain", description=__doc__.split("\n")[0]
+    return stage_main(
+        argv,
+        prog="accelerate launch -m train.pretrain",
+        description=__doc__.split("\n")[0],
+        config_cls=PretrainConfig,
+        run=run,
+        example_recipe="configs/pretrain/debug.yaml",
+        example_override="optim.base_lr=1e-3",
     )
-    parser.add_argument("--config", help="recipe YAML, e.g. configs/pretrain/debug.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.base_lr=1e-3")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # it logs every file of every checkpoint
-    try:
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
-    except ConfigError as err:
-        logger.error("bad config: %s", err)
-        return EXIT_BAD_CONFIG
-    try:
-        return run(cfg)
-    except NonFiniteLossError as err:
-        logger.error("%s", err)
-        return EXIT_NON_FINITE
 
 
 def run(cfg: PretrainConfig) -> int:

@@ -23,7 +23,6 @@ the ranks' 124 into 1; ``slurm/accelerate_job.sh`` requeues on the file).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -41,7 +40,7 @@ from omegaconf import MISSING
 from torch import nn
 from tqdm import tqdm
 
-from radstream.config import ConfigError, load_config, to_dict, to_yaml
+from radstream.config import to_dict, to_yaml
 from shards.loader import ShardLoader, build_loader
 from shards.loader_config import LoaderConfig
 from shards.manifest import read_manifest
@@ -49,13 +48,10 @@ from train.checkpoint import latest_checkpoint, load_checkpoint, load_weights, s
 from train.classifier import build_classifier
 from train.config import RunConfig
 from train.loop import (
-    EXIT_BAD_CONFIG,
-    EXIT_NON_FINITE,
     EXIT_OK,
     EXIT_REQUEUE,
     EarlyStopping,
     LoopState,
-    NonFiniteLossError,
     StepStats,
     StopSignal,
     agree_after_step,
@@ -64,6 +60,7 @@ from train.loop import (
     lr_at,
     mark_stopped,
     set_lr,
+    stage_main,
     training_over,
 )
 from train.report import accuracy, balanced_accuracy, per_class_recall, write_atomic
@@ -400,24 +397,15 @@ def run(cfg: SupervisedConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``accelerate launch -m train.supervised --config RECIPE key=value ...``; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="accelerate launch -m train.supervised", description=__doc__.split("\n")[0]
+    return stage_main(
+        argv,
+        prog="accelerate launch -m train.supervised",
+        description=__doc__.split("\n")[0],
+        config_cls=SupervisedConfig,
+        run=run,
+        example_recipe="configs/supervised/vit.yaml",
+        example_override="optim.lr=1e-4",
     )
-    parser.add_argument("--config", help="recipe YAML, e.g. configs/supervised/vit.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    try:
-        cfg = load_config(SupervisedConfig, args.config, args.overrides)
-    except ConfigError as err:
-        logger.error("bad config: %s", err)
-        return EXIT_BAD_CONFIG
-    try:
-        return run(cfg)
-    except NonFiniteLossError as err:
-        logger.error("%s", err)
-        return EXIT_NON_FINITE
 
 
 if __name__ == "__main__":
