@@ -12,6 +12,10 @@ The pipeline, in the order the standard applies it (PS3.3 C.11 / C.7.6.3.1.2):
 4. Optionally the VOI LUT Sequence or Window Centre / Width (first view).
 5. MONOCHROME1 is inverted so that bone, always attenuating, ends up bright as in MONOCHROME2.
 
+Rescale Slope / Intercept and the inversion are linear, so they are returned as a slope and intercept with
+the stored pixels (:class:`ingest.normalize.Grayscale`) rather than applied: min-max normalisation only needs
+the slope's sign, and a full-size float64 copy of the image was the costliest step of reading it.
+
 Colour objects (RGB, YBR_*, PALETTE COLOR) are turned into luminance instead of steps 3-5.
 """
 
@@ -28,7 +32,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, p
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ingest.errors import RejectError
-from ingest.normalize import luminance
+from ingest.normalize import Grayscale, luminance
 
 # Groups a DICOM data set without preamble usually starts with: command/group-length, file meta, identifying.
 _FIRST_GROUPS = {0x0000, 0x0002, 0x0008}
@@ -124,23 +128,45 @@ def _mask_unused_bits(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     bits_stored = int(ds.get("BitsStored", 0) or 0)
     if arr.dtype.kind != "u" or not 0 < bits_stored < arr.dtype.itemsize * 8:
         return arr
+    # Checking the maximum is a fraction of the cost of the masking copy, and almost every file is clean.
+    if int(arr.max()) >> bits_stored == 0:
+        return arr
     return arr & arr.dtype.type((1 << bits_stored) - 1)
 
 
-def _grayscale_values(raw: np.ndarray, ds: Dataset, apply_voi: bool) -> np.ndarray:
-    """Modality LUT, optional VOI LUT, MONOCHROME1 inversion; see the module docstring."""
-    values = apply_modality_lut(raw, ds)
-    if apply_voi:
-        if ds.get("VOILUTSequence") and values.dtype.kind == "f":
-            # A VOI LUT is indexed by integer values; a float modality output (rescale) is rounded first.
-            values = np.rint(values).astype(np.int64)
-        values = apply_voi_lut(values, ds, index=0)
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    """Rescale Slope and Intercept, as pydicom's ``apply_modality_lut`` uses them (both present, else 1, 0)."""
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    if slope in (None, "") or intercept in (None, ""):  # absent or present but empty: no rescale
+        return 1.0, 0.0
+    try:
+        return float(slope), float(intercept)
+    except (TypeError, ValueError):
+        raise RejectError(f"unreadable Rescale Slope/Intercept ({slope!r}, {intercept!r})") from None
+
+
+def _grayscale(raw: np.ndarray, ds: Dataset, apply_voi: bool) -> Grayscale:
+    """Modality LUT, optional VOI LUT, MONOCHROME1 inversion; see the module docstring.
+
+    A rescale and the inversion are linear, so they stay unapplied (the slope and intercept of the result):
+    only a LUT or a VOI transform is applied to the pixels themselves.
+    """
+    if apply_voi or ds.get("ModalityLUTSequence"):
+        values = apply_modality_lut(raw, ds)
+        if apply_voi:
+            if ds.get("VOILUTSequence") and values.dtype.kind == "f":
+                # A VOI LUT is indexed by integer values; a float modality output (rescale) is rounded first.
+                values = np.rint(values).astype(np.int64)
+            values = apply_voi_lut(values, ds, index=0)
+        gray = Grayscale(values)
+    else:
+        gray = Grayscale(raw, *_rescale(ds))
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        values = -values.astype(np.float64)
-    return values
+        gray = Grayscale(gray.values, -gray.slope, -gray.intercept)
+    return gray
 
 
-def decode_dicom(ds: Dataset, apply_voi: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def decode_dicom(ds: Dataset, apply_voi: bool = False) -> tuple[np.ndarray, Grayscale]:
     """Decode the first frame and bring it to grayscale values where higher means brighter.
 
     Args:
@@ -149,8 +175,8 @@ def decode_dicom(ds: Dataset, apply_voi: bool = False) -> tuple[np.ndarray, np.n
         apply_voi: apply the VOI LUT Sequence or Window Centre / Width when present.
 
     Returns:
-        ``(raw, values)``: the decoded stored pixels of frame 0 (high bits masked; colour as RGB) and the
-        grayscale values, any real dtype, ready for min-max normalisation.
+        ``(raw, gray)``: the decoded stored pixels of frame 0 (high bits masked; colour as RGB) and the
+        grayscale, ready for min-max normalisation (see :class:`ingest.normalize.Grayscale`).
 
     Raises:
         RejectError: the decoder or a LUT failed (its message is kept).
@@ -159,10 +185,10 @@ def decode_dicom(ds: Dataset, apply_voi: bool = False) -> tuple[np.ndarray, np.n
     try:
         raw = _mask_unused_bits(pixel_array(ds, index=0), ds)
         if photometric == "PALETTE COLOR":
-            return raw, luminance(apply_color_lut(raw, ds))
+            return raw, Grayscale(luminance(apply_color_lut(raw, ds)))
         if raw.ndim == 3:
-            return raw, luminance(raw)
-        return raw, _grayscale_values(raw, ds, apply_voi)
+            return raw, Grayscale(luminance(raw))
+        return raw, _grayscale(raw, ds, apply_voi)
     except _DECODE_ERRORS as err:
         raise RejectError(f"DICOM pixel data cannot be decoded: {one_line(err)}") from err
 

@@ -14,14 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageOps
 
 from ingest import dicom
 from ingest.dicom import read_dicom_header
 from ingest.errors import RejectError
-from ingest.normalize import foreground_box, luminance, minmax_normalize
+from ingest.normalize import Grayscale, foreground_box_of, luminance, minmax_bounds, scale_to_unit
 
-__all__ = ["LoadedImage", "ReadConfig", "read_dicom_header", "read_image", "sniff_format"]
+__all__ = [
+    "DecodedImage",
+    "LoadedImage",
+    "ReadConfig",
+    "decode_image",
+    "read_dicom_header",
+    "read_image",
+    "sniff_format",
+]
 
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "png"),
@@ -37,6 +46,9 @@ _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.er
 _GRAY_MODES = {"1", "L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
 _MODE_BITS = {"1": 1, "I": 32, "F": 32, "I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16}
 _TIFF_BITS_PER_SAMPLE = 258
+# Modes Pillow exports through Arrow as one flat array, with the numpy dtype of their pixels (Arrow calls
+# "I;16" int16: the bits are the same).
+_ARROW_DTYPES = {"L": np.uint8, "I;16": np.uint16, "I": np.int32, "F": np.float32}
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,37 @@ class LoadedImage:
     :func:`pixel_sha1`)."""
 
 
+@dataclass
+class DecodedImage:
+    """One decoded image with its normalisation worked out but not applied.
+
+    ``scale_to_unit(values, zero, one)`` is the normalised image of :class:`LoadedImage`. Keeping the stored
+    numbers lets a caller shrink the image first (in its integer mode) and normalise only the small copy,
+    which gives the same result up to rounding because the map is linear.
+    """
+
+    values: np.ndarray
+    """``[H, W]`` stored numbers (integers where the file holds integers) or computed grayscale, any real
+    dtype."""
+    zero: float
+    """The value of ``values`` that normalises to 0 (larger than ``one`` for inverted data: MONOCHROME1)."""
+    one: float
+    """The value of ``values`` that normalises to 1."""
+    meta: dict
+    """As :attr:`LoadedImage.meta`."""
+    may_clip: bool = True
+    """Whether ``zero`` and ``one`` may lie inside the value range (percentile bounds), so that normalising
+    clips; when False they are the plain min and max and the map to [0, 1] is linear on this image."""
+
+    def normalized(self) -> np.ndarray:
+        """float32 ``[H, W]`` in [0, 1]: the min-max normalised image."""
+        return scale_to_unit(self.values, self.zero, self.one)
+
+    def foreground_box(self, tolerance: float) -> tuple[int, int, int, int]:
+        """``(y0, x0, y1, x1)``: the foreground box of :meth:`normalized`, computed on the stored numbers."""
+        return foreground_box_of(self.values, self.zero, self.one, tolerance)
+
+
 def sniff_format(path: Path) -> str:
     """The file's format from its first bytes: "dicom", "png", "jpeg" or "tiff".
 
@@ -129,7 +172,7 @@ def pixel_sha1(raw: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _read_dicom(path: Path, cfg: ReadConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+def _read_dicom(path: Path, cfg: ReadConfig) -> tuple[np.ndarray, Grayscale, dict]:
     """Raw pixels, grayscale values and meta of a DICOM file."""
     ds = dicom.open_dicom(path)
     header = dicom.header_fields(ds)
@@ -138,26 +181,45 @@ def _read_dicom(path: Path, cfg: ReadConfig) -> tuple[np.ndarray, np.ndarray, di
     if not header["rows"] or not header["cols"]:
         raise RejectError("DICOM has pixel data but no Rows / Columns")
     check_size(header["rows"], header["cols"], cfg)
-    raw, values = dicom.decode_dicom(ds, apply_voi=cfg.apply_voi_lut)
+    raw, gray = dicom.decode_dicom(ds, apply_voi=cfg.apply_voi_lut)
     photometric = header["photometric"]
     if raw.ndim == 3 or photometric == "PALETTE COLOR":
         photometric = f"{photometric}->L"
     meta = {
         "format": "dicom",
-        "height": values.shape[0],
-        "width": values.shape[1],
+        "height": gray.values.shape[0],
+        "width": gray.values.shape[1],
         "bits": header["bits"],
         "photometric": photometric,
         "patient_id": header["patient_id"],
         "frames": header["frames"],
     }
-    return raw, values, meta
+    return raw, gray, meta
+
+
+def _pixel_array(im: Image.Image) -> np.ndarray:
+    """A loaded image's pixels as a read-only array, sharing Pillow's memory where Pillow allows it.
+
+    ``np.asarray`` copies an image through ``tobytes`` (in chunks, then joined), which for a large radiograph
+    costs as much as everything the shard build does after decoding. Pillow (11.2 and later) exports an image
+    held in one memory block through the Arrow C data interface, and pyarrow turns that into a numpy view of
+    the same memory, kept alive by the view. Other modes, and images too large for one block (16 MiB by
+    default), are copied.
+    """
+    dtype = _ARROW_DTYPES.get(im.mode)
+    if dtype is not None and hasattr(im, "__arrow_c_array__"):
+        try:
+            flat = pa.array(im).to_numpy(zero_copy_only=True)
+        except ValueError:  # Pillow: "rows are not contiguous in memory" (several blocks)
+            return np.asarray(im)
+        return flat.view(dtype).reshape(im.height, im.width)
+    return np.asarray(im)
 
 
 def _pillow_arrays(im: Image.Image) -> tuple[np.ndarray, np.ndarray, str]:
     """Raw pixels, grayscale values and photometric of a loaded Pillow image."""
     if im.mode in _GRAY_MODES:
-        raw = np.asarray(im)
+        raw = _pixel_array(im)
         return raw, raw.astype(np.uint8) if raw.dtype == bool else raw, "MONOCHROME2"
     if im.mode == "LA":
         raw = np.asarray(im.getchannel("L"))
@@ -176,7 +238,7 @@ def _pillow_bits(im: Image.Image, fmt: str) -> int:
     return _MODE_BITS.get(im.mode, 8)
 
 
-def _read_pillow(path: Path, fmt: str, cfg: ReadConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+def _read_pillow(path: Path, fmt: str, cfg: ReadConfig) -> tuple[np.ndarray, Grayscale, dict]:
     """Raw pixels, grayscale values and meta of a PNG, JPEG or TIFF file (first frame / page)."""
     try:
         with Image.open(path, formats=[_PIL_FORMAT[fmt]]) as im:
@@ -200,7 +262,30 @@ def _read_pillow(path: Path, fmt: str, cfg: ReadConfig) -> tuple[np.ndarray, np.
         "patient_id": None,
         "frames": frames,
     }
-    return raw, values, meta
+    return raw, Grayscale(values), meta
+
+
+def decode_image(path: str | Path, cfg: ReadConfig = ReadConfig()) -> DecodedImage:
+    """Decode one image file and work out its normalisation, without making the normalised image.
+
+    Everything :func:`read_image` does (format detection, checks, DICOM pipeline, duplicate key, rejections)
+    except applying the map to [0, 1] and finding the foreground box: see :class:`DecodedImage`.
+
+    Raises:
+        RejectError: the file cannot be used; ``str(err)`` is the one-line reason.
+    """
+    path = Path(path)
+    fmt = sniff_format(path)
+    if fmt == "dicom":
+        raw, gray, meta = _read_dicom(path, cfg)
+    else:
+        raw, gray, meta = _read_pillow(path, fmt, cfg)
+    zero, one = minmax_bounds(
+        gray.values, cfg.percentile_low, cfg.percentile_high, slope=gray.slope, intercept=gray.intercept
+    )
+    meta["pixel_sha1"] = pixel_sha1(raw)
+    may_clip = cfg.percentile_low > 0 or cfg.percentile_high < 100
+    return DecodedImage(gray.values, zero, one, meta, may_clip)
 
 
 def read_image(path: str | Path, cfg: ReadConfig = ReadConfig()) -> LoadedImage:
@@ -222,12 +307,5 @@ def read_image(path: str | Path, cfg: ReadConfig = ReadConfig()) -> LoadedImage:
     Raises:
         RejectError: the file cannot be used; ``str(err)`` is the one-line reason.
     """
-    path = Path(path)
-    fmt = sniff_format(path)
-    if fmt == "dicom":
-        raw, values, meta = _read_dicom(path, cfg)
-    else:
-        raw, values, meta = _read_pillow(path, fmt, cfg)
-    pixels = minmax_normalize(values, cfg.percentile_low, cfg.percentile_high)
-    meta["pixel_sha1"] = pixel_sha1(raw)
-    return LoadedImage(pixels, foreground_box(pixels, cfg.foreground_tolerance), meta)
+    decoded = decode_image(path, cfg)
+    return LoadedImage(decoded.normalized(), decoded.foreground_box(cfg.foreground_tolerance), decoded.meta)

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from ingest.errors import RejectError
-from ingest.normalize import foreground_box, luminance, minmax_normalize
+from ingest.normalize import (
+    foreground_box,
+    foreground_box_of,
+    luminance,
+    minmax_bounds,
+    minmax_normalize,
+    scale_to_unit,
+)
 
 
 def test_minmax_maps_min_to_0_and_max_to_1_linearly():
@@ -51,6 +58,34 @@ def test_nan_rejected():
     arr[1, 1] = np.nan
     with pytest.raises(RejectError, match="NaN"):
         minmax_normalize(arr)
+
+
+def test_negative_slope_swaps_the_bounds_and_inverts():
+    arr = np.array([[100, 150], [200, 300]], dtype=np.uint16)
+    zero, one = minmax_bounds(arr, slope=-2.0, intercept=5.0)
+    assert (zero, one) == (300.0, 100.0)
+    np.testing.assert_allclose(scale_to_unit(arr, zero, one), 1.0 - minmax_normalize(arr), atol=1e-7)
+
+
+def test_percentiles_under_negative_slope_match_normalising_the_grayscale():
+    arr = np.random.default_rng(3).integers(0, 4096, (40, 50)).astype(np.uint16)
+    arr[0, :3] = [0, 4095, 4095]  # outliers at both ends
+    gray = -3.0 * arr.astype(np.float64) + 7.0  # what a rescale and a MONOCHROME1 inversion would give
+    bounds = minmax_bounds(arr, 2.0, 97.0, slope=-3.0, intercept=7.0)
+    np.testing.assert_allclose(scale_to_unit(arr, *bounds), minmax_normalize(gray, 2.0, 97.0), atol=1e-6)
+
+
+def test_constant_image_reports_the_grayscale_value():
+    flat = np.full((8, 8), 7, dtype=np.uint16)
+    with pytest.raises(RejectError, match=r"constant image \(min == max == 93\)"):
+        minmax_bounds(flat, slope=-1.0, intercept=100.0)
+    with pytest.raises(RejectError, match=r"constant image \(min == max == 4\)"):
+        minmax_bounds(np.arange(64).reshape(8, 8), slope=0.0, intercept=4.0)
+
+
+def test_non_finite_linear_map_rejected():
+    with pytest.raises(RejectError, match="NaN or infinite"):
+        minmax_bounds(np.arange(16).reshape(4, 4), slope=float("nan"))
 
 
 def test_luminance_uses_bt601_weights():
@@ -98,3 +133,40 @@ def test_foreground_tolerance_zero_needs_exactly_uniform_lines():
     img[4, 0] = 0.01
     assert foreground_box(img, 0.0) == (4, 0, 30, 30)
     assert foreground_box(img, 0.02) == (5, 0, 30, 30)
+
+
+def _reference_box(pixels01: np.ndarray, tolerance: float) -> tuple[int, int, int, int]:
+    """The foreground box the plain way: full row and column ranges of the float image, until stable."""
+    height, width = pixels01.shape
+    y0, x0, y1, x1 = 0, 0, height, width
+    while True:
+        uniform = np.ptp(pixels01[y0:y1, x0:x1], axis=1) <= tolerance
+        if uniform.all():
+            return 0, 0, height, width
+        y0, y1 = y0 + int(np.argmin(uniform)), y1 - int(np.argmin(uniform[::-1]))
+        uniform = np.ptp(pixels01[y0:y1, x0:x1], axis=0) <= tolerance
+        if uniform.all():
+            return 0, 0, height, width
+        left, right = int(np.argmin(uniform)), int(np.argmin(uniform[::-1]))
+        x0, x1 = x0 + left, x1 - right
+        if left == right == 0:
+            return y0, x0, y1, x1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_foreground_of_stored_values_matches_the_normalised_image(seed):
+    rng = np.random.default_rng(seed)
+    height, width = rng.integers(160, 300, size=2)
+    values = rng.integers(1000, 3000, (height, width)).astype(np.uint16)
+    top, bottom, left, right = rng.integers(0, 70, size=4)  # up to 70 lines: several scan blocks
+    border = rng.choice([400, 3600])
+    values[:top] = border
+    values[height - bottom :] = border
+    values[:, :left] = border + rng.integers(0, 40, (height, 1))  # a little noise per row: below 0.02
+    values[:, width - right :] = border
+    values[height // 2, width // 2 : width // 2 + 2] = 0, 4095  # the bounds, inside the foreground
+    zero, one = (4095.0, 0.0) if seed % 2 else (0.0, 4095.0)  # odd seeds: inverted (MONOCHROME1)
+    expected = _reference_box(scale_to_unit(values, zero, one), 0.02)
+    assert expected == (top, left, height - bottom, width - right)
+    assert foreground_box_of(values, zero, one, 0.02) == expected
+    assert foreground_box(scale_to_unit(values, zero, one), 0.02) == expected

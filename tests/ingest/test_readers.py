@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from ingest.errors import RejectError
-from ingest.readers import LoadedImage, ReadConfig, read_image
+from ingest.readers import LoadedImage, ReadConfig, decode_image, read_image
+from tests.ingest.test_dicom import _write_dicom
 
 
 def _minmax(arr: np.ndarray) -> np.ndarray:
@@ -132,6 +133,45 @@ def test_foreground_box_on_bordered_image(tmp_path):
     arr[:, 91:] = 255  # white frame
     img = read_image(_save(arr, tmp_path / "b.png"))
     assert img.foreground == (12, 7, 70, 91)
+
+
+def test_decode_image_is_read_image_before_normalising(tmp_path):
+    arr = np.random.default_rng(4).integers(500, 3000, (60, 70), dtype=np.uint16)
+    arr[:9] = 0
+    path = _save(arr, tmp_path / "d.png")
+    decoded, loaded = decode_image(path), read_image(path)
+    assert decoded.values.dtype == np.uint16  # the stored numbers, not a float copy
+    assert (decoded.zero, decoded.one) == (0.0, float(arr.max()))
+    np.testing.assert_array_equal(decoded.normalized(), loaded.pixels)
+    assert decoded.foreground_box(0.02) == loaded.foreground == (9, 0, 60, 70)
+    assert decoded.meta == loaded.meta
+
+
+def test_dicom_rescale_and_inversion_stay_unapplied(tmp_path):
+    arr = np.random.default_rng(6).integers(0, 4096, (32, 40), dtype=np.uint16)
+    path = _write_dicom(
+        tmp_path / "m1.dcm", arr, photometric="MONOCHROME1", RescaleSlope=2, RescaleIntercept=-1024
+    )
+    decoded = decode_image(path)
+    assert decoded.values.dtype == np.uint16  # no full-size float64 copy for a linear map
+    assert (decoded.zero, decoded.one) == (arr.max(), arr.min())  # inverted: the largest value maps to 0
+    np.testing.assert_allclose(decoded.normalized(), 1.0 - _minmax(arr), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_pixels_same_when_pillow_holds_the_image_in_several_blocks(tmp_path, dtype):
+    # Pillow's memory is shared with numpy only for images in one block; others are copied. Both agree.
+    arr = np.random.default_rng(5).integers(0, np.iinfo(dtype).max, (64, 100)).astype(dtype)
+    path = _save(arr, tmp_path / "blocks.png")
+    one_block = decode_image(path).values
+    default = Image.core.get_block_size()
+    Image.core.set_block_size(4096)  # far below the image's size: rows land in several blocks
+    try:
+        many_blocks = decode_image(path).values
+    finally:
+        Image.core.set_block_size(default)
+    np.testing.assert_array_equal(one_block, arr)
+    np.testing.assert_array_equal(many_blocks, arr)
 
 
 def test_pixel_sha1_identifies_pixels(tmp_path):

@@ -19,6 +19,7 @@ import pydicom
 import pytest
 from PIL import Image
 
+from ingest.readers import read_image
 from radstream.config import load_config
 from shards.build import run_build
 from shards.config import BuildConfig
@@ -58,6 +59,16 @@ def test_tiny_build_counts_and_layout(tiny_shards: Path) -> None:
     for s in samples:
         assert split_of.setdefault(s["patient_id"], s["split"]) == s["split"]
     assert not list(tiny_shards.glob("*/*/.*")), "temporary files left behind"
+
+
+def test_samples_carry_the_readers_foreground_box(tiny_shards: Path, synth_corpus: Path) -> None:
+    # The build finds the box on the stored numbers; read_image on the normalised image: the same box.
+    samples = pq.read_table(tiny_shards / "samples.parquet").to_pylist()
+    for s in samples[:: max(1, len(samples) // 12)]:
+        loaded = read_image(synth_corpus / "images" / s["source"])
+        assert tuple(s["foreground"]) == loaded.foreground
+        assert (s["height"], s["width"]) == loaded.pixels.shape
+    assert any(tuple(s["foreground"]) != (0, 0, s["height"], s["width"]) for s in samples)
 
 
 def test_verify_passes_then_catches_damage(tiny_shards: Path, tmp_path: Path) -> None:
@@ -166,8 +177,15 @@ def test_bad_inputs_are_rejected_with_reasons(tmp_path: Path) -> None:
     cfg = load_config(
         BuildConfig,
         None,
-        [f"source={src}", f"out={tmp_path / 'out'}", f"ingest.manifest_csv={src / 'manifest.csv'}",
-         "ingest.labels=irma", "binning.strategy=fixed", "binning.shape=32x32", "ingest.splits.fractions=[1,0,0]"],
+        [
+            f"source={src}",
+            f"out={tmp_path / 'out'}",
+            f"ingest.manifest_csv={src / 'manifest.csv'}",
+            "ingest.labels=irma",
+            "binning.strategy=fixed",
+            "binning.shape=32x32",
+            "ingest.splits.fractions=[1,0,0]",
+        ],
     )
     run_build(cfg)
     manifest = finalize(cfg)
@@ -185,6 +203,7 @@ def test_bad_inputs_are_rejected_with_reasons(tmp_path: Path) -> None:
 _KILL_SCRIPT = """
 import sys
 from radstream.config import load_config
+from ingest.readers import read_image
 from shards.build import run_build
 from shards.config import BuildConfig
 cfg = load_config(BuildConfig, None, sys.argv[1:])
@@ -193,8 +212,12 @@ run_build(cfg)
 
 
 def test_sigkill_then_rerun_gives_identical_shards(synth_corpus: Path, tmp_path: Path) -> None:
-    args = [f"source={synth_corpus / 'images'}", "shards.part_size=6", "shards.max_samples_per_shard=3",
-            "binning.max_tokens=24"]
+    args = [
+        f"source={synth_corpus / 'images'}",
+        "shards.part_size=6",
+        "shards.max_samples_per_shard=3",
+        "binning.max_tokens=24",
+    ]
     clean = tmp_path / "clean"
     cfg = load_config(BuildConfig, None, [*args, f"out={clean}"])
     run_build(cfg)
@@ -214,3 +237,54 @@ def test_sigkill_then_rerun_gives_identical_shards(synth_corpus: Path, tmp_path:
     finalize(cfg_k)
     assert _tar_digests(clean) == _tar_digests(killed)
     assert verify_shards(killed).ok
+
+
+def test_an_unexpected_failure_on_one_file_is_a_reject_not_a_crash(tmp_path: Path, monkeypatch) -> None:
+    """A decoder bug on one file (here: a TypeError from a monkeypatched decoder) rejects that file only."""
+    import shards.build as build
+
+    src = tmp_path / "src"
+    rng = np.random.default_rng(3)
+    for name in ("a.png", "b.png", "boom.png"):
+        _write_png(src / name, (rng.random((48, 64)) * 255).astype(np.uint8))
+    real = build.decode_image
+
+    def flaky(path, cfg):
+        if Path(path).name == "boom.png":
+            raise TypeError("float() argument must be a string or a real number, not 'NoneType'")
+        return real(path, cfg)
+
+    monkeypatch.setattr(build, "decode_image", flaky)
+    cfg = load_config(
+        BuildConfig,
+        None,
+        [
+            f"source={src}",
+            f"out={tmp_path / 'out'}",
+            "binning.strategy=fixed",
+            "binning.shape=32x32",
+            "ingest.splits.fractions=[1,0,0]",
+        ],
+    )
+    run_build(cfg)
+    manifest = finalize(cfg)
+    assert manifest["counts"]["written"] == 2 and manifest["counts"]["rejected"] == 1
+    reject = json.loads((tmp_path / "out" / "rejects.jsonl").read_text().splitlines()[0])
+    assert reject["path"] == "boom.png" and reject["reason"].startswith("unexpected TypeError")
+
+
+def test_dicom_with_empty_rescale_slope_is_read_as_no_rescale(tmp_path: Path) -> None:
+    from ingest.readers import read_image
+
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = "1.2.3.4.6"
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 32, 32, 16, 12, 11
+    ds.SamplesPerPixel, ds.PixelRepresentation, ds.PhotometricInterpretation = 1, 0, "MONOCHROME2"
+    ds.RescaleSlope, ds.RescaleIntercept = "", ""
+    ds.PixelData = (np.arange(32 * 32, dtype=np.uint16) % 4096).tobytes()
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    img = read_image(tmp_path / "x.dcm")
+    assert img.pixels.min() == 0.0 and img.pixels.max() == 1.0
