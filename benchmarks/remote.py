@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from shards.codecs import decode  # noqa: E402
 from shards.loader import build_loader  # noqa: E402
 from shards.loader_config import LoaderConfig  # noqa: E402
-from shards.remote import Lookahead, RemoteConfig, filesystem, publish, resolve_dataset, shard_schedule  # noqa: E402
+from shards.publish import publish  # noqa: E402
+from shards.remote import Lookahead, RemoteConfig, filesystem, resolve_dataset, shard_schedule  # noqa: E402
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 

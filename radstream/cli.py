@@ -67,7 +67,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from shards.build import run_build
     from shards.manifest import finalize
-    from shards.remote import is_remote, publish
+    from shards.publish import publish
+    from shards.remote import is_remote
 
     remote_out = args.out if is_remote(args.out) else None
     if remote_out:
@@ -96,7 +97,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from shards.remote import publish
+    from shards.publish import publish
 
     done = publish(args.out, args.url, workers=args.workers)
     print(

@@ -12,7 +12,7 @@ std; 0 for one seed). Writes ``results.csv`` (every model × regime), ``results.
 2: 1% of the labels, as the study, plus a 10% table; the study's figure beside ours) and
 ``accuracy_vs_fraction.png``. MAE runs get a table of their own in ``results.md`` ("MAE pretraining": one row
 per run, the base LR with the lowest validation loss marked, as the study chose it; the study's test MSE
-below) and ``pretrain.csv``; files of a kind without runs are not written.
+below) and ``pretrain.csv``, from ``train.report_mae``; files of a kind without runs are not written.
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from omegaconf import OmegaConf
+
+if TYPE_CHECKING:
+    from train.report_mae import PretrainRecord
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +66,6 @@ STUDY = {
 """The reference study's test top-1 accuracy (IRMA, 8 classes; ARCHITECTURE.md §1)."""
 HEADER = ("Model", "Top-1 (ours)", "Top-1 (study)", "Chosen LR", "Seeds")
 """Columns of every accuracy table in results.md."""
-MAE_TITLE = "MAE pretraining"
-MAE_HEADER = ("Run", "Base LR", "Peak LR", "Best val loss", "Test MSE", "Epochs", "Stopped", "Chosen")
-"""Columns of the MAE pretraining table in results.md."""
-MAE_STUDY = {"test_mse": 0.002475, "epochs": 36}
-"""The reference study's MAE: test MSE and the epoch early stopping ended it at (ARCHITECTURE.md §1)."""
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -263,107 +261,6 @@ def select_best(records: Iterable[RunRecord]) -> list[Selection]:
     return out
 
 
-# ------------------------------------------------------------------------------------- MAE pretraining
-
-
-@dataclass(frozen=True)
-class PretrainRecord:
-    """One MAE pretraining run: ``train.pretrain``'s summary.json and the config.yaml beside it."""
-
-    run: str
-    """The run folder's name (``lr-<rate>`` in a sweep)."""
-    base_lr: float
-    """``optim.base_lr``: the rate per 256 images, the one a sweep varies."""
-    peak_lr: float
-    """The absolute rate it trained with (base_lr x global batch / 256)."""
-    seed: int
-    best_val_loss: float | None
-    """Validation loss (the MAE objective) of the best epoch; None when no epoch ended."""
-    test_mse: float
-    """Pixel MSE of the masked patches on the test split: the study's figure."""
-    epochs: int
-    """Epochs completed."""
-    stopped: str
-    """Why training ended: done | early_stop | max_steps."""
-    source: str
-
-
-def _pretrain_record(path: Path, data: dict) -> PretrainRecord | None:
-    """The record of a summary.json, or None when it is not one of ``train.pretrain``."""
-    if not {"best_val_loss", "test_mse", "epochs_completed", "peak_lr"} <= data.keys():
-        logger.debug("%s: not an MAE pretraining summary, skipped", path)
-        return None
-    config = path.parent / "config.yaml"
-    cfg = OmegaConf.load(config) if config.is_file() else OmegaConf.create()
-    base_lr = OmegaConf.select(cfg, "optim.base_lr")
-    if base_lr is None:  # no config beside it: back from the absolute rate, peak = base x batch / 256
-        base_lr = float(f"{data['peak_lr'] * 256 / data['global_batch']:.6g}")
-    best = data["best_val_loss"]
-    return PretrainRecord(
-        path.parent.name, float(base_lr), float(data["peak_lr"]), int(OmegaConf.select(cfg, "run.seed") or 0),
-        None if best is None else float(best), float(data["test_mse"]), int(data["epochs_completed"]),
-        str(data.get("stopped", "")), str(path),
-    )  # fmt: skip
-
-
-def collect_pretrain(run_dirs: Iterable[str | Path]) -> list[PretrainRecord]:
-    """Every MAE pretraining run (``summary.json``) under ``run_dirs`` (searched recursively).
-
-    Raises:
-        FileNotFoundError: a run folder that does not exist.
-        ValueError: an unreadable summary, or the same (base LR, seed) found twice.
-    """
-    records = [
-        r
-        for path in _result_files(run_dirs, ("summary.json",))
-        if (r := _pretrain_record(path, _read_json(path))) is not None
-    ]
-    _refuse_twice(records, lambda r: (r.base_lr, r.seed), "MAE base lr {0} seed {1}")
-    return records
-
-
-def choose_pretrain_lr(records: Iterable[PretrainRecord]) -> float | None:
-    """The base LR with the lowest best validation loss averaged over its seeds (ties: the smaller rate), as
-    the study chose the MAE's; None when no run has a validation loss."""
-    by_lr: dict[float, list[float]] = defaultdict(list)
-    for r in records:
-        if r.best_val_loss is not None:
-            by_lr[r.base_lr].append(r.best_val_loss)
-    return min(sorted(by_lr), key=lambda lr: float(np.mean(by_lr[lr])), default=None)
-
-
-def pretrain_markdown(records: Sequence[PretrainRecord]) -> list[str]:
-    """The "MAE pretraining" section of results.md: a row per run (by base LR), the chosen one marked ✓,
-    the study's figures last."""
-    chosen = choose_pretrain_lr(records)
-    lines = [
-        "", f"## {MAE_TITLE}", "",
-        "Validation loss: the MAE objective on the validation split, best epoch. Test MSE: masked patches, [0, 1]",
-        "pixels, on the test split. Base LR chosen on the lowest validation loss (mean over seeds), as the study: ✓.",
-        "", "| " + " | ".join(MAE_HEADER) + " |", "|" + "---|" * len(MAE_HEADER),
-    ]  # fmt: skip
-    for r in sorted(records, key=lambda r: (r.base_lr, r.seed)):
-        val = "—" if r.best_val_loss is None else f"{r.best_val_loss:.4g}"
-        cells = [r.run, _fmt_lr(r.base_lr), _fmt_lr(r.peak_lr), val, f"{r.test_mse:.4g}", r.epochs, r.stopped]
-        lines.append("| " + " | ".join(map(str, cells)) + (" | ✓ |" if r.base_lr == chosen else " |  |"))
-    study = MAE_STUDY
-    lines.append(f"| Study | — | — | — | {study['test_mse']:.4g} | {study['epochs']} | early_stop |  |")
-    return lines
-
-
-def pretrain_csv(records: Sequence[PretrainRecord]) -> str:
-    """pretrain.csv: one row per MAE run, by base LR; ``chosen`` is 1 on the rows of the chosen rate."""
-    chosen = choose_pretrain_lr(records)
-    fields = ["run", "base_lr", "peak_lr", "seed", "best_val_loss", "test_mse", "epochs", "stopped", "chosen",
-              "study_test_mse", "source"]  # fmt: skip
-    rows = [
-        [r.run, r.base_lr, r.peak_lr, r.seed, "" if r.best_val_loss is None else r.best_val_loss, r.test_mse,
-         r.epochs, r.stopped, int(r.base_lr == chosen), MAE_STUDY["test_mse"], r.source]
-        for r in sorted(records, key=lambda r: (r.base_lr, r.seed))
-    ]  # fmt: skip
-    return _csv(fields, rows)
-
-
 # --------------------------------------------------------------------------------------- tables and plot
 
 
@@ -385,6 +282,9 @@ def _find(selections: Sequence[Selection], model: str, fraction: float) -> Selec
 def markdown(selections: Sequence[Selection], pretrain: Sequence[PretrainRecord] = ()) -> str:
     """results.md: one accuracy table per regime, rows in the study's order, the study's figure beside ours;
     then the MAE pretraining runs, if any (without accuracy results, only they)."""
+    # Imported here, not at the top: train.report_mae reuses this module's readers and formatters.
+    from train.report_mae import pretrain_markdown
+
     lines = ["# Results"]
     if selections or not pretrain:
         lines += _accuracy_tables(selections)
@@ -482,6 +382,8 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path) -> list[Select
     Raises:
         ValueError: no probe, supervised or MAE pretraining result under ``run_dirs``.
     """
+    from train.report_mae import collect_pretrain, pretrain_csv  # here: see markdown()
+
     run_dirs = list(run_dirs)
     records, pretrain = collect(run_dirs), collect_pretrain(run_dirs)
     if not records and not pretrain:
@@ -503,6 +405,8 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path) -> list[Select
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``radstream report``: print the markdown tables after writing them."""
+    from train.report_mae import MAE_TITLE  # here: see markdown()
+
     selections = write_report(args.run_dirs, args.out)
     text = (Path(args.out) / "results.md").read_text()
     print(text, end="")

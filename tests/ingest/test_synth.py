@@ -18,12 +18,12 @@ from pydicom.pixels import apply_modality_lut
 from ingest.synth import (
     IRMA_CODES,
     REGION_COUNTS,
-    encode_png,
     plan_corpus,
     region_counts,
     synthesize,
 )
 from ingest.synth_anatomy import radiograph
+from ingest.synth_formats import encode_png
 
 REGION_DIGITS = {name: str(digit) for digit, name in enumerate(REGION_COUNTS, start=1)}
 

@@ -23,6 +23,7 @@ from shards import cache as cache_module  # noqa: E402
 from shards.loader import build_loader  # noqa: E402
 from shards.loader_config import LoaderConfig  # noqa: E402
 from shards.manifest import read_manifest, read_samples  # noqa: E402
+from shards.publish import publish  # noqa: E402
 from shards.remote import (  # noqa: E402
     CacheFullError,
     ChecksumError,
@@ -33,7 +34,6 @@ from shards.remote import (  # noqa: E402
     filesystem,
     is_transient,
     open_dataset,
-    publish,
     resolve_dataset,
     s3_endpoint,
     shard_entries,

@@ -13,23 +13,19 @@ from radstream.config import load_config, to_yaml
 from train.config import PretrainConfig
 from train.report import (
     HEADER,
-    MAE_HEADER,
-    MAE_TITLE,
     MODELS,
     STUDY,
-    PretrainRecord,
     RunRecord,
     add_report_parser,
     balanced_accuracy,
-    choose_pretrain_lr,
     collect,
-    collect_pretrain,
     confusion_matrix,
     markdown,
     per_class_recall,
     select_best,
     write_report,
 )
+from train.report_mae import MAE_HEADER, MAE_TITLE, PretrainRecord, choose_pretrain_lr, collect_pretrain
 
 LRS = (1e-3, 1e-2, 1e-1)
 

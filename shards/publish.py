@@ -1,0 +1,108 @@
+"""Publishing a finished local shard build to ``s3://`` or a local folder, so that readers never see a
+manifest whose shards are missing (``shards.remote`` reads what this writes)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from shards.remote import RemoteConfig, filesystem, shard_entries, with_retries
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _dataset_files(out: Path, manifest: dict) -> list[tuple[str, int, str | None]]:
+    """(rel, bytes, sha256 or None) of every shard and index of a local build, checked against the manifest."""
+    files = []
+    for rel, entry in shard_entries(manifest).items():
+        tar, idx = out / rel, (out / rel).with_suffix(".idx")
+        if not tar.is_file() or tar.stat().st_size != entry["bytes"]:
+            raise FileNotFoundError(f"{tar}: missing or not the {entry['bytes']} bytes the manifest lists")
+        if not idx.is_file():
+            raise FileNotFoundError(f"{idx}: the index of a listed shard is missing")
+        files += [
+            (rel, entry["bytes"], entry["sha256"]),
+            (str(idx.relative_to(out)), idx.stat().st_size, None),
+        ]
+    return files
+
+
+def publish(
+    local_out: str | os.PathLike[str], url: str, cfg: RemoteConfig | None = None, workers: int = 8
+) -> dict:
+    """Upload a finished local build to ``url`` (``s3://bucket/prefix`` or a local folder).
+
+    Order: shards and indexes first, then ``samples.parquet`` and ``rejects.jsonl``, ``manifest.json``
+    last, so a reader never sees a manifest whose files are missing. A different manifest already there is
+    deleted first, so readers of the old dataset get "no manifest" rather than mixed shards. Resume: a file
+    already there with the same size is skipped, unless the old manifest lists that shard with another
+    sha256 (a rebuild that kept the size); an index is uploaded again whenever its tar is.
+
+    Returns:
+        ``{"uploaded": files, "skipped": files, "bytes": bytes uploaded}``.
+
+    Raises:
+        ValueError: ``url`` is http(s) (read-only).
+        FileNotFoundError: the build is not finished or a listed file is missing or of the wrong size.
+        RemoteError: the store kept failing.
+    """
+    from tqdm import tqdm
+
+    cfg, out = cfg or RemoteConfig(), Path(local_out)
+    if str(url).startswith(("http://", "https://")):
+        raise ValueError(f"cannot publish to {url}: HTTP is read-only here; publish to s3:// and serve that")
+    manifest_raw = (out / "manifest.json").read_bytes() if (out / "manifest.json").is_file() else None
+    if manifest_raw is None:
+        raise FileNotFoundError(f"{out}: no manifest.json (finish the build with finalize-shards first)")
+    files = _dataset_files(out, json.loads(manifest_raw))
+    fs, base = filesystem(str(url), cfg)
+
+    def retry(call: Callable[[], T], what: str) -> T:
+        return with_retries(call, f"{what} {url}", cfg.retries, cfg.backoff_s)
+
+    fs.invalidate_cache()
+    try:
+        there = {
+            p[len(base) + 1 :]: int(i["size"])
+            for p, i in retry(lambda: fs.find(base, detail=True), "list").items()
+        }
+    except FileNotFoundError:
+        there = {}
+    old_sha = {}
+    if "manifest.json" in there:
+        old = retry(lambda: fs.cat_file(f"{base}/manifest.json"), "read manifest")
+        if old != manifest_raw:
+            old_sha = {rel: e["sha256"] for rel, e in shard_entries(json.loads(old)).items()}
+            retry(lambda: fs.rm_file(f"{base}/manifest.json"), "delete old manifest")
+    todo, tar_sent = [], False
+    for rel, size, sha in files:
+        same = there.get(rel) == size and (sha is None or old_sha.get(rel, sha) == sha)
+        tar_sent = (not same) if sha is not None else tar_sent
+        if not same or (sha is None and tar_sent):
+            todo.append((rel, size))
+    meta = [name for name in ("samples.parquet", "rejects.jsonl") if (out / name).is_file()]
+
+    def put(rel: str) -> None:
+        retry(lambda: fs.put_file(str(out / rel), f"{base}/{rel}"), f"upload {rel} to")
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(
+            tqdm(pool.map(put, [rel for rel, _ in todo]), total=len(todo), desc="publish shards", unit="file")
+        )
+    for rel in [*meta, "manifest.json"]:
+        put(rel)
+    sent = sum(size for _, size in todo) + sum((out / rel).stat().st_size for rel in [*meta, "manifest.json"])
+    log.info(
+        "published %s to %s: %d shard files uploaded, %d already there",
+        out,
+        url,
+        len(todo),
+        len(files) - len(todo),
+    )
+    return {"uploaded": len(todo) + len(meta) + 1, "skipped": len(files) - len(todo), "bytes": sent}
