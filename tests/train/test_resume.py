@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from accelerate import Accelerator
 
 import train.pretrain as pretrain
 from radstream.config import load_config
+from tests.train.stopping import sigterm_after_first_step
 from train.checkpoint import LATEST, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from train.config import PretrainConfig
 
@@ -108,18 +107,8 @@ def test_sigterm_exits_124_with_checkpoint(tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "train.pretrain", "--config", str(RECIPE), f"shards={tiny_shards}",
            f"run_dir={run_dir}", "run.epochs=200", "run.grid_images=0", "checkpoint.every_steps=0"]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        metrics = run_dir / "metrics.jsonl"
-        while not (metrics.is_file() and metrics.read_text()) and proc.poll() is None:
-            time.sleep(0.2)  # wait for the first logged step
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 124, stderr.decode()[-2000:]
+    code, stderr = sigterm_after_first_step(cmd, run_dir)
+    assert code == 124, stderr
     latest = latest_checkpoint(run_dir)
     assert latest is not None
     saved = json.loads((latest / "loop_state.json").read_text())

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from safetensors.torch import save_file
 
 import train.supervised as supervised
 from radstream.config import ConfigError, load_config
+from tests.train.stopping import sigterm_after_first_step
 from train.checkpoint import latest_checkpoint
 from train.classifier import adapt_state, build_classifier
 from train.supervised import ClassifierConfig, SupervisedConfig, run
@@ -194,19 +193,8 @@ def test_sigterm_exits_124_with_checkpoint_and_stop_marker(tmp_path: Path, tiny_
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "train.supervised", "--config", str(RECIPES / "debug_vit.yaml"),
            f"shards={tiny_shards}", f"run_dir={run_dir}", "run.epochs=200"]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    repo = RECIPES.parents[1]
-    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        metrics = run_dir / "metrics.jsonl"
-        while not (metrics.is_file() and metrics.read_text()) and proc.poll() is None:
-            time.sleep(0.2)  # wait for the first logged step: the handlers are installed by then
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 124, stderr.decode()[-2000:]
+    code, stderr = sigterm_after_first_step(cmd, run_dir)
+    assert code == 124, stderr
     saved = json.loads((latest_checkpoint(run_dir) / "loop_state.json").read_text())
     assert saved["step"] == saved["loop"]["step"] >= 1
     assert max(r["step"] for r in lines(run_dir, "train")) == saved["step"]  # the step under way was saved
