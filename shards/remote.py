@@ -180,7 +180,7 @@ class ShardStore:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.url = str(root)
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # absolute: the loader joins shard names onto it, rel() strips it
         """A folder laid out like the dataset (manifest.json, samples.parquet, shards on demand)."""
         self.manifest = read_manifest(self.root)
 

@@ -311,3 +311,12 @@ def test_a_corrupt_image_fails_with_its_key(tiny_shards: Path, tmp_path: Path, b
     loader = make(root, backend, "val", train=False, batch_size=2)
     with pytest.raises((ValueError, RuntimeError), match=row["key"]):
         epoch_batches(loader)
+
+
+def test_a_relative_dataset_root_works(tiny_shards, monkeypatch) -> None:
+    """`make demo` passes demo_out/shards: a relative root must reach the same files as the absolute one."""
+    monkeypatch.chdir(tiny_shards.parent)
+    cfg = LoaderConfig(backend="torch", batch_size=4, num_workers=0)
+    relative = [b["key"] for b in build_loader(cfg, tiny_shards.name, "val", train=False)]
+    absolute = [b["key"] for b in build_loader(cfg, tiny_shards, "val", train=False)]
+    assert relative == absolute and relative
