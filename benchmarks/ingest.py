@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from radstream.config import load_config  # noqa: E402
+from core.config import load_config  # noqa: E402
 from shards.build import run_build  # noqa: E402
 from shards.config import BuildConfig  # noqa: E402
 from shards.manifest import finalize  # noqa: E402

@@ -45,8 +45,8 @@ from shards.manifest import read_manifest, read_samples  # noqa: E402
 
 def build_shards(tmp: Path, images: int, max_side: int, max_tokens: int, codec: str, workers: int) -> Path:
     """A synthetic corpus → a finalized shard dataset with smart bins."""
+    from core.config import load_config
     from ingest.synth import synthesize
-    from radstream.config import load_config
     from shards.build import run_build
     from shards.config import BuildConfig
     from shards.manifest import finalize

@@ -42,8 +42,8 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_D
 
 def build_dataset(work: Path, n: int) -> Path:
     """A finalized shard dataset of ``n`` synthetic radiographs (built once per work folder and n)."""
+    from core.config import load_config
     from ingest.synth import synthesize
-    from radstream.config import load_config
     from shards.build import run_build
     from shards.config import BuildConfig
     from shards.manifest import finalize

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from core.atomic import write_bytes
 from ingest.synth_anatomy import radiograph
 from ingest.synth_formats import SYNTH_VERSION, dicom_bytes, encode_png, stored_values
 
@@ -302,13 +303,6 @@ def _check_args(n: int, seed: int, max_side: int, workers: int) -> None:
         raise ValueError(f"workers={workers}: must be at least 1")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` under a hidden temporary name beside ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def make_image(out_dir: str, spec: ImageSpec, seed: int) -> bool:
     """Draw and write one image unless its file exists; returns whether it was written."""
     path = Path(out_dir) / spec.relpath
@@ -316,7 +310,7 @@ def make_image(out_dir: str, spec: ImageSpec, seed: int) -> bool:
         return False
     rng = np.random.default_rng([seed, 1, spec.index])
     values = stored_values(spec, radiograph(spec.region, spec.height, spec.width, rng), rng)
-    _write_atomic(path, dicom_bytes(spec, values, seed) if spec.fmt == "dicom" else encode_png(values))
+    write_bytes(path, dicom_bytes(spec, values, seed) if spec.fmt == "dicom" else encode_png(values))
     return True
 
 
@@ -357,9 +351,9 @@ def _write_tables(out: Path, specs: list[ImageSpec]) -> None:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["path", "label", "irma_code", "patient_id"])
     writer.writerows([s.relpath, s.region, s.irma_code, s.patient_id] for s in specs)
-    _write_atomic(out / "manifest.csv", buf.getvalue().encode())
+    write_bytes(out / "manifest.csv", buf.getvalue().encode())
     lines = ["image_id;irma_code"] + [f"{Path(s.relpath).stem};{s.irma_code}" for s in specs]
-    _write_atomic(out / "irma_codes.csv", ("\n".join(lines) + "\n").encode())
+    write_bytes(out / "irma_codes.csv", ("\n".join(lines) + "\n").encode())
 
 
 def _claim_folder(out: Path, parameters: dict) -> None:
@@ -374,7 +368,7 @@ def _claim_folder(out: Path, parameters: dict) -> None:
             )
         return
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(
+    write_bytes(
         meta, json.dumps({"version": SYNTH_VERSION, "parameters": parameters, "complete": False}).encode()
     )
 
@@ -409,7 +403,7 @@ def synthesize(
     written = _make_images([(str(out), s, seed) for s in specs], workers)
     _write_tables(out, specs)
     summary = _summary(specs, n, seed, max_side, out)
-    _write_atomic(out / "synth.json", (json.dumps({**summary, "complete": True}, indent=2) + "\n").encode())
+    write_bytes(out / "synth.json", (json.dumps({**summary, "complete": True}, indent=2) + "\n").encode())
     seconds = time.perf_counter() - start
     result = {
         **summary,

@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from radstream.config import ConfigError
+from core.config import ConfigError
 
 log = logging.getLogger("radstream")
 
@@ -41,7 +41,7 @@ def _build_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _load_build_config(args: argparse.Namespace):
-    from radstream.config import load_config
+    from core.config import load_config
     from shards.config import BuildConfig
 
     return load_config(BuildConfig, args.config, _build_overrides(args))

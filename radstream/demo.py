@@ -64,7 +64,7 @@ def stage_synth(out: Path, size: DemoSize, seed: int, workers: int) -> Path:
 
 
 def stage_shards(out: Path, src: Path, size: DemoSize, workers: int, seed: int) -> Path:
-    from radstream.config import load_config
+    from core.config import load_config
     from radstream.pictures import bin_pictures
     from shards.build import run_build
     from shards.config import BuildConfig

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from bucketing.bins import Bin, BinningConfig, assign_with_config, plan_bins, plan_report
-from radstream.config import load_config
+from core.config import load_config
 
 
 def _binning_overrides(overrides: Sequence[str]) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bucketing.bins import Bin, BinningConfig, assign_with_config, fit_geometry
+from core.atomic import write_json
 from ingest.dicom import one_line
 from ingest.errors import RejectError
 from ingest.readers import ReadConfig, decode_image
@@ -218,9 +218,7 @@ def build_part(cfg: BuildConfig, plan: BuildPlan, part: int) -> dict:
     }
     parts_dir = out / "_work" / "parts"
     parts_dir.mkdir(parents=True, exist_ok=True)
-    tmp = parts_dir / f".part-{part:04d}.json.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, parts_dir / f"part-{part:04d}.json")
+    write_json(parts_dir / f"part-{part:04d}.json", record, indent=None)
     return record
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -16,7 +15,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from radstream.config import to_dict
+from core.atomic import write_bytes
+from core.config import to_dict
 from shards.config import BuildConfig
 from shards.index import read_index
 from shards.plan import BuildPlan, get_plan
@@ -59,12 +59,6 @@ def _with_offsets(out: Path, rows: list[dict], shards: list[dict], ext: str) -> 
     return rows
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def finalize(cfg: BuildConfig) -> dict:
     """Merge every part into the dataset's manifest, samples table and rejects list; returns the manifest."""
     from shards.codecs import extension
@@ -88,14 +82,14 @@ def finalize(cfg: BuildConfig) -> dict:
     table = pa.Table.from_pylist(rows)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    _atomic_write(out / "samples.parquet", sink.getvalue().to_pybytes())
+    write_bytes(out / "samples.parquet", sink.getvalue().to_pybytes())
     lines = [json.dumps(r) for r in rejects] + [
         json.dumps({"path": d["path"], "reason": f"duplicate of {d['duplicate_of']} (same pixels)"})
         for d in duplicates
     ]
-    _atomic_write(out / "rejects.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
+    write_bytes(out / "rejects.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
     manifest = _manifest(cfg, plan, rows, shards, rejects, duplicates, cross)
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    write_bytes(out / "manifest.json", json.dumps(manifest, indent=1).encode())
     return manifest
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
@@ -20,11 +19,12 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from bucketing.bins import Bin, plan_bins
+from core.atomic import write_bytes
+from core.config import load_config, to_dict, to_yaml
 from ingest.labels import class_names_for
 from ingest.scan import scan_one
 from ingest.sources import SourceItem, discover
 from ingest.splits import assign_splits, label_fractions
-from radstream.config import load_config, to_dict, to_yaml
 from shards.config import BuildConfig
 
 log = logging.getLogger(__name__)
@@ -174,19 +174,13 @@ def make_plan(cfg: BuildConfig) -> BuildPlan:
     )
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def save_plan(plan: BuildPlan, work_dir: Path) -> None:
     """Write ``plan.json`` (small fields) and ``plan.parquet`` (one row per item), each atomically."""
     work_dir.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(plan.items)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    _atomic_write_bytes(work_dir / "plan.parquet", sink.getvalue().to_pybytes())
+    write_bytes(work_dir / "plan.parquet", sink.getvalue().to_pybytes())
     head = {
         "version": PLAN_VERSION,
         "fingerprint": plan.fingerprint,
@@ -196,7 +190,7 @@ def save_plan(plan: BuildPlan, work_dir: Path) -> None:
         "seen": plan.seen,
         "num_parts": plan.num_parts,
     }
-    _atomic_write_bytes(work_dir / "plan.json", json.dumps(head, indent=1).encode())
+    write_bytes(work_dir / "plan.json", json.dumps(head, indent=1).encode())
 
 
 def load_plan(work_dir: Path, fingerprint: str) -> BuildPlan | None:
@@ -227,7 +221,7 @@ def get_plan(cfg: BuildConfig) -> BuildPlan:
     if plan is None:
         plan = make_plan(cfg)
         save_plan(plan, work_dir)
-        _atomic_write_bytes(work_dir / "config.yaml", to_yaml(cfg).encode())
+        write_bytes(work_dir / "config.yaml", to_yaml(cfg).encode())
         log.info(
             "plan: %d images in %d parts, %d bins, %d rejected early",
             len(plan.items),

@@ -38,6 +38,7 @@ from typing import TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.atomic import write_bytes
 from shards.cache import CacheFullError, ChecksumError, Lookahead, ShardCache, shard_schedule  # noqa: F401
 from shards.index import verify_index
 from shards.manifest import read_manifest, read_samples
@@ -307,9 +308,7 @@ class RemoteStore(ShardStore):
             if rows != written:
                 raise ValueError(f"{self.url}/samples.parquet has {rows} rows, the manifest says {written}")
             for path, content in ((samples, data), (cached, raw)):  # manifest last: it marks "complete"
-                tmp = path.with_name(f".{path.name}.tmp")
-                tmp.write_bytes(content)
-                os.replace(tmp, path)
+                write_bytes(path, content)
         return manifest
 
     def _invalidate(self, old: dict, new: dict) -> None:

@@ -29,7 +29,7 @@ def synth_corpus(tmp_path_factory) -> Path:
 
 def build_tiny_shards(source: Path, out: Path, *overrides: str) -> Path:
     """Build a finalized shard dataset from ``source`` (a synth corpus) with test-sized settings."""
-    from radstream.config import load_config
+    from core.config import load_config
     from shards.build import run_build
     from shards.config import BuildConfig
     from shards.manifest import finalize

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from omegaconf import MISSING, OmegaConf
 from tqdm import tqdm
 
-from radstream.config import ConfigError, load_config, to_dict
+from core.config import ConfigError, load_config, to_dict
 from shards.loader_config import LoaderConfig
 from train import embed_store
 from train.embed_store import SplitRows, StagingWriter

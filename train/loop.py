@@ -471,7 +471,7 @@ def stage_main(
     """
     import argparse
 
-    from radstream.config import ConfigError, load_config
+    from core.config import ConfigError, load_config
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help=f"recipe YAML, e.g. {example_recipe}")

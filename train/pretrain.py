@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -31,7 +30,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from radstream.config import to_dict, to_yaml
+from core.atomic import write_json
+from core.config import to_dict, to_yaml
 from shards.loader import ShardLoader, build_loader
 from train.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, save_weights
 from train.config import PretrainConfig
@@ -305,9 +305,7 @@ def _finish(s: Session, reason: str) -> None:
         "num_processes": s.accelerator.num_processes,
     }  # fmt: skip
     if s.main:
-        tmp = s.run_dir / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, s.run_dir / "summary.json")
+        write_json(s.run_dir / "summary.json", summary)
     msg = "finished (%s) at step %d: test MSE %.6f (%s weights)"
     logger.info(msg, reason, s.state.step, result.pixel_mse, weights)
 

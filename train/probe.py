@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from omegaconf import MISSING
 
-from radstream.config import ConfigError, load_config
+from core.atomic import write_text
+from core.config import ConfigError, load_config
 from train.probe_grid import Group, HeadGrid, predict, train_grids
 from train.report import (
     accuracy,
@@ -38,7 +39,6 @@ from train.report import (
     mean_std,
     per_class_recall,
     plot_confusion,
-    write_atomic,
 )
 
 logger = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def summarize(chosen: Sequence[dict]) -> list[dict]:
 
 def write_results(out: Path, scored: dict, data: ProbeData, cfg: ProbeConfig, steps: int) -> dict:
     """probe_results.json/.csv, confusion PNGs (chosen heads summed over seeds), chosen_heads.pt, config.yaml."""
-    from radstream.config import to_dict, to_yaml
+    from core.config import to_dict, to_yaml
     from train.embed_store import read_attrs
 
     out.mkdir(parents=True, exist_ok=True)
@@ -272,10 +272,10 @@ def write_results(out: Path, scored: dict, data: ProbeData, cfg: ProbeConfig, st
         "chosen": scored["chosen"],
         "heads": scored["heads"],
     }
-    write_atomic(out / "probe_results.json", json.dumps(results, indent=1))
+    write_text(out / "probe_results.json", json.dumps(results, indent=1))
     fields = list(scored["heads"][0])
     lines = [",".join(fields)] + [",".join(str(h[f]) for f in fields) for h in scored["heads"]]
-    write_atomic(out / "probe_results.csv", "\n".join(lines) + "\n")
+    write_text(out / "probe_results.csv", "\n".join(lines) + "\n")
     totals: dict[tuple[str, float], np.ndarray] = {}
     for rec in scored["chosen"]:
         key = (rec["aggregation"], rec["fraction"])
@@ -284,7 +284,7 @@ def write_results(out: Path, scored: dict, data: ProbeData, cfg: ProbeConfig, st
         title = f"probe {agg}, {fraction:.0%} of labels: test acc {accuracy(cm):.3f} (seeds summed)"
         plot_confusion(cm, data.class_names, out / f"confusion_{agg}_{fraction:.0%}.png", title)
     torch.save(scored["weights"], out / "chosen_heads.pt")
-    write_atomic(out / "config.yaml", to_yaml(cfg))
+    write_text(out / "config.yaml", to_yaml(cfg))
     return results
 
 

@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import math
-import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from core.atomic import write_text
 
 if TYPE_CHECKING:
     from train.report_mae import PretrainRecord
@@ -121,14 +122,6 @@ def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: str | Path,
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path``, then rename: never a half-written result."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------ collect and select
@@ -395,11 +388,11 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path) -> list[Select
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if selections:
-        write_atomic(out / "results.csv", csv_text(selections))
+        write_text(out / "results.csv", csv_text(selections))
         plot_fractions(selections, out / "accuracy_vs_fraction.png")
     if pretrain:
-        write_atomic(out / "pretrain.csv", pretrain_csv(pretrain))
-    write_atomic(out / "results.md", markdown(selections, pretrain))
+        write_text(out / "pretrain.csv", pretrain_csv(pretrain))
+    write_text(out / "results.md", markdown(selections, pretrain))
     return selections
 
 

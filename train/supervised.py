@@ -40,7 +40,8 @@ from omegaconf import MISSING
 from torch import nn
 from tqdm import tqdm
 
-from radstream.config import to_dict, to_yaml
+from core.atomic import write_text
+from core.config import to_dict, to_yaml
 from shards.loader import ShardLoader, build_loader
 from shards.loader_config import LoaderConfig
 from shards.manifest import read_manifest
@@ -63,7 +64,7 @@ from train.loop import (
     stage_main,
     training_over,
 )
-from train.report import accuracy, balanced_accuracy, per_class_recall, write_atomic
+from train.report import accuracy, balanced_accuracy, per_class_recall
 
 logger = logging.getLogger(__name__)
 
@@ -366,7 +367,7 @@ def _finish(s: Session, reason: str) -> dict:
     }  # fmt: skip
     _log(s, "test", {"acc": results["test_acc"], "balanced_acc": results["test_balanced_acc"]})
     if acc.is_main_process:
-        write_atomic(s.run_dir / RESULTS, json.dumps(results, indent=1))
+        write_text(s.run_dir / RESULTS, json.dumps(results, indent=1))
     logger.info("%s lr %g fraction %g seed %d: val %.4f, test %.4f (%s)", cfg.model.arch, cfg.optim.lr,
                 cfg.fraction, cfg.run.seed, results["val_acc"], results["test_acc"], reason)  # fmt: skip
     return results

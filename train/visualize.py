@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.atomic import write_with
 from train.mae import patchify, unpatchify
 
 MASK_FILL = 0.5
@@ -82,9 +83,7 @@ def save_png(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     """Write a uint8 [H, W] image as PNG, atomically (temp file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_with(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
     return path
 
 

@@ -19,8 +19,8 @@ import pydicom
 import pytest
 from PIL import Image
 
+from core.config import load_config
 from ingest.readers import read_image
-from radstream.config import load_config
 from shards.build import run_build
 from shards.config import BuildConfig
 from shards.manifest import BuildIncomplete, finalize
@@ -202,7 +202,7 @@ def test_bad_inputs_are_rejected_with_reasons(tmp_path: Path) -> None:
 
 _KILL_SCRIPT = """
 import sys
-from radstream.config import load_config
+from core.config import load_config
 from ingest.readers import read_image
 from shards.build import run_build
 from shards.config import BuildConfig

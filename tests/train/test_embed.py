@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from radstream.config import load_config, to_yaml
+from core.config import load_config, to_yaml
 from shards.loader import build_loader
 from shards.loader_config import LoaderConfig
 from shards.manifest import read_samples

@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from radstream.config import load_config
+from core.config import load_config
 from train.mae import (
     MAEConfig,
     background_patches,

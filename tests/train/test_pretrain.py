@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import train.pretrain as pretrain
-from radstream.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from train.checkpoint import latest_checkpoint
 from train.config import PretrainConfig
 from train.loop import NonFiniteLossError, lr_at, make_schedule

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radstream.config import load_config, to_yaml
+from core.config import load_config, to_yaml
 from train.config import PretrainConfig
 from train.report import (
     HEADER,

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 
 import train.pretrain as pretrain
-from radstream.config import load_config
+from core.config import load_config
 from tests.train.stopping import sigterm_after_first_step
 from train.checkpoint import LATEST, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from train.config import PretrainConfig

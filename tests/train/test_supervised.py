@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import train.supervised as supervised
-from radstream.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from tests.train.stopping import sigterm_after_first_step
 from train.checkpoint import latest_checkpoint
 from train.classifier import adapt_state, build_classifier
