@@ -6,7 +6,7 @@
 - ``smart+border``: the same batches with border-aware masking: patches outside the foreground box or pure
   black are never shown to the encoder and never scored.
 
-Each mode times ``train.loop.train_step`` (forward, backward, AdamW) under Accelerate on pre-made device
+Each mode times ``train.mae_step.train_step`` (forward, backward, AdamW) under Accelerate on pre-made device
 batches (no loading), after one warm-up pass over its batches (compilation); the timed passes of the modes are
 interleaved and the fastest pass of each counts (other load on the machine only slows a pass down). It
 reports images/s, patch tokens/s, foreground ("useful") tokens/s, encoder tokens per image, the foreground
@@ -41,8 +41,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from bucketing.bins import assign_bins, plan_smart  # noqa: E402
 from bucketing.geometry import Bin, fit_geometry  # noqa: E402
 from train.config import OptimConfig  # noqa: E402
-from train.loop import batch_background, build_optimizer, step_noise, train_step  # noqa: E402
+from train.loop import build_optimizer, param_groups  # noqa: E402
 from train.mae import MAEConfig, background_patches, build_mae  # noqa: E402
+from train.mae_step import batch_background, step_noise, train_step  # noqa: E402
 
 PATCH = 16
 MAX_TOKENS = 196
@@ -155,7 +156,8 @@ def prepare_mode(accelerator: Accelerator, cfg: MAEConfig, batches: list[dict]) 
     torch.manual_seed(0)
     model = build_mae(cfg).to(accelerator.device)
     flops = sum(step_flops(model, b, 0) for b in batches)
-    optimizer = build_optimizer(model, OptimConfig(), lr=1e-4)
+    optim = OptimConfig()
+    optimizer = build_optimizer(param_groups(model, optim.weight_decay), optim.betas, lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     mode = Mode(model, optimizer, batches, flops, border_aware=cfg.border_aware)
     time_pass(accelerator, mode)  # warm-up: compiles every shape once

@@ -215,22 +215,3 @@ def _prune(run_dir: str | os.PathLike[str], keep_last: int, keep: Path) -> None:
     for p in complete[: max(len(complete) - keep_last, 0)]:
         if p != keep:
             shutil.rmtree(p)
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A flat state dict from .safetensors or a torch file, unwrapped from "model"/"state_dict" and from the
-    "module." (DDP) and "_orig_mod." (torch.compile) prefixes."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict")
-    for prefix in ("module.", "_orig_mod."):
-        state = {k.removeprefix(prefix): v for k, v in state.items()}
-    return state

@@ -20,7 +20,6 @@ Every rank embeds the batches its loader gives it; padding repeats (``valid`` Fa
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -34,11 +33,12 @@ import torch.nn.functional as F
 from omegaconf import MISSING, OmegaConf
 from tqdm import tqdm
 
-from core.config import ConfigError, load_config, to_dict
+from core.config import to_dict
 from shards.loader_config import LoaderConfig
 from train import embed_store
 from train.embed_store import SplitRows, StagingWriter
 from train.mae import MAE, MAEConfig, load_init
+from train.stage import EXIT_OK, Flag, stage_main
 
 logger = logging.getLogger(__name__)
 
@@ -326,36 +326,38 @@ def run(cfg: EmbedConfig) -> Path:
     return Path(cfg.out)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.embed", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--checkpoint", required=True, help="RUN/checkpoints/latest, RUN/best, a step-N or run folder"
-    )
-    p.add_argument("--shards", required=True, help="finalized shard dataset")
-    p.add_argument("--out", required=True, help="zarr store to write (EMB.zarr)")
-    p.add_argument("--splits", help="comma-separated splits (default train,val,test)")
-    p.add_argument("--pool-grid", help="token grid of the flattened aggregation, e.g. 4x4, or none")
-    p.add_argument("--config", help="YAML recipe (keys of EmbedConfig)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loader.batch_size=128")
-    return p
+FLAGS = (
+    Flag(
+        "--checkpoint",
+        "checkpoint",
+        "RUN/checkpoints/latest, RUN/best, a step-N or run folder",
+        required=True,
+    ),
+    Flag("--shards", "shards", "finalized shard dataset", required=True),
+    Flag("--out", "out", "zarr store to write (EMB.zarr)", required=True),
+    Flag("--splits", "splits", "comma-separated splits (default train,val,test)", template="[{}]"),
+    Flag("--pool-grid", "pool_grid", "token grid of the flattened aggregation, e.g. 4x4, or none"),
+)
+"""The command line's own flags (as README.md, radstream demo and slurm/ use them), each a config key."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``accelerate launch -m train.embed ...``."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = [f"checkpoint={args.checkpoint}", f"shards={args.shards}", f"out={args.out}"]
-    if args.splits:
-        overrides.append(f"splits=[{args.splits}]")
-    if args.pool_grid:
-        overrides.append(f"pool_grid={args.pool_grid}")
-    try:
-        cfg = load_config(EmbedConfig, args.config, overrides + list(args.overrides))
-    except ConfigError as err:
-        print(f"train.embed: error: {err}", file=sys.stderr)
-        return 2
+    """Entry point: ``accelerate launch -m train.embed --checkpoint CKPT --shards OUT --out EMB.zarr ...``."""
+    return stage_main(
+        argv,
+        prog="train.embed",
+        description=__doc__.splitlines()[0],
+        config_cls=EmbedConfig,
+        run=_run_stage,
+        example_recipe="a YAML of EmbedConfig keys",
+        example_override="loader.batch_size=128",
+        flags=FLAGS,
+    )
+
+
+def _run_stage(cfg: EmbedConfig) -> int:
     run(cfg)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.models import adapt_input_conv
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from train.checkpoint import read_state_dict
 from train.pos_embed import SinCosPosEmbed, resample_learned
+from train.weights import load_adapted, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -436,27 +435,13 @@ def build_mae(cfg: MAEConfig) -> MAE:
     return model
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices only; none on norms, biases, position/CLS/mask tokens."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip = param.ndim <= 1 or any(t in name for t in ("pos_embed", "cls_token", "mask_token"))
-        (no_decay if skip else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
 def load_init(model: MAE, path: str | Path) -> tuple[list[str], list[str]]:
     """Initialise from a local checkpoint (never the network).
 
     An MAE checkpoint (a dict whose "model" state dict has ``encoder.`` keys) loads the whole model, strictly.
-    Anything else is read as timm ViT weights for the encoder: RGB patch-embedding weights summed over the
-    input channels, the learned position table resampled to ours (dropped for sin-cos), the classifier head
-    dropped; missing and unexpected keys are logged.
+    Anything else is read as timm ViT weights for the encoder, fitted by ``train.weights.adapt_state`` (RGB
+    patch-embedding weights summed over the input channels, the learned position table resampled to ours or
+    dropped for sin-cos, the classifier head dropped); missing and unused keys are logged.
 
     Returns:
         (missing keys, unexpected keys).
@@ -464,43 +449,11 @@ def load_init(model: MAE, path: str | Path) -> tuple[list[str], list[str]]:
     Raises:
         FileNotFoundError: no file at ``path``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"init checkpoint {str(path)!r} not found: weights are read from local files only, never downloaded"
-        )
     state = read_state_dict(path)
     if any(k.startswith("encoder.") for k in state):
         result = model.load_state_dict(state, strict=True)
         logger.info("loaded MAE checkpoint %s (encoder and decoder)", path)
         return list(result.missing_keys), list(result.unexpected_keys)
-    state = _adapt_timm_state(model, state)
-    result = model.encoder.load_state_dict(state, strict=False)
-    if result.missing_keys:
-        logger.warning(
-            "init %s: encoder keys not in the checkpoint (left random): %s", path, result.missing_keys
-        )
-    if result.unexpected_keys:
-        logger.warning("init %s: checkpoint keys not used: %s", path, result.unexpected_keys)
+    missing, unexpected = load_adapted(model.encoder, state, Path(path))
     logger.info("loaded timm ViT weights %s into the encoder", path)
-    return list(result.missing_keys), list(result.unexpected_keys)
-
-
-def _adapt_timm_state(model: MAE, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm ViT weights fitted to our encoder: channels, position table, no head."""
-    enc = model.encoder
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    key = "patch_embed.proj.weight"
-    if key in state and state[key].shape[1] != model.cfg.in_chans:
-        state[key] = adapt_input_conv(model.cfg.in_chans, state[key])  # 1 channel: sum over RGB
-    if "pos_embed" in state:
-        table = state.pop("pos_embed")
-        if enc.pos_embed is not None:
-            prefix = model.num_pos_prefix
-            side = math.isqrt(table.shape[1] - prefix)
-            if side * side != table.shape[1] - prefix:
-                raise ValueError(f"checkpoint pos_embed {tuple(table.shape)} is not a square grid")
-            state["pos_embed"] = resample_learned(table, (side, side), enc.patch_embed.grid_size, prefix)
-        else:
-            logger.info("init: checkpoint's learned position table not used (pos_embed=sincos)")
-    return state
+    return missing, unexpected

@@ -17,22 +17,17 @@ seeds; ``radstream report`` reads it), ``probe_results.csv`` (every head), ``con
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import MISSING
 
 from core.atomic import write_text
-from core.config import ConfigError, load_config
-from train.probe_grid import Group, HeadGrid, predict, train_grids
-from train.report import (
+from train.metrics import (
     accuracy,
     balanced_accuracy,
     confusion_matrix,
@@ -40,86 +35,16 @@ from train.report import (
     per_class_recall,
     plot_confusion,
 )
+from train.probe_config import ProbeConfig, ProbeData
+from train.probe_grid import Group, HeadGrid, predict, train_grids
+from train.stage import EXIT_OK, Flag, stage_main
 
 logger = logging.getLogger(__name__)
-
-SCHEDULES = ("cosine", "constant")
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """``train.probe``: the grid of linear heads over one embedding store."""
-
-    embeddings: str = MISSING
-    """The zarr store written by ``train.embed``."""
-    out: str = MISSING
-    """Run folder for the results."""
-    aggregations: list[str] = field(default_factory=lambda: ["flattened", "mean", "cls"])
-    """Which stored aggregations to probe."""
-    label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
-    """Training subsets: label fractions stored with the embeddings (the dataset's nested fractions)."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """Seeds of head initialisation and batch order; results are mean ± std over them."""
-    lr_min: float = 3e-4
-    """Smallest learning rate of the grid."""
-    lr_max: float = 3.0
-    """Largest learning rate of the grid."""
-    num_lrs: int = 10
-    """Learning rates, log-spaced from lr_min to lr_max (the study searched 10)."""
-    batch_size: int = 256
-    """Largest batch; an epoch of n samples is cut into ceil(n / batch_size) near-equal batches."""
-    max_epochs: int = 100
-    """Epochs per data group at most; the cosine schedule spans them."""
-    patience: int = 10
-    """Early stopping: a head stops after this many epochs without a better validation accuracy (0: never)."""
-    schedule: str = "cosine"
-    """Learning-rate schedule per head: "cosine" (to 0 over max_epochs) or "constant"."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    weight_decay: float = 0.0
-    """L2 weight decay (MAE's linear probe uses none)."""
-    bn_eps: float = 1e-6
-    """BatchNorm epsilon (MAE's linear probe: 1e-6)."""
-    bn_momentum: float = 0.1
-    """BatchNorm running-statistics momentum (torch's default)."""
-    eval_batch_size: int = 4096
-    """Rows scored at a time."""
-    device: str = "auto"
-    """"auto" (CUDA when available), "cpu" or "cuda"."""
-
-    def __post_init__(self) -> None:
-        for name in ("embeddings", "out"):
-            if not getattr(self, name) or getattr(self, name) == MISSING:
-                raise ValueError(f"{name} is required")
-        if not self.aggregations or not self.label_fractions or not self.seeds:
-            raise ValueError("aggregations, label_fractions and seeds must not be empty")
-        if not 0 < self.lr_min <= self.lr_max or self.num_lrs < 1:
-            raise ValueError(f"need 0 < lr_min <= lr_max and num_lrs >= 1, got {self.lr_min}, {self.lr_max}")
-        if min(self.batch_size, self.max_epochs, self.eval_batch_size) < 1 or self.patience < 0:
-            raise ValueError("batch_size, max_epochs and eval_batch_size must be >= 1, patience >= 0")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            raise ValueError("momentum must be in [0, 1) and weight_decay >= 0")
 
 
 def lr_grid(cfg: ProbeConfig) -> list[float]:
     """The grid's learning rates, ascending."""
     return [float(x) for x in np.geomspace(cfg.lr_min, cfg.lr_max, cfg.num_lrs)]
-
-
-@dataclass
-class ProbeData:
-    """Labelled embeddings of the three splits, on the probing device."""
-
-    features: dict[str, dict[str, torch.Tensor]]
-    """split -> aggregation -> float32 [N, D]."""
-    labels: dict[str, torch.Tensor]
-    """split -> int64 [N]."""
-    train_fractions: np.ndarray
-    """bool [N_train, F]: training row i is in label fraction ``levels[j]``."""
-    levels: list[float]
-    class_names: list[str]
 
 
 def load_probe_data(cfg: ProbeConfig, device: torch.device) -> ProbeData:
@@ -316,23 +241,30 @@ def run(cfg: ProbeConfig, progress: bool = True) -> dict:
     return results
 
 
+FLAGS = (
+    Flag("--embeddings", "embeddings", "zarr store from train.embed", required=True),
+    Flag("--out", "out", "run folder for the results", required=True),
+)
+"""The command line's own flags (as README.md, radstream demo and slurm/probe.sbatch use them)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: ``python -m train.probe --embeddings EMB.zarr --out RUN_DIR [key=value ...]``."""
-    parser = argparse.ArgumentParser(prog="train.probe", description="linear probes over cached embeddings")
-    parser.add_argument("--embeddings", required=True, help="zarr store from train.embed")
-    parser.add_argument("--out", required=True, help="run folder for the results")
-    parser.add_argument("--config", help="YAML recipe (keys of ProbeConfig), e.g. configs/probe/default.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds=[0] max_epochs=50")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = [f"embeddings={args.embeddings}", f"out={args.out}", *args.overrides]
-    try:
-        cfg = load_config(ProbeConfig, args.config, overrides)
-    except ConfigError as err:
-        print(f"train.probe: error: {err}", file=sys.stderr)
-        return 2
+    return stage_main(
+        argv,
+        prog="train.probe",
+        description="linear probes over cached embeddings",
+        config_cls=ProbeConfig,
+        run=_run_stage,
+        example_recipe="configs/probe/default.yaml",
+        example_override="seeds=[0] max_epochs=50",
+        flags=FLAGS,
+    )
+
+
+def _run_stage(cfg: ProbeConfig) -> int:
     run(cfg)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -17,16 +17,13 @@ import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from train.loop import lr_at
-
-if TYPE_CHECKING:  # train.probe imports this module; the config is only needed for annotations here
-    from train.probe import ProbeConfig, ProbeData
+from train.probe_config import ProbeConfig, ProbeData
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The study's results: classification metrics, and ``radstream report``, which turns probe, supervised and
+"""The study's results: ``radstream report``, which turns probe, supervised and
 MAE pretraining runs into the tables of the reference study.
 
     radstream report RUN_DIRS... --out RESULTS
@@ -18,23 +18,19 @@ below) and ``pretrain.csv``, from ``train.report_mae``; files of a kind without 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from core.atomic import write_text
-
-if TYPE_CHECKING:
-    from train.report_mae import PretrainRecord
+from train.metrics import mean_std
+from train.report_files import fmt_lr, read_result, refuse_twice, result_files, to_csv
+from train.report_mae import MAE_TITLE, PretrainRecord, collect_pretrain, pretrain_csv, pretrain_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -67,61 +63,6 @@ STUDY = {
 """The reference study's test top-1 accuracy (IRMA, 8 classes; ARCHITECTURE.md §1)."""
 HEADER = ("Model", "Top-1 (ours)", "Top-1 (study)", "Chosen LR", "Seeds")
 """Columns of every accuracy table in results.md."""
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-
-
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """int64 [C, C]: row = true class, column = predicted class."""
-    y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
-    flat = np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes)
-    return flat.reshape(num_classes, num_classes)
-
-
-def per_class_recall(cm: np.ndarray) -> list[float | None]:
-    """Recall of each class; None for a class with no samples."""
-    totals = cm.sum(axis=1)
-    return [float(cm[i, i] / t) if t else None for i, t in enumerate(totals)]
-
-
-def balanced_accuracy(cm: np.ndarray) -> float:
-    """Mean recall over the classes that have samples."""
-    recalls = [r for r in per_class_recall(cm) if r is not None]
-    return float(np.mean(recalls)) if recalls else 0.0
-
-
-def accuracy(cm: np.ndarray) -> float:
-    """Top-1 accuracy from a confusion matrix."""
-    total = cm.sum()
-    return float(np.trace(cm) / total) if total else 0.0
-
-
-def plot_confusion(cm: np.ndarray, class_names: Sequence[str], path: str | Path, title: str) -> None:
-    """Row-normalised confusion matrix as a PNG (counts written in the cells)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    totals = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, totals, out=np.zeros(cm.shape, dtype=float), where=totals > 0)
-    size = 1.0 + 0.6 * len(class_names)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
-    image = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            color = "white" if norm[i, j] > 0.5 else "black"
-            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", color=color)
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------ collect and select
@@ -167,50 +108,16 @@ def collect(run_dirs: Iterable[str | Path]) -> list[RunRecord]:
         ValueError: an unreadable result file, or the same (model, fraction, lr, seed) found twice.
     """
     records: list[RunRecord] = []
-    for path in _result_files(run_dirs, ("probe_results.json", "results.json")):
-        data = _read_json(path)
+    for path in result_files(run_dirs, ("probe_results.json", "results.json")):
+        data = read_result(path)
         if data.get("kind") == "probe":
             records += _probe_records(path, data)
         elif data.get("kind") == "supervised":
             records.append(_supervised_record(path, data))
         else:
             logger.debug("%s: not a probe or supervised result, skipped", path)
-    _refuse_twice(records, lambda r: (r.model, r.fraction, r.lr, r.seed), "{0} fraction {1} lr {2} seed {3}")
+    refuse_twice(records, lambda r: (r.model, r.fraction, r.lr, r.seed), "{0} fraction {1} lr {2} seed {3}")
     return records
-
-
-def _result_files(run_dirs: Iterable[str | Path], names: Sequence[str]) -> list[Path]:
-    """The files called ``names`` under ``run_dirs``, searched recursively; a file given is taken as it is.
-
-    Raises:
-        FileNotFoundError: a run folder that does not exist.
-    """
-    files: list[Path] = []
-    for root in map(Path, run_dirs):
-        if not root.exists():
-            raise FileNotFoundError(f"{root}: no such run folder")
-        files += [root] if root.is_file() else [p for name in names for p in sorted(root.rglob(name))]
-    return files
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{path}: unreadable result file ({err})") from None
-
-
-def _refuse_twice(records: Sequence, key, what: str) -> None:
-    """Raise ValueError when two records share ``key(record)`` (``what`` formats the key for the message):
-    two sets of runs mixed, whose selection would mean nothing."""
-    seen: dict[tuple, str] = {}
-    for r in records:
-        k = key(r)
-        if k in seen:
-            raise ValueError(
-                f"{what.format(*k)} appears in both {seen[k]} and {r.source}; report one set of runs at a time"
-            )
-        seen[k] = r.source
 
 
 @dataclass(frozen=True)
@@ -226,12 +133,6 @@ class Selection:
     seeds: tuple[int, ...]
     lrs_searched: int
     arch: str
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else 0.0)
 
 
 def select_best(records: Iterable[RunRecord]) -> list[Selection]:
@@ -257,10 +158,6 @@ def select_best(records: Iterable[RunRecord]) -> list[Selection]:
 # --------------------------------------------------------------------------------------- tables and plot
 
 
-def _fmt_lr(lr: float) -> str:
-    return f"{lr:.3g}"
-
-
 def _regimes(selections: Sequence[Selection]) -> list[tuple[float, str]]:
     """The study's regimes first, then any other label fraction the runs hold."""
     known = [f for f, _ in REGIMES]
@@ -275,9 +172,6 @@ def _find(selections: Sequence[Selection], model: str, fraction: float) -> Selec
 def markdown(selections: Sequence[Selection], pretrain: Sequence[PretrainRecord] = ()) -> str:
     """results.md: one accuracy table per regime, rows in the study's order, the study's figure beside ours;
     then the MAE pretraining runs, if any (without accuracy results, only they)."""
-    # Imported here, not at the top: train.report_mae reuses this module's readers and formatters.
-    from train.report_mae import pretrain_markdown
-
     lines = ["# Results"]
     if selections or not pretrain:
         lines += _accuracy_tables(selections)
@@ -302,7 +196,7 @@ def _accuracy_tables(selections: Sequence[Selection]) -> list[str]:
                 lines.append(f"| {label} | — | {study_text} | — | 0 |")
                 continue
             ours = f"{sel.test_acc_mean:.4f} ± {sel.test_acc_std:.4f}"
-            lines.append(f"| {label} | {ours} | {study_text} | {_fmt_lr(sel.lr)} | {len(sel.seeds)} |")
+            lines.append(f"| {label} | {ours} | {study_text} | {fmt_lr(sel.lr)} | {len(sel.seeds)} |")
             if not sel.arch.startswith("MAE probe") and sel.arch not in ("resnet50", "vit_base_patch16_224"):
                 notes.append(f"{label}: {sel.arch}")
         if notes:
@@ -321,15 +215,7 @@ def csv_text(selections: Sequence[Selection]) -> str:
          s.lrs_searched, STUDY.get((s.model, s.fraction), "")]
         for s in selections
     ]  # fmt: skip
-    return _csv(fields, rows)
-
-
-def _csv(fields: Sequence[str], rows: Iterable[Sequence]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(fields)
-    writer.writerows(rows)
-    return buffer.getvalue()
+    return to_csv(fields, rows)
 
 
 def plot_fractions(selections: Sequence[Selection], path: str | Path) -> None:
@@ -375,7 +261,6 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path) -> list[Select
     Raises:
         ValueError: no probe, supervised or MAE pretraining result under ``run_dirs``.
     """
-    from train.report_mae import collect_pretrain, pretrain_csv  # here: see markdown()
 
     run_dirs = list(run_dirs)
     records, pretrain = collect(run_dirs), collect_pretrain(run_dirs)
@@ -398,7 +283,6 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path) -> list[Select
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``radstream report``: print the markdown tables after writing them."""
-    from train.report_mae import MAE_TITLE  # here: see markdown()
 
     selections = write_report(args.run_dirs, args.out)
     text = (Path(args.out) / "results.md").read_text()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from train.report import _csv, _fmt_lr, _read_json, _refuse_twice, _result_files
+from train.report_files import fmt_lr, read_result, refuse_twice, result_files, to_csv
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +74,10 @@ def collect_pretrain(run_dirs: Iterable[str | Path]) -> list[PretrainRecord]:
     """
     records = [
         r
-        for path in _result_files(run_dirs, ("summary.json",))
-        if (r := _pretrain_record(path, _read_json(path))) is not None
+        for path in result_files(run_dirs, ("summary.json",))
+        if (r := _pretrain_record(path, read_result(path))) is not None
     ]
-    _refuse_twice(records, lambda r: (r.base_lr, r.seed), "MAE base lr {0} seed {1}")
+    refuse_twice(records, lambda r: (r.base_lr, r.seed), "MAE base lr {0} seed {1}")
     return records
 
 
@@ -103,7 +103,7 @@ def pretrain_markdown(records: Sequence[PretrainRecord]) -> list[str]:
     ]  # fmt: skip
     for r in sorted(records, key=lambda r: (r.base_lr, r.seed)):
         val = "—" if r.best_val_loss is None else f"{r.best_val_loss:.4g}"
-        cells = [r.run, _fmt_lr(r.base_lr), _fmt_lr(r.peak_lr), val, f"{r.test_mse:.4g}", r.epochs, r.stopped]
+        cells = [r.run, fmt_lr(r.base_lr), fmt_lr(r.peak_lr), val, f"{r.test_mse:.4g}", r.epochs, r.stopped]
         lines.append("| " + " | ".join(map(str, cells)) + (" | ✓ |" if r.base_lr == chosen else " |  |"))
     study = MAE_STUDY
     lines.append(f"| Study | — | — | — | {study['test_mse']:.4g} | {study['epochs']} | early_stop |  |")
@@ -120,4 +120,4 @@ def pretrain_csv(records: Sequence[PretrainRecord]) -> str:
          r.epochs, r.stopped, int(r.base_lr == chosen), MAE_STUDY["test_mse"], r.source]
         for r in sorted(records, key=lambda r: (r.base_lr, r.seed))
     ]  # fmt: skip
-    return _csv(fields, rows)
+    return to_csv(fields, rows)

@@ -35,9 +35,10 @@ def main() -> int:
     args, rest = parser.parse_known_args()
 
     import train.pretrain as pretrain
+    import train.trainer as trainer
 
     report_dir = Path(args.report)
-    train_step, train_loop = pretrain.train_step, pretrain._train
+    train_step, train_loop = pretrain.train_step, trainer._train
 
     def signalling_step(accelerator, *a, **kw):
         if accelerator.process_index == args.signal_rank and kw["step"] == args.signal_step:
@@ -54,7 +55,7 @@ def main() -> int:
         (report_dir / f"rank-{rank}.json").write_text(json.dumps(report))
         return reason
 
-    pretrain.train_step, pretrain._train = signalling_step, reporting_train
+    pretrain.train_step, trainer._train = signalling_step, reporting_train
     return pretrain.main(rest)
 
 

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from core.config import load_config
+from train.loop import param_groups
 from train.mae import (
     MAEConfig,
     background_patches,
     build_mae,
     load_init,
-    param_groups,
     patchify,
     random_masking,
     unpatchify,

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import train.pretrain as pretrain
+import train.trainer as trainer
 from core.config import ConfigError, load_config
 from train.checkpoint import latest_checkpoint
 from train.config import PretrainConfig
@@ -191,8 +192,8 @@ def test_non_finite_loss_names_step_and_keys(tiny_shards, tmp_path, monkeypatch)
         loader = build_loader(*args, **kwargs)
         return Poisoned(loader) if kwargs["train"] else loader
 
-    build_loader = pretrain.build_loader
-    monkeypatch.setattr(pretrain, "build_loader", poisoned_loader)
+    build_loader = trainer.build_loader
+    monkeypatch.setattr(trainer, "build_loader", poisoned_loader)
     run_dir = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="at step 2 ") as err:
         pretrain.run(debug_config(tiny_shards, run_dir, "checkpoint.every_steps=0"))

@@ -11,17 +11,15 @@ import pytest
 
 from core.config import load_config, to_yaml
 from train.config import PretrainConfig
+from train.metrics import balanced_accuracy, confusion_matrix, per_class_recall
 from train.report import (
     HEADER,
     MODELS,
     STUDY,
     RunRecord,
     add_report_parser,
-    balanced_accuracy,
     collect,
-    confusion_matrix,
     markdown,
-    per_class_recall,
     select_best,
     write_report,
 )

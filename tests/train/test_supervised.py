@@ -18,8 +18,9 @@ import train.supervised as supervised
 from core.config import ConfigError, load_config
 from tests.train.stopping import sigterm_after_first_step
 from train.checkpoint import latest_checkpoint
-from train.classifier import adapt_state, build_classifier
+from train.classifier import build_classifier
 from train.supervised import ClassifierConfig, SupervisedConfig, run
+from train.weights import adapt_state
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "supervised"
 

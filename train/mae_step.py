@@ -1,0 +1,174 @@
+"""The MAE task's step pieces: reproducible mask noise, border-aware background, one optimizer step with the
+MAE's token counters, and the evaluation of a split (loss, pixel MSE, reconstruction samples for the grid).
+
+``train.pretrain`` wires them into the trainer as the MAE task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+
+from train.loop import StepStats, accumulate_step
+from train.mae import MAE, background_patches
+from train.visualize import masked_images
+
+
+def _seed_of(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (Python's hash is salted per process)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def step_noise(seed: int, step: int, micro: int, rank: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Training mask noise [N, L] (CPU): a pure function of (seed, step, micro-batch, rank).
+
+    Masks thus never depend on the global RNG, which loaders and libraries also draw from, so a resumed run
+    masks exactly as an uninterrupted one, on any device.
+    """
+    return torch.rand(shape, generator=torch.Generator().manual_seed(_seed_of(seed, step, micro, rank)))
+
+
+def key_noise(seed: int, keys: Sequence[str], length: int) -> torch.Tensor:
+    """Evaluation mask noise [N, L] (CPU), one row per sample key: the same mask for an image in every epoch
+    and on any number of processes, so validation losses are comparable."""
+    rows = [
+        torch.rand(length, generator=torch.Generator().manual_seed(_seed_of(seed, "eval", k))) for k in keys
+    ]
+    return torch.stack(rows)
+
+
+def batch_background(model: MAE, batch: dict) -> torch.Tensor | None:
+    """[B, L] pure-background patches of a batch (pixels and the loader's foreground boxes), when the model
+    masks border-aware; else None."""
+    if not model.cfg.border_aware:
+        return None
+    boxes = batch.get("foreground")
+    return background_patches(batch["image"], model.patch_size, model.cfg.border_threshold, boxes=boxes)
+
+
+@dataclass
+class MAEStepStats(StepStats):
+    """What one MAE optimizer step did on this rank: the generic stats plus token counters."""
+
+    patches: int = 0
+    """Patch tokens in the images (all patches, before masking)."""
+    encoder_tokens: torch.Tensor | float = 0.0
+    """Tokens the encoder saw (visible patches + CLS), summed over images (a device tensor: no sync)."""
+    skipped_tokens: torch.Tensor | int = 0
+    """Background patches border-aware masking kept out of the encoder and the loss (a device tensor)."""
+
+    def counts(self) -> dict[str, torch.Tensor | float]:
+        return {
+            "patches": self.patches,
+            "encoder_tokens": self.encoder_tokens,
+            "skipped": self.skipped_tokens,
+        }
+
+    @staticmethod
+    def rates(counts: dict[str, float], images: float, seconds: float) -> dict[str, float]:
+        return {
+            "tokens_per_s": counts["patches"] / seconds,
+            "encoder_tokens_per_image": counts["encoder_tokens"] / max(images, 1.0),
+            "tokens_skipped": counts["skipped"],
+        }
+
+
+def train_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Sequence[dict],
+    *,
+    seed: int,
+    step: int,
+    grad_clip: float | None = None,
+) -> MAEStepStats:
+    """One optimizer step over ``batches`` (``grad_accum_steps`` micro-batches), masks from ``step_noise``.
+
+    Raises:
+        RuntimeError: the accelerator's accumulation counter is out of step with ``len(batches)``.
+    """
+    mae = accelerator.unwrap_model(model)
+    stats = MAEStepStats(loss=torch.zeros(()))
+
+    def loss_of(micro: int, batch: dict) -> torch.Tensor:
+        imgs = batch["image"]
+        background = batch_background(mae, batch)
+        length = imgs.shape[-2] * imgs.shape[-1] // mae.patch_size**2
+        noise = step_noise(seed, step, micro, accelerator.process_index, (imgs.shape[0], length))
+        out = model(imgs, background=background, noise=noise.to(imgs.device))
+        n = imgs.shape[0]
+        stats.images += n
+        stats.patches += n * length
+        stats.encoder_tokens = stats.encoder_tokens + n * out.stats["encoder_tokens"].detach()
+        if background is not None:
+            stats.skipped_tokens = stats.skipped_tokens + background.sum()
+        stats.keys.extend(batch["key"])
+        return out.loss
+
+    stats.loss, stats.grad_norm = accumulate_step(
+        accelerator, model, optimizer, batches, loss_of, step=step, grad_clip=grad_clip
+    )
+    return stats
+
+
+@dataclass
+class EvalResult:
+    """Loss and pixel MSE over the scored (masked, non-background) patches of a split, all ranks."""
+
+    loss: float
+    """The training objective (normalised pixels when norm_pix_loss)."""
+    pixel_mse: float
+    """MSE in [0, 1] pixel space: the study's test MSE."""
+    images: int
+    """Distinct images evaluated (padded repeats excluded), all ranks."""
+    samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    """Up to ``keep`` (original, masked patches, reconstruction) [1, H, W] on the CPU, this rank's first."""
+
+
+@torch.no_grad()
+def evaluate(
+    accelerator: Accelerator, model: torch.nn.Module, loader, *, seed: int, keep: int = 0
+) -> EvalResult:
+    """MAE loss and pixel MSE of a whole split with fixed per-image masks (``key_noise``).
+
+    Every rank must call it (sums are all-reduced). The loader is reset to epoch 0 so batches, and thus
+    border-aware batch masks, are the same every time.
+    """
+    mae = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    loader.set_epoch(0)
+    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, mse, patches, images
+    samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for batch in loader:
+        imgs, valid = batch["image"], batch["valid"].bool()
+        length = imgs.shape[-2] * imgs.shape[-1] // mae.patch_size**2
+        noise = key_noise(seed, batch["key"], length).to(imgs.device)
+        out = model(imgs, background=batch_background(mae, batch), noise=noise)
+        imgs, pred, mask = imgs[valid], out.pred[valid], out.mask[valid]
+        scored = mask.float().sum()
+        # per-batch means weighted by scored patches: the split's mean over all its scored patches
+        loss, mse = mae.forward_loss(imgs, pred, mask), mae.pixel_mse(imgs, pred, mask)
+        sums += torch.stack([loss * scored, mse * scored, scored, valid.sum().to(scored)]).double()
+        if len(samples) < keep and len(imgs):
+            samples.extend(_grid_samples(mae, imgs, pred, mask, keep - len(samples)))
+    model.train(was_training)
+    loss_sum, mse_sum, patches, images = accelerator.reduce(sums, reduction="sum").tolist()
+    patches = max(patches, 1.0)
+    return EvalResult(loss_sum / patches, mse_sum / patches, int(images), samples)
+
+
+def _grid_samples(
+    mae: MAE, imgs, pred, mask, n: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(original, masked, reconstruction) of the first ``n`` images, float32 [1, H, W] on the CPU."""
+    imgs, pred, mask = imgs[:n], pred[:n], mask[:n]
+    recon = mae.to_image(imgs, pred, mask).float().clamp(0, 1)
+    masked = masked_images(imgs.float(), mask, mae.patch_size)
+    return [(imgs[i].float().cpu(), masked[i].cpu(), recon[i].cpu()) for i in range(len(imgs))]

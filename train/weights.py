@@ -1,0 +1,113 @@
+"""Foreign weights for our timm models: read a local file, fit it to the model, load it.
+
+One adapter for every network that starts from someone else's weights: the MAE encoder (``train.mae``) and the
+supervised classifiers (``train.classifier``). Weights come from local files only, never the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from timm.models import adapt_input_conv
+from torch import nn
+
+from train.pos_embed import resample_learned
+
+logger = logging.getLogger(__name__)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat state dict from a local .safetensors or torch file, unwrapped from "model"/"state_dict" and from
+    the "module." (DDP) and "_orig_mod." (torch.compile) prefixes.
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (weights are never downloaded).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"init weights {str(path)!r} not found: weights are read from local files only, never downloaded"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict")
+    for prefix in ("module.", "_orig_mod."):
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
+def adapt_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fit foreign weights to a timm ``model``: MAE encoder keys unprefixed, RGB convolutions summed to the
+    model's channels, a learned position table resampled to the model's grid, the classifier head dropped.
+    Keys the model does not have are left out."""
+    return _fit(model, state)[0]
+
+
+def load_adapted(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> tuple[list[str], list[str]]:
+    """Initialise ``model`` from ``state`` (read from ``path``) through ``adapt_state``.
+
+    Returns:
+        (model keys left at random init, file keys not used).
+
+    Raises:
+        ValueError: the file fits less than half of the model (the wrong architecture), or a weight's shape
+            does not fit.
+    """
+    state, unused = _fit(model, state)
+    missing = [k for k in model.state_dict() if k not in state]
+    if len(state) < len(missing):
+        raise ValueError(f"{path}: fits only {len(state)} of {len(model.state_dict())} weights of the model")
+    model.load_state_dict(state, strict=False)
+    if missing:
+        logger.info("init %s: %d weights left random (e.g. %s)", path, len(missing), ", ".join(missing[:4]))
+    if unused:
+        logger.warning("init %s: checkpoint keys not used: %s", path, unused)
+    return missing, unused
+
+
+def _fit(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(the weights that fit ``model``, the keys left out that were neither the head nor a position table)."""
+    if any(k.startswith("encoder.") for k in state):  # an MAE checkpoint: keep its encoder
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    head = model.pretrained_cfg.get("classifier") or "head"
+    own = model.state_dict()
+    out, unused = {}, []
+    for key, value in state.items():
+        if key.startswith(f"{head}."):
+            continue  # another task's classifier
+        if key not in own:
+            if key == "pos_embed":  # the model makes its positions itself (sin-cos)
+                logger.info("init: the checkpoint's learned position table is not used (the model has none)")
+            else:
+                unused.append(key)
+            continue
+        out[key] = _fit_tensor(model, key, value, own[key].shape)
+    return out, unused
+
+
+def _fit_tensor(model: nn.Module, key: str, value: torch.Tensor, target: torch.Size) -> torch.Tensor:
+    """One weight fitted to the model's shape ``target``: input channels, position grid."""
+    if value.ndim == 4 and value.shape[1] != target[1] and value.shape[0] == target[0]:
+        value = adapt_input_conv(target[1], value)  # 3 → 1 channel: sum over RGB
+    elif key == "pos_embed" and value.shape != target:
+        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        side = math.isqrt(value.shape[1] - prefix)
+        if side * side != value.shape[1] - prefix:
+            raise ValueError(f"checkpoint pos_embed {tuple(value.shape)} is not a square grid")
+        value = resample_learned(value, (side, side), model.patch_embed.grid_size, prefix)
+    if value.shape != target:
+        raise ValueError(
+            f"init weight {key}: shape {tuple(value.shape)} does not fit the model's {tuple(target)}"
+        )
+    return value
