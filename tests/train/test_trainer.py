@@ -1,0 +1,224 @@
+"""The train/ package's seams: no import cycles between its modules, and the trainer driving a task it does not
+know (a tiny fake task on a fake loader): steps with accumulation, checkpoints kept as configured, exact resume,
+the config-diff warning, a finished run left alone."""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train.trainer as trainer
+from train.checkpoint import list_checkpoints
+from train.config import CheckpointConfig, RunConfig
+from train.loop import Schedule, StepStats, accumulate_step, optimizer_steps
+
+TRAIN = Path(__file__).resolve().parents[2] / "train"
+
+
+# ------------------------------------------------------------------------------------------ import cycles
+
+
+def train_imports(path: Path) -> set[str]:
+    """The train modules ``path`` imports anywhere in its code (top level, functions, TYPE_CHECKING)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("train.")}
+        elif isinstance(node, ast.ImportFrom) and node.module == "train":
+            found |= {f"train.{a.name}" for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("train."):
+            found.add(node.module)
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (module -> modules it imports), as a path that ends where it starts."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [node, nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [node])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node, [])):
+            return cycle
+    return None
+
+
+def test_find_cycle_sees_a_cycle_through_three_modules() -> None:
+    graph = {"train.a": {"train.b"}, "train.b": {"train.c"}, "train.c": {"train.a"}, "train.d": {"train.a"}}
+    assert find_cycle(graph) == ["train.a", "train.b", "train.c", "train.a"]
+    assert find_cycle({"train.a": {"train.b"}, "train.b": set()}) is None
+
+
+def test_train_modules_import_no_cycle() -> None:
+    graph = {f"train.{p.stem}": train_imports(p) for p in TRAIN.glob("*.py") if p.stem != "__init__"}
+    assert graph["train.pretrain"] >= {"train.trainer", "train.mae_step"}  # the parser sees real imports
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+# ---------------------------------------------------------------------------------- the trainer's seam
+
+
+class FakeLoader:
+    """``batches`` batches of 2 samples an epoch, a pure function of (split, epoch, index); resumable."""
+
+    def __init__(self, split: str, batches: int = 6) -> None:
+        self.split, self.batches, self.epoch, self.position = split, batches, 0, 0
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+    def __iter__(self):
+        while self.position < self.batches:
+            seed = ("train", "val", "test").index(self.split) * 10_000 + self.epoch * 100 + self.position
+            x = torch.randn(2, 4, generator=torch.Generator().manual_seed(seed))
+            keys = [f"{self.split}-{seed}-{i}" for i in (0, 1)]
+            self.position += 1
+            yield {"x": x, "y": x.sum(dim=1, keepdim=True), "key": keys}
+        self.epoch, self.position = self.epoch + 1, 0  # a full pass moves on, as ShardLoader does
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class FakeOptim:
+    lr: float = 0.05
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float | None = 1.0
+    grad_accum_steps: int = 2
+
+
+@dataclass(frozen=True)
+class FakeConfig:
+    run_dir: str
+    shards: str = "unused"
+    loader: dict = field(default_factory=dict)
+    optim: FakeOptim = field(default_factory=FakeOptim)
+    run: RunConfig = field(
+        default_factory=lambda: RunConfig(epochs=2, cpu=True, log_every=1, grid_images=0, tensorboard=False)
+    )
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_steps=0, keep_last=1))
+
+
+class FakeTask(trainer.TrainTask):
+    """Linear regression of the sum of 4 inputs: the smallest task the trainer can run."""
+
+    results_name = "fake.json"
+
+    def build_model(self) -> torch.nn.Module:
+        return torch.nn.Linear(4, 1)
+
+    def schedule(self, loader_batches: int, num_processes: int) -> Schedule:
+        spe = optimizer_steps(loader_batches, self.cfg.optim.grad_accum_steps)
+        return Schedule(4, self.cfg.optim.lr, spe, spe * self.cfg.run.epochs, warmup_steps=1)
+
+    def step(self, s: trainer.Session, batches: list[dict]) -> StepStats:
+        stats = StepStats(loss=torch.zeros(()), images=2 * len(batches))
+        stats.loss, stats.grad_norm = accumulate_step(
+            s.accelerator, s.model, s.optimizer, batches, lambda _, b: F.mse_loss(s.model(b["x"]), b["y"]),
+            step=s.state.step, grad_clip=self.cfg.optim.grad_clip,
+        )  # fmt: skip
+        return stats
+
+    def _loss(self, s: trainer.Session, loader) -> float:
+        with torch.no_grad():
+            loader.set_epoch(0)
+            return sum(float(F.mse_loss(s.model(b["x"]), b["y"])) for b in loader)
+
+    def validate(self, s: trainer.Session) -> trainer.Validation:
+        loss = self._loss(s, s.val_loader)
+        return trainer.Validation("loss", loss, lower_is_better=True, metrics={"loss": loss})
+
+    def test(self, s, loader, reason: str, weights: str) -> tuple[dict, dict]:
+        loss = self._loss(s, loader)
+        return {"loss": loss}, {
+            "steps": s.state.step,
+            "stopped": reason,
+            "weights": weights,
+            "test_loss": loss,
+        }
+
+
+@pytest.fixture()
+def fake_loaders(monkeypatch):
+    monkeypatch.setattr(trainer, "build_loader", lambda cfg, root, split, **kw: FakeLoader(split))
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def train_lines(run_dir: Path, split: str = "train") -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if r["split"] == split}
+
+
+def test_a_task_the_trainer_does_not_know_trains_checkpoints_and_resumes_exactly(
+    tmp_path: Path, fake_loaders, caplog: pytest.LogCaptureFixture
+) -> None:
+    reference = FakeConfig(run_dir=str(tmp_path / "reference"))
+    assert trainer.run(FakeTask(reference)) == 0
+    reset_accelerate()
+    ref = train_lines(Path(reference.run_dir))
+    assert sorted(ref) == [1, 2, 3, 4, 5, 6]  # 6 batches, 2 accumulated a step: 3 steps an epoch, 2 epochs
+    assert all(r["images_per_s"] > 0 and "grad_norm" in r for r in ref.values())
+
+    run_dir = tmp_path / "run"
+    stopped = replace(reference, run_dir=str(run_dir), run=replace(reference.run, max_steps=2))
+    assert trainer.run(FakeTask(stopped)) == 0  # mid-epoch 0
+    assert json.loads((run_dir / "fake.json").read_text())["stopped"] == "max_steps"
+    reset_accelerate()
+    with caplog.at_level(logging.WARNING, logger="train.trainer"):
+        assert trainer.run(FakeTask(replace(reference, run_dir=str(run_dir)))) == 0
+    assert "differs from the checkpoint's" in caplog.text  # run.max_steps changed
+    got = train_lines(run_dir)
+    assert sorted(got) == sorted(ref)
+    for step, row in ref.items():
+        assert got[step]["loss"] == pytest.approx(row["loss"], abs=1e-6), step
+    results, ref_results = (
+        json.loads((Path(d) / "fake.json").read_text()) for d in (run_dir, reference.run_dir)
+    )
+    assert results["steps"] == 6 and results["test_loss"] == pytest.approx(ref_results["test_loss"], abs=1e-6)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step-6"]  # checkpoint.keep_last=1
+    assert (run_dir / "best" / "model.safetensors").is_file()
+    assert [r["epoch"] for r in train_lines(run_dir, "val").values()] == [0, 1]
+
+    reset_accelerate()
+    mtime = (run_dir / "fake.json").stat().st_mtime_ns
+    assert trainer.run(FakeTask(replace(reference, run_dir=str(run_dir)))) == 0  # finished: nothing to do
+    assert (run_dir / "fake.json").stat().st_mtime_ns == mtime
