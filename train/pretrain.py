@@ -7,7 +7,8 @@ its own loader from its process index. Each epoch: train, validation loss on "va
 reconstruction grid in samples/, a checkpoint. At the end: test loss and the study's test MSE (masked
 patches, [0, 1] pixel space) on "test", in metrics.jsonl and summary.json.
 
-Restarting the same command resumes exactly from ``checkpoints/latest`` (mid-epoch included).
+The MAE task of ``train.trainer``, which owns the loop. Restarting the same command resumes exactly from
+``checkpoints/latest`` (mid-epoch included).
 
 Exit codes: 0 finished (all epochs, early stopping or ``run.max_steps``), 1 non-finite loss, 2 bad config,
 124 stopped by SIGTERM/SIGUSR1 after finishing the current step and writing a checkpoint (the SLURM script

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 import train.supervised as supervised
 from core.config import ConfigError, load_config
 from tests.train.stopping import sigterm_after_first_step
-from train.checkpoint import latest_checkpoint
+from train.checkpoint import latest_checkpoint, list_checkpoints
 from train.classifier import build_classifier
 from train.supervised import ClassifierConfig, SupervisedConfig, run
 from train.weights import adapt_state
@@ -83,6 +83,22 @@ def test_resnet_smoke_run_on_one_percent_from_local_weights(tmp_path: Path, tiny
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["model"] == "resnet50" and results["arch"] == "resnet10t"
     assert results["fraction"] == 0.01 and results["stopped"] in ("max_steps", "done")
+
+
+def test_accumulation_keep_last_and_tensorboard(tmp_path: Path, tiny_shards: Path) -> None:
+    """What the supervised task gained from the shared trainer: optim.grad_accum_steps batches a step,
+    checkpoint.keep_last checkpoints kept, a TensorBoard tracker with run.tensorboard."""
+    plain, accumulated = tmp_path / "plain", tmp_path / "accumulated"
+    assert run(config("debug_vit.yaml", tiny_shards, plain, "run.epochs=1")) == 0
+    reset_accelerate()
+    overrides = ("run.epochs=1", "optim.grad_accum_steps=2", "checkpoint.every_steps=1", "checkpoint.keep_last=2",
+                 "run.tensorboard=true")  # fmt: skip
+    assert run(config("debug_vit.yaml", tiny_shards, accumulated, *overrides)) == 0
+    steps = json.loads((plain / "results.json").read_text())["steps"]
+    assert steps >= 4
+    assert json.loads((accumulated / "results.json").read_text())["steps"] == steps // 2
+    assert len(list_checkpoints(accumulated)) == 2
+    assert list((accumulated / "tensorboard").rglob("events.out.tfevents.*"))
 
 
 def test_init_adapts_channels_and_drops_the_head(tmp_path: Path) -> None:
