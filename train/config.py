@@ -2,7 +2,8 @@
 
 One frozen dataclass per component, nested in ``PretrainConfig``. Values derived from the config (the absolute
 learning rate, the global batch, the warmup in steps) are computed at run time by ``train.loop`` and never
-written back here.
+written back here. ``RunConfig`` and ``CheckpointConfig`` are shared by every task of ``train.trainer``
+(``train.supervised`` nests them too).
 """
 
 from __future__ import annotations
