@@ -63,7 +63,7 @@ class Schedule:
     global_batch: int
     """Images per optimizer step, all processes: batch_size x processes x grad_accum_steps."""
     peak_lr: float
-    """Absolute learning rate: base_lr x global_batch / 256."""
+    """Absolute learning rate after the warmup (MAE: base_lr x global_batch / 256; supervised: optim.lr)."""
     steps_per_epoch: int
     """Optimizer steps per epoch (the loader's batches // grad_accum_steps)."""
     total_steps: int

@@ -168,6 +168,8 @@ class SupervisedTask(TrainTask):
     (early stopping), test accuracy, balanced accuracy, per-class recall and confusion in results.json."""
 
     results_name = "results.json"
+    class_names: list[str]
+    """The dataset's classes, read from its manifest by ``build_model``."""
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg

@@ -128,6 +128,7 @@ class Session:
 
     @property
     def cfg(self):
+        """The task's config."""
         return self.task.cfg
 
     @property
