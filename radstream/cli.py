@@ -42,7 +42,7 @@ def _build_overrides(args: argparse.Namespace) -> list[str]:
 
 def _load_build_config(args: argparse.Namespace):
     from core.config import load_config
-    from shards.config import BuildConfig
+    from shards.build.config import BuildConfig
 
     return load_config(BuildConfig, args.config, _build_overrides(args))
 
@@ -65,10 +65,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from shards.build import run_build
-    from shards.manifest import finalize
-    from shards.publish import publish
-    from shards.remote import is_remote
+    from shards.build.finalize import finalize
+    from shards.build.parts import run_build
+    from shards.build.publish import publish
+    from shards.transport import is_remote
 
     remote_out = args.out if is_remote(args.out) else None
     if remote_out:
@@ -97,7 +97,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from shards.publish import publish
+    from shards.build.publish import publish
 
     done = publish(args.out, args.url, workers=args.workers)
     print(
@@ -117,8 +117,8 @@ def _print_summary(manifest: dict, seconds: float) -> None:
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
-    from shards.manifest import finalize
-    from shards.plan import load_plan_config
+    from shards.build.finalize import finalize
+    from shards.build.plan import load_plan_config
 
     cfg = load_plan_config(args.out)
     start = time.perf_counter()
@@ -127,7 +127,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from shards.verify import verify_shards
+    from shards.build.verify import verify_shards
 
     report = verify_shards(args.out, quick=args.quick)
     for problem in report.problems[:50]:
@@ -137,7 +137,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bins(args: argparse.Namespace) -> int:
-    from shards.binreport import bins_report
+    from shards.build.binreport import bins_report
 
     print(bins_report(args.path, args.overrides, batch_size=args.batch_size, workers=args.workers))
     return 0
@@ -160,7 +160,7 @@ def _add_build_parser(sub) -> None:
         "source", help="folder of DICOM/PNG/JPEG/TIFF files (or the root a --manifest-csv is relative to)"
     )
     p.add_argument("out", help="output dataset folder, or s3://bucket/prefix (built locally, then published)")
-    p.add_argument("--config", help="YAML recipe (keys of shards.config.BuildConfig)")
+    p.add_argument("--config", help="YAML recipe (keys of shards.build.config.BuildConfig)")
     p.add_argument("--manifest-csv", help="CSV manifest: path[,label][,irma_code][,patient_id]")
     p.add_argument("--labels", choices=["none", "folder", "csv", "irma"], help="label source")
     p.add_argument("--irma-csv", help="IRMA code list (image_id;irma_code)")

@@ -40,7 +40,7 @@ import torch
 from nvidia.dali import Pipeline
 
 from shards.codecs import bit_depth
-from shards.loader import ShardLoader, StepPlan
+from shards.loader_base import ShardLoader, StepPlan
 from shards.loader_data import ShardFiles
 
 

@@ -11,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from shards.remote import RemoteConfig, filesystem, shard_entries, with_retries
+from shards.layout import shard_entries
+from shards.loader_config import RemoteConfig
+from shards.transport import filesystem, with_retries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
