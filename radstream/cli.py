@@ -177,6 +177,24 @@ def _add_build_parser(sub) -> None:
     p.set_defaults(func=cmd_build)
 
 
+def _add_dataset_parsers(sub) -> None:
+    """finalize-shards, publish, verify-shards: commands on a built dataset."""
+    p = sub.add_parser("finalize-shards", help="merge the parts of a multi-task build into the manifest")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_finalize)
+
+    p = sub.add_parser("publish", help="upload a finished shard dataset to s3:// (manifest last)")
+    p.add_argument("out", help="local finished dataset")
+    p.add_argument("url", help="destination, e.g. s3://bucket/prefix (endpoint: $RADSTREAM_S3_ENDPOINT)")
+    p.add_argument("--workers", type=int, default=8, help="parallel uploads")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("verify-shards", help="re-read every shard and check it against the manifest")
+    p.add_argument("out")
+    p.add_argument("--quick", action="store_true", help="decode a 5%% sample of the images instead of all")
+    p.set_defaults(func=cmd_verify)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radstream", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -202,20 +220,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("finalize-shards", help="merge the parts of a multi-task build into the manifest")
-    p.add_argument("out")
-    p.set_defaults(func=cmd_finalize)
-
-    p = sub.add_parser("publish", help="upload a finished shard dataset to s3:// (manifest last)")
-    p.add_argument("out", help="local finished dataset")
-    p.add_argument("url", help="destination, e.g. s3://bucket/prefix (endpoint: $RADSTREAM_S3_ENDPOINT)")
-    p.add_argument("--workers", type=int, default=8, help="parallel uploads")
-    p.set_defaults(func=cmd_publish)
-
-    p = sub.add_parser("verify-shards", help="re-read every shard and check it against the manifest")
-    p.add_argument("out")
-    p.add_argument("--quick", action="store_true", help="decode a 5%% sample of the images instead of all")
-    p.set_defaults(func=cmd_verify)
+    _add_dataset_parsers(sub)
 
     from train.report import add_report_parser
 

@@ -28,7 +28,7 @@ from ingest.dicom import one_line
 from ingest.errors import RejectError
 from ingest.readers import ReadConfig, decode_image
 from ingest.stage import IngestRecord
-from shards.build.config import BuildConfig
+from shards.build.config import BuildConfig, ShardConfig
 from shards.build.plan import BuildPlan, get_plan
 from shards.build.resample import render_in_bin
 from shards.build.writer import ShardWriter
@@ -169,6 +169,27 @@ def _close_writers(writers: dict[tuple[str, str], ShardWriter]) -> list[dict]:
     return shards
 
 
+def _writer(
+    writers: dict[tuple[str, str], ShardWriter],
+    out: Path,
+    split: str,
+    bin_name: str,
+    part: int,
+    sh: ShardConfig,
+) -> ShardWriter:
+    """The part's writer of (split, bin), opened on first use: ``OUT/<split>/<bin>/<split>-<bin>-<part>-*``."""
+    if (split, bin_name) not in writers:
+        folder = out / split / bin_name
+        folder.mkdir(parents=True, exist_ok=True)
+        writers[split, bin_name] = ShardWriter(
+            folder,
+            f"{split}-{bin_name}-{part:04d}",
+            max_samples=sh.max_samples_per_shard,
+            max_bytes=sh.max_shard_bytes,
+        )
+    return writers[split, bin_name]
+
+
 def build_part(cfg: BuildConfig, plan: BuildPlan, part: int) -> dict:
     """Write every sample of one part; returns (and saves) the part record."""
     out = Path(cfg.out)
@@ -196,15 +217,7 @@ def build_part(cfg: BuildConfig, plan: BuildPlan, part: int) -> dict:
         if meta["label_index"] >= 0:
             members["cls"] = str(meta["label_index"]).encode()
         members["json"] = json.dumps(meta, sort_keys=True).encode()
-        wkey = (item.split, res["bin"])
-        if wkey not in writers:
-            folder = out / item.split / res["bin"]
-            folder.mkdir(parents=True, exist_ok=True)
-            prefix = f"{item.split}-{res['bin']}-{part:04d}"
-            writers[wkey] = ShardWriter(
-                folder, prefix, max_samples=sh.max_samples_per_shard, max_bytes=sh.max_shard_bytes
-            )
-        writers[wkey].write(key, members)
+        _writer(writers, out, item.split, res["bin"], part, sh).write(key, members)
         rows.append({"key": key, **meta})
     shards = _close_writers(writers)
     record = {
