@@ -120,3 +120,12 @@ def test_parts_keep_patients_whole_and_sized(part_size, patients_count) -> None:
     shuffled = rng.permutation(len(patients))
     again = assign_parts([patients[i] for i in shuffled], part_size, seed=5)
     assert np.array_equal(again, parts[shuffled])  # a patient's part does not depend on the input order
+
+
+def test_importable_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, bucketing.dataplan; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -44,7 +44,9 @@ def test_split_counts_reject_the_rest_and_name_each_file(source: Path) -> None:
     result = run_ingest(source, cfg, seed=0)
     assert Counter(r.split for r in result.records) == {"train": 20, "val": 10, "test": 10}
     assert len(result.rejects) == 20
-    assert all(isinstance(r, Reject) and "outside the requested split counts" in r.reason for r in result.rejects)
+    assert all(
+        isinstance(r, Reject) and "outside the requested split counts" in r.reason for r in result.rejects
+    )
     assert {r.path for r in result.rejects}.isdisjoint(r.rel for r in result.records)
 
 
