@@ -34,9 +34,9 @@ import pydicom  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from core.config import load_config  # noqa: E402
-from shards.build import run_build  # noqa: E402
-from shards.config import BuildConfig  # noqa: E402
-from shards.manifest import finalize  # noqa: E402
+from shards.build.config import BuildConfig  # noqa: E402
+from shards.build.finalize import finalize  # noqa: E402
+from shards.build.parts import run_build  # noqa: E402
 
 
 def naive_build(src: Path, out_tar: Path, size: int = 224) -> int:

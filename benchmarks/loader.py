@@ -47,9 +47,9 @@ def build_shards(tmp: Path, images: int, max_side: int, max_tokens: int, codec: 
     """A synthetic corpus → a finalized shard dataset with smart bins."""
     from core.config import load_config
     from ingest.synth import synthesize
-    from shards.build import run_build
-    from shards.config import BuildConfig
-    from shards.manifest import finalize
+    from shards.build.config import BuildConfig
+    from shards.build.finalize import finalize
+    from shards.build.parts import run_build
 
     synthesize(tmp / "synth", n=images, seed=0, max_side=max_side, workers=workers)
     overrides = [

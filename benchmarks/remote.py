@@ -31,11 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from shards.build.publish import publish  # noqa: E402
 from shards.codecs import decode  # noqa: E402
 from shards.loader import build_loader  # noqa: E402
-from shards.loader_config import LoaderConfig  # noqa: E402
-from shards.publish import publish  # noqa: E402
-from shards.remote import Lookahead, RemoteConfig, filesystem, resolve_dataset, shard_schedule  # noqa: E402
+from shards.loader_base import Lookahead, shard_schedule  # noqa: E402
+from shards.loader_config import LoaderConfig, RemoteConfig  # noqa: E402
+from shards.remote import resolve_dataset  # noqa: E402
+from shards.transport import filesystem  # noqa: E402
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -44,9 +46,9 @@ def build_dataset(work: Path, n: int) -> Path:
     """A finalized shard dataset of ``n`` synthetic radiographs (built once per work folder and n)."""
     from core.config import load_config
     from ingest.synth import synthesize
-    from shards.build import run_build
-    from shards.config import BuildConfig
-    from shards.manifest import finalize
+    from shards.build.config import BuildConfig
+    from shards.build.finalize import finalize
+    from shards.build.parts import run_build
 
     out = work / f"shards-{n}"
     if (out / "manifest.json").is_file():

@@ -74,6 +74,15 @@ class BinReport:
         return "\n".join(lines)
 
 
+def _check_plan(sizes: np.ndarray, bins: Sequence[Bin], assignment: np.ndarray, mode: str) -> None:
+    if len(assignment) != len(sizes):
+        raise ValueError(f"{len(assignment)} assignments for {len(sizes)} sizes")
+    if len(assignment) and (assignment.min() < 0 or assignment.max() >= len(bins)):
+        raise ValueError(f"assignment indices must lie in [0, {len(bins)})")
+    if mode not in FIT_MODES:
+        raise ValueError(f"unknown fit mode {mode!r}; expected one of {FIT_MODES}")
+
+
 def plan_report(
     sizes: np.ndarray,
     bins: Sequence[Bin],
@@ -97,12 +106,7 @@ def plan_report(
     """
     sizes = as_sizes(sizes)
     assignment = np.asarray(assignment, dtype=np.int64).reshape(-1)
-    if len(assignment) != len(sizes):
-        raise ValueError(f"{len(assignment)} assignments for {len(sizes)} sizes")
-    if len(assignment) and (assignment.min() < 0 or assignment.max() >= len(bins)):
-        raise ValueError(f"assignment indices must lie in [0, {len(bins)})")
-    if mode not in FIT_MODES:
-        raise ValueError(f"unknown fit mode {mode!r}; expected one of {FIT_MODES}")
+    _check_plan(sizes, bins, assignment, mode)
     counts = np.bincount(assignment, minlength=len(bins))
     tokens = np.array([b.tokens(patch_size) for b in bins], dtype=np.int64)
     rows = tuple(

@@ -6,9 +6,8 @@ pose (rotation, scale, shift, mirror) maps the body frame onto the pixels. The d
 air ≈ 0, soft tissue ≈ 0.3, bone up to ≈ 1 — so bone is bright as a radiograph is displayed. ``draw`` adds
 soft-tissue texture, a heel-effect gradient and a random contrast curve, and returns values in [0, 1].
 
-Everything is vectorised numpy on a canvas of at most ``CANVAS_SIDE`` pixels a side; ``radiograph`` upsamples
-it to the detector size and adds what lives at full resolution there: quantum + electronic noise, black
-collimation margins, a white or grey frame, a burned-in marker.
+Everything is vectorised numpy on a small canvas; ``ingest.synth_detector.radiograph`` upsamples it to the
+detector size and adds what lives at full resolution there.
 """
 
 from __future__ import annotations
@@ -17,86 +16,11 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image
+
+from ingest.synth_shapes import Canvas, bone, box, capsule, ellipse, ramp, smooth_noise
 
 ELONGATED = frozenset({"spine", "upper_extremity", "lower_extremity", "whole_body"})
 """Regions drawn along the image's long axis (a landscape canvas is drawn transposed)."""
-
-
-class Canvas:
-    """Body-frame coordinates of every canvas pixel after a random pose.
-
-    Attributes:
-        X, Y: float32 [h, w] body-frame coordinates (y downwards).
-        half_w, half_h: half extents of the field of view in body units (before the pose).
-        px: one pixel in body units: the narrowest edge a primitive may have.
-    """
-
-    def __init__(self, h: int, w: int, rng: np.random.Generator, max_rotation_deg: float):
-        unit = min(h, w) / 2.0
-        scale = rng.uniform(0.85, 1.15)
-        angle = math.radians(rng.uniform(-max_rotation_deg, max_rotation_deg))
-        shift = rng.uniform(-0.08, 0.08, size=2)
-        ys = ((np.arange(h, dtype=np.float32) + 0.5 - h / 2) / unit - shift[0])[:, None]
-        xs = ((np.arange(w, dtype=np.float32) + 0.5 - w / 2) / unit - shift[1])[None, :]
-        if rng.random() < 0.5:  # mirror: left/right views, patient facing either way
-            xs = -xs
-        co, si = math.cos(angle) / scale, math.sin(angle) / scale
-        self.X = (co * xs + si * ys).astype(np.float32)
-        self.Y = (-si * xs + co * ys).astype(np.float32)
-        self.half_w, self.half_h = w / 2 / unit / scale, h / 2 / unit / scale
-        self.px = 1.0 / unit / scale
-
-
-def ramp(d: np.ndarray, width: float) -> np.ndarray:
-    """1 inside (d < 0), 0 outside, linear over ``width`` around the edge: a cheap smooth indicator."""
-    return np.clip(0.5 - d * (1.0 / width), 0.0, 1.0)
-
-
-def ellipse(c: Canvas, cx: float, cy: float, a: float, b: float, angle: float = 0.0) -> np.ndarray:
-    """Approximate signed distance to an ellipse with half axes (a, b) turned by ``angle`` radians."""
-    x, y = c.X - cx, c.Y - cy
-    if angle:
-        co, si = math.cos(angle), math.sin(angle)
-        x, y = co * x + si * y, -si * x + co * y
-    return (np.sqrt((x * (1.0 / a)) ** 2 + (y * (1.0 / b)) ** 2) - 1.0) * min(a, b)
-
-
-def box(c: Canvas, cx: float, cy: float, a: float, b: float, angle: float = 0.0) -> np.ndarray:
-    """Approximate signed distance to a rounded box (superellipse of power 4) with half sides (a, b)."""
-    x, y = c.X - cx, c.Y - cy
-    if angle:
-        co, si = math.cos(angle), math.sin(angle)
-        x, y = co * x + si * y, -si * x + co * y
-    qx, qy = (x * (1.0 / a)) ** 2, (y * (1.0 / b)) ** 2  # ** 4 would call pow(): 40x slower than squaring
-    return (np.sqrt(np.sqrt(qx * qx + qy * qy)) - 1.0) * min(a, b)
-
-
-def capsule(c: Canvas, p0: tuple[float, float], p1: tuple[float, float], radius: float) -> np.ndarray:
-    """Signed distance to a capsule: the segment p0-p1 (x, y) thickened by ``radius``."""
-    (x0, y0), (x1, y1) = p0, p1
-    dx, dy = x1 - x0, y1 - y0
-    t = np.clip(((c.X - x0) * dx + (c.Y - y0) * dy) * (1.0 / max(dx * dx + dy * dy, 1e-9)), 0.0, 1.0)
-    return np.sqrt((c.X - x0 - t * dx) ** 2 + (c.Y - y0 - t * dy) ** 2) - radius
-
-
-def bone(c: Canvas, d: np.ndarray, cortex: float, marrow: float = 0.5, rim: float = 0.35) -> np.ndarray:
-    """A bone from its signed distance: a marrow fill plus a brighter cortical rim ``cortex`` thick."""
-    edge = max(c.px, 0.012)
-    inside = ramp(d, edge)
-    return marrow * inside + rim * (inside - ramp(d + cortex, edge))
-
-
-def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) -> np.ndarray:
-    """Zero-mean smooth random field (about ``cells`` blobs along the shorter side), unit-ish amplitude."""
-    h, w = shape
-    ch = max(2, round(cells * h / min(h, w)))
-    cw = max(2, round(cells * w / min(h, w)))
-    small = rng.standard_normal((ch, cw)).astype(np.float32)
-    return np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC))
-
-
-# --- regions ---------------------------------------------------------------------------------------------
 
 
 def _cranium(c: Canvas, rng: np.random.Generator) -> np.ndarray:
@@ -407,91 +331,3 @@ def draw(region: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     img = 1.0 - np.exp(np.maximum(att, 0.0) * -rng.uniform(1.4, 2.0))
     img = np.clip(img * rng.uniform(1.0, 1.2) + rng.uniform(0.0, 0.05), 0.0, 1.0) ** rng.uniform(0.8, 1.25)
     return np.ascontiguousarray(img, dtype=np.float32)
-
-
-# --- full resolution -------------------------------------------------------------------------------------
-
-CANVAS_SIDE = 320
-"""Longest side the anatomy is drawn at; larger images are upsampled (the anatomy is smooth anyway)."""
-
-# Standard normal values looked up by random 16-bit indices: 4x faster than Generator.standard_normal.
-_GAUSS = np.sort(np.random.default_rng(20240229).standard_normal(65536)).astype(np.float32)
-
-_GLYPHS = {  # 5×7 bitmap letters of the burned-in side / view markers
-    "L": "10000 10000 10000 10000 10000 10000 11111",
-    "R": "11110 10001 10001 11110 10100 10010 10001",
-    "A": "01110 10001 10001 11111 10001 10001 10001",
-    "P": "11110 10001 10001 11110 10000 10000 10000",
-    "T": "11111 00100 00100 00100 00100 00100 00100",
-}
-_MARKERS = ("L", "R", "AP", "PA", "LAT")
-
-
-def _marker_bitmap(text: str) -> np.ndarray:
-    """The text as a bool bitmap (7 rows), one blank column between letters, one blank pixel all around."""
-    cols = []
-    for letter in text:
-        rows = [[c == "1" for c in row] for row in _GLYPHS[letter].split()]
-        cols += [np.array(rows), np.zeros((7, 1), bool)]
-    return np.pad(np.concatenate(cols[:-1], axis=1), 1)
-
-
-def _burn_marker(img: np.ndarray, box: tuple[int, int, int, int], rng: np.random.Generator) -> None:
-    """Burn a marker (white letters, or black letters in a white block) into a corner of the field."""
-    glyph = _marker_bitmap(str(rng.choice(_MARKERS)))
-    y0, x0, y1, x1 = box
-    k = max(1, round(min(y1 - y0, x1 - x0) * rng.uniform(0.035, 0.06) / glyph.shape[0]))
-    glyph = np.kron(glyph, np.ones((k, k), bool))
-    gh, gw = glyph.shape
-    if gh + 2 * k > y1 - y0 or gw + 2 * k > x1 - x0:
-        return
-    top = y0 + k if rng.random() < 0.5 else y1 - gh - k
-    left = x0 + k if rng.random() < 0.5 else x1 - gw - k
-    patch = img[top : top + gh, left : left + gw]
-    if rng.random() < 0.5:
-        patch[glyph] = 1.0
-    else:
-        patch[...] = np.where(glyph, 0.0, 1.0)
-
-
-def _borders(img: np.ndarray, rng: np.random.Generator) -> None:
-    """Collimation (uniform 0 margins on some sides), maybe a marker, maybe a white or grey frame; in place."""
-    h, w = img.shape
-    y0, x0, y1, x1 = 0, 0, h, w
-    if rng.random() < 0.45:
-        cut = [int(s * rng.uniform(0.02, 0.15)) if rng.random() < 0.6 else 0 for s in (h, w, h, w)]
-        y0, x0, y1, x1 = cut[0], cut[1], h - cut[2], w - cut[3]
-        img[:y0], img[y1:], img[:, :x0], img[:, x1:] = 0.0, 0.0, 0.0, 0.0
-    if rng.random() < 0.35:
-        _burn_marker(img, (y0, x0, y1, x1), rng)
-    if rng.random() < 0.1:
-        value = 1.0 if rng.random() < 0.5 else rng.uniform(0.5, 0.9)
-        t = max(2, round(min(h, w) * rng.uniform(0.005, 0.02)))
-        for edge in (np.s_[:t, :], np.s_[:, :t], np.s_[-t:, :], np.s_[:, -t:]):  # top, left, bottom, right
-            if rng.random() < 0.7:
-                img[edge] = value
-
-
-def radiograph(region: str, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """One synthetic radiograph of ``region`` at its full h×w size.
-
-    The anatomy is drawn on a canvas of at most ``CANVAS_SIDE`` a side and upsampled (bicubic); then signal-
-    dependent quantum noise (σ ∝ √signal) plus electronic noise, collimation margins, markers and frames are
-    added at full resolution.
-
-    Returns:
-        float32 [h, w] in [0, 1], bone bright; collimation margins exactly 0.
-    """
-    f = min(1.0, CANVAS_SIDE / max(h, w))
-    ch, cw = max(8, round(h * f)), max(8, round(w * f))
-    img = draw(region, ch, cw, rng)
-    if (ch, cw) != (h, w):
-        img = np.array(Image.fromarray(img).resize((w, h), Image.BICUBIC))
-    sigma = np.sqrt(np.maximum(img, 0.0, out=img), dtype=np.float32)
-    sigma *= rng.uniform(0.008, 0.03)
-    sigma += rng.uniform(0.001, 0.004)
-    sigma *= _GAUSS[rng.integers(0, 65536, size=(h, w), dtype=np.uint16)]
-    img += sigma
-    np.clip(img, 0.0, 1.0, out=img)
-    _borders(img, rng)
-    return img

@@ -17,7 +17,7 @@ from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 if TYPE_CHECKING:  # ingest.synth imports this module: the spec type is only needed for annotations
-    from ingest.synth import ImageSpec
+    from ingest.synth_plan import ImageSpec
 
 SYNTH_VERSION = 1
 """Bumped whenever the same parameters would give different files."""

@@ -42,7 +42,7 @@ def _build_overrides(args: argparse.Namespace) -> list[str]:
 
 def _load_build_config(args: argparse.Namespace):
     from core.config import load_config
-    from shards.config import BuildConfig
+    from shards.build.config import BuildConfig
 
     return load_config(BuildConfig, args.config, _build_overrides(args))
 
@@ -65,10 +65,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from shards.build import run_build
-    from shards.manifest import finalize
-    from shards.publish import publish
-    from shards.remote import is_remote
+    from shards.build.finalize import finalize
+    from shards.build.parts import run_build
+    from shards.build.publish import publish
+    from shards.transport import is_remote
 
     remote_out = args.out if is_remote(args.out) else None
     if remote_out:
@@ -97,7 +97,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from shards.publish import publish
+    from shards.build.publish import publish
 
     done = publish(args.out, args.url, workers=args.workers)
     print(
@@ -117,8 +117,8 @@ def _print_summary(manifest: dict, seconds: float) -> None:
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
-    from shards.manifest import finalize
-    from shards.plan import load_plan_config
+    from shards.build.finalize import finalize
+    from shards.build.plan import load_plan_config
 
     cfg = load_plan_config(args.out)
     start = time.perf_counter()
@@ -127,7 +127,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from shards.verify import verify_shards
+    from shards.build.verify import verify_shards
 
     report = verify_shards(args.out, quick=args.quick)
     for problem in report.problems[:50]:
@@ -137,7 +137,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bins(args: argparse.Namespace) -> int:
-    from shards.binreport import bins_report
+    from shards.build.binreport import bins_report
 
     print(bins_report(args.path, args.overrides, batch_size=args.batch_size, workers=args.workers))
     return 0
@@ -160,7 +160,7 @@ def _add_build_parser(sub) -> None:
         "source", help="folder of DICOM/PNG/JPEG/TIFF files (or the root a --manifest-csv is relative to)"
     )
     p.add_argument("out", help="output dataset folder, or s3://bucket/prefix (built locally, then published)")
-    p.add_argument("--config", help="YAML recipe (keys of shards.config.BuildConfig)")
+    p.add_argument("--config", help="YAML recipe (keys of shards.build.config.BuildConfig)")
     p.add_argument("--manifest-csv", help="CSV manifest: path[,label][,irma_code][,patient_id]")
     p.add_argument("--labels", choices=["none", "folder", "csv", "irma"], help="label source")
     p.add_argument("--irma-csv", help="IRMA code list (image_id;irma_code)")
@@ -175,6 +175,24 @@ def _add_build_parser(sub) -> None:
     )
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. binning.num_bins=6")
     p.set_defaults(func=cmd_build)
+
+
+def _add_dataset_parsers(sub) -> None:
+    """finalize-shards, publish, verify-shards: commands on a built dataset."""
+    p = sub.add_parser("finalize-shards", help="merge the parts of a multi-task build into the manifest")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_finalize)
+
+    p = sub.add_parser("publish", help="upload a finished shard dataset to s3:// (manifest last)")
+    p.add_argument("out", help="local finished dataset")
+    p.add_argument("url", help="destination, e.g. s3://bucket/prefix (endpoint: $RADSTREAM_S3_ENDPOINT)")
+    p.add_argument("--workers", type=int, default=8, help="parallel uploads")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("verify-shards", help="re-read every shard and check it against the manifest")
+    p.add_argument("out")
+    p.add_argument("--quick", action="store_true", help="decode a 5%% sample of the images instead of all")
+    p.set_defaults(func=cmd_verify)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -202,20 +220,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("finalize-shards", help="merge the parts of a multi-task build into the manifest")
-    p.add_argument("out")
-    p.set_defaults(func=cmd_finalize)
-
-    p = sub.add_parser("publish", help="upload a finished shard dataset to s3:// (manifest last)")
-    p.add_argument("out", help="local finished dataset")
-    p.add_argument("url", help="destination, e.g. s3://bucket/prefix (endpoint: $RADSTREAM_S3_ENDPOINT)")
-    p.add_argument("--workers", type=int, default=8, help="parallel uploads")
-    p.set_defaults(func=cmd_publish)
-
-    p = sub.add_parser("verify-shards", help="re-read every shard and check it against the manifest")
-    p.add_argument("out")
-    p.add_argument("--quick", action="store_true", help="decode a 5%% sample of the images instead of all")
-    p.set_defaults(func=cmd_verify)
+    _add_dataset_parsers(sub)
 
     from train.report import add_report_parser
 

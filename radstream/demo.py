@@ -66,10 +66,10 @@ def stage_synth(out: Path, size: DemoSize, seed: int, workers: int) -> Path:
 def stage_shards(out: Path, src: Path, size: DemoSize, workers: int, seed: int) -> Path:
     from core.config import load_config
     from radstream.pictures import bin_pictures
-    from shards.build import run_build
-    from shards.config import BuildConfig
-    from shards.manifest import finalize
-    from shards.verify import verify_shards
+    from shards.build.config import BuildConfig
+    from shards.build.finalize import finalize
+    from shards.build.parts import run_build
+    from shards.build.verify import verify_shards
 
     shards = out / "shards"
     if not (shards / "manifest.json").is_file():

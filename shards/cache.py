@@ -1,4 +1,9 @@
-"""A node-local folder of downloaded shards, shared by every process on the node.
+"""A node-local folder of downloaded shards, shared by every process on the node: a plain store.
+
+It knows where files live, their locks, space reservation and least-recently-used eviction; it never talks to
+the network nor calls back into its user. ``shards.remote.RemoteStore`` owns the protocol (what to fetch,
+from where, how it is verified) and drives this: ``download_lock`` → ``reserve`` → write the partial →
+``commit``; ``open_shared`` to read; ``evict`` when the dataset changed.
 
 Layout: the files keep their dataset-relative paths under ``root`` (``root/<split>/<bin>/<name>.tar`` beside
 its ``.idx``, plus ``manifest.json`` and ``samples.parquet``), so ``root`` reads like a local shard dataset.
@@ -31,7 +36,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,16 +45,11 @@ log = logging.getLogger(__name__)
 LOCKS = ".locks"
 CACHE_LOCK = ".cache.lock"
 PARTIAL_SUFFIX = ".partial"
-CHECKSUM_ATTEMPTS = 2  # a corrupt download is fetched once more before giving up
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 
 
 class CacheFullError(RuntimeError):
     """The cache cannot make room for a file: the size bound or the disk is full of files in use."""
-
-
-class ChecksumError(RuntimeError):
-    """A downloaded file does not match what the manifest says, even after fetching it again."""
 
 
 def _allocate(fd: int, size: int) -> None:
@@ -241,41 +241,6 @@ class ShardCache:
         finally:
             os.close(fd)
 
-    def fill(
-        self,
-        rel: str,
-        size: int,
-        fetch: Callable[[Path], str],
-        problems: Callable[[str, Path], list[str]],
-        source: str,
-    ) -> Path:
-        """Put ``rel`` into the cache: reserve ``size`` bytes, ``fetch`` into the partial (returns its sha256),
-        check it (``problems(sha256, partial)``: empty when good), commit. Call holding the download lock.
-
-        Raises:
-            ChecksumError: still wrong after ``CHECKSUM_ATTEMPTS`` fetches (names ``source``).
-        """
-        for attempt in range(1, CHECKSUM_ATTEMPTS + 1):
-            partial = self.reserve(rel, size)
-            try:
-                found = problems(fetch(partial), partial)
-            except OSError as err:
-                partial.unlink(missing_ok=True)
-                if err.errno == errno.ENOSPC:  # a filesystem that could not reserve the space up front
-                    raise CacheFullError(
-                        f"no space left on the cache disk at {self.root} while writing {source}; "
-                        "free space or set remote.max_cache_bytes below the disk's size"
-                    ) from err
-                raise
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
-            if not found:
-                return self.commit(partial, rel)
-            partial.unlink(missing_ok=True)
-            log.warning("%s is corrupt (%s); download %d of %d", source, found[0], attempt, CHECKSUM_ATTEMPTS)
-        raise ChecksumError(f"{source}: corrupt after {CHECKSUM_ATTEMPTS} downloads: {'; '.join(found[:3])}")
-
     def commit(self, partial: Path, rel: str) -> Path:
         """Move a finished, verified partial into place (atomic) and mark it used."""
         path = self.path(rel)
@@ -353,37 +318,3 @@ class ShardCache:
             os.close(fd)
         log.debug("evicted %s from %s", rel, self.root)
         return True
-
-
-def shard_schedule(data, plans) -> list[list[str]]:
-    """Per planned step, the shard paths its rows read (``data``: a ``SplitSamples``, plans: ``StepPlan``s)."""
-    return [sorted({data.shards[i] for i in data.bins[p.bin].shard[p.rows].tolist()}) for p in plans]
-
-
-class Lookahead:
-    """Keeps ``store.prefetch`` fed with the next ``shards_ahead`` shards of the schedule, in first-use order.
-
-    Args:
-        store: the dataset's store.
-        steps: per step, the shards it reads (``shard_schedule``).
-        shards_ahead: shards to keep requested beyond those of the current step.
-    """
-
-    def __init__(self, store, steps: list[list[str]], shards_ahead: int) -> None:
-        self.store, self.ahead, self.order, self.ends, self.sent = store, shards_ahead, [], [], 0
-        seen = set()
-        for shards in steps:
-            for shard in shards:
-                if shard not in seen:
-                    seen.add(shard)
-                    self.order.append(shard)
-            self.ends.append(len(self.order))  # shards in first-use order needed through this step
-
-    def advance(self, step: int) -> None:
-        """Step ``step`` (index into ``steps``) is next: request through it plus ``shards_ahead`` more."""
-        if not self.ends:
-            return
-        end = min(len(self.order), self.ends[min(step, len(self.ends) - 1)] + self.ahead)
-        if end > self.sent:
-            self.store.prefetch(self.order[self.sent : end])
-            self.sent = end

@@ -40,8 +40,39 @@ import torch
 from nvidia.dali import Pipeline
 
 from shards.codecs import bit_depth
-from shards.loader import ShardLoader, StepPlan
+from shards.loader_base import ShardLoader, StepPlan
 from shards.loader_data import ShardFiles
+
+
+def _decode(raw, *, gpu: bool, bits: int, hint: int, max_height: int, max_width: int):
+    """The decoder node: gray, uint8 or uint16, "mixed" (nvJPEG / nvJPEG2000) on a GPU."""
+    decode_args = {
+        "output_type": types.GRAY,
+        "dtype": types.UINT8 if bits == 8 else types.UINT16,
+        "bytes_per_sample_hint": hint,
+    }
+    if gpu:
+        decode_args.update(preallocate_height_hint=max_height, preallocate_width_hint=max_width)
+    return fn.decoders.image(raw, device="mixed" if gpu else "cpu", **decode_args)
+
+
+def _crop_and_flip(images, hint: int):
+    """The augmentation nodes: crop (corners fed per sample) resized to the bin's shape, then the flip."""
+    size, start, end = (
+        fn.external_source(name=n, dtype=types.FLOAT, ndim=1) for n in ("size", "start", "end")
+    )
+    flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
+    images = fn.resize(
+        images,
+        size=size,
+        roi_start=start,
+        roi_end=end,
+        roi_relative=False,
+        interp_type=types.INTERP_LINEAR,
+        antialias=True,
+        bytes_per_sample_hint=hint,
+    )
+    return fn.flip(images, horizontal=flip, bytes_per_sample_hint=hint)
 
 
 def image_pipeline(
@@ -90,30 +121,9 @@ def image_pipeline(
     with pipe:
         # no_copy: DALI reads the fed byte arrays in place; DaliLoader keeps them alive until the run is out.
         raw = fn.external_source(name="raw", dtype=types.UINT8, ndim=1, no_copy=True)
-        decode_args = {
-            "output_type": types.GRAY,
-            "dtype": types.UINT8 if bits == 8 else types.UINT16,
-            "bytes_per_sample_hint": hint,
-        }
-        if gpu:
-            decode_args.update(preallocate_height_hint=max_height, preallocate_width_hint=max_width)
-        images = fn.decoders.image(raw, device="mixed" if gpu else "cpu", **decode_args)
+        images = _decode(raw, gpu=gpu, bits=bits, hint=hint, max_height=max_height, max_width=max_width)
         if augment:
-            size, start, end = (
-                fn.external_source(name=n, dtype=types.FLOAT, ndim=1) for n in ("size", "start", "end")
-            )
-            flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
-            images = fn.resize(
-                images,
-                size=size,
-                roi_start=start,
-                roi_end=end,
-                roi_relative=False,
-                interp_type=types.INTERP_LINEAR,
-                antialias=True,
-                bytes_per_sample_hint=hint,
-            )
-            images = fn.flip(images, horizontal=flip, bytes_per_sample_hint=hint)
+            images = _crop_and_flip(images, hint)
         pipe.set_outputs(images)
     pipe.build()
     return pipe

@@ -1,7 +1,7 @@
 """DALI ``.idx`` (v1.2) files: parse them, check them against their tar, read samples by position.
 
 An index holds one line per sample, ``<ext> <data offset> <size> <member name>`` for each member in tar
-order, after a header ``v1.2 <samples>`` (the format of DALI's ``wds2idx`` and of ``shards.writer``).
+order, after a header ``v1.2 <samples>`` (the format of DALI's ``wds2idx`` and of ``shards.build.writer``).
 With it a sample's bytes are one ``pread`` away, no tar scan needed.
 """
 
@@ -179,7 +179,7 @@ class ShardReader:
         return {ext: block[off - start : off - start + size] for ext, (off, size) in parts.items()}
 
     __getitem__ = read
-    sample = read  # the name shards.verify uses
+    sample = read  # the name shards.build.verify uses
 
     def __iter__(self) -> Iterator[dict[str, bytes]]:
         return (self.read(i) for i in range(len(self)))

@@ -4,9 +4,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shards.remote import RemoteConfig
-
 BACKENDS = ("auto", "dali", "torch")
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """Reading a shard dataset from ``s3://`` or ``http(s)://`` through a node-local cache."""
+
+    cache_dir: str | None = None
+    """Base folder of the node cache (node-local NVMe ideally); each dataset gets ``<cache_dir>/<hash of its
+    URL and endpoint>``. None: ``$RADSTREAM_CACHE``, else ``~/.cache/radstream``."""
+    max_cache_bytes: int | None = None
+    """Bound on the bytes one dataset's cache folder holds; least recently used shards are evicted to stay
+    under it. None: no bound, shards are evicted only when the disk is full."""
+    prefetch: int = 4
+    """Download threads fetching ahead of the schedule."""
+    prefetch_shards: int = 8
+    """Shards the loader keeps requested ahead of the step it is at."""
+    s3_endpoint: str | None = None
+    """S3 endpoint URL (MinIO, Ceph, ...); None: ``$RADSTREAM_S3_ENDPOINT``, ``$AWS_ENDPOINT_URL`` or AWS."""
+    retries: int = 5
+    """Attempts per request before a transient failure becomes an error."""
+    backoff_s: float = 0.5
+    """Wait before the second attempt; doubled for each further one (with jitter), at most 30 s."""
+    chunk_bytes: int = 8 << 20
+    """Bytes per ranged GET: a failed request costs at most this much again."""
+    max_pinned: int = 16
+    """Shards ``local_path`` keeps open (so not evictable) per process; ``release`` frees them sooner."""
+
+    def __post_init__(self) -> None:
+        if self.max_cache_bytes is not None and self.max_cache_bytes < 1:
+            raise ValueError(f"remote.max_cache_bytes must be >= 1 or None, got {self.max_cache_bytes}")
+        if self.prefetch < 1 or self.prefetch_shards < 0 or self.max_pinned < 1:
+            raise ValueError("remote.prefetch, max_pinned must be >= 1 and remote.prefetch_shards >= 0")
+        if self.retries < 1 or self.backoff_s < 0 or self.chunk_bytes < 1:
+            raise ValueError("remote.retries and remote.chunk_bytes must be >= 1, remote.backoff_s >= 0")
 
 
 @dataclass(frozen=True)

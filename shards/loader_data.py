@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from shards.manifest import read_manifest, read_samples
-from shards.remote import ShardStore
+from shards.layout import load_manifest, load_samples
+from shards.store import ShardStore
 
 _MAX_OPEN_SHARDS = 64  # file descriptors kept open per process
 
@@ -95,9 +95,9 @@ def load_split(root: str | os.PathLike[str], split: str, label_fraction: float |
         ValueError: no sample left, or a bin the manifest does not know.
     """
     root = Path(root)
-    manifest = read_manifest(root)
+    manifest = load_manifest(root)
     columns = ["key", "split", "bin", "shard", "offset", "size", "label_index", "fractions", "foreground_bin"]
-    table = read_samples(root, split, columns=columns)
+    table = load_samples(root, split, columns=columns)
     if label_fraction is not None:
         table = table.filter(_fraction_mask(table["fractions"], label_fraction))
     if table.num_rows == 0:

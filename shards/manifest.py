@@ -1,166 +1,22 @@
-"""Finalize a build: part records → ``manifest.json``, ``samples.parquet`` and ``rejects.jsonl``.
+"""Reading a shard dataset's manifest and samples table, wherever the dataset lies.
 
-Also the readers of those files, which every later stage uses to find its shards.
+A local folder is read in place (``shards.layout``); a remote one (``s3://``, ``http(s)://``) is read from its
+node cache, which ``shards.remote`` keeps in step with the server.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import logging
-import sys
-from collections import Counter, defaultdict
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from core.atomic import write_bytes
-from core.config import to_dict
-from shards.config import BuildConfig
-from shards.index import read_index
-from shards.plan import BuildPlan, get_plan
-
-log = logging.getLogger(__name__)
-
-FORMAT_VERSION = "1.0"
-SPLITS = ("train", "val", "test")
-
-
-class BuildIncomplete(RuntimeError):
-    """Finalize was asked for before every part was built, or the counts do not add up."""
-
-
-def _load_parts(out: Path, plan: BuildPlan) -> list[dict]:
-    parts, missing = [], []
-    for part in range(plan.num_parts):
-        path = out / "_work" / "parts" / f"part-{part:04d}.json"
-        rec = json.loads(path.read_text()) if path.is_file() else None
-        if rec is None or rec.get("fingerprint") != plan.fingerprint:
-            missing.append(part)
-        else:
-            parts.append(rec)
-    if missing:
-        shown = ", ".join(map(str, missing[:10])) + (" …" if len(missing) > 10 else "")
-        raise BuildIncomplete(f"{out}: {len(missing)} of {plan.num_parts} parts not built yet ({shown})")
-    return parts
-
-
-def _with_offsets(out: Path, rows: list[dict], shards: list[dict], ext: str) -> list[dict]:
-    """Attach each sample's shard, position and image member offset/size (from the DALI index)."""
-    where = {}
-    for shard in shards:
-        idx = out / shard["path"].replace(".tar", ".idx")
-        for pos, entry in enumerate(read_index(idx)):
-            offset, size = entry.components[ext]
-            where[entry.key] = (shard["path"], pos, offset, size)
-    for row in rows:
-        row["shard"], row["position"], row["offset"], row["size"] = where[row["key"]]
-    return rows
-
-
-def finalize(cfg: BuildConfig) -> dict:
-    """Merge every part into the dataset's manifest, samples table and rejects list; returns the manifest."""
-    from shards.codecs import extension
-
-    out = Path(cfg.out)
-    plan = get_plan(cfg)
-    parts = _load_parts(out, plan)
-    shards = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["path"])
-    rows = [r for p in parts for r in p["rows"]]
-    rows = _with_offsets(out, rows, shards, extension(cfg.shards.codec))
-    rows.sort(key=lambda r: (r["split"], r["bin"], r["shard"], r["position"]))
-    rejects = sorted(plan.rejects + [r for p in parts for r in p["rejects"]], key=lambda r: r["path"])
-    duplicates = sorted((d for p in parts for d in p["duplicates"]), key=lambda d: d["path"])
-    seen = plan.seen
-    if seen != len(rows) + len(rejects) + len(duplicates):
-        raise BuildIncomplete(
-            f"count invariant broken: seen {seen} != written {len(rows)} + rejected {len(rejects)} "
-            f"+ duplicates {len(duplicates)}"
-        )
-    cross = _cross_part_duplicates(rows)
-    table = pa.Table.from_pylist(rows)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    write_bytes(out / "samples.parquet", sink.getvalue().to_pybytes())
-    lines = [json.dumps(r) for r in rejects] + [
-        json.dumps({"path": d["path"], "reason": f"duplicate of {d['duplicate_of']} (same pixels)"})
-        for d in duplicates
-    ]
-    write_bytes(out / "rejects.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
-    manifest = _manifest(cfg, plan, rows, shards, rejects, duplicates, cross)
-    write_bytes(out / "manifest.json", json.dumps(manifest, indent=1).encode())
-    return manifest
-
-
-def _cross_part_duplicates(rows: list[dict]) -> list[list[str]]:
-    """Same pixels in two parts (parts are deduplicated alone): reported, not silently dropped."""
-    by_sha = defaultdict(list)
-    for r in rows:
-        if r.get("pixel_sha1"):
-            by_sha[r["pixel_sha1"]].append(r["source"])
-    groups = [sorted(v) for v in by_sha.values() if len(v) > 1]
-    if groups:
-        log.warning(
-            "%d groups of identical images sit in different parts; see manifest 'cross_part_duplicates'",
-            len(groups),
-        )
-    return sorted(groups)
-
-
-def _manifest(cfg, plan, rows, shards, rejects, duplicates, cross) -> dict:
-    from shards.codecs import bit_depth
-
-    per_bin: dict[str, dict] = {
-        b.name: {
-            "name": b.name,
-            "height": b.height,
-            "width": b.width,
-            "counts": dict.fromkeys(SPLITS, 0),
-            "shards": [],
-        }
-        for b in plan.bins
-    }
-    for r in rows:
-        per_bin[r["bin"]]["counts"][r["split"]] += 1
-    for s in shards:
-        per_bin[s["bin"]]["shards"].append({k: s[k] for k in ("path", "split", "samples", "bytes", "sha256")})
-    split_sizes = Counter(r["split"] for r in rows)
-    fraction_sizes = {
-        str(f): sum(1 for r in rows if f in r["fractions"]) for f in cfg.ingest.splits.label_fractions
-    }
-    return {
-        "format_version": FORMAT_VERSION,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "source": str(Path(cfg.source).resolve()),
-        "class_names": plan.class_names,
-        "codec": {
-            "name": cfg.shards.codec,
-            "quality": cfg.shards.quality,
-            "bits": bit_depth(cfg.shards.codec),
-        },
-        "normalization": {"method": "min-max to [0, 1]", **to_dict(cfg.ingest.read)},
-        "binning": to_dict(cfg.binning),
-        "bins": [per_bin[b.name] for b in plan.bins if sum(per_bin[b.name]["counts"].values()) > 0],
-        "split_sizes": {s: split_sizes.get(s, 0) for s in SPLITS},
-        "label_fraction_sizes": fraction_sizes,
-        "counts": {
-            "seen": plan.seen,
-            "written": len(rows),
-            "rejected": len(rejects),
-            "duplicates": len(duplicates),
-        },
-        "cross_part_duplicates": cross,
-        "seed": cfg.seed,
-        "fingerprint": plan.fingerprint,
-        "config": to_dict(cfg),
-    }
+from shards.layout import load_manifest, load_samples
 
 
 def _local_root(root: str | Path) -> Path:
-    """A remote dataset (s3://, http(s)://) is read from its node cache, which holds manifest and samples."""
-    from shards.remote import is_remote, resolve_dataset
+    """A remote dataset is read from its node cache, which holds manifest and samples."""
+    from shards.remote import resolve_dataset
+    from shards.transport import is_remote
 
     if not is_remote(root):
         return Path(root)
@@ -171,25 +27,10 @@ def _local_root(root: str | Path) -> Path:
 
 def read_manifest(root: str | Path) -> dict:
     """The manifest of a shard dataset (local or remote), with a clear error when it is missing or unreadable."""
-    path = _local_root(root) / "manifest.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path}: no manifest (is this a finished shard dataset? run finalize-shards)"
-        ) from None
-    except ValueError as err:
-        raise ValueError(f"{path}: unreadable manifest ({err})") from None
+    return load_manifest(_local_root(root))
 
 
 def read_samples(root: str | Path, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
     """The samples table (optionally one split), in the dataset's stored order (split, bin, shard, position);
     local or remote."""
-    if split is not None and columns is not None and "split" not in columns:
-        columns = [*columns, "split"]
-    table = pq.read_table(_local_root(root) / "samples.parquet", columns=columns)
-    if split is not None:
-        import pyarrow.compute as pc
-
-        table = table.filter(pc.equal(table["split"], split))
-    return table
+    return load_samples(_local_root(root), split, columns)

@@ -1,163 +1,52 @@
 """Shard datasets on object storage (``s3://``) or a web server (``http(s)://``), read through a node cache.
 
-``open_dataset(url)`` gives a :class:`ShardStore`: the manifest, the samples table and, per shard,
-``local_path(rel)`` / ``open(rel)``, which fetch the file once per node into the cache folder
-(``shards.cache``: locks, LRU eviction, space reservation) and verify it. ``prefetch(rels)`` fetches ahead on
-a thread pool. A local folder goes through the same interface without any copy. ``shards.publish.publish``
-uploads a finished local build so that readers never see a manifest whose shards are missing.
+``open_dataset(url)`` gives a :class:`~shards.store.ShardStore`: the manifest, the samples table and, per
+shard, ``local_path(rel)`` / ``open(rel)``. :class:`RemoteStore` owns the protocol of reading a remote
+dataset: it fetches each file once per node into the node cache, verifies it before it becomes visible,
+prefetches on a thread pool and refreshes the cached manifest and samples table when the server's changed.
+The cache (``shards.cache``) is a plain tool it uses: where the files live on disk, locks, space and eviction.
+A local folder goes through the same interface without any copy.
 
 Verification: a tar must match the manifest's sha256 (one more download on a mismatch, then
 :class:`ChecksumError`); the manifest has no hash for the ``.idx``, so an index is checked against its
 (verified) tar member by member (``shards.index.verify_index``), which also re-derives every offset.
-``samples.parquet`` must hold the manifest's count of written samples.
-
-All network access is fsspec (s3fs for S3, its aiohttp HTTP filesystem); transient failures (dropped
-connections, timeouts, 5xx, 408/429) are retried with exponential backoff, a bounded number of times.
-S3 endpoint: ``RemoteConfig.s3_endpoint``, else ``$RADSTREAM_S3_ENDPOINT``, else ``$AWS_ENDPOINT_URL``;
-credentials only from the environment or the usual AWS config files (botocore's chain).
+``samples.parquet`` must hold the manifest's count of written samples. Transfers and retries:
+``shards.transport``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
-import random
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.atomic import write_bytes
-from shards.cache import CacheFullError, ChecksumError, Lookahead, ShardCache, shard_schedule  # noqa: F401
+from shards.cache import CacheFullError, ShardCache
 from shards.index import verify_index
-from shards.manifest import read_manifest, read_samples
+from shards.layout import MANIFEST, SAMPLES, shard_entries
+from shards.loader_config import RemoteConfig
+from shards.store import ShardStore
+from shards.transport import filesystem, is_remote, s3_endpoint, with_retries
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-REMOTE_SCHEMES = ("s3://", "http://", "https://")
 _OPEN_ATTEMPTS = 3  # a shard evicted between its download and our open is fetched again, this many times
+CHECKSUM_ATTEMPTS = 2  # a corrupt download is fetched once more before giving up
 
 
-class RemoteError(OSError):
-    """A remote read or write still failed after every retry."""
-
-
-@dataclass(frozen=True)
-class RemoteConfig:
-    """Reading a shard dataset from ``s3://`` or ``http(s)://`` through a node-local cache."""
-
-    cache_dir: str | None = None
-    """Base folder of the node cache (node-local NVMe ideally); each dataset gets ``<cache_dir>/<hash of its
-    URL and endpoint>``. None: ``$RADSTREAM_CACHE``, else ``~/.cache/radstream``."""
-    max_cache_bytes: int | None = None
-    """Bound on the bytes one dataset's cache folder holds; least recently used shards are evicted to stay
-    under it. None: no bound, shards are evicted only when the disk is full."""
-    prefetch: int = 4
-    """Download threads fetching ahead of the schedule."""
-    prefetch_shards: int = 8
-    """Shards the loader keeps requested ahead of the step it is at."""
-    s3_endpoint: str | None = None
-    """S3 endpoint URL (MinIO, Ceph, ...); None: ``$RADSTREAM_S3_ENDPOINT``, ``$AWS_ENDPOINT_URL`` or AWS."""
-    retries: int = 5
-    """Attempts per request before a transient failure becomes an error."""
-    backoff_s: float = 0.5
-    """Wait before the second attempt; doubled for each further one (with jitter), at most 30 s."""
-    chunk_bytes: int = 8 << 20
-    """Bytes per ranged GET: a failed request costs at most this much again."""
-    max_pinned: int = 16
-    """Shards ``local_path`` keeps open (so not evictable) per process; ``release`` frees them sooner."""
-
-    def __post_init__(self) -> None:
-        if self.max_cache_bytes is not None and self.max_cache_bytes < 1:
-            raise ValueError(f"remote.max_cache_bytes must be >= 1 or None, got {self.max_cache_bytes}")
-        if self.prefetch < 1 or self.prefetch_shards < 0 or self.max_pinned < 1:
-            raise ValueError("remote.prefetch, max_pinned must be >= 1 and remote.prefetch_shards >= 0")
-        if self.retries < 1 or self.backoff_s < 0 or self.chunk_bytes < 1:
-            raise ValueError("remote.retries and remote.chunk_bytes must be >= 1, remote.backoff_s >= 0")
-
-
-def is_remote(url: str | os.PathLike[str]) -> bool:
-    """Whether ``url`` names an S3 or HTTP(S) location rather than a local path."""
-    return str(url).startswith(REMOTE_SCHEMES)
-
-
-def s3_endpoint(cfg: RemoteConfig) -> str | None:
-    """The S3 endpoint in force: config, then ``$RADSTREAM_S3_ENDPOINT``, then ``$AWS_ENDPOINT_URL``."""
-    return cfg.s3_endpoint or os.environ.get("RADSTREAM_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
-
-
-def filesystem(url: str, cfg: RemoteConfig):
-    """(fsspec filesystem, base path without trailing slash) for ``url``."""
-    from fsspec.core import url_to_fs
-
-    options: dict = {} if is_remote(url) else {"auto_mkdir": True}  # publishing into a local folder
-    if url.startswith("s3://") and s3_endpoint(cfg):
-        options["endpoint_url"] = s3_endpoint(cfg)
-    fs, base = url_to_fs(url.rstrip("/"), **options)
-    return fs, base.rstrip("/")
-
-
-def _transient_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [OSError, asyncio.TimeoutError]
-    try:
-        import aiohttp
-
-        types.append(aiohttp.ClientError)
-    except ImportError:
-        pass  # no HTTP filesystem installed: its errors cannot occur
-    try:
-        from botocore.exceptions import HTTPClientError
-
-        types.append(HTTPClientError)
-    except ImportError:
-        pass
-    return tuple(types)
-
-
-def is_transient(err: BaseException) -> bool:
-    """Whether retrying may help: not for missing files or refused access, not for 4xx except 408/429."""
-    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    status = getattr(err, "status", None)
-    if isinstance(status, int):
-        return status >= 500 or status in (408, 429)
-    return isinstance(err, _transient_types())
-
-
-def with_retries(call: Callable[[], T], what: str, retries: int, backoff_s: float) -> T:
-    """``call()``, retried on transient errors with exponential backoff.
-
-    Raises:
-        RemoteError: still failing after ``retries`` attempts (naming ``what`` and the last error).
-    """
-    for attempt in range(1, retries + 1):
-        try:
-            return call()
-        except _transient_types() as err:
-            if not is_transient(err):
-                raise
-            if attempt == retries:
-                raise RemoteError(
-                    f"{what}: failed {retries} times, last: {type(err).__name__}: {err}"
-                ) from err
-            delay = min(30.0, backoff_s * 2 ** (attempt - 1)) * random.uniform(
-                0.5, 1.0
-            )  # jitter spreads nodes
-            log.info("%s: %s: %s; retry %d in %.2f s", what, type(err).__name__, err, attempt, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+class ChecksumError(RuntimeError):
+    """A downloaded file does not match what the manifest says, even after fetching it again."""
 
 
 def cache_folder(url: str, cfg: RemoteConfig) -> Path:
@@ -165,63 +54,6 @@ def cache_folder(url: str, cfg: RemoteConfig) -> Path:
     base = cfg.cache_dir or os.environ.get("RADSTREAM_CACHE") or Path.home() / ".cache" / "radstream"
     identity = url.rstrip("/") + ("|" + (s3_endpoint(cfg) or "") if url.startswith("s3://") else "")
     return Path(base).expanduser() / hashlib.sha256(identity.encode()).hexdigest()[:16]
-
-
-def shard_entries(manifest: dict) -> dict[str, dict]:
-    """Tar path relative to the dataset -> its manifest entry (path, split, samples, bytes, sha256)."""
-    return {s["path"]: s for b in manifest["bins"] for s in b["shards"]}
-
-
-class ShardStore:
-    """A shard dataset as local files. This base class is a local folder read in place (no copy, no cache);
-    :class:`RemoteStore` adds fetching. Picklable, so it can travel to DataLoader workers."""
-
-    remote = False
-    """Whether files are fetched on demand (then worth prefetching)."""
-
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.url = str(root)
-        self.root = Path(root).resolve()  # absolute: the loader joins shard names onto it, rel() strips it
-        """A folder laid out like the dataset (manifest.json, samples.parquet, shards on demand)."""
-        self.manifest = read_manifest(self.root)
-
-    def samples(self, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
-        """The samples table (optionally one split)."""
-        return read_samples(self.root, split, columns)
-
-    def rel(self, path: str | os.PathLike[str]) -> str:
-        """A dataset-relative path from a relative one or an absolute one under ``root``."""
-        p = Path(path)
-        return str(p.relative_to(self.root)) if p.is_absolute() else str(p)
-
-    def local_path(self, rel: str | os.PathLike[str]) -> Path:
-        """The local file of ``rel`` (a shard's .tar or .idx, or any file of the dataset)."""
-        path = self.root / self.rel(rel)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: not in the dataset at {self.url}")
-        return path
-
-    def open(self, rel: str | os.PathLike[str]) -> int:
-        """A read-only descriptor of ``rel``'s local file; the caller closes it."""
-        return os.open(self.local_path(rel), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-
-    def prefetch(self, rels: Sequence[str | os.PathLike[str]]) -> None:
-        """Fetch ``rels`` in the background, in order (nothing to do for a local folder)."""
-
-    def release(self, rel: str | os.PathLike[str]) -> None:
-        """Let ``local_path``'s hold on ``rel`` go (nothing to do for a local folder)."""
-
-    def wait(self) -> None:
-        """Block until every queued prefetch has finished."""
-
-    def close(self) -> None:
-        """Stop background work and let every hold go."""
-
-    def __enter__(self) -> ShardStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class RemoteStore(ShardStore):
@@ -295,7 +127,7 @@ class RemoteStore(ShardStore):
             manifest = json.loads(raw)
         except ValueError as err:
             raise ValueError(f"{self.url}/manifest.json: unreadable manifest ({err})") from None
-        cached, samples = self.root / "manifest.json", self.root / "samples.parquet"
+        cached, samples = self.root / MANIFEST, self.root / SAMPLES
         with self.cache.cache_lock():  # one process per node refreshes; the others then find it done
             old = cached.read_bytes() if cached.is_file() else None
             if old == raw and samples.is_file():
@@ -340,7 +172,7 @@ class RemoteStore(ShardStore):
             if entry is None:
                 return self._fetch_small(rel, lambda *_: [])
             expected = entry["sha256"]
-            return self.cache.fill(
+            return self._fill(
                 rel,
                 entry["bytes"],
                 lambda p: self._download(rel, p, entry["bytes"]),
@@ -350,6 +182,42 @@ class RemoteStore(ShardStore):
                 f"{self.url}/{rel}",
             )
 
+    def _fill(
+        self,
+        rel: str,
+        size: int,
+        fetch: Callable[[Path], str],
+        problems: Callable[[str, Path], list[str]],
+        source: str,
+    ) -> Path:
+        """Put ``rel`` into the cache: reserve ``size`` bytes, ``fetch`` into the partial (returns its sha256),
+        check it (``problems(sha256, partial)``: empty when good), commit. Call holding the download lock.
+
+        Raises:
+            ChecksumError: still wrong after ``CHECKSUM_ATTEMPTS`` fetches (names ``source``).
+            CacheFullError: no room for the file.
+        """
+        for attempt in range(1, CHECKSUM_ATTEMPTS + 1):
+            partial = self.cache.reserve(rel, size)
+            try:
+                found = problems(fetch(partial), partial)
+            except OSError as err:
+                partial.unlink(missing_ok=True)
+                if err.errno == errno.ENOSPC:  # a filesystem that could not reserve the space up front
+                    raise CacheFullError(
+                        f"no space left on the cache disk at {self.root} while writing {source}; "
+                        "free space or set remote.max_cache_bytes below the disk's size"
+                    ) from err
+                raise
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            if not found:
+                return self.cache.commit(partial, rel)
+            partial.unlink(missing_ok=True)
+            log.warning("%s is corrupt (%s); download %d of %d", source, found[0], attempt, CHECKSUM_ATTEMPTS)
+        raise ChecksumError(f"{source}: corrupt after {CHECKSUM_ATTEMPTS} downloads: {'; '.join(found[:3])}")
+
     def _fetch_small(self, rel: str, problems: Callable[[str, Path], list[str]]) -> Path:
         """Fetch a file small enough for memory (an index, metadata); a second try downloads it again."""
         first = [self._get(rel)]
@@ -357,7 +225,7 @@ class RemoteStore(ShardStore):
         def fetch(partial: Path) -> str:
             return self._write(partial, first.pop() if first else self._get(rel))
 
-        return self.cache.fill(rel, len(first[0]), fetch, problems, f"{self.url}/{rel}")
+        return self._fill(rel, len(first[0]), fetch, problems, f"{self.url}/{rel}")
 
     def _fetch_index(self, rel: str, tar: str) -> Path:
         """Fetch a shard's .idx and check it against its (verified) tar, which stays held meanwhile."""

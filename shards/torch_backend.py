@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
 from shards.codecs import bit_depth, decode
-from shards.loader import ShardLoader, StepPlan
+from shards.loader_base import ShardLoader, StepPlan
 from shards.loader_data import ShardFiles, SplitSamples
-from shards.remote import ShardStore
+from shards.store import ShardStore
 
 Request = tuple[str, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
 

@@ -30,9 +30,9 @@ def synth_corpus(tmp_path_factory) -> Path:
 def build_tiny_shards(source: Path, out: Path, *overrides: str) -> Path:
     """Build a finalized shard dataset from ``source`` (a synth corpus) with test-sized settings."""
     from core.config import load_config
-    from shards.build import run_build
-    from shards.config import BuildConfig
-    from shards.manifest import finalize
+    from shards.build.config import BuildConfig
+    from shards.build.finalize import finalize
+    from shards.build.parts import run_build
 
     cfg = load_config(
         BuildConfig,

@@ -161,7 +161,8 @@ class FaultyHTTPServer:
 
 def fetch_every_shard(url: str, cache_dir: str, start: object) -> None:
     """A spawned reader: open the dataset, wait for the others at ``start`` (a Barrier), fetch every file."""
-    from shards.remote import open_dataset, shard_entries
+    from shards.layout import shard_entries
+    from shards.remote import open_dataset
 
     with open_dataset(url, cache_dir=cache_dir, backoff_s=0.01) as store:
         start.wait(timeout=60)

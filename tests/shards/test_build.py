@@ -21,10 +21,10 @@ from PIL import Image
 
 from core.config import load_config
 from ingest.readers import read_image
-from shards.build import run_build
-from shards.config import BuildConfig
-from shards.manifest import BuildIncomplete, finalize
-from shards.verify import verify_shards
+from shards.build.config import BuildConfig
+from shards.build.finalize import BuildIncomplete, finalize
+from shards.build.parts import run_build
+from shards.build.verify import verify_shards
 from tests.conftest import build_tiny_shards
 
 
@@ -204,8 +204,8 @@ _KILL_SCRIPT = """
 import sys
 from core.config import load_config
 from ingest.readers import read_image
-from shards.build import run_build
-from shards.config import BuildConfig
+from shards.build.parts import run_build
+from shards.build.config import BuildConfig
 cfg = load_config(BuildConfig, None, sys.argv[1:])
 run_build(cfg)
 """
@@ -241,7 +241,7 @@ def test_sigkill_then_rerun_gives_identical_shards(synth_corpus: Path, tmp_path:
 
 def test_an_unexpected_failure_on_one_file_is_a_reject_not_a_crash(tmp_path: Path, monkeypatch) -> None:
     """A decoder bug on one file (here: a TypeError from a monkeypatched decoder) rejects that file only."""
-    import shards.build as build
+    import shards.build.parts as build
 
     src = tmp_path / "src"
     rng = np.random.default_rng(3)

@@ -12,7 +12,7 @@ import torch
 
 from shards import codecs
 from shards.index import read_member
-from shards.loader import build_loader, crop_params, dali_available, transform_boxes
+from shards.loader import build_loader, dali_available
 from shards.loader_config import AugmentConfig, LoaderConfig
 from shards.loader_data import load_split
 from shards.manifest import read_samples
@@ -243,34 +243,6 @@ def test_augmentation_changes_pixels_but_not_shapes(tiny_shards: Path) -> None:
             assert image.shape == plain[key].shape
             changed += not torch.equal(image, plain[key])
     assert changed > 0.9 * len(plain)
-
-
-def test_crop_params_respect_scale_and_ratio() -> None:
-    rng = np.random.default_rng(0)
-    crops = crop_params(rng, 500, 64, 128, AugmentConfig(scale=[0.5, 1.0], ratio=[1.0, 1.0]))
-    top, left, h, w = crops.T
-    assert ((top >= 0) & (top <= 64 - h) & (left >= 0) & (left <= 128 - w)).all()
-    assert ((h * w / (64 * 128) >= 0.45) & (np.abs(w / h - 2.0) < 0.1)).all()
-    assert len({tuple(c) for c in crops.tolist()}) > 400  # really random
-    whole = crop_params(rng, 5, 64, 128, AugmentConfig(scale=[1.0, 1.0], ratio=[4.0, 4.0]))
-    assert whole.tolist() == [[0, 0, 64, 128]] * 5  # nothing fits: the whole image
-
-
-def test_transform_boxes_follow_crop_and_flip() -> None:
-    boxes = np.array([[10, 20, 30, 60], [0, 0, 64, 128]])
-    crops = np.array([[10, 20, 32, 64], [0, 0, 64, 128]])
-    assert transform_boxes(boxes, crops, np.array([False, False]), 64, 128).tolist() == [
-        [0, 0, 40, 80],
-        [0, 0, 64, 128],
-    ]
-    assert transform_boxes(boxes, crops, np.array([True, True]), 64, 128).tolist() == [
-        [0, 48, 40, 128],
-        [0, 0, 64, 128],
-    ]
-    outside = transform_boxes(
-        np.array([[0, 0, 8, 8]]), np.array([[32, 64, 32, 64]]), np.array([False]), 64, 128
-    )
-    assert outside[0, 0] == outside[0, 2]  # no foreground in view: an empty box
 
 
 def test_config_checks() -> None:

@@ -20,24 +20,15 @@ pytest.importorskip("aiohttp", reason="remote extras (aiohttp) not installed")
 pytest.importorskip("moto", reason="test extras (moto[server]) not installed")
 
 from shards import cache as cache_module  # noqa: E402
+from shards.build.publish import publish  # noqa: E402
+from shards.cache import CacheFullError  # noqa: E402
+from shards.layout import shard_entries  # noqa: E402
 from shards.loader import build_loader  # noqa: E402
-from shards.loader_config import LoaderConfig  # noqa: E402
+from shards.loader_base import Lookahead  # noqa: E402
+from shards.loader_config import LoaderConfig, RemoteConfig  # noqa: E402
 from shards.manifest import read_manifest, read_samples  # noqa: E402
-from shards.publish import publish  # noqa: E402
-from shards.remote import (  # noqa: E402
-    CacheFullError,
-    ChecksumError,
-    Lookahead,
-    RemoteConfig,
-    RemoteError,
-    cache_folder,
-    filesystem,
-    is_transient,
-    open_dataset,
-    resolve_dataset,
-    s3_endpoint,
-    shard_entries,
-)
+from shards.remote import ChecksumError, cache_folder, open_dataset, resolve_dataset  # noqa: E402
+from shards.transport import RemoteError, filesystem, is_transient, s3_endpoint  # noqa: E402
 from tests.shards.remote_servers import S3_ENV, FaultyHTTPServer, S3Server, fetch_every_shard  # noqa: E402
 
 FAST = {"backoff_s": 0.001}  # retries without real waiting

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shards.build.writer import ShardInfo, ShardWriter, finished_size, member_span
 from shards.codecs import encode
 from shards.index import ShardReader, read_index, read_member, scan_tar, verify_index
-from shards.writer import ShardInfo, ShardWriter, finished_size, member_span
 
 PREFIX = "train-32x48-0003"
 
@@ -138,7 +138,7 @@ def test_no_final_names_before_close(tmp_path):
 
 KILLED_WRITER = """
 import sys, time
-from shards.writer import ShardWriter
+from shards.build.writer import ShardWriter
 w = ShardWriter(sys.argv[1], "train-32x48-0003", max_samples=2, fsync=False)
 for i in range(3):
     w.write(f"s{i:06d}", {"jpg": bytes(5000), "cls": b"1"})

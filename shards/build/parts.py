@@ -1,6 +1,6 @@
 """The shard build: plan → parts (read, normalise, bin, resize, encode, write) → finalize.
 
-A part is a fixed group of whole patients (see ``shards.plan``). A task of a SLURM array builds the parts
+A part is a fixed group of whole patients (see ``shards.build.plan``). A task of a SLURM array builds the parts
 ``p`` with ``p % num_tasks == task_index``; a part's shards are named after it, so the dataset is identical
 whatever the number of tasks. A finished part leaves ``OUT/_work/parts/part-NNNN.json``; a rerun skips it, and
 a part that was killed half way is cleaned up and rebuilt from scratch (its shards only become visible by an
@@ -22,15 +22,17 @@ import numpy as np
 from tqdm import tqdm
 
 from bucketing.bins import Bin, BinningConfig, assign_with_config, fit_geometry
+from bucketing.dataplan import stable_hash
 from core.atomic import write_json
 from ingest.dicom import one_line
 from ingest.errors import RejectError
 from ingest.readers import ReadConfig, decode_image
+from ingest.stage import IngestRecord
+from shards.build.config import BuildConfig, ShardConfig
+from shards.build.plan import BuildPlan, get_plan
+from shards.build.resample import render_in_bin
+from shards.build.writer import ShardWriter
 from shards.codecs import encode, extension
-from shards.config import BuildConfig
-from shards.plan import BuildPlan, get_plan, stable_hash
-from shards.resample import render_in_bin
-from shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ def sample_key(rel: str) -> str:
     return f"{stem}_{hashlib.sha1(rel.encode()).hexdigest()[:10]}"
 
 
-def process_item(item: dict) -> dict:
+def process_item(item: IngestRecord) -> dict:
     """:func:`encode_item`, with any failure on this one file turned into its reject (the build goes on).
 
     Known bad input raises :class:`RejectError` with its reason. Anything else is a decoder or library failure
@@ -73,19 +75,19 @@ def process_item(item: dict) -> dict:
     except RejectError as err:
         return {"reject": str(err)}
     except Exception as err:  # noqa: BLE001 - the per-file boundary, see the docstring
-        log.warning("%s: unexpected failure", item["rel"], exc_info=True)
+        log.warning("%s: unexpected failure", item.rel, exc_info=True)
         return {"reject": f"unexpected {type(err).__name__} while reading: {one_line(err)}"}
 
 
-def encode_item(item: dict) -> dict:
+def encode_item(item: IngestRecord) -> dict:
     """Decode → foreground box → pick the bin → shrink, normalise, resize → encode one input (in a worker).
 
     The full-size image is never turned into floats: the box is found on the stored numbers and
-    :func:`shards.resample.render_in_bin` normalises only the reduced image (see there).
+    :func:`shards.build.resample.render_in_bin` normalises only the reduced image (see there).
     """
     job = _JOB
     assert job is not None, "worker not initialised"
-    decoded = decode_image(item["path"], job.read)
+    decoded = decode_image(item.path, job.read)
     height, width = decoded.values.shape
     box = decoded.foreground_box(job.read.foreground_tolerance)
     region = box if job.crop_to_foreground else (0, 0, height, width)
@@ -104,23 +106,23 @@ def encode_item(item: dict) -> dict:
     }
 
 
-def _sample_json(item: dict, res: dict, plan: BuildPlan, cfg: BuildConfig) -> dict:
+def _sample_json(item: IngestRecord, res: dict, plan: BuildPlan, cfg: BuildConfig) -> dict:
     meta = res["meta"]
     return {
-        "source": item["rel"],
+        "source": item.rel,
         "format": meta.get("format"),
-        "height": int(meta.get("height", item["height"])),
-        "width": int(meta.get("width", item["width"])),
+        "height": int(meta.get("height", item.height)),
+        "width": int(meta.get("width", item.width)),
         "bits": meta.get("bits"),
         "photometric": meta.get("photometric"),
         "frames": meta.get("frames", 1),
         "foreground": res["foreground"],
         "foreground_bin": res["foreground_bin"],
-        "patient_id": item["patient"],
-        "split": item["split"],
-        "label": item["label"],
-        "label_index": plan.class_names.index(item["label"]) if item["label"] in plan.class_names else -1,
-        "fractions": item["fractions"],
+        "patient_id": item.patient,
+        "split": item.split,
+        "label": item.label,
+        "label_index": plan.class_names.index(item.label) if item.label in plan.class_names else -1,
+        "fractions": list(item.fractions),
         "bin": res["bin"],
         "fit": cfg.binning.fit,
         "cropped_to_foreground": cfg.shards.crop_to_foreground,
@@ -137,7 +139,7 @@ def _clean_part(out: Path, part: int) -> None:
                 f.unlink()
 
 
-def _results(items: list[dict], job: _Job, workers: int):
+def _results(items: list[IngestRecord], job: _Job, workers: int):
     """process_item over ``items``, in order, in this process or a pool of ``workers``."""
     if workers <= 1:
         _init_worker(job)
@@ -167,13 +169,32 @@ def _close_writers(writers: dict[tuple[str, str], ShardWriter]) -> list[dict]:
     return shards
 
 
+def _writer(
+    writers: dict[tuple[str, str], ShardWriter],
+    out: Path,
+    split: str,
+    bin_name: str,
+    part: int,
+    sh: ShardConfig,
+) -> ShardWriter:
+    """The part's writer of (split, bin), opened on first use: ``OUT/<split>/<bin>/<split>-<bin>-<part>-*``."""
+    if (split, bin_name) not in writers:
+        folder = out / split / bin_name
+        folder.mkdir(parents=True, exist_ok=True)
+        writers[split, bin_name] = ShardWriter(
+            folder,
+            f"{split}-{bin_name}-{part:04d}",
+            max_samples=sh.max_samples_per_shard,
+            max_bytes=sh.max_shard_bytes,
+        )
+    return writers[split, bin_name]
+
+
 def build_part(cfg: BuildConfig, plan: BuildPlan, part: int) -> dict:
     """Write every sample of one part; returns (and saves) the part record."""
     out = Path(cfg.out)
     _clean_part(out, part)
-    items = sorted(
-        (it for it in plan.items if it["part"] == part), key=lambda it: stable_hash(cfg.seed, it["rel"])
-    )
+    items = sorted(plan.part_records(part), key=lambda it: stable_hash(cfg.seed, it.rel))
     sh = cfg.shards
     job = _Job(cfg.ingest.read, tuple(plan.bins), cfg.binning, sh.codec, sh.quality, sh.crop_to_foreground)
     writers: dict[tuple[str, str], ShardWriter] = {}
@@ -183,28 +204,20 @@ def build_part(cfg: BuildConfig, plan: BuildPlan, part: int) -> dict:
         zip(items, results, strict=True), total=len(items), desc=f"part {part}", unit="img", disable=None
     ):
         if "reject" in res:
-            rejects.append({"path": item["rel"], "reason": res["reject"]})
+            rejects.append({"path": item.rel, "reason": res["reject"]})
             continue
         sha = res["meta"].get("pixel_sha1")
         if sha in seen_pixels:
-            duplicates.append({"path": item["rel"], "duplicate_of": seen_pixels[sha]})
+            duplicates.append({"path": item.rel, "duplicate_of": seen_pixels[sha]})
             continue
-        seen_pixels[sha] = item["rel"]
-        key = sample_key(item["rel"])
+        seen_pixels[sha] = item.rel
+        key = sample_key(item.rel)
         meta = _sample_json(item, res, plan, cfg)
         members = {extension(sh.codec): res["data"]}
         if meta["label_index"] >= 0:
             members["cls"] = str(meta["label_index"]).encode()
         members["json"] = json.dumps(meta, sort_keys=True).encode()
-        wkey = (item["split"], res["bin"])
-        if wkey not in writers:
-            folder = out / item["split"] / res["bin"]
-            folder.mkdir(parents=True, exist_ok=True)
-            prefix = f"{item['split']}-{res['bin']}-{part:04d}"
-            writers[wkey] = ShardWriter(
-                folder, prefix, max_samples=sh.max_samples_per_shard, max_bytes=sh.max_shard_bytes
-            )
-        writers[wkey].write(key, members)
+        _writer(writers, out, item.split, res["bin"], part, sh).write(key, members)
         rows.append({"key": key, **meta})
     shards = _close_writers(writers)
     record = {

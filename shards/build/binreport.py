@@ -32,13 +32,12 @@ def _dataset_report(root: Path, batch_size: int) -> str:
 
 
 def _source_sizes(source: Path, workers: int) -> np.ndarray:
+    from ingest.readers import ReadConfig
     from ingest.sources import discover
-    from shards.config import BuildConfig
-    from shards.plan import scan_sources
+    from ingest.stage import scan_sources
 
     items, _ = discover(str(source))
-    cfg = BuildConfig(source=str(source), workers=workers)
-    heads = [h for h, _ in scan_sources(items, cfg) if h is not None]
+    heads = [h for h, _ in scan_sources(items, ReadConfig(), workers) if h is not None]
     return np.array([[h.height, h.width] for h in heads], dtype=np.int64).reshape(-1, 2)
 
 

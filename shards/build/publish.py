@@ -11,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from shards.remote import RemoteConfig, filesystem, shard_entries, with_retries
+from shards.layout import shard_entries
+from shards.loader_config import RemoteConfig
+from shards.transport import filesystem, with_retries
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,6 +33,49 @@ def _dataset_files(out: Path, manifest: dict) -> list[tuple[str, int, str | None
             (str(idx.relative_to(out)), idx.stat().st_size, None),
         ]
     return files
+
+
+def _remote_state(fs, base: str, manifest_raw: bytes, retry) -> tuple[dict[str, int], dict[str, str]]:
+    """(rel -> size of every file already at the destination, rel -> sha256 the old manifest lists for each
+    shard). A different manifest there is deleted first, so its readers get "no manifest", not mixed shards."""
+    fs.invalidate_cache()
+    try:
+        there = {
+            p[len(base) + 1 :]: int(i["size"])
+            for p, i in retry(lambda: fs.find(base, detail=True), "list").items()
+        }
+    except FileNotFoundError:
+        there = {}
+    old_sha = {}
+    if "manifest.json" in there:
+        old = retry(lambda: fs.cat_file(f"{base}/manifest.json"), "read manifest")
+        if old != manifest_raw:
+            old_sha = {rel: e["sha256"] for rel, e in shard_entries(json.loads(old)).items()}
+            retry(lambda: fs.rm_file(f"{base}/manifest.json"), "delete old manifest")
+    return there, old_sha
+
+
+def _uploads(
+    files: list[tuple[str, int, str | None]], there: dict[str, int], old_sha: dict[str, str]
+) -> list[tuple[str, int]]:
+    """(rel, bytes) of the shard files to send: missing, of another size, listed before with another sha256,
+    or the index of a tar that is sent."""
+    todo, tar_sent = [], False
+    for rel, size, sha in files:
+        same = there.get(rel) == size and (sha is None or old_sha.get(rel, sha) == sha)
+        tar_sent = (not same) if sha is not None else tar_sent
+        if not same or (sha is None and tar_sent):
+            todo.append((rel, size))
+    return todo
+
+
+def _finished_manifest(out: Path, url: str) -> bytes:
+    """The bytes of the local build's manifest, after checking that ``url`` can be written to."""
+    if str(url).startswith(("http://", "https://")):
+        raise ValueError(f"cannot publish to {url}: HTTP is read-only here; publish to s3:// and serve that")
+    if not (out / "manifest.json").is_file():
+        raise FileNotFoundError(f"{out}: no manifest.json (finish the build with finalize-shards first)")
+    return (out / "manifest.json").read_bytes()
 
 
 def publish(
@@ -55,37 +100,15 @@ def publish(
     from tqdm import tqdm
 
     cfg, out = cfg or RemoteConfig(), Path(local_out)
-    if str(url).startswith(("http://", "https://")):
-        raise ValueError(f"cannot publish to {url}: HTTP is read-only here; publish to s3:// and serve that")
-    manifest_raw = (out / "manifest.json").read_bytes() if (out / "manifest.json").is_file() else None
-    if manifest_raw is None:
-        raise FileNotFoundError(f"{out}: no manifest.json (finish the build with finalize-shards first)")
+    manifest_raw = _finished_manifest(out, url)
     files = _dataset_files(out, json.loads(manifest_raw))
     fs, base = filesystem(str(url), cfg)
 
     def retry(call: Callable[[], T], what: str) -> T:
         return with_retries(call, f"{what} {url}", cfg.retries, cfg.backoff_s)
 
-    fs.invalidate_cache()
-    try:
-        there = {
-            p[len(base) + 1 :]: int(i["size"])
-            for p, i in retry(lambda: fs.find(base, detail=True), "list").items()
-        }
-    except FileNotFoundError:
-        there = {}
-    old_sha = {}
-    if "manifest.json" in there:
-        old = retry(lambda: fs.cat_file(f"{base}/manifest.json"), "read manifest")
-        if old != manifest_raw:
-            old_sha = {rel: e["sha256"] for rel, e in shard_entries(json.loads(old)).items()}
-            retry(lambda: fs.rm_file(f"{base}/manifest.json"), "delete old manifest")
-    todo, tar_sent = [], False
-    for rel, size, sha in files:
-        same = there.get(rel) == size and (sha is None or old_sha.get(rel, sha) == sha)
-        tar_sent = (not same) if sha is not None else tar_sent
-        if not same or (sha is None and tar_sent):
-            todo.append((rel, size))
+    there, old_sha = _remote_state(fs, base, manifest_raw, retry)
+    todo = _uploads(files, there, old_sha)
     meta = [name for name in ("samples.parquet", "rejects.jsonl") if (out / name).is_file()]
 
     def put(rel: str) -> None:

@@ -1,0 +1,165 @@
+"""The ingest stage: a source (folder tree or CSV manifest) → typed records with label, patient, split and
+label fractions, plus the inputs rejected on the way.
+
+discover (``ingest.sources``) → header scan without decoding pixels (``ingest.scan``) → patient ids →
+patient-grouped, class-stratified splits and nested label fractions (``ingest.splits``). The result is a pure
+function of the files and the config, so every task of a build array computes the same one. The shard build
+(``shards.build.plan``) takes the records and bins, parts, encodes and writes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from multiprocessing import Pool
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ingest.config import IngestConfig
+from ingest.labels import class_names_for
+from ingest.readers import ReadConfig
+from ingest.scan import HeaderInfo, scan_one
+from ingest.sources import SourceItem, discover
+from ingest.splits import assign_splits, label_fractions
+
+# A header read takes about 0.1 ms on a local disk and a process pool about 20 ms to start: below this many
+# files a pool makes the scan slower, not faster.
+SCAN_POOL_MIN_FILES = 500
+
+
+@dataclass(frozen=True)
+class Reject:
+    """An input that will not be written, and why (one line)."""
+
+    path: str
+    """Relative to the source root (absolute when outside it)."""
+    reason: str
+
+
+@dataclass(frozen=True)
+class IngestRecord:
+    """One kept input, with everything the build needs except its pixels."""
+
+    path: str
+    """Absolute path of the file."""
+    rel: str
+    """Path relative to the source root (absolute when outside it): the sample's name everywhere."""
+    label: str | None
+    """Class name, None when unlabeled."""
+    patient: str
+    """Patient id, prefixed by where it came from (``dicom:``, ``dir:``, ``file:``) unless the manifest gave it."""
+    height: int
+    width: int
+    format: str
+    """Container format told by content (``ingest.readers.sniff_format``)."""
+    split: str
+    """``train``, ``val`` or ``test``."""
+    fractions: tuple[float, ...]
+    """The nested label fractions of the train split this record belongs to."""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """The records of one source, its rejects and the class names."""
+
+    records: tuple[IngestRecord, ...]
+    rejects: tuple[Reject, ...]
+    seen: int
+    """Inputs discovered: kept + rejected."""
+    class_names: tuple[str, ...]
+
+
+def _rel(resolved: Path, root: Path) -> str:
+    try:
+        return str(resolved.relative_to(root))
+    except ValueError:
+        return str(resolved)
+
+
+def _patient(item: SourceItem, head_pid: str | None, rel: str, how: str) -> str:
+    if item.patient_id:
+        return item.patient_id
+    if how in ("auto", "dicom") and head_pid:
+        return f"dicom:{head_pid}"
+    if how == "parent":
+        return f"dir:{Path(rel).parent}"
+    return f"file:{rel}"
+
+
+def scan_sources(
+    items: list[SourceItem], read: ReadConfig, workers: int = 1
+) -> list[tuple[HeaderInfo | None, str | None]]:
+    """Header-scan every item (in parallel with ``workers``): per item (HeaderInfo, None) or (None, reason)."""
+    args = [(it.path, read) for it in items]
+    bar = dict(total=len(args), desc="scan headers", unit="img", disable=None)
+    if workers > 1 and len(args) >= SCAN_POOL_MIN_FILES:
+        with Pool(workers) as pool:
+            return list(tqdm(pool.imap(scan_one, args, chunksize=64), **bar))
+    return [scan_one(a) for a in tqdm(args, **bar)]
+
+
+@dataclass(frozen=True)
+class _Scanned:
+    """A discovered input whose header was read: everything but its split."""
+
+    path: str
+    rel: str
+    label: str | None
+    patient: str
+    head: HeaderInfo
+
+
+def _scan(root: Path, cfg: IngestConfig, workers: int) -> tuple[list[_Scanned], list[Reject], int]:
+    """Discover and header-scan the source: (scanned inputs, rejects, inputs seen)."""
+    found, early = discover(
+        str(root),
+        manifest_csv=cfg.manifest_csv,
+        label_from=cfg.labels,
+        irma_csv=cfg.irma_csv,
+        drop_labels=tuple(cfg.drop_labels),
+    )
+    rejects = [Reject(r["path"], r["reason"]) for r in early]
+    scanned = []
+    for item, (head, reason) in zip(found, scan_sources(found, cfg.read, workers), strict=True):
+        resolved = Path(item.path).resolve()
+        rel = _rel(resolved, root)
+        if head is None:
+            rejects.append(Reject(rel, reason))
+            continue
+        patient = _patient(item, head.patient_id, rel, cfg.patient_from)
+        scanned.append(_Scanned(str(resolved), rel, item.label, patient, head))
+    return scanned, rejects, len(found) + len(early)
+
+
+def run_ingest(source: str | Path, cfg: IngestConfig, *, seed: int, workers: int = 1) -> IngestResult:
+    """Discover, scan, label, group and split every input of ``source`` (no pixel decoding).
+
+    Raises:
+        ValueError: no usable image in the source.
+    """
+    root = Path(source).resolve()
+    scanned, rejects, seen = _scan(root, cfg, workers)
+    if not scanned:
+        raise ValueError(f"{root}: no usable images found ({len(rejects)} rejected)")
+    labels = [s.label for s in scanned]
+    sp = cfg.splits
+    counts = tuple(sp.counts) if sp.counts is not None else None
+    splits = assign_splits(
+        labels,
+        [s.patient for s in scanned],
+        seed=seed,
+        counts=counts,
+        fractions=None if counts else tuple(sp.fractions),
+    )
+    fracs = label_fractions(labels, splits, fractions=tuple(sp.label_fractions), seed=seed)
+    records = []
+    for s, split, frac in zip(scanned, splits, fracs, strict=True):
+        if split == "unused":
+            rejects.append(Reject(s.rel, f"outside the requested split counts {list(counts)}"))
+            continue
+        h = s.head
+        records.append(
+            IngestRecord(s.path, s.rel, s.label, s.patient, h.height, h.width, h.format, split, tuple(frac))
+        )
+    class_names = class_names_for(cfg.labels, [r.label for r in records], drop=tuple(cfg.drop_labels))
+    return IngestResult(tuple(records), tuple(rejects), seen, tuple(class_names))

@@ -1,0 +1,67 @@
+"""A shard dataset as local files: the interface the loader reads shards through.
+
+:class:`ShardStore` is a local folder read in place; ``shards.remote.RemoteStore`` gives the same interface
+for a dataset on ``s3://`` or ``http(s)://``, fetching each file into the node cache on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+
+from shards.layout import load_manifest, load_samples
+
+
+class ShardStore:
+    """A shard dataset as local files. This base class is a local folder read in place (no copy, no cache);
+    :class:`RemoteStore` adds fetching. Picklable, so it can travel to DataLoader workers."""
+
+    remote = False
+    """Whether files are fetched on demand (then worth prefetching)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.url = str(root)
+        self.root = Path(root).resolve()  # absolute: the loader joins shard names onto it, rel() strips it
+        """A folder laid out like the dataset (manifest.json, samples.parquet, shards on demand)."""
+        self.manifest = load_manifest(self.root)
+
+    def samples(self, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
+        """The samples table (optionally one split)."""
+        return load_samples(self.root, split, columns)
+
+    def rel(self, path: str | os.PathLike[str]) -> str:
+        """A dataset-relative path from a relative one or an absolute one under ``root``."""
+        p = Path(path)
+        return str(p.relative_to(self.root)) if p.is_absolute() else str(p)
+
+    def local_path(self, rel: str | os.PathLike[str]) -> Path:
+        """The local file of ``rel`` (a shard's .tar or .idx, or any file of the dataset)."""
+        path = self.root / self.rel(rel)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not in the dataset at {self.url}")
+        return path
+
+    def open(self, rel: str | os.PathLike[str]) -> int:
+        """A read-only descriptor of ``rel``'s local file; the caller closes it."""
+        return os.open(self.local_path(rel), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def prefetch(self, rels: Sequence[str | os.PathLike[str]]) -> None:
+        """Fetch ``rels`` in the background, in order (nothing to do for a local folder)."""
+
+    def release(self, rel: str | os.PathLike[str]) -> None:
+        """Let ``local_path``'s hold on ``rel`` go (nothing to do for a local folder)."""
+
+    def wait(self) -> None:
+        """Block until every queued prefetch has finished."""
+
+    def close(self) -> None:
+        """Stop background work and let every hold go."""
+
+    def __enter__(self) -> ShardStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

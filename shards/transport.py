@@ -1,0 +1,101 @@
+"""Talking to object storage (``s3://``) or a web server (``http(s)://``): the filesystem of a URL and retries.
+
+All network access is fsspec (s3fs for S3, its aiohttp HTTP filesystem); transient failures (dropped
+connections, timeouts, 5xx, 408/429) are retried with exponential backoff, a bounded number of times.
+S3 endpoint: ``RemoteConfig.s3_endpoint``, else ``$RADSTREAM_S3_ENDPOINT``, else ``$AWS_ENDPOINT_URL``;
+credentials only from the environment or the usual AWS config files (botocore's chain). Used by the remote
+store (reading) and by ``shards.build.publish`` (writing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from shards.loader_config import RemoteConfig
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+REMOTE_SCHEMES = ("s3://", "http://", "https://")
+
+
+class RemoteError(OSError):
+    """A remote read or write still failed after every retry."""
+
+
+def is_remote(url: str | os.PathLike[str]) -> bool:
+    """Whether ``url`` names an S3 or HTTP(S) location rather than a local path."""
+    return str(url).startswith(REMOTE_SCHEMES)
+
+
+def s3_endpoint(cfg: RemoteConfig) -> str | None:
+    """The S3 endpoint in force: config, then ``$RADSTREAM_S3_ENDPOINT``, then ``$AWS_ENDPOINT_URL``."""
+    return cfg.s3_endpoint or os.environ.get("RADSTREAM_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def filesystem(url: str, cfg: RemoteConfig):
+    """(fsspec filesystem, base path without trailing slash) for ``url``."""
+    from fsspec.core import url_to_fs
+
+    options: dict = {} if is_remote(url) else {"auto_mkdir": True}  # publishing into a local folder
+    if url.startswith("s3://") and s3_endpoint(cfg):
+        options["endpoint_url"] = s3_endpoint(cfg)
+    fs, base = url_to_fs(url.rstrip("/"), **options)
+    return fs, base.rstrip("/")
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [OSError, asyncio.TimeoutError]
+    try:
+        import aiohttp
+
+        types.append(aiohttp.ClientError)
+    except ImportError:
+        pass  # no HTTP filesystem installed: its errors cannot occur
+    try:
+        from botocore.exceptions import HTTPClientError
+
+        types.append(HTTPClientError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether retrying may help: not for missing files or refused access, not for 4xx except 408/429."""
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    status = getattr(err, "status", None)
+    if isinstance(status, int):
+        return status >= 500 or status in (408, 429)
+    return isinstance(err, _transient_types())
+
+
+def with_retries(call: Callable[[], T], what: str, retries: int, backoff_s: float) -> T:
+    """``call()``, retried on transient errors with exponential backoff.
+
+    Raises:
+        RemoteError: still failing after ``retries`` attempts (naming ``what`` and the last error).
+    """
+    for attempt in range(1, retries + 1):
+        try:
+            return call()
+        except _transient_types() as err:
+            if not is_transient(err):
+                raise
+            if attempt == retries:
+                raise RemoteError(
+                    f"{what}: failed {retries} times, last: {type(err).__name__}: {err}"
+                ) from err
+            delay = min(30.0, backoff_s * 2 ** (attempt - 1)) * random.uniform(
+                0.5, 1.0
+            )  # jitter spreads nodes
+            log.info("%s: %s: %s; retry %d in %.2f s", what, type(err).__name__, err, attempt, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
