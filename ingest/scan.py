@@ -31,8 +31,8 @@ class HeaderInfo:
 def scan_header(path: str | Path, cfg: ReadConfig) -> HeaderInfo:
     """Read the size and format of one image from its header.
 
-    The format is told by the file's first bytes, as the reader tells it (:func:`ingest.readers.sniff_format`),
-    so that the scan and the decode agree on what a file is.
+    The format is told by the file's first bytes, as the reader tells it
+    (:func:`ingest.readers.sniff_format`), so that the scan and the decode agree on what a file is.
 
     Raises:
         RejectError: unreadable or empty file, not an image, a malformed header, absurd dimensions or a side

@@ -1,6 +1,6 @@
 """Header fuzzing: a mutated file is either read or rejected with a one-line reason, never an exception.
 
-Each case takes a valid file (a real DICOM from ../shared/data, or a PNG / JPEG made here), flips, inserts or
+Each case takes a valid file (a real DICOM from ../shared/data, or a PNG / JPEG made here), changes, inserts or
 deletes one byte in its first 2 KB or truncates it, and runs both entry points of the build on it: the header
 scan (:func:`ingest.scan.scan_header`) and the decode (:func:`ingest.readers.decode_image`). The seed is
 fixed, so a failure names a case that reproduces. The default run is a few hundred cases; ``-m fuzz`` runs
@@ -24,7 +24,7 @@ from ingest.scan import scan_header
 
 SEED = 20261130
 HEAD_BYTES = 2048
-"""Flips, insertions and deletions land in the header: the first 2 KB."""
+"""Changed, inserted and deleted bytes land in the header: the first 2 KB."""
 # Cases in the default run (per kind of file) and under the fuzz marker. DICOM cases decode real radiographs
 # (0.1 s each), so they get fewer.
 DEFAULT_CASES = {"dicom": 70, "png": 200, "jpeg": 150}
@@ -33,9 +33,9 @@ _BOUNDARY_BYTES = (0, 1, 2, 12, 16, 32, 64, 127, 128, 254, 255)
 
 
 def _mutate(data: bytes, rng: np.random.Generator) -> tuple[str, bytes]:
-    """One single-byte mutation of ``data``: a byte changed, inserted or deleted in the header, or a truncation."""
+    """One single-byte mutation: a byte changed, inserted or deleted in the header, or a truncation."""
     head = min(len(data), HEAD_BYTES)
-    # Half uniform over the 2 KB, half log-uniform: PNG and JPEG headers are a few dozen to a few hundred bytes.
+    # Half uniform over the 2 KB, half log-uniform: PNG and JPEG headers are a few dozen to hundreds of bytes.
     pos = int(rng.integers(0, head)) if rng.random() < 0.5 else int(head ** rng.random()) - 1
     op = ("flip", "boundary", "insert", "delete", "truncate")[int(rng.integers(0, 5))]
     if op in ("flip", "boundary"):
