@@ -105,7 +105,7 @@ def open_dicom(path: Path, *, stop_before_pixels: bool = False) -> Dataset:
     return ds
 
 
-def element(ds: Dataset, keyword: str, default: object = None) -> object:
+def _element(ds: Dataset, keyword: str, default: object = None) -> object:
     """One element's value, or ``default`` when absent.
 
     pydicom converts an element's bytes when it is first read, so a malformed element fails here, not when
@@ -120,13 +120,13 @@ def element(ds: Dataset, keyword: str, default: object = None) -> object:
         raise RejectError(f"DICOM {keyword} cannot be read: {one_line(err)}") from None
 
 
-def whole_number(ds: Dataset, keyword: str) -> int:
+def _whole_number(ds: Dataset, keyword: str) -> int:
     """A count or size element (Rows, NumberOfFrames, ...) as an int; 0 when absent or empty.
 
     Raises:
         RejectError: several values, or a value that is not a whole number.
     """
-    value = element(ds, keyword)
+    value = _element(ds, keyword)
     if value is None or value == "":
         return 0
     if isinstance(value, MultiValue | list):
@@ -142,22 +142,22 @@ def whole_number(ds: Dataset, keyword: str) -> int:
 
 def _text(ds: Dataset, keyword: str) -> str | None:
     """A text element stripped, None when absent or empty."""
-    return str(element(ds, keyword, "") or "").strip() or None
+    return str(_element(ds, keyword, "") or "").strip() or None
 
 
 def header_fields(ds: Dataset) -> dict:
     """The header facts the pipeline needs: patient_id, rows, cols, bits, photometric, frames.
 
     Raises:
-        RejectError: one of these elements is malformed (see :func:`element`, :func:`whole_number`).
+        RejectError: one of these elements is malformed (see :func:`_element`, :func:`_whole_number`).
     """
     return {
         "patient_id": _text(ds, "PatientID"),
-        "rows": whole_number(ds, "Rows"),
-        "cols": whole_number(ds, "Columns"),
-        "bits": whole_number(ds, "BitsStored") or whole_number(ds, "BitsAllocated"),
+        "rows": _whole_number(ds, "Rows"),
+        "cols": _whole_number(ds, "Columns"),
+        "bits": _whole_number(ds, "BitsStored") or _whole_number(ds, "BitsAllocated"),
         "photometric": _text(ds, "PhotometricInterpretation"),
-        "frames": whole_number(ds, "NumberOfFrames") or 1,
+        "frames": _whole_number(ds, "NumberOfFrames") or 1,
     }
 
 
@@ -177,7 +177,7 @@ def has_pixel_data(ds: Dataset) -> bool:
 
 def _mask_unused_bits(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     """Clear the bits above Bits Stored in unsigned integer data (a no-op where they are already clear)."""
-    bits_stored = whole_number(ds, "BitsStored")
+    bits_stored = _whole_number(ds, "BitsStored")
     if arr.dtype.kind != "u" or not 0 < bits_stored < arr.dtype.itemsize * 8:
         return arr
     # Checking the maximum is a fraction of the cost of the masking copy, and almost every file is clean.
@@ -188,7 +188,7 @@ def _mask_unused_bits(arr: np.ndarray, ds: Dataset) -> np.ndarray:
 
 def _rescale(ds: Dataset) -> tuple[float, float]:
     """Rescale Slope and Intercept, as pydicom's ``apply_modality_lut`` uses them (both present, else 1, 0)."""
-    slope, intercept = element(ds, "RescaleSlope"), element(ds, "RescaleIntercept")
+    slope, intercept = _element(ds, "RescaleSlope"), _element(ds, "RescaleIntercept")
     if slope in (None, "") or intercept in (None, ""):  # absent or present but empty: no rescale
         return 1.0, 0.0
     try:
@@ -233,7 +233,7 @@ def decode_dicom(ds: Dataset, apply_voi: bool = False) -> tuple[np.ndarray, Gray
     Raises:
         RejectError: the decoder or a LUT failed (its message is kept).
     """
-    photometric = element(ds, "PhotometricInterpretation")
+    photometric = _element(ds, "PhotometricInterpretation")
     try:
         raw = _mask_unused_bits(pixel_array(ds, index=0), ds)
         if photometric == "PALETTE COLOR":
