@@ -21,13 +21,15 @@ Colour objects (RGB, YBR_*, PALETTE COLOR) are turned into luminance instead of 
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -37,19 +39,26 @@ from ingest.normalize import Grayscale, luminance
 # Groups a DICOM data set without preamble usually starts with: command/group-length, file meta, identifying.
 _FIRST_GROUPS = {0x0000, 0x0002, 0x0008}
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-# What dcmread raises on a malformed or truncated file.
-_READ_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, KeyError, struct.error)
-# What decoding and the LUT functions raise on malformed pixel data or LUT elements; missing required
-# elements surface as AttributeError, unsupported transfer syntaxes as NotImplementedError.
-_DECODE_ERRORS = (
-    AttributeError,
-    IndexError,
-    KeyError,
-    ValueError,
-    RuntimeError,
+# What pydicom raises on a malformed or truncated file, while dcmread parses it or when an element is
+# converted (lazily, on first access): an unknown VR (NotImplementedError), a value length that is no
+# multiple of its VR's size (BytesLengthException), numbers or text that do not parse (ValueError, TypeError),
+# values cut short (EOFError, struct.error, IndexError), a character set or tag it cannot look up (KeyError;
+# IndexError and KeyError are both LookupError).
+_READ_ERRORS = (
+    InvalidDicomError,
+    BytesLengthException,
     NotImplementedError,
     OSError,
+    EOFError,
+    ValueError,
+    TypeError,
+    LookupError,
+    OverflowError,
+    struct.error,
 )
+# What decoding and the LUT functions raise besides: missing required elements surface as AttributeError,
+# decoder failures as RuntimeError, unsupported transfer syntaxes as NotImplementedError.
+_DECODE_ERRORS = (AttributeError, RuntimeError, *_READ_ERRORS)
 
 
 def looks_like_dicom(head: bytes) -> bool:
@@ -90,22 +99,65 @@ def open_dicom(path: Path, *, stop_before_pixels: bool = False) -> Dataset:
                 raise RejectError("not a DICOM file")
             f.seek(0)
             ds = pydicom.dcmread(f, force=head[128:132] != b"DICM", stop_before_pixels=stop_before_pixels)
+        _set_transfer_syntax(ds)
     except _READ_ERRORS as err:
         raise RejectError(f"unreadable DICOM: {one_line(err)}") from err
-    _set_transfer_syntax(ds)
     return ds
 
 
+def _element(ds: Dataset, keyword: str, default: object = None) -> object:
+    """One element's value, or ``default`` when absent.
+
+    pydicom converts an element's bytes when it is first read, so a malformed element fails here, not when
+    the file is opened.
+
+    Raises:
+        RejectError: the element cannot be converted (its keyword and pydicom's message).
+    """
+    try:
+        return ds.get(keyword, default)
+    except _READ_ERRORS as err:
+        raise RejectError(f"DICOM {keyword} cannot be read: {one_line(err)}") from None
+
+
+def _whole_number(ds: Dataset, keyword: str) -> int:
+    """A count or size element (Rows, NumberOfFrames, ...) as an int; 0 when absent or empty.
+
+    Raises:
+        RejectError: several values, or a value that is not a whole number.
+    """
+    value = _element(ds, keyword)
+    if value is None or value == "":
+        return 0
+    if isinstance(value, MultiValue | list):
+        raise RejectError(f"DICOM {keyword} holds {len(value)} values, expected one")
+    try:
+        number = float(value)  # IS text as well as US numbers: "2" and "2.0" are whole, "abc" and "2.5" not
+    except (TypeError, ValueError, OverflowError):
+        number = math.nan
+    if not number.is_integer() or number < 0:
+        raise RejectError(f"DICOM {keyword} {value!r} is not a whole number")
+    return int(number)
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    """A text element stripped, None when absent or empty."""
+    return str(_element(ds, keyword, "") or "").strip() or None
+
+
 def header_fields(ds: Dataset) -> dict:
-    """The header facts the pipeline needs: patient_id, rows, cols, bits, photometric, frames."""
-    patient_id = str(ds.get("PatientID", "") or "").strip() or None
+    """The header facts the pipeline needs: patient_id, rows, cols, bits, photometric, frames.
+
+    Raises:
+        RejectError: one of these elements is malformed (see :func:`_element`, :func:`_whole_number`).
+    """
     return {
-        "patient_id": patient_id,
-        "rows": int(ds.get("Rows", 0) or 0),
-        "cols": int(ds.get("Columns", 0) or 0),
-        "bits": int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 0) or 0),
-        "photometric": str(ds.get("PhotometricInterpretation", "") or "").strip() or None,
-        "frames": int(ds.get("NumberOfFrames", 1) or 1),
+        "patient_id": _text(ds, "PatientID"),
+        "rows": _whole_number(ds, "Rows"),
+        "cols": _whole_number(ds, "Columns"),
+        "bits": _whole_number(ds, "BitsStored") or _whole_number(ds, "BitsAllocated"),
+        "photometric": _text(ds, "PhotometricInterpretation"),
+        "frames": _whole_number(ds, "NumberOfFrames") or 1,
     }
 
 
@@ -125,7 +177,7 @@ def has_pixel_data(ds: Dataset) -> bool:
 
 def _mask_unused_bits(arr: np.ndarray, ds: Dataset) -> np.ndarray:
     """Clear the bits above Bits Stored in unsigned integer data (a no-op where they are already clear)."""
-    bits_stored = int(ds.get("BitsStored", 0) or 0)
+    bits_stored = _whole_number(ds, "BitsStored")
     if arr.dtype.kind != "u" or not 0 < bits_stored < arr.dtype.itemsize * 8:
         return arr
     # Checking the maximum is a fraction of the cost of the masking copy, and almost every file is clean.
@@ -136,7 +188,7 @@ def _mask_unused_bits(arr: np.ndarray, ds: Dataset) -> np.ndarray:
 
 def _rescale(ds: Dataset) -> tuple[float, float]:
     """Rescale Slope and Intercept, as pydicom's ``apply_modality_lut`` uses them (both present, else 1, 0)."""
-    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    slope, intercept = _element(ds, "RescaleSlope"), _element(ds, "RescaleIntercept")
     if slope in (None, "") or intercept in (None, ""):  # absent or present but empty: no rescale
         return 1.0, 0.0
     try:
@@ -181,7 +233,7 @@ def decode_dicom(ds: Dataset, apply_voi: bool = False) -> tuple[np.ndarray, Gray
     Raises:
         RejectError: the decoder or a LUT failed (its message is kept).
     """
-    photometric = ds.get("PhotometricInterpretation")
+    photometric = _element(ds, "PhotometricInterpretation")
     try:
         raw = _mask_unused_bits(pixel_array(ds, index=0), ds)
         if photometric == "PALETTE COLOR":

@@ -2,6 +2,8 @@
 
 An IRMA code has four axes, ``TTTT-DDD-AAA-BBB``: technical, directional, anatomical and biological. The first
 character of the anatomical axis ``AAA`` is the body region (``REGIONS``), the label of the reference study.
+Each axis is a hierarchy read left to right: a character refines the one before it, ``0`` leaves a level
+unspecified, and letters number the tenth and later children of a level, so a top level is always a digit.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ _REGION_ORDER = {name: digit for digit, name in REGIONS.items()}
 
 # Each axis is hierarchical; its code characters are 0-9 (and a-z in the finer levels of some axes).
 _IRMA_CODE = re.compile(r"[0-9a-z]{4}-[0-9a-z]{3}-[0-9a-z]{3}-[0-9a-z]{3}")
+_AXES = ("technical", "directional", "anatomical", "biological")
 
 MISSING = "\\N"
 """How the IRMA lists mark a missing value."""
@@ -45,7 +48,8 @@ def irma_region(code: str) -> str:
         The region name, one of ``REGIONS.values()``.
 
     Raises:
-        RejectError: a malformed code, or a region digit that names no region (0 or a letter).
+        RejectError: a malformed code, a region digit that names no region (0 or a letter), or another axis
+            that no code list holds (see :func:`_check_axis`): a typo must not become a label.
     """
     text = code.strip() if isinstance(code, str) else ""
     if not _IRMA_CODE.fullmatch(text):
@@ -53,7 +57,24 @@ def irma_region(code: str) -> str:
     digit = text[9]
     if not digit.isdigit() or int(digit) not in REGIONS:
         raise RejectError(f"unknown IRMA code {code!r}: anatomical region {digit!r} is not one of 1-9")
+    for name, axis in zip(_AXES, text.split("-"), strict=True):
+        problem = _check_axis(axis)
+        if problem:
+            raise RejectError(f"unknown IRMA code {code!r}: {name} axis {axis!r} {problem}")
     return REGIONS[int(digit)]
+
+
+def _check_axis(axis: str) -> str | None:
+    """What is wrong with one axis of a well-formed code, or None.
+
+    A letter at the top level, or a level below an unspecified (``0``) one that is not ``0`` itself, cannot
+    occur in a code: both are typos (every code of the real lists passes).
+    """
+    if not axis[0].isdigit():
+        return "starts with a letter"
+    if "0" in axis and axis[axis.index("0") :].strip("0"):
+        return "refines an unspecified level"
+    return None
 
 
 def load_irma_codes(csv_path: str | Path) -> dict[str, str]:

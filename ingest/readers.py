@@ -10,14 +10,16 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
-from ingest import dicom
+from ingest import dicom, png
 from ingest.dicom import read_dicom_header
 from ingest.errors import RejectError
 from ingest.normalize import Grayscale, foreground_box_of, luminance, minmax_bounds, scale_to_unit
@@ -27,6 +29,7 @@ __all__ = [
     "LoadedImage",
     "ReadConfig",
     "decode_image",
+    "pillow_size",
     "read_dicom_header",
     "read_image",
     "sniff_format",
@@ -238,15 +241,51 @@ def _pillow_bits(im: Image.Image, fmt: str) -> int:
     return _MODE_BITS.get(im.mode, 8)
 
 
+def pillow_size(path: Path, fmt: str) -> tuple[int, int]:
+    """``(height, width)`` of a PNG, JPEG or TIFF from its header; no pixel is decoded.
+
+    Pillow's own decompression-bomb check is off: the caller applies ``max_pixels`` and says so.
+
+    Raises:
+        RejectError: Pillow cannot parse the header.
+    """
+    try:
+        with _strict_pillow(bomb_check=False), Image.open(path, formats=[_PIL_FORMAT[fmt]]) as im:
+            width, height = im.size
+    except _PIL_ERRORS as err:
+        raise RejectError(f"cannot read {fmt.upper()}: {dicom.one_line(err)}") from err
+    return height, width
+
+
+@contextmanager
+def _strict_pillow(bomb_check: bool = True) -> Iterator[None]:
+    """Pillow set to fail on a truncated file, whatever another library in this process has switched on.
+
+    With ``ImageFile.LOAD_TRUNCATED_IMAGES`` (one setting for the whole process) Pillow accepts a truncated
+    header and fills the missing part of a truncated image. ``bomb_check=False`` turns Pillow's own
+    decompression-bomb limit off where the caller applies ``max_pixels``.
+    """
+    truncated, limit = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    if not bomb_check:
+        Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = truncated, limit
+
+
 def _read_pillow(path: Path, fmt: str, cfg: ReadConfig) -> tuple[np.ndarray, Grayscale, dict]:
     """Raw pixels, grayscale values and meta of a PNG, JPEG or TIFF file (first frame / page)."""
     try:
-        with Image.open(path, formats=[_PIL_FORMAT[fmt]]) as im:
+        with _strict_pillow(), Image.open(path, formats=[_PIL_FORMAT[fmt]]) as im:
             width, height = im.size  # from the header; nothing decoded yet
             check_size(height, width, cfg)
             frames = getattr(im, "n_frames", 1)
             bits = _pillow_bits(im, fmt)
             im.load()
+            if fmt == "png" and png.may_be_short(im):
+                png.check_complete(path)
             ImageOps.exif_transpose(im, in_place=True)
             raw, values, photometric = _pillow_arrays(im)
     except Image.DecompressionBombError as err:

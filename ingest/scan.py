@@ -6,16 +6,16 @@ unusable file into a one-line reject rather than an exception.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
+from ingest.dicom import one_line
 from ingest.errors import RejectError
-from ingest.readers import ReadConfig, read_dicom_header
+from ingest.readers import ReadConfig, pillow_size, read_dicom_header, sniff_format
 
-PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "TIFF": "tiff"}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,27 +28,24 @@ class HeaderInfo:
     patient_id: str | None
 
 
-def _is_dicom(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        head = fh.read(132)
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
 def scan_header(path: str | Path, cfg: ReadConfig) -> HeaderInfo:
     """Read the size and format of one image from its header.
 
+    The format is told by the file's first bytes, as the reader tells it
+    (:func:`ingest.readers.sniff_format`), so that the scan and the decode agree on what a file is.
+
     Raises:
-        RejectError: unreadable file, not an image, absurd dimensions or a side smaller than ``cfg.min_side``.
+        RejectError: unreadable or empty file, not an image, a malformed header, absurd dimensions or a side
+            smaller than ``cfg.min_side``.
     """
     path = Path(path)
-    try:
-        if path.suffix.lower() in (".dcm", ".dicom") or _is_dicom(path):
-            head = read_dicom_header(path)
-            info = HeaderInfo("dicom", int(head["rows"]), int(head["cols"]), head.get("patient_id"))
-        else:
-            info = _scan_pil(path)
-    except OSError as err:
-        raise RejectError(f"unreadable file ({err.strerror or err})") from None
+    fmt = sniff_format(path)
+    if fmt == "dicom":
+        head = read_dicom_header(path)
+        info = HeaderInfo("dicom", head["rows"], head["cols"], head["patient_id"])
+    else:
+        height, width = pillow_size(path, fmt)
+        info = HeaderInfo(fmt, height, width, None)
     pixels = info.height * info.width
     if pixels > cfg.max_pixels:
         raise RejectError(
@@ -59,30 +56,13 @@ def scan_header(path: str | Path, cfg: ReadConfig) -> HeaderInfo:
     return info
 
 
-def _scan_pil(path: Path) -> HeaderInfo:
-    # Image.open reads only the header; the decompression-bomb guard is ours (max_pixels), not Pillow's.
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with Image.open(path) as im:
-            fmt = PIL_FORMATS.get(im.format or "")
-            if fmt is None:
-                raise RejectError(f"unsupported image format {im.format}")
-            width, height = im.size
-    except UnidentifiedImageError:
-        # Not a format Pillow knows: a DICOM file without the preamble, or not an image at all.
-        try:
-            head = read_dicom_header(path)
-        except RejectError:
-            raise RejectError("not an image file (unrecognised format)") from None
-        return HeaderInfo("dicom", int(head["rows"]), int(head["cols"]), head.get("patient_id"))
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
-    return HeaderInfo(fmt, height, width, None)
-
-
 def scan_one(args: tuple[str, ReadConfig]) -> tuple[HeaderInfo | None, str | None]:
-    """Pool-friendly wrapper: ``(info, None)`` or ``(None, reason)``."""
+    """Pool-friendly wrapper: ``(info, None)`` or ``(None, reason)``; never raises.
+
+    Known bad input raises :class:`RejectError` with its reason. Anything else is a parser failure nobody
+    anticipated: it is logged with its traceback and rejected naming the exception, because one strange file
+    must not stop the scan of a million.
+    """
     path, cfg = args
     if not os.access(path, os.R_OK):
         return None, "unreadable file (permission denied or missing)"
@@ -90,3 +70,6 @@ def scan_one(args: tuple[str, ReadConfig]) -> tuple[HeaderInfo | None, str | Non
         return scan_header(path, cfg), None
     except RejectError as err:
         return None, str(err)
+    except Exception as err:  # noqa: BLE001 - the per-file boundary, see the docstring
+        log.warning("%s: unexpected failure while scanning", path, exc_info=True)
+        return None, f"unexpected {type(err).__name__} while scanning: {one_line(err)}"

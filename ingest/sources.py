@@ -2,14 +2,18 @@
 
 Nothing is filtered by file type here: every file is handed on, and one that is not an image is rejected by
 the reader with its reason, so that it is counted. What can be judged without reading the pixels (an unknown
-IRMA code, a dropped class, a manifest row naming a missing file) is returned as an early reject.
+IRMA code, a dropped class, a manifest row naming a missing file, a link that leads nowhere, a folder that
+cannot be listed, a name that is not UTF-8) is returned as an early reject, so that it is counted too.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import logging
 import os
+import stat
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -23,6 +27,9 @@ LABEL_SOURCES = ("none", "folder", "csv", "irma")
 
 MANIFEST_COLUMNS = ("path", "label", "irma_code", "patient_id")
 """Manifest columns; only ``path`` is required, other columns are ignored."""
+
+RARE_LABEL_COUNT = 5
+"""With manifest labels, a label on fewer images than this is warned about: a typo makes a new class."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +70,9 @@ def discover(
         drop_labels: classes whose images are rejected.
 
     Returns:
-        The items, and the early rejects as ``{"path", "reason"}``. An image without a label in a labelled
-        mode is an unlabeled item (label None), not a reject.
+        The items, and the early rejects as ``{"path", "reason"}`` (absolute paths; a name that is not UTF-8
+        with its bytes escaped as ``\\xff``). An image without a label in a labelled mode is an unlabeled item
+        (label None), not a reject.
 
     Raises:
         ValueError: an unknown ``label_from``, a missing source, an unreadable CSV, a manifest without a
@@ -82,7 +90,9 @@ def discover(
         if not os.path.isdir(root):
             root = os.path.dirname(os.path.abspath(manifest_csv))
     else:
-        rows, columns = [{"path": path} for path in _walk(root)], {"path"}
+        paths, unusable = _walk(root)
+        rows, columns = [{"path": path} for path in paths], {"path"}
+        rows += [{"path": r["path"], "reject": r["reason"]} for r in unusable]
     codes = load_irma_codes(irma_csv) if irma_csv else {}
     _check_label_source(label_from, columns, bool(irma_csv), manifest_csv)
 
@@ -105,28 +115,100 @@ def discover(
             rejects.append({"path": path, "reason": reason})
             continue
         items.append(SourceItem(path, label, row.get("patient_id"), irma_code))
+    if label_from == "csv":
+        _warn_rare_labels(items)
     logger.info("%s: %d inputs, %d rejected early", manifest_csv or source, len(items), len(rejects))
     return items, rejects
 
 
-def _walk(root: str) -> list[str]:
-    """Absolute paths of the regular, non-hidden files below ``root``, sorted by relative path."""
+def _warn_rare_labels(items: list[SourceItem]) -> None:
+    """One warning naming every label seen on fewer than ``RARE_LABEL_COUNT`` images, rarest first."""
+    counts = Counter(item.label for item in items if item.label is not None)
+    rare = sorted((n, label) for label, n in counts.items() if n < RARE_LABEL_COUNT)
+    if rare:
+        named = ", ".join(f"{label!r} ({n})" for n, label in rare[:20])
+        more = f" and {len(rare) - 20} more" if len(rare) > 20 else ""
+        logger.warning(
+            "labels seen fewer than %d times (a typo in the manifest makes a new class): %s%s",
+            RARE_LABEL_COUNT,
+            named,
+            more,
+        )
+
+
+def _walk(root: str) -> tuple[list[str], list[dict]]:
+    """The regular, non-hidden files below ``root`` (absolute, sorted by relative path) and the early rejects.
+
+    Every other entry is counted as a reject rather than skipped silently or allowed to stop the walk: a
+    folder that cannot be listed (with its contents), a link whose target is missing or loops, a link to a
+    folder (not followed: a link cycle would never end), a device or pipe (never opened: reading a pipe
+    blocks), and a name that is not valid UTF-8 (no table or tar could name it).
+    """
     found: list[str] = []
+    rejects: list[dict] = []
     stack = [""]
     while stack:
         rel_dir = stack.pop()
-        with os.scandir(os.path.join(root, rel_dir)) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-                # Folder links are not followed: a link cycle would never end.
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(rel)
-                elif entry.is_file():
-                    found.append(rel)
+        folder = os.path.join(root, rel_dir)
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                    try:
+                        (stack if _is_folder(entry) else found).append(rel)
+                    except RejectError as err:
+                        rejects.append({"path": _printable(entry.path), "reason": str(err)})
+        except OSError as err:
+            reason = f"unreadable folder, skipped ({err.strerror or err})"
+            rejects.append({"path": _printable(folder.rstrip(os.sep)), "reason": reason})
     found.sort()
-    return [os.path.join(root, rel) for rel in found]
+    rejects.sort(key=lambda r: r["path"])
+    return [os.path.join(root, rel) for rel in found], rejects
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """True for a folder to walk, False for a regular file (or a link to one) to read.
+
+    Raises:
+        RejectError: anything else, with the reason.
+    """
+    try:
+        is_folder = entry.is_dir(follow_symlinks=False)
+        if not _is_utf8(entry.name):
+            kind = "folder name is not valid UTF-8, skipped" if is_folder else "file name is not valid UTF-8"
+            raise RejectError(f"{kind} (rename it)")
+        if is_folder:
+            return True
+        mode = entry.stat().st_mode  # follows a link
+    except FileNotFoundError:
+        missing = (
+            "dangling link (its target does not exist)" if entry.is_symlink() else "vanished while listed"
+        )
+        raise RejectError(missing) from None
+    except OSError as err:
+        problem = "symlink loop" if err.errno == errno.ELOOP else "unreadable entry"
+        raise RejectError(f"{problem} ({err.strerror or err})") from None
+    if stat.S_ISDIR(mode):
+        raise RejectError("link to a folder, not followed")
+    if not stat.S_ISREG(mode):
+        raise RejectError("not a regular file (device, socket or pipe)")
+    return False
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a name read from the file system is valid UTF-8 (Python keeps bad bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(path: str) -> str:
+    """A path as valid UTF-8 text for a reject line: bytes that are not UTF-8 are written ``\\xff``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _read_manifest(manifest_csv: str) -> tuple[list[dict], set[str]]:

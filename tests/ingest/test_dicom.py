@@ -14,8 +14,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittle
 from ingest.dicom import read_dicom_header
 from ingest.errors import RejectError
 from ingest.readers import ReadConfig, read_image
+from tests.conftest import SHARED_DATA
 
-REAL_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "dicom"
+REAL_DIR = SHARED_DATA / "dicom"
 # Rows x columns, from the data README.
 REAL_SIZES = {
     "CR-MONO1-10-chest.dcm": (440, 440),

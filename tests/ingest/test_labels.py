@@ -1,14 +1,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 from ingest.errors import RejectError
 from ingest.labels import REGIONS, class_names_for, irma_region, load_irma_codes
+from tests.conftest import SHARED_DATA
 
-IRMA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "irma"
+IRMA_DIR = SHARED_DATA / "irma"
 needs_irma = pytest.mark.skipif(
     not IRMA_DIR.is_dir(), reason=f"real IRMA code lists not found at {IRMA_DIR} (../shared/data is absent)"
 )
@@ -55,6 +55,29 @@ def test_irma_region_rejects_malformed_codes(code):
 def test_irma_region_rejects_unknown_regions(code):
     with pytest.raises(RejectError, match=rf"^unknown IRMA code '{code}': anatomical region"):
         irma_region(code)
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        ("1121-102-200-700", "directional axis '102' refines an unspecified level"),
+        ("1021-120-200-700", "technical axis '1021' refines an unspecified level"),
+        ("1121-120-205-700", "anatomical axis '205' refines an unspecified level"),
+        ("1121-120-200-070", "biological axis '070' refines an unspecified level"),
+        ("a121-120-200-700", "technical axis 'a121' starts with a letter"),
+        ("1121-z20-200-700", "directional axis 'z20' starts with a letter"),
+        ("1121-120-200-b00", "biological axis 'b00' starts with a letter"),
+    ],
+)
+def test_irma_region_rejects_malformed_other_axes(code, reason):
+    """The region digit alone is not enough: a code whose other axes cannot exist is a typo, not a label."""
+    with pytest.raises(RejectError, match=rf"^unknown IRMA code '{code}': {reason}$"):
+        irma_region(code)
+
+
+@pytest.mark.parametrize("code", ["0000-000-500-000", "1121-4a0-91b-000", "1123-211-500-000"])
+def test_irma_region_accepts_unspecified_and_lettered_levels(code):
+    assert irma_region(code) == {"5": "chest", "9": "lower_extremity"}[code[9]]
 
 
 def test_irma_region_rejects_non_strings():

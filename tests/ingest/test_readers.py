@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ingest import png
 from ingest.errors import RejectError
 from ingest.readers import LoadedImage, ReadConfig, decode_image, read_image
 from tests.ingest.test_dicom import _write_dicom
@@ -283,3 +284,76 @@ def test_directory_rejected(tmp_path):
 def test_read_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):
         ReadConfig(**kwargs)
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    chunks, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        chunks.append((data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]))
+        pos += 12 + length
+    return chunks
+
+
+def _png_with_short_stream(src: Path, path: Path, drop_rows: int) -> Path:
+    """``src`` (8 or 16 bit, grey or colour) without the last ``drop_rows`` rows of its image data, in a
+    complete, valid zlib stream followed by IEND.
+
+    Pillow fills the rows it never receives with black and reports nothing (its decoder stops at the end of
+    the stream). Whole rows are dropped: a stream that ends inside a row is reported as truncated. In an
+    interlaced image the rows of the last pass are dropped, which are full rows too.
+    """
+    chunks = _png_chunks(src.read_bytes())
+    width, _, depth, colour = struct.unpack(">IIBB", chunks[0][1][:10])
+    row = 1 + width * depth // 8 * {0: 1, 2: 3, 4: 2, 6: 4}[colour]
+    raw = zlib.decompress(b"".join(data for kind, data in chunks if kind == b"IDAT"))
+    idat = zlib.compress(raw[: len(raw) - drop_rows * row])
+    head = [c for c in chunks if c[0] not in (b"IDAT", b"IEND")]
+    body = b"".join(_png_chunk(kind, data) for kind, data in [*head, (b"IDAT", idat), (b"IEND", b"")])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return path
+
+
+@pytest.mark.parametrize("interlace", [0, 1])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_png_whose_image_data_ends_early_is_rejected(tmp_path, interlace, dtype):
+    arr = np.random.default_rng(2).integers(1, 200, (48, 40)).astype(dtype)
+    full = _save(arr, tmp_path / "full.png", interlace=interlace)
+    np.testing.assert_allclose(read_image(full).pixels, _minmax(arr), atol=1e-6)
+    path = _png_with_short_stream(full, tmp_path / "short.png", drop_rows=5)
+    with pytest.raises(RejectError, match=r"^cannot decode PNG: image data ends early \(\d+ of \d+ bytes\)$"):
+        decode_image(path)
+
+
+@pytest.mark.parametrize("interlace", [0, 1])
+@pytest.mark.parametrize("mode", ["1", "L", "I;16", "LA", "RGB", "RGBA", "P"])
+def test_png_with_black_last_rows_is_not_mistaken_for_a_short_one(tmp_path, interlace, mode):
+    """A black bottom makes the reader count the image data, which must then come out exactly right for every
+    colour type and bit depth (odd sizes: partial Adam7 passes and packed 1-bit rows)."""
+    arr = _ramp(37, 29, 1, 255, np.uint8)
+    arr[-3:] = 0
+    im = (
+        Image.fromarray(arr).convert(mode) if mode != "I;16" else Image.fromarray(arr.astype(np.uint16) * 250)
+    )
+    path = tmp_path / "black.png"
+    im.save(path, interlace=interlace)
+    png.check_complete(path)  # directly: a palette or alpha channel can hide the black row from the reader
+    img = read_image(path)
+    assert img.pixels.shape == (37, 29) and img.pixels[-3:].max() == 0.0
+
+
+@pytest.mark.parametrize(("fmt", "suffix"), [("PNG", "png"), ("JPEG", "jpg")])
+def test_truncated_images_are_rejected_even_if_pillow_is_told_to_load_them(
+    tmp_path, monkeypatch, fmt, suffix
+):
+    """Another library in the process may switch Pillow's LOAD_TRUNCATED_IMAGES on; the reader ignores it."""
+    from PIL import ImageFile
+
+    arr = np.random.default_rng(4).integers(0, 256, (64, 64), dtype=np.uint8)
+    data = _save(arr, tmp_path / f"full.{suffix}", format=fmt).read_bytes()
+    path = tmp_path / f"cut.{suffix}"
+    path.write_bytes(data[: len(data) * 2 // 3])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(RejectError, match=rf"cannot decode {fmt}: image file is truncated"):
+        decode_image(path)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True, "the caller's setting is restored"

@@ -220,3 +220,98 @@ def test_label_sources_the_inputs_cannot_provide(tree, tmp_path):
 
 def test_empty_folder(tmp_path):
     assert discover(str(tmp_path)) == ([], [])
+
+
+def reasons_by_name(rejects: list[dict]) -> dict[str, str]:
+    return {Path(r["path"]).name: r["reason"] for r in rejects}
+
+
+def test_links_that_lead_nowhere_are_rejects_not_crashes(tree):
+    os.symlink("b_loop", tree / "chest" / "a_loop")
+    os.symlink("a_loop", tree / "chest" / "b_loop")
+    os.symlink("gone.png", tree / "chest" / "dangling.png")
+    os.symlink(tree / "spine", tree / "chest" / "spine_link", target_is_directory=True)
+    items, rejects = discover(str(tree))
+    assert len(items) == 6
+    reasons = reasons_by_name(rejects)
+    assert reasons["a_loop"].startswith("symlink loop") and reasons["b_loop"].startswith("symlink loop")
+    assert reasons["dangling.png"] == "dangling link (its target does not exist)"
+    assert reasons["spine_link"] == "link to a folder, not followed"
+    assert [r["path"] for r in rejects] == sorted(r["path"] for r in rejects)
+    assert all(os.path.isabs(r["path"]) for r in rejects)
+
+
+def test_a_file_name_that_is_not_utf8_is_rejected_by_name(tree):
+    bad_file = os.fsencode(tree / "chest") + b"/bad\xffname.png"
+    bad_folder = os.fsencode(tree) + b"/caf\xe9"
+    with open(bad_file, "wb") as f:
+        f.write(b"x")
+    os.mkdir(bad_folder)
+    with open(bad_folder + b"/inside.png", "wb") as f:
+        f.write(b"x")
+    items, rejects = discover(str(tree))
+    assert len(items) == 6
+    assert rejects == [
+        {"path": f"{tree}/caf\\xe9", "reason": "folder name is not valid UTF-8, skipped (rename it)"},
+        {"path": f"{tree}/chest/bad\\xffname.png", "reason": "file name is not valid UTF-8 (rename it)"},
+    ]
+    for reject in rejects:
+        reject["path"].encode("utf-8")  # writable to rejects.jsonl
+
+
+def test_an_unreadable_folder_is_a_reject(tree, monkeypatch):
+    # Tests run as root, who reads every folder: the denial is simulated where the walk lists a folder.
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path) == tree / "spine":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    items, rejects = discover(str(tree))
+    assert rel_paths(items, tree) == ["chest/a.dcm", "chest/b.png", "chest/sub/c.png", "loose.png"]
+    assert rejects == [
+        {"path": str(tree / "spine"), "reason": "unreadable folder, skipped (Permission denied)"}
+    ]
+
+
+def test_rare_csv_labels_are_warned_about(tmp_path, caplog):
+    rows = ["path,label"]
+    for i in range(12):
+        touch(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{'chset' if i == 0 else 'Chest ' if i in (1, 2) else 'chest'}")
+    manifest = write_manifest(tmp_path / "m.csv", "\n".join(rows) + "\n")
+    with caplog.at_level("WARNING", logger="ingest.sources"):
+        items, _ = discover(str(manifest), label_from="csv")
+    assert {item.label for item in items} == {"chest", "chset", "Chest"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "'chset' (1), 'Chest' (2)" in warnings[0] and "typo" in warnings[0]
+    assert "'chest'" not in warnings[0]
+
+
+def test_no_rare_label_warning_without_csv_labels(tree, caplog):
+    with caplog.at_level("WARNING", logger="ingest.sources"):
+        discover(str(tree), label_from="folder")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_irma_codes_with_malformed_other_axes_are_rejected(tmp_path):
+    codes = {
+        "a": "1121-120-200-700",
+        "b": "1121-102-200-700",  # directional axis: a refinement of an unspecified (0) level
+        "c": "a121-120-200-700",  # technical axis: a letter at the top level
+        "d": "1121-120-200-7a0",
+    }
+    for name in codes:
+        touch(tmp_path / f"{name}.png")
+    manifest = write_manifest(
+        tmp_path / "m.csv", "path,irma_code\n" + "".join(f"{n}.png,{c}\n" for n, c in codes.items())
+    )
+    items, rejects = discover(str(manifest), label_from="irma")
+    assert [(Path(i.path).stem, i.label) for i in items] == [("a", "cranium"), ("d", "cranium")]
+    assert reasons_by_name(rejects) == {
+        "b.png": "unknown IRMA code '1121-102-200-700': directional axis '102' refines an unspecified level",
+        "c.png": "unknown IRMA code 'a121-120-200-700': technical axis 'a121' starts with a letter",
+    }
