@@ -115,14 +115,7 @@ def test_cycle_finder_finds_cycles() -> None:
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
-# train/ has three pairs of modules importing each other on main (report/report_mae, classifier/supervised,
-# probe/probe_grid); the trainer redesign of issue 13 removes them. Drop this mark when it lands.
-_TRAIN_CYCLES = pytest.mark.xfail(reason="train/ cycles, removed by the trainer redesign (issue 13)")
-
-
-@pytest.mark.parametrize(
-    "package", [p if p != "train" else pytest.param(p, marks=_TRAIN_CYCLES) for p in sorted(LEVELS)]
-)
+@pytest.mark.parametrize("package", sorted(LEVELS))
 def test_no_import_cycles_between_modules(package: str) -> None:
     graph = {m: _ours(m) for m in _modules()}
     cycles = [c for c in _cycles(graph) if any(m.split(".")[0] == package for m in c)]
