@@ -10,9 +10,9 @@ import numpy as np
 from PIL import Image
 
 from core.config import load_config
-from shards.build import run_build
-from shards.config import BuildConfig
-from shards.manifest import finalize
+from shards.build.config import BuildConfig
+from shards.build.finalize import finalize
+from shards.build.parts import run_build
 from tests.ingest.test_dicom import _write_dicom
 from tests.ingest.test_readers import _png_with_short_stream
 from tests.ingest.test_scan import _patched_dicom, _pattern
