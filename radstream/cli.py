@@ -226,6 +226,10 @@ def make_parser() -> argparse.ArgumentParser:
 
     add_report_parser(sub)
 
+    from train.export import add_export_parser
+
+    add_export_parser(sub)
+
     p = sub.add_parser("bins", help="print the bin plan of a source folder or a shard dataset")
     p.add_argument("path", help="source folder, or a shard dataset (has manifest.json)")
     p.add_argument(
@@ -251,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         if args.verbose:
             raise
         print(f"radstream {args.command}: error: {err}", file=sys.stderr)
