@@ -38,9 +38,10 @@ from pathlib import Path
 
 import timm
 import torch
+from omegaconf import OmegaConf
 
 from core.atomic import write_bytes, write_text
-from train.checkpoint import CONFIG, latest_checkpoint
+from train.checkpoint import CHECKPOINTS, CONFIG, latest_checkpoint
 from train.embed import load_encoder
 from train.mae import MAE
 from train.pos_embed import resample_learned, sincos_2d
@@ -90,6 +91,11 @@ def find_source(run_dir: str | Path) -> Source:
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).is_file():
         raise FileNotFoundError(f"{run_dir}: not a pretraining run folder (no {CONFIG})")
+    model = OmegaConf.load(run_dir / CONFIG).get("model") or {}
+    if "encoder" not in model or "mask_ratio" not in model:
+        raise ValueError(
+            f"{run_dir / CONFIG}: not an MAE pretraining run (no model.encoder / model.mask_ratio)"
+        )
     best = run_dir / BEST
     if (best / WEIGHTS).is_file():
         meta = json.loads((best / "meta.json").read_text()) if (best / "meta.json").is_file() else {}
@@ -226,8 +232,12 @@ def check_loads(config: dict, state: dict[str, torch.Tensor]) -> None:
     net.load_state_dict(state, strict=True)
 
 
-def check_out(out: Path, force: bool) -> None:
-    """Refuse a non-empty OUT unless ``force`` (then only the export's own files are replaced)."""
+def check_out(out: Path, run_dir: Path, force: bool) -> None:
+    """Refuse a non-empty OUT unless ``force`` (then only the export's own files are replaced), and never write
+    over the run's own weights (the run folder, best/ or checkpoints/)."""
+    run = run_dir.resolve()
+    if out.resolve() in (run, run / BEST) or run / CHECKPOINTS in out.resolve().parents:
+        raise FileExistsError(f"{out}: is the run's own folder or weights; export to a folder of its own")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -278,11 +288,14 @@ def export(
     if fmt == "hf":
         raise ValueError(hf_unavailable())
     out = Path(out)
-    check_out(out, force)
+    check_out(out, Path(run_dir), force)
     source = find_source(run_dir)
     model, run_config, folder = load_encoder(source.checkpoint)
     shards_root = shards or run_config.get("shards")
-    manifest = read_manifest(shards_root)
+    try:
+        manifest = read_manifest(shards_root)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; pass --shards if the run's dataset moved") from None
     shapes = bin_shapes(manifest, model.patch_size)
     state = encoder_state(model, shapes[0])
     config = timm_config(model, shapes, manifest, source, folder)

@@ -15,6 +15,10 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from train.export import Source
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ TAGS = (
 
 
 def render_card(
-    source,
+    source: Source,
     folder: Path,
     run_config: dict,
     config: dict,
@@ -95,7 +99,7 @@ def _title(config: dict, run_dir: Path) -> str:
     )
 
 
-def model_section(config: dict, source) -> str:
+def model_section(config: dict, source: Source) -> str:
     """Architecture, input and positions, and which weights these are."""
     rs, args = config["radstream"], config["model_args"]
     meta = source.meta
@@ -264,7 +268,11 @@ def results_text(run_dir: Path, folder: Path, results: Sequence[str | Path] | No
     from train.report import collect, select_best
 
     files = find_results(run_dir, folder, results)
-    selections = select_best(collect(files)) if files else []
+    try:
+        selections = select_best(collect(files)) if files else []
+    except ValueError as err:  # e.g. the same head in two result files: no one selection is right
+        logger.warning("model card: results not summarised: %s", err)
+        return f"Linear probe and fine-tuning: results found but not summarised ({err})."
     if not selections:
         return "Linear probe, kNN and fine-tuning: not evaluated (no result file refers to these weights)."
     rows = [

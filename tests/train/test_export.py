@@ -256,6 +256,18 @@ def test_bad_input_is_one_line_and_nothing_is_lost(trained_run, tmp_path, capsys
     assert run_cli(empty_run, tmp_path / "out") == 2
     assert "no best/model.safetensors and no complete checkpoint" in capsys.readouterr().err
 
+    supervised_run = tmp_path / "supervised_run"
+    supervised_run.mkdir()
+    (supervised_run / "config.yaml").write_text("model:\n  kind: vit\n  arch: vit_tiny_patch16_224\n")
+    assert run_cli(supervised_run, tmp_path / "out") == 2
+    assert "not an MAE pretraining run" in capsys.readouterr().err
+
+    best = trained_run / "best"
+    before = (best / "model.safetensors").read_bytes()
+    assert run_cli(trained_run, best, "--force") == 2  # never over the run's own weights
+    assert "the run's own folder or weights" in capsys.readouterr().err
+    assert (best / "model.safetensors").read_bytes() == before and not (best / CARD).exists()
+
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
