@@ -302,7 +302,7 @@ def export(
     check_loads(config, state)
     p = model.patch_size
     tables = {s.name: position_table(model, (s.height // p, s.width // p)) for s in shapes}
-    card = render_card(source, folder, run_config, config, manifest, shards_root, results)
+    card = render_card(source, folder, config, manifest, shards_root, results)
 
     from safetensors.torch import save
 
@@ -338,6 +338,7 @@ def add_export_parser(subparsers) -> None:
     p.add_argument(
         "--results",
         nargs="+",
+        metavar="DIR",
         help="folders searched for probe / fine-tuning results of these weights (default: RUN's siblings)",
     )
     p.add_argument("--shards", help="the run's shard dataset, when it has moved since training")

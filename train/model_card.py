@@ -46,7 +46,6 @@ TAGS = (
 def render_card(
     source: Source,
     folder: Path,
-    run_config: dict,
     config: dict,
     manifest: dict,
     shards_root: str,
@@ -57,7 +56,6 @@ def render_card(
     Args:
         source: the ``train.export.Source`` exported.
         folder: the weights folder read (``RUN/best`` or ``RUN/checkpoints/step-N``).
-        run_config: the run's resolved config.
         config: the export's config.json.
         manifest: the run's shard manifest.
         shards_root: where the shard dataset is (for the samples table).
