@@ -33,6 +33,8 @@ TEST_MSE_LABELS = {
     "test_mse_foreground": "test MSE, masked foreground patches ([0, 1] pixels)",
     "test_loss": "test loss (the training objective)",
 }
+CURVE_POINTS = 20
+"""Validation losses listed in the curve summary (every k-th epoch of a long run)."""
 TAGS = (
     "image-feature-extraction",
     "timm",
@@ -236,11 +238,13 @@ def curve_section(run_dir: Path) -> str:
         ("final validation loss", f"{_num(val[-1]['loss'])} (epoch {val[-1]['epoch']})" if val else "none"),
         ("final training loss", f"{_num(train[-1]['loss'])} (step {train[-1]['step']})" if train else "none"),
     ]
-    per_epoch = ", ".join(_num(r["loss"]) for r in val)
+    step = max(1, -(-len(val) // CURVE_POINTS))  # at most CURVE_POINTS epochs shown, the last always
+    shown = val[::step] + ([val[-1]] if (len(val) - 1) % step else [])
+    per_epoch = ", ".join(f"{r['epoch']}: {_num(r['loss'])}" for r in shown)
     return (
         "## Training curve\n\n"
         + _table(("", ""), rows)
-        + f"\n\nValidation loss per epoch: {per_epoch or 'none'}.\n"
+        + f"\n\nValidation loss (epoch: loss): {per_epoch or 'none'}.\n"
     )
 
 
