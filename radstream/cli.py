@@ -154,6 +154,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, size=size, seed=args.seed, workers=args.workers)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from train.export import cmd_export as run_export
+
+    return run_export(args)
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="an MAE run's encoder → timm weights, config.json and a model card")
+    p.add_argument("run", help="MAE pretraining run folder (its best/ weights, else its latest checkpoint)")
+    p.add_argument("out", help="export folder (must be empty unless --force)")
+    p.add_argument(
+        "--results",
+        nargs="+",
+        metavar="DIR",
+        help="folders searched for probe / fine-tuning results of these weights (default: RUN's siblings)",
+    )
+    p.add_argument("--shards", help="the run's shard dataset, when it has moved since training")
+    p.add_argument("--format", choices=["timm", "hf"], default="timm", help="timm (default); hf: not yet")
+    p.add_argument("--force", action="store_true", help="overwrite the export's files in a non-empty OUT")
+    p.set_defaults(func=cmd_export)
+
+
 def _add_build_parser(sub) -> None:
     p = sub.add_parser("build-shards", help="radiograph files → size-binned WebDataset shards")
     p.add_argument(
@@ -226,9 +248,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     add_report_parser(sub)
 
-    from train.export import add_export_parser
-
-    add_export_parser(sub)
+    _add_export_parser(sub)
 
     p = sub.add_parser("bins", help="print the bin plan of a source folder or a shard dataset")
     p.add_argument("path", help="source folder, or a shard dataset (has manifest.json)")

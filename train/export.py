@@ -315,7 +315,8 @@ def export(
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """``radstream export``."""
+    """``radstream export`` (its arguments are defined in ``radstream.cli``, which imports this module only
+    when the command runs: torch and timm take seconds to import)."""
     config = export(
         args.run, args.out, results=args.results, shards=args.shards, force=args.force, fmt=args.format
     )
@@ -326,24 +327,3 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"{CARD}"
     )
     return 0
-
-
-def add_export_parser(subparsers) -> None:
-    """Add ``export`` to the ``radstream`` console script (``subparsers`` from ``add_subparsers``)."""
-    p = subparsers.add_parser(
-        "export", help="an MAE run's encoder → timm weights, config.json and a model card"
-    )
-    p.add_argument("run", help="MAE pretraining run folder (its best/ weights, else its latest checkpoint)")
-    p.add_argument("out", help="export folder (must be empty unless --force)")
-    p.add_argument(
-        "--results",
-        nargs="+",
-        metavar="DIR",
-        help="folders searched for probe / fine-tuning results of these weights (default: RUN's siblings)",
-    )
-    p.add_argument("--shards", help="the run's shard dataset, when it has moved since training")
-    p.add_argument(
-        "--format", choices=FORMATS, default="timm", help="timm (default); hf is not available yet"
-    )
-    p.add_argument("--force", action="store_true", help="overwrite the export's files in a non-empty OUT")
-    p.set_defaults(func=cmd_export)

@@ -281,3 +281,10 @@ def test_bad_input_is_one_line_and_nothing_is_lost(trained_run, tmp_path, capsys
     assert run_cli(trained_run, out, "--force") == 0
     assert (out / "notes.txt").read_text() == "mine" and (out / WEIGHTS).is_file()
     assert "export: vit_tiny_patch16_224 encoder (best weights" in capsys.readouterr().out
+
+
+def test_the_console_script_imports_no_torch_for_its_parser():
+    """`radstream export` is registered without importing torch/timm: every other command stays fast."""
+    code = "import sys, radstream.cli as c; c.make_parser(); print('torch' in sys.modules or 'timm' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
