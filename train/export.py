@@ -44,6 +44,7 @@ from core.atomic import write_bytes, write_text
 from train.checkpoint import CHECKPOINTS, CONFIG, latest_checkpoint
 from train.embed import load_encoder
 from train.mae import MAE
+from train.model_card import Source, render_card
 from train.pos_embed import resample_learned, sincos_2d
 
 logger = logging.getLogger(__name__)
@@ -54,19 +55,6 @@ BIN_TABLES = "pos_embed_bins.safetensors"
 CARD = "README.md"
 BEST = "best"
 FORMATS = ("timm", "hf")
-
-
-@dataclass(frozen=True)
-class Source:
-    """The weights an export reads: which folder, and what the card says about them."""
-
-    run_dir: Path
-    checkpoint: Path
-    """What ``train.embed.load_encoder`` is given: ``RUN/best`` or the run folder (its latest checkpoint)."""
-    label: str
-    """``best`` or ``latest``."""
-    meta: dict
-    """``best/meta.json`` (epoch, step, val_loss) or the checkpoint's loop state (step, epoch)."""
 
 
 @dataclass(frozen=True)
@@ -281,7 +269,6 @@ def export(
         FileNotFoundError, FileExistsError, ValueError: bad input, as one line; nothing is written then.
     """
     from shards.manifest import read_manifest
-    from train.model_card import render_card
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")

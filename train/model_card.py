@@ -14,11 +14,22 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from train.export import Source
+
+@dataclass(frozen=True)
+class Source:
+    """The weights an export reads: which folder, and what the card says about them."""
+
+    run_dir: Path
+    checkpoint: Path
+    """What ``train.embed.load_encoder`` is given: ``RUN/best`` or the run folder (its latest checkpoint)."""
+    label: str
+    """``best`` or ``latest``."""
+    meta: dict
+    """``best/meta.json`` (epoch, step, val_loss) or the checkpoint's loop state (step, epoch)."""
+
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +67,7 @@ def render_card(
     """The whole card.
 
     Args:
-        source: the ``train.export.Source`` exported.
+        source: the weights exported.
         folder: the weights folder read (``RUN/best`` or ``RUN/checkpoints/step-N``).
         config: the export's config.json.
         manifest: the run's shard manifest.
