@@ -176,6 +176,12 @@ def _add_export_parser(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    from radstream.gpucheck import main as gpu_check
+
+    return gpu_check(args.out, quick=args.quick, budget_s=args.budget_s, peak_tflops=args.peak_tflops)
+
+
 def _add_build_parser(sub) -> None:
     p = sub.add_parser("build-shards", help="radiograph files → size-binned WebDataset shards")
     p.add_argument(
@@ -243,6 +249,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     _add_dataset_parsers(sub)
+
+    p = sub.add_parser("gpu-check", help="run the GPU tests and benchmarks into one report (needs CUDA)")
+    p.add_argument("--out", default="gpu_check", help="folder for gpu_check.md, .json and .log")
+    p.add_argument("--quick", action="store_true", help="small batches and few steps: about 4 minutes")
+    p.add_argument("--budget-s", type=float, default=480.0, help="overall time limit in seconds")
+    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (default: by device name)")
+    p.set_defaults(func=cmd_gpu_check)
 
     from train.report import add_report_parser
 

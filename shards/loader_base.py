@@ -104,6 +104,19 @@ class Lookahead:
             self.sent = end
 
 
+def to_unit_float(stored: torch.Tensor, max_value: float) -> torch.Tensor:
+    """Stored uint8 / uint16 integers → float32 ``stored / max_value`` on the tensor's own device.
+
+    ``torch.uint16`` has only "barebones" support in eager mode (views and copies; CUDA has no arithmetic
+    kernels for it), so its bits are reinterpreted as int16 and widened through int32, whose arithmetic every
+    backend has. The divisor is a tensor on the same device: CUDA turns division by a Python number into a
+    multiplication by its reciprocal, one rounding off numpy's quotient (``codecs.to_float01``).
+    """
+    if stored.dtype == torch.uint16:
+        stored = stored.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
+    return torch.div(stored, torch.full((), max_value, dtype=torch.float32, device=stored.device))
+
+
 class ShardLoader:
     """The loader of one rank; backends subclass it and implement ``_images`` (and ``close``).
 
@@ -269,7 +282,7 @@ class ShardLoader:
             # numpy's ufunc runs on this thread alone; torch would wake its OpenMP pool, whose spinning
             # threads take the cores from the decoding workers (a 4x slowdown measured on 2 cores).
             return torch.from_numpy(np.divide(stored.numpy(), np.float32(self._max_value), dtype=np.float32))
-        return torch.div(stored.to(self.device, non_blocking=True), self._max_value)
+        return to_unit_float(stored.to(self.device, non_blocking=True), self._max_value)
 
     def _images(self, plans: list[StepPlan]) -> Iterator[torch.Tensor]:
         """The stored integers [B, 1, H, W] (uint8 or uint16, on the CPU or already on the device) of

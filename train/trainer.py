@@ -199,7 +199,8 @@ def _setup(task: TrainTask, accelerator: Accelerator, stop: StopSignal) -> Sessi
     model = task.build_model()
     loaders = [_loader(cfg, accelerator, split) for split in ("train", "val")]
     schedule = task.schedule(len(loaders[0]), accelerator.num_processes)
-    optimizer = build_optimizer(task.param_groups(model), cfg.optim.betas, schedule.peak_lr)
+    cuda = accelerator.device.type == "cuda"
+    optimizer = build_optimizer(task.param_groups(model), cfg.optim.betas, schedule.peak_lr, fused=cuda)
     model, optimizer = accelerator.prepare(model, optimizer)
     early = EarlyStopping(cfg.run.patience, cfg.run.min_delta)
     s = Session(

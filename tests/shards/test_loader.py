@@ -13,6 +13,7 @@ import torch
 from shards import codecs
 from shards.index import read_member
 from shards.loader import build_loader, dali_available
+from shards.loader_base import to_unit_float
 from shards.loader_config import AugmentConfig, LoaderConfig
 from shards.loader_data import load_split
 from shards.manifest import read_samples
@@ -292,3 +293,13 @@ def test_a_relative_dataset_root_works(tiny_shards, monkeypatch) -> None:
     relative = [b["key"] for b in build_loader(cfg, tiny_shards.name, "val", train=False)]
     absolute = [b["key"] for b in build_loader(cfg, tiny_shards, "val", train=False)]
     assert relative == absolute and relative
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_to_unit_float_is_numpys_quotient(dtype) -> None:
+    # uint16 goes through an int16 view (CUDA has no uint16 arithmetic): values above 32767 must survive it.
+    top = np.iinfo(dtype).max
+    stored = np.array([[0, 1, top // 2, top // 2 + 1, top - 1, top]], dtype=dtype)
+    out = to_unit_float(torch.from_numpy(stored), float(top))
+    assert out.dtype == torch.float32
+    np.testing.assert_array_equal(out.numpy(), np.divide(stored, np.float32(top), dtype=np.float32))

@@ -215,3 +215,16 @@ def test_gpu_bf16_compiled_run(tiny_shards, tmp_path):
     train = read_metrics(run_dir, "train")
     assert all(math.isfinite(row["loss"]) for row in train) and train[-1]["peak_memory_mb"] > 0
     assert 0 < json.loads((run_dir / "summary.json").read_text())["test_mse"] < 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_two_bf16_steps_fed_by_the_gpu_loader(tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = debug_config(tiny_shards, run_dir, "run.cpu=false", "run.mixed_precision=bf16", "loader.backend=auto",
+                       "loader.num_workers=2", "run.max_steps=2", "run.log_every=1")  # fmt: skip
+    assert pretrain.run(cfg) == 0
+    train = read_metrics(run_dir, "train")
+    assert len(train) == 2 and all(math.isfinite(row["loss"]) for row in train)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped"] == "max_steps" and summary["steps"] == 2

@@ -218,3 +218,15 @@ def test_sigterm_exits_124_with_checkpoint_and_stop_marker(tmp_path: Path, tiny_
     marker = json.loads((run_dir / "stopped.json").read_text())
     assert marker["step"] == saved["step"] and marker["exit_code"] == 124
     assert not (run_dir / "results.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_two_bf16_steps_of_the_resnet(tmp_path: Path, tiny_shards: Path) -> None:
+    run_dir = tmp_path / "resnet"
+    cfg = config("debug_resnet.yaml", tiny_shards, run_dir, "run.cpu=false", "run.mixed_precision=bf16",
+                 "loader.backend=auto", "loader.num_workers=2", "run.max_steps=2", "run.log_every=1")  # fmt: skip
+    assert run(cfg) == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["stopped"] == "max_steps" and results["steps"] == 2
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in lines(run_dir, "train"))
