@@ -5,15 +5,12 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_OUT ?= demo_out
-# make wheelhouse: every wheel radstream needs, for another machine's Python and platform (pip matches
-# manylinux_2_N tags exactly, hence the list).
+# make wheelhouse: every wheel radstream needs, for another machine's Python and platform. pip matches
+# manylinux_2_N tags exactly, hence the list: glibc 2.17 to 2.39 (torch's CUDA wheels use several N).
 WHEEL_PY ?= 3.12
-WHEEL_PLATFORM ?= manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
-	manylinux2014_x86_64 manylinux1_x86_64
+WHEEL_PLATFORM ?= $(foreach n,$(shell seq 17 39),manylinux_2_$(n)_x86_64) manylinux2014_x86_64 manylinux1_x86_64
 WHEELHOUSE ?= wheelhouse
 WHEEL_EXTRAS ?= remote
-# Dependencies published as source only: built here into pure-Python wheels first.
-WHEEL_FROM_SOURCE ?= antlr4-python3-runtime==4.9.3
 # make gpu-check runs with the venv's Python when there is one, else the machine's (a GPU box's own torch).
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 GPU_CHECK_OUT ?= gpu_check
@@ -44,7 +41,7 @@ bench: install
 
 wheelhouse:
 	mkdir -p $(WHEELHOUSE)
-	$(PYTHON) -m pip wheel --no-deps -w $(WHEELHOUSE) . $(WHEEL_FROM_SOURCE)
+	$(PYTHON) -m pip wheel --no-deps -w $(WHEELHOUSE) .
 	$(PYTHON) -m pip download -d $(WHEELHOUSE) --find-links $(WHEELHOUSE) --only-binary=:all: \
 		--python-version $(WHEEL_PY) --implementation cp $(addprefix --platform ,$(WHEEL_PLATFORM)) \
 		"$$(ls $(WHEELHOUSE)/radstream-*.whl | tail -n 1)[$(WHEEL_EXTRAS)]" $(TORCH_SPEC)

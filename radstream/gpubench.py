@@ -17,7 +17,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -93,24 +93,29 @@ def synthetic_batch(n: int, height: int, width: int, *, border: bool, gen: torch
     return Batch(images, boxes, noise, background)  # fmt: skip
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def mae_step(model: Callable, optimizer: torch.optim.Optimizer, b: Batch) -> None:
     """One optimizer step: bf16 autocast forward, backward, fused AdamW."""
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(b.images.device.type, dtype=torch.bfloat16):
         loss = model(b.images, background=b.background, noise=b.noise).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def timed(step: Callable[[int], None], warmup: int, steps: int) -> float:
+def timed(step: Callable[[int], None], warmup: int, steps: int, device: torch.device) -> float:
     """Seconds for ``steps`` calls of ``step(i)`` after ``warmup`` untimed ones."""
     for i in range(warmup):
         step(i)
-    torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     for i in range(steps):
         step(warmup + i)
-    torch.cuda.synchronize()
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -128,9 +133,11 @@ def profile_step(step: Callable[[], None]) -> tuple[list[str], list[tuple[str, f
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         step()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
     events = prof.key_averages()
     kernels = [
         (e.key, float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0)), e.count)
@@ -140,64 +147,96 @@ def profile_step(step: Callable[[], None]) -> tuple[list[str], list[tuple[str, f
     return [e.key for e in events], [k for k in kernels if k[1] > 0]
 
 
-def mae_model(border_aware: bool):
+@dataclass(frozen=True)
+class MaeSize:
+    """How big the MAE measurement is."""
+
+    batch: int
+    """Images per step in the 196-patch bins (smart bins get the same tokens per step)."""
+    steps: int
+    """Timed steps per mode."""
+    compiled_smart: bool
+    """Also time smart bins + border-aware masking compiled (data-dependent shapes: long to compile)."""
+    model: dict = field(default_factory=dict)
+    """MAEConfig overrides (the CPU tests shrink the model)."""
+    compile_backend: str = "inductor"
+    """torch.compile's backend (the CPU tests use "eager": dynamo without code generation)."""
+
+
+MAE_FULL = MaeSize(batch=256, steps=20, compiled_smart=True)
+MAE_QUICK = MaeSize(batch=64, steps=5, compiled_smart=False)
+VIT_B16_MAE = {"encoder": "vit_base_patch16_224", "decoder_dim": 512, "decoder_depth": 8, "decoder_heads": 16}
+
+
+def mae_model(border_aware: bool, overrides: dict, device: torch.device):
+    """The benchmark's MAE (ViT-B/16, decoder 8x512, mask 0.75 unless overridden) and its fused AdamW."""
     from train.mae import MAEConfig, build_mae
 
     torch.manual_seed(0)
-    cfg = MAEConfig(encoder="vit_base_patch16_224", decoder_dim=512, decoder_depth=8, decoder_heads=16,
-                    mask_ratio=0.75, border_aware=border_aware, border_threshold=BORDER_THRESHOLD)  # fmt: skip
-    model = build_mae(cfg).cuda()
+    cfg = MAEConfig(**{**VIT_B16_MAE, "mask_ratio": 0.75, "border_aware": border_aware,
+                       "border_threshold": BORDER_THRESHOLD, **overrides})  # fmt: skip
+    model = build_mae(cfg).to(device)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
 def mae_mode(
-    name: str, batches: list[Batch], *, compiled: bool, steps: int, peak: float | None
+    name: str, batches: list[Batch], *, compiled: bool, size: MaeSize, peak: float | None
 ) -> tuple[dict, list[dict]]:
     """One row of the MAE table: throughput, FLOPs, MFU, attention kernel, peak memory (and the profile)."""
-    model, optimizer = mae_model(border_aware=batches[0].background is not None)
+    device, steps = batches[0].images.device, size.steps
+    border = batches[0].background is not None
+    model, optimizer = mae_model(border, size.model, device)
     flops = sum(step_flops(lambda b=b: mae_step(model, optimizer, b)) for b in batches) / len(batches)
-    run = torch.compile(model) if compiled else model
-    torch.cuda.reset_peak_memory_stats()
-    seconds = timed(lambda i: mae_step(run, optimizer, batches[i % len(batches)]), 2 * len(batches), steps)
+    run = torch.compile(model, backend=size.compile_backend) if compiled else model
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(
+        lambda i: mae_step(run, optimizer, batches[i % len(batches)]), 2 * len(batches), steps, device
+    )
     names, kernels = profile_step(lambda: mae_step(run, optimizer, batches[0]))
     timed_batches = [batches[i % len(batches)] for i in range(steps)]
     images = sum(len(b.images) for b in timed_batches)
     per_image = flops * len(batches) / sum(len(b.images) for b in batches)
     patches = sum(b.images[0, 0].numel() // PATCH**2 * len(b.images) for b in timed_batches)
-    border = batches[0].background is not None
     foreground = sum(int((~b.background).sum()) for b in timed_batches) if border else None
     row = {
         "mode": name, "batch": len(batches[0].images), "steps": steps, "seconds": seconds,
         "images_per_s": images / seconds, "tokens_per_s": patches / seconds,
         "foreground_tokens_per_s": foreground / seconds if border else None,
         "gflops_per_image": per_image / 1e9, "mfu": mfu(per_image, images / seconds, peak),
-        "attention": attention_backend(names), "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "attention": attention_backend(names), "peak_mem_gib": peak_memory_gib(device),
     }  # fmt: skip
     return row, top_kernels(kernels)
 
 
-def run_mae(out: Path, quick: bool, peak: float | None) -> None:
-    batch = 64 if quick else 256
-    gen = torch.Generator("cuda").manual_seed(0)
-    fixed = [synthetic_batch(batch, 224, 224, border=False, gen=gen) for _ in range(2)]
-    smart = [synthetic_batch(max(1, batch * 196 // (h * w // PATCH**2)), h, w, border=True, gen=gen)
+def run_mae(out: Path, size: MaeSize, peak: float | None, device: torch.device) -> None:
+    """Eager, compiled, smart bins + border-aware (eager, and compiled when ``size`` says so)."""
+    gen = torch.Generator(device).manual_seed(0)
+    fixed = [synthetic_batch(size.batch, 224, 224, border=False, gen=gen) for _ in range(2)]
+    smart = [synthetic_batch(max(1, size.batch * 196 // (h * w // PATCH**2)), h, w, border=True, gen=gen)
              for h, w in SMART_BINS]  # fmt: skip
     modes = [("fixed 224, eager", fixed, False), ("fixed 224, compiled", fixed, True),
              ("smart bins + border-aware, eager", smart, False)]  # fmt: skip
-    if not quick:
+    if size.compiled_smart:
         modes.append(("smart bins + border-aware, compiled", smart, True))
-    result = {"rows": [], "peak_tflops": peak, "device": torch.cuda.get_device_name()}
-    for name, batches, compiled in modes:
-        row, kernels = mae_mode(name, batches, compiled=compiled, steps=5 if quick else 20, peak=peak)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = {"rows": [], "peak_tflops": peak, "device": name}
+    for mode, batches, compiled in modes:
+        row, kernels = mae_mode(mode, batches, compiled=compiled, size=size, peak=peak)
         result["rows"].append(row)
-        if name == "fixed 224, compiled":
+        if mode == "fixed 224, compiled":
             result["profile"] = kernels
         save(out, result)
         torch._dynamo.reset()
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
-def run_resnet(out: Path, quick: bool, peak: float | None) -> None:
+def run_resnet(out: Path, quick: bool) -> None:
     import timm
 
     batch = 64 if quick else 256
@@ -219,7 +258,7 @@ def run_resnet(out: Path, quick: bool, peak: float | None) -> None:
     torch.backends.cudnn.benchmark = True
     torch.cuda.reset_peak_memory_stats()
     steps = 5 if quick else 15
-    seconds = timed(step, 3, steps)
+    seconds = timed(step, 3, steps, torch.device("cuda"))
     save(out, {"batch": batch, "steps": steps, "images_per_s": batch * steps / seconds,
                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30})  # fmt: skip
 
@@ -243,7 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         from radstream import gpubench_data
 
         return gpubench_data.run(args.part, out, args.quick, deadline)
-    {"mae": run_mae, "resnet": run_resnet}[args.part](out, args.quick, peak)
+    if args.part == "mae":
+        run_mae(out, MAE_QUICK if args.quick else MAE_FULL, peak, torch.device("cuda"))
+    else:
+        run_resnet(out, args.quick)
     return 0
 
 

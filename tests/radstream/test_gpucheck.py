@@ -152,3 +152,29 @@ def test_run_check_budget_timeout_and_partial_results(tmp_path, monkeypatch):
     assert saved["parts"]["late"]["note"] == "the overall budget is spent"
     assert "| hang | timeout |" in (tmp_path / "gpu_check.md").read_text()
     assert "===== hang: timeout" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_mae_benchmark_runs_every_mode_on_a_tiny_model(tmp_path):
+    # The GPU measurement's code path on the CPU: batches, FLOP count, timing, profile, rows, saved JSON.
+    import torch
+
+    from radstream.gpubench import MaeSize, run_mae
+
+    tiny = {"encoder": "vit_tiny_patch16_224", "embed_dim": 32, "depth": 1, "num_heads": 2,
+            "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}  # fmt: skip
+    size = MaeSize(batch=1, steps=1, compiled_smart=False, model=tiny, compile_backend="eager")
+    run_mae(tmp_path / "mae.json", size, None, torch.device("cpu"))
+    result = json.loads((tmp_path / "mae.json").read_text())
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert list(rows) == ["fixed 224, eager", "fixed 224, compiled", "smart bins + border-aware, eager"]
+    for r in rows.values():
+        assert r["images_per_s"] > 0 and r["gflops_per_image"] > 0 and r["mfu"] is None
+        assert r["attention"] in ("flash", "memory-efficient", "cudnn", "math")
+    assert rows["fixed 224, eager"]["foreground_tokens_per_s"] is None
+    assert rows["smart bins + border-aware, eager"]["foreground_tokens_per_s"] > 0
+    # Border-aware masking skips the black border: fewer FLOPs per image than the full 224x224 letterbox.
+    assert (
+        rows["smart bins + border-aware, eager"]["gflops_per_image"]
+        < rows["fixed 224, eager"]["gflops_per_image"]
+    )
+    assert "profile" in result
