@@ -40,25 +40,22 @@ def radiograph_like(height: int, width: int, rng: np.random.Generator) -> np.nda
     return np.clip(noisy, 0, 1)
 
 
-def decode_rate(raws: list[np.ndarray], bits: int, hw_load: float, seconds: float, threads: int) -> float:
-    """Images/s of the mixed decoder on ``raws`` (one batch, fed again every iteration)."""
+def decode_rate(
+    raws: list[np.ndarray], bits: int, hw_load: float, seconds: float, threads: int, device_id: int | None
+) -> float:
+    """Images/s of the decoder on ``raws`` (one batch, fed again every iteration): "mixed" on GPU
+    ``device_id``, DALI's CPU decoder when it is None."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import Pipeline
 
-    pipe = Pipeline(batch_size=len(raws), num_threads=threads, device_id=0, prefetch_queue_depth=2,
+    pipe = Pipeline(batch_size=len(raws), num_threads=threads, device_id=device_id, prefetch_queue_depth=2,
                     exec_dynamic=True)  # fmt: skip
+    where = {"device": "mixed", "hw_decoder_load": hw_load} if device_id is not None else {"device": "cpu"}
     with pipe:
         raw = fn.external_source(source=lambda: raws, dtype=types.UINT8, ndim=1)
-        pipe.set_outputs(
-            fn.decoders.image(
-                raw,
-                device="mixed",
-                output_type=types.GRAY,
-                hw_decoder_load=hw_load,
-                dtype=types.UINT8 if bits == 8 else types.UINT16,
-            )  # fmt: skip
-        )
+        dtype = types.UINT8 if bits == 8 else types.UINT16
+        pipe.set_outputs(fn.decoders.image(raw, output_type=types.GRAY, dtype=dtype, **where))
     pipe.build()
     for _ in range(3):
         pipe.run()
@@ -66,25 +63,28 @@ def decode_rate(raws: list[np.ndarray], bits: int, hw_load: float, seconds: floa
     while runs < 3 or time.perf_counter() - start < seconds:
         pipe.run()
         runs += 1
-    torch.cuda.synchronize()
+    if device_id is not None:
+        torch.cuda.synchronize(device_id)
     rate = runs * len(raws) / (time.perf_counter() - start)
     del pipe
     return rate
 
 
-def run_decode(out: Path, quick: bool) -> None:
-    batch, seconds = (64, 0.5) if quick else (256, 1.5)
+def run_decode(
+    out: Path, *, batch: int, seconds: float, shapes=DECODE_SHAPES, device_id: int | None = 0
+) -> None:
+    """Decode throughput rows (codec x shape x hardware JPEG decoder) into ``out``, saved after each row."""
     threads = min(8, os.cpu_count() or 1)
     rng = np.random.default_rng(0)
     result = {"rows": [], "threads": threads}
-    for shape in DECODE_SHAPES[:1] if quick else DECODE_SHAPES:
+    for shape in shapes:
         images = [radiograph_like(*shape, rng) for _ in range(DISTINCT_IMAGES)]
         for codec in ("jpg", "png16", "jp2"):
             encoded = [np.frombuffer(encode(im, codec), np.uint8) for im in images]
             raws = [encoded[i % len(encoded)] for i in range(batch)]
-            loads = HW_LOADS if codec == "jpg" else {"n/a": 0.0}
+            loads = HW_LOADS if codec == "jpg" and device_id is not None else {"n/a": 0.0}
             for label, load in loads.items():
-                rate = decode_rate(raws, bit_depth(codec), load, seconds, threads)
+                rate = decode_rate(raws, bit_depth(codec), load, seconds, threads, device_id)
                 result["rows"].append({"codec": codec, "shape": f"{shape[0]}x{shape[1]}", "hw_decoder": label,
                                        "batch": batch, "images_per_s": rate})  # fmt: skip
                 save(out, result)
@@ -146,8 +146,10 @@ def run(part: str, out: Path, quick: bool, deadline: float) -> int:
     if not dali_available():
         save(out, {"skipped": "nvidia.dali does not import (carry its wheels: docs/gpu.md)"})
         return 0
-    if part == "decode":
-        run_decode(out, quick)
+    if part == "decode" and quick:
+        run_decode(out, batch=64, seconds=0.5, shapes=DECODE_SHAPES[:1])
+    elif part == "decode":
+        run_decode(out, batch=256, seconds=1.5)
     else:
         run_e2e(out, quick, deadline)
     return 0

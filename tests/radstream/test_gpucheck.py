@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ import radstream.gpucheck as gpucheck
 from radstream import gpureport
 from radstream.cli import main as cli_main
 from radstream.gpubench import attention_backend, top_kernels
+from shards.loader import dali_available
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" errors="0" failures="1" skipped="1" tests="4">
@@ -178,3 +180,38 @@ def test_mae_benchmark_runs_every_mode_on_a_tiny_model(tmp_path):
         < rows["fixed 224, eager"]["gflops_per_image"]
     )
     assert "profile" in result
+
+
+@pytest.mark.skipif(not dali_available(), reason="no nvidia.dali")
+def test_decode_benchmark_rows_on_the_cpu_decoder(tmp_path):
+    from radstream.gpubench_data import run_decode
+
+    run_decode(tmp_path / "d.json", batch=4, seconds=0.01, shapes=((32, 48),), device_id=None)
+    rows = json.loads((tmp_path / "d.json").read_text())["rows"]
+    assert [(r["codec"], r["shape"], r["hw_decoder"]) for r in rows] == [
+        ("jpg", "32x48", "n/a"),
+        ("png16", "32x48", "n/a"),
+        ("jp2", "32x48", "n/a"),
+    ]
+    assert all(r["images_per_s"] > 0 and r["batch"] == 4 for r in rows)
+
+
+def test_window_means_leave_out_the_first_window(tmp_path):
+    from radstream.gpubench_data import window_means
+
+    rows = [{"split": "train", "images_per_s": 100.0, "data_wait_frac": 0.9},  # compilation
+            {"split": "val", "loss": 1.0},
+            {"split": "train", "images_per_s": 5000.0, "data_wait_frac": 0.02},
+            {"split": "train", "images_per_s": 6000.0, "data_wait_frac": 0.04}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert window_means(tmp_path / "metrics.jsonl") == {
+        "windows": 2,
+        "images_per_s": 5500.0,
+        "data_wait_frac": pytest.approx(0.03),
+    }
+
+
+def test_the_tests_part_collects_only_the_modules_with_gpu_tests():
+    files = {Path(f).name for f in gpucheck.gpu_test_files(gpucheck.REPO / "tests")}
+    assert {"test_gpu_decode.py", "test_loader.py", "test_pretrain.py", "test_supervised.py"} <= files
+    assert "test_remote.py" not in files and "test_gpucheck.py" not in files
