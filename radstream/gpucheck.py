@@ -51,8 +51,11 @@ PARTS = (
 
 
 def no_gpu_reason() -> str | None:
-    """Why this machine cannot run the check (no torch CUDA device), or None."""
-    import torch
+    """Why this machine cannot run the check (no torch, or no CUDA device), or None."""
+    try:
+        import torch
+    except ImportError:
+        return "torch does not import here; nothing measured"
 
     if not torch.cuda.is_available():
         return "no CUDA GPU here (torch.cuda.is_available() is False); nothing measured"
