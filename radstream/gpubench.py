@@ -13,7 +13,6 @@ synchronisations. FLOPs come from ``torch.utils.flop_counter`` over one eager st
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from radstream.gpureport import mfu, peak_tflops
+from radstream.gpureport import mfu, peak_tflops, save
 
 PATCH = 16
 BORDER_THRESHOLD = 0.02
@@ -50,10 +49,6 @@ def top_kernels(times: Iterable[tuple[str, float, int]], n: int = 15) -> list[di
     rows = sorted(times, key=lambda t: -t[1])
     total = sum(t[1] for t in rows) or 1.0
     return [{"name": k, "gpu_ms": us / 1e3, "calls": c, "share": us / total} for k, us, c in rows[:n]]
-
-
-def save(path: Path, result: dict) -> None:
-    path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 @dataclass

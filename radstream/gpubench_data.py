@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from radstream.gpubench import save
+from radstream.gpureport import save
 from shards.codecs import bit_depth, encode
 from shards.loader import dali_available
 

@@ -6,6 +6,7 @@ inputs. ``radstream.gpucheck`` runs the parts; ``radstream.gpubench`` measures.
 
 from __future__ import annotations
 
+import json
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -29,6 +30,11 @@ MFU_TARGET = 0.35
 DATA_WAIT_TARGET = 0.05
 
 _SUMMARY_WORDS = ("passed", "failed", "skipped", "errors", "error", "deselected", "xfailed", "xpassed")
+
+
+def save(path: Path, result: dict) -> None:
+    """Write a part's JSON result (``radstream.gpubench`` rewrites it after every row)."""
+    path.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def peak_tflops(device_name: str, override: float | None = None) -> float | None:
