@@ -14,7 +14,16 @@ from bucketing.bins import (
 )
 from bucketing.geometry import FIT_MODES, Bin, FitGeometry, as_sizes, fit_geometry, fit_sizes, parse_bins
 from bucketing.report import BinReport, BinStats, plan_report
-from bucketing.schedule import Step, epoch_schedule, schedule_stats, steps_per_epoch, token_budget_batch_sizes
+from bucketing.schedule import (
+    Step,
+    bin_order,
+    bin_sequence,
+    bin_total,
+    epoch_schedule,
+    schedule_stats,
+    steps_per_epoch,
+    token_budget_batch_sizes,
+)
 
 __all__ = [
     "FIT_MODES",
@@ -26,6 +35,9 @@ __all__ = [
     "FitGeometry",
     "Step",
     "as_sizes",
+    "bin_order",
+    "bin_sequence",
+    "bin_total",
     "assign_bins",
     "assign_strict",
     "assign_with_config",

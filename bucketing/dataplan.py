@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from bucketing.schedule import BatchSize, epoch_schedule
+from bucketing.schedule import BatchSize, ShardCounts, bin_total, epoch_schedule
 
 _CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
 
@@ -106,7 +106,7 @@ def transform_boxes(
 
 
 def padding_masks(
-    counts: Mapping[str, int],
+    counts: Mapping[str, ShardCounts],
     batch_sizes: BatchSize,
     *,
     seed: int,
@@ -114,6 +114,7 @@ def padding_masks(
     world_size: int,
     rank: int,
     drop_incomplete: bool,
+    shuffle_block: int = 0,
 ) -> list[np.ndarray]:
     """Per step of ``rank``, which samples are first appearances in the epoch's global batch order.
 
@@ -129,10 +130,11 @@ def padding_masks(
             world_size=world_size,
             rank=r,
             drop_incomplete=drop_incomplete,
+            shuffle_block=shuffle_block,
         )
         for r in range(world_size)
     ]
-    seen = {name: np.zeros(count, dtype=bool) for name, count in counts.items()}
+    seen = {name: np.zeros(bin_total(shards), dtype=bool) for name, shards in counts.items()}
     masks = []
     for s, step in enumerate(per_rank[rank]):
         for r in range(world_size):

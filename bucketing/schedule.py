@@ -1,12 +1,21 @@
 """The batch schedule: which bin and which samples every rank trains on at every step of an epoch.
 
-A pure function of (per-bin sample counts, batch sizes, seed, epoch, world size, rank), so every rank computes
-its own share without talking to the others, and a resumed run recomputes the same epoch.
+A pure function of (per-bin per-shard sample counts, batch sizes, seed, epoch, world size, rank, shuffle
+block), so every rank computes its own share without talking to the others, and a resumed run recomputes the
+same epoch.
 
-Per bin, the samples ``0..count-1`` (the bin's stored order) are permuted with a generator seeded by
-``(seed, epoch, bin name)``, independent of dict order and of Python's hash seed. The permutation is cut into
-global batches of ``batch_size x world_size``; rank ``r`` takes the ``r``-th slice of ``batch_size`` from each.
-The last, incomplete global batch of a bin is either
+Per bin, the samples ``0..count-1`` (the bin's stored order, shard after shard) are put into the epoch's
+*bin order* (:func:`bin_order`) by a generator seeded by ``(seed, epoch, bin name)``, independent of dict order,
+of Python's hash seed and of the world size:
+
+- ``shuffle_block = 0``: a uniform permutation of the bin's samples;
+- ``shuffle_block = k``: the bin's shards in a random order, cut into blocks of ``k`` shards, the samples of
+  each block permuted among themselves (mosaicml/streaming's ``py1b``, with blocks of whole shards). Reading the
+  order front to back touches one block (``k`` shards) at a time, and the next block is known in advance.
+
+The bin order is cut into global batches of ``batch_size x world_size``; rank ``r`` takes the ``r``-th slice
+of ``batch_size`` from each, so all ranks read the same block at the same time. The last, incomplete global
+batch of a bin is either
 
 - padded (default) by wrapping around the bin's permutation (cycling it again when the bin is smaller than
   one global batch), so every rank gets a full batch: at most ``batch_size x world_size - 1`` repeated
@@ -29,6 +38,8 @@ import numpy as np
 from bucketing.geometry import Bin
 
 BatchSize = int | Mapping[str, int]
+ShardCounts = int | Sequence[int]
+"""A bin's samples: its per-shard counts in stored order, or one int (the bin read as a single shard)."""
 
 # Separate seed streams for the per-bin permutations and the interleaving of bins.
 _PERMUTE_STREAM, _INTERLEAVE_STREAM = 0, 1
@@ -53,14 +64,48 @@ def _rng(seed: int, epoch: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, epoch, *stream]))
 
 
-def _check(counts: Mapping[str, int], world_size: int, rank: int | None = None) -> None:
+def bin_total(shards: ShardCounts) -> int:
+    """The number of samples of a bin given as :data:`ShardCounts`."""
+    return int(shards) if isinstance(shards, (int, np.integer)) else int(sum(shards))
+
+
+def _check(counts: Mapping[str, ShardCounts], world_size: int, rank: int | None = None) -> None:
     if world_size < 1:
         raise ValueError(f"world_size must be ≥ 1, got {world_size}")
     if rank is not None and not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
-    bad = [name for name, count in counts.items() if count < 0]
+    bad = [name for name, shards in counts.items() if min(np.atleast_1d(shards), default=0) < 0]
     if bad:
         raise ValueError(f"negative sample count for bin {bad[0]!r}")
+
+
+def bin_order(shards: ShardCounts, *, name: str, seed: int, epoch: int, shuffle_block: int = 0) -> np.ndarray:
+    """The epoch's order of one bin's samples; the same for every world size and rank.
+
+    Args:
+        shards: the bin's per-shard sample counts in stored order (samples ``0..count-1`` lie shard after
+            shard), or the bin's count.
+        name: the bin's name (a seed stream of its own).
+        seed: the run's seed.
+        epoch: the epoch number.
+        shuffle_block: shards per shuffle block; 0 (or at least the bin's number of shards) permutes the
+            whole bin uniformly.
+
+    Returns:
+        int64 [count], every sample index once.
+    """
+    sizes = np.atleast_1d(np.asarray(shards, dtype=np.int64))
+    rng = _rng(seed, epoch, _PERMUTE_STREAM, _name_key(name))
+    if shuffle_block < 1 or len(sizes) <= shuffle_block:
+        return rng.permutation(int(sizes.sum()))  # today's uniform shuffle, draw for draw
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    shard_order = rng.permutation(len(sizes))
+    blocks = []
+    for first in range(0, len(sizes), shuffle_block):
+        block = shard_order[first : first + shuffle_block]
+        samples = np.concatenate([np.arange(starts[s], starts[s] + sizes[s]) for s in block])
+        blocks.append(rng.permutation(samples))
+    return np.concatenate(blocks)
 
 
 def _batch_size_of(batch_size: BatchSize, name: str) -> int:
@@ -81,7 +126,7 @@ def _num_global_batches(count: int, global_batch: int, drop_incomplete: bool) ->
 
 
 def epoch_schedule(
-    counts: Mapping[str, int],
+    counts: Mapping[str, ShardCounts],
     batch_size: BatchSize,
     *,
     seed: int,
@@ -89,54 +134,82 @@ def epoch_schedule(
     world_size: int,
     rank: int,
     drop_incomplete: bool = False,
+    shuffle_block: int = 0,
 ) -> list[Step]:
     """The ordered steps of one epoch for one rank.
 
     Args:
-        counts: samples per bin name (bins with 0 samples contribute nothing).
+        counts: per bin name, its per-shard sample counts (or its count: the bin read as one shard); bins
+            with 0 samples contribute nothing.
         batch_size: per-rank batch size, one for all bins or one per bin name (e.g. token budgets).
         seed: the run's seed (≥ 0).
         epoch: the epoch number (≥ 0); another epoch gives another order.
         world_size: number of ranks.
         rank: this rank, in ``[0, world_size)``.
         drop_incomplete: drop each bin's last incomplete global batch instead of padding it.
+        shuffle_block: shards per shuffle block (:func:`bin_order`); 0: uniform shuffle of each bin.
 
     Returns:
         The same number of steps on every rank, with the same bin at every step index.
     """
     _check(counts, world_size, rank)
-    if seed < 0 or epoch < 0:
-        raise ValueError(f"seed and epoch must be ≥ 0, got seed={seed}, epoch={epoch}")
-    names = sorted(name for name, count in counts.items() if count > 0)
+    if seed < 0 or epoch < 0 or shuffle_block < 0:
+        raise ValueError(f"seed, epoch, shuffle_block must be ≥ 0, got {seed}, {epoch}, {shuffle_block}")
+    names = sorted(name for name, shards in counts.items() if bin_total(shards) > 0)
     rank_batches: dict[str, np.ndarray] = {}
     for name in names:
         size = _batch_size_of(batch_size, name)
         global_batch = size * world_size
-        n_batches = _num_global_batches(counts[name], global_batch, drop_incomplete)
-        perm = _rng(seed, epoch, _PERMUTE_STREAM, _name_key(name)).permutation(counts[name])
-        # np.resize cycles the permutation: the wrap-around padding of the last global batch.
-        taken = np.resize(perm, n_batches * global_batch) if n_batches else perm[:0]
+        n_batches = _num_global_batches(bin_total(counts[name]), global_batch, drop_incomplete)
+        bin_samples = bin_order(counts[name], name=name, seed=seed, epoch=epoch, shuffle_block=shuffle_block)
+        # np.resize cycles the order: the wrap-around padding of the last global batch.
+        taken = np.resize(bin_samples, n_batches * global_batch) if n_batches else bin_samples[:0]
         rank_batches[name] = taken.reshape(n_batches, world_size, size)[:, rank, :]
-    labels = np.repeat(np.arange(len(names)), [len(rank_batches[n]) for n in names])
-    order = _rng(seed, epoch, _INTERLEAVE_STREAM).permutation(labels)
-    next_batch = [0] * len(names)
+    sequence = bin_sequence(
+        counts, batch_size, seed=seed, epoch=epoch, world_size=world_size, drop_incomplete=drop_incomplete
+    )
+    next_batch = dict.fromkeys(names, 0)
     steps = []
-    for label in order:
-        name = names[label]
-        steps.append(Step(name, tuple(rank_batches[name][next_batch[label]].tolist())))
-        next_batch[label] += 1
+    for name in sequence:
+        steps.append(Step(name, tuple(rank_batches[name][next_batch[name]].tolist())))
+        next_batch[name] += 1
     return steps
 
 
+def bin_sequence(
+    counts: Mapping[str, ShardCounts],
+    batch_size: BatchSize,
+    *,
+    seed: int,
+    epoch: int,
+    world_size: int,
+    drop_incomplete: bool = False,
+) -> list[str]:
+    """The bin of every step of the epoch (the same on every rank).
+
+    With :func:`bin_order`, this is all an elastic resume needs: after ``s`` steps at world size ``W``, bin
+    ``b`` has used the first ``sequence[:s].count(b) x batch_size[b] x W`` places of its bin order, and the
+    remaining samples of the epoch are the rest of each bin order.
+    """
+    _check(counts, world_size)
+    names = sorted(name for name, shards in counts.items() if bin_total(shards) > 0)
+    sizes = [
+        _num_global_batches(bin_total(counts[n]), _batch_size_of(batch_size, n) * world_size, drop_incomplete)
+        for n in names
+    ]
+    labels = np.repeat(np.arange(len(names)), sizes)
+    return [names[i] for i in _rng(seed, epoch, _INTERLEAVE_STREAM).permutation(labels)]
+
+
 def steps_per_epoch(
-    counts: Mapping[str, int], batch_size: BatchSize, world_size: int, drop_incomplete: bool = False
+    counts: Mapping[str, ShardCounts], batch_size: BatchSize, world_size: int, drop_incomplete: bool = False
 ) -> int:
     """Number of steps per rank in an epoch (the length of :func:`epoch_schedule`), without building it."""
     _check(counts, world_size)
     return sum(
-        _num_global_batches(count, _batch_size_of(batch_size, name) * world_size, drop_incomplete)
-        for name, count in counts.items()
-        if count > 0
+        _num_global_batches(bin_total(shards), _batch_size_of(batch_size, name) * world_size, drop_incomplete)
+        for name, shards in counts.items()
+        if bin_total(shards) > 0
     )
 
 
@@ -170,7 +243,7 @@ def token_budget_batch_sizes(
 
 
 def schedule_stats(
-    counts: Mapping[str, int],
+    counts: Mapping[str, ShardCounts],
     batch_size: BatchSize,
     world_size: int,
     drop_incomplete: bool,
@@ -186,7 +259,8 @@ def schedule_stats(
     _check(counts, world_size)
     step_tokens, step_counts = [], []
     padded = skipped = 0
-    for name, count in counts.items():
+    for name, shards in counts.items():
+        count = bin_total(shards)
         if count == 0:
             continue
         size = _batch_size_of(batch_size, name)
@@ -197,7 +271,7 @@ def schedule_stats(
         if n_batches:
             step_tokens.append(size * Bin.parse(name).tokens(patch_size))
             step_counts.append(n_batches)
-    real = sum(counts.values())
+    real = sum(bin_total(shards) for shards in counts.values())
     tokens, weights = np.array(step_tokens, dtype=np.float64), np.array(step_counts, dtype=np.float64)
     mean = float(np.average(tokens, weights=weights)) if len(tokens) else 0.0
     std = float(np.sqrt(np.average((tokens - mean) ** 2, weights=weights))) if len(tokens) else 0.0
