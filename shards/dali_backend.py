@@ -165,12 +165,9 @@ class DaliLoader(ShardLoader):
         Returns:
             The fed byte arrays, which must stay alive until the run's output is taken (``no_copy``).
         """
-        b = self.data.bins[plan.bin]
-        read = self._files.read
-        raw = [
-            np.frombuffer(read(int(b.shard[r]), int(b.offset[r]), int(b.size[r])), np.uint8)
-            for r in plan.rows
-        ]
+        b, rows = self.data.bins[plan.bin], plan.rows
+        data = self._files.read_rows(b.shard[rows].tolist(), b.offset[rows].tolist(), b.size[rows].tolist())
+        raw = [np.frombuffer(d, np.uint8) for d in data]
         pipe.feed_input("raw", raw)
         if plan.crops is not None:
             corners = plan.crops.astype(np.float32)

@@ -192,20 +192,26 @@ class ShardLoader:
             "num_processes": self.world_size,
             "seed": self.cfg.seed,
             "steps_per_epoch": len(self),
+            "shuffle_block": self.cfg.shuffle_block,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at ``state``'s position; the next iteration yields the rest of that epoch.
 
         Raises:
-            ValueError: the state was saved with another world size, seed or number of steps per epoch.
+            ValueError: the state was saved with another world size, seed, shuffle block or number of steps
+                per epoch.
         """
         mine = self.state_dict()
-        for name in ("num_processes", "seed", "steps_per_epoch"):
+        if (
+            "num_processes" in state
+        ):  # a whole state_dict; saved before shuffle blocks existed: uniform shuffle
+            state = {"shuffle_block": 0, **state}
+        for name in ("num_processes", "seed", "steps_per_epoch", "shuffle_block"):
             if name in state and state[name] != mine[name]:
                 raise ValueError(
                     f"loader state has {name}={state[name]}, this loader {mine[name]}: "
-                    "resuming mid-epoch needs the same world size, seed and batch sizes"
+                    "resuming mid-epoch needs the same world size, seed, shuffle block and batch sizes"
                 )
         if not 0 <= state["step"] <= len(self):
             raise ValueError(f"loader state step {state['step']} is outside 0..{len(self)}")
@@ -220,10 +226,12 @@ class ShardLoader:
             "epoch": epoch,
             "world_size": self.world_size,
             "drop_incomplete": self.drop_incomplete,
+            "shuffle_block": self.cfg.shuffle_block,
         }
-        steps = epoch_schedule(self.data.counts, self.batch_sizes, rank=self.rank, **args)
+        counts = self.data.shard_counts
+        steps = epoch_schedule(counts, self.batch_sizes, rank=self.rank, **args)
         if self.padded_samples:
-            masks = padding_masks(self.data.counts, self.batch_sizes, rank=self.rank, **args)
+            masks = padding_masks(counts, self.batch_sizes, rank=self.rank, **args)
         else:
             masks = [np.ones(len(s.indices), dtype=bool) for s in steps]
         plans = [
@@ -248,7 +256,9 @@ class ShardLoader:
         plans = self.epoch_plans(self.epoch)[self.step :]
         ahead = None
         if self.store is not None and self.store.remote:  # fetch the next shards while these are decoded
-            ahead = Lookahead(self.store, shard_schedule(self.data, plans), self.cfg.remote.prefetch_shards)
+            # at least one shuffle block ahead: the next block is on its way while this one is read
+            shards_ahead = max(self.cfg.remote.prefetch_shards, self.cfg.shuffle_block)
+            ahead = Lookahead(self.store, shard_schedule(self.data, plans), shards_ahead)
             ahead.advance(0)
         images = self._images(plans)
         try:

@@ -30,7 +30,8 @@ class RemoteConfig:
     chunk_bytes: int = 8 << 20
     """Bytes per ranged GET: a failed request costs at most this much again."""
     max_pinned: int = 16
-    """Shards ``local_path`` keeps open (so not evictable) per process; ``release`` frees them sooner."""
+    """Shards one process keeps open (so not evictable): ``local_path``'s holds (``release`` frees them sooner)
+    and, separately, the loader's open shards per reading process."""
 
     def __post_init__(self) -> None:
         if self.max_cache_bytes is not None and self.max_cache_bytes < 1:
@@ -96,6 +97,10 @@ class LoaderConfig:
     """Batches prepared ahead of the one being consumed (DALI: steps fed ahead; torch: per worker)."""
     seed: int = 0
     """Seed of the batch schedule and of the augmentation; the same seed gives the same batches."""
+    shuffle_block: int = 4
+    """Shards per shuffle block: each bin is read one block of this many shards at a time (its samples
+    shuffled within the block, the blocks in random order), so a rank reads from a small window of shards and
+    the next block can be fetched ahead. 0: every bin shuffled uniformly (reads touch every shard at once)."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Training augmentation."""
     remote: RemoteConfig = field(default_factory=RemoteConfig)
@@ -117,8 +122,10 @@ class LoaderConfig:
             raise ValueError(
                 f"loader.num_workers must be >= 0 and prefetch >= 1, got {self.num_workers}, {self.prefetch}"
             )
-        if self.seed < 0:
-            raise ValueError(f"loader.seed must be >= 0, got {self.seed}")
+        if self.seed < 0 or self.shuffle_block < 0:
+            raise ValueError(
+                f"loader.seed and loader.shuffle_block must be >= 0, got {self.seed}, {self.shuffle_block}"
+            )
         if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
             raise ValueError(
                 f"loader.label_fraction must lie in (0, 1] or be None, got {self.label_fraction}"

@@ -24,7 +24,8 @@ _MAX_OPEN_SHARDS = 64  # file descriptors kept open per process
 
 @dataclass(frozen=True)
 class BinSamples:
-    """The samples of one bin of a split, in stored order (the schedule's indices point into these arrays)."""
+    """The samples of one bin of a split, in stored order, shard after shard (the schedule's indices point
+    into these arrays)."""
 
     name: str
     height: int
@@ -45,6 +46,12 @@ class BinSamples:
     def __len__(self) -> int:
         return len(self.keys)
 
+    @property
+    def shard_counts(self) -> tuple[int, ...]:
+        """Samples per shard, in stored order (the rows are grouped by shard)."""
+        starts = np.flatnonzero(np.diff(self.shard, prepend=-1))
+        return tuple(np.diff(np.append(starts, len(self.shard))).tolist())
+
 
 @dataclass(frozen=True)
 class SplitSamples:
@@ -63,6 +70,11 @@ class SplitSamples:
     def counts(self) -> dict[str, int]:
         """Samples per bin name."""
         return {name: len(b) for name, b in self.bins.items()}
+
+    @property
+    def shard_counts(self) -> dict[str, tuple[int, ...]]:
+        """Per bin name, samples per shard in stored order (what the schedule's shuffle blocks group)."""
+        return {name: b.shard_counts for name, b in self.bins.items()}
 
 
 def _fraction_mask(fractions, fraction: float) -> np.ndarray:
@@ -116,6 +128,7 @@ def load_split(root: str | os.PathLike[str], split: str, label_fraction: float |
         if name not in shapes:
             raise ValueError(f"{root}: samples table has bin {name!r}, the manifest does not")
         rows = np.flatnonzero(bin_col == name)
+        rows = rows[np.argsort(shard_index[rows], kind="stable")]  # shard after shard, for the shuffle blocks
         bins[name] = BinSamples(
             name,
             *shapes[name],
@@ -148,30 +161,41 @@ class ShardFiles:
         """Opens remote shards (fetched into the node cache, held against eviction while open)."""
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
+        # an open remote shard cannot be evicted: keep as few open as the store allows, so a node cache smaller
+        # than the dataset always has room for the next shuffle block
+        self.max_open = store.cfg.max_pinned if store is not None and store.remote else _MAX_OPEN_SHARDS
 
     def read(self, shard: int, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of shard number ``shard``."""
+        return self.read_rows([shard], [offset], [size])[0]
+
+    def read_rows(self, shards: list[int], offsets: list[int], sizes: list[int]) -> list[bytes]:
+        """The byte ranges ``(shards[i], offsets[i], sizes[i])`` in order: a batch's images in one call (the
+        per-image work is a dict look-up and a ``pread``)."""
         if self._pid != os.getpid():
             self._fds, self._pid = OrderedDict(), os.getpid()
-        fd = self._fds.get(shard)
-        if fd is None:
-            if len(self._fds) >= _MAX_OPEN_SHARDS:
-                os.close(self._fds.popitem(last=False)[1])
-            path = self.paths[shard]
-            fd = (
-                self.store.open(path)
-                if self.store
-                else os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            )
-            self._fds[shard] = fd
-        else:
-            self._fds.move_to_end(shard)
-        data = os.pread(fd, size, offset)
-        if len(data) != size:
-            raise ValueError(
-                f"{self.paths[shard]}: truncated, wanted {size} bytes at {offset}, got {len(data)}"
-            )
-        return data
+        out, fds = [], self._fds
+        for shard, offset, size in zip(shards, offsets, sizes, strict=True):
+            fd = fds.get(shard)
+            if fd is None:
+                fd = self._open(shard)
+            else:
+                fds.move_to_end(shard)
+            data = os.pread(fd, size, offset)
+            if len(data) != size:
+                raise ValueError(
+                    f"{self.paths[shard]}: truncated, wanted {size} bytes at {offset}, got {len(data)}"
+                )
+            out.append(data)
+        return out
+
+    def _open(self, shard: int) -> int:
+        if len(self._fds) >= self.max_open:
+            os.close(self._fds.popitem(last=False)[1])
+        path = self.paths[shard]
+        fd = self.store.open(path) if self.store else os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._fds[shard] = fd
+        return fd
 
     def close(self) -> None:
         """Close the open descriptors (of this process)."""
@@ -181,7 +205,7 @@ class ShardFiles:
         self._fds = OrderedDict()
 
     def __getstate__(self) -> dict:
-        return {"paths": self.paths, "store": self.store, "_fds": OrderedDict(), "_pid": None}
+        return {**self.__dict__, "_fds": OrderedDict(), "_pid": None}
 
     def __del__(self) -> None:
         with contextlib.suppress(OSError, AttributeError):  # interpreter shutdown

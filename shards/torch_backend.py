@@ -38,8 +38,8 @@ class StepDataset(Dataset):
         b = self.data.bins[name]
         dtype = torch.uint8 if bit_depth(self.data.codec) == 8 else torch.uint16
         batch = torch.empty((len(rows), 1, b.height, b.width), dtype=dtype)
-        for i, row in enumerate(rows):
-            raw = self.files.read(int(b.shard[row]), int(b.offset[row]), int(b.size[row]))
+        data = self.files.read_rows(b.shard[rows].tolist(), b.offset[rows].tolist(), b.size[rows].tolist())
+        for i, (row, raw) in enumerate(zip(rows, data, strict=True)):
             try:
                 pixels = decode(raw, self.data.codec)
             except ValueError as err:

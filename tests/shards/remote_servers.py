@@ -169,3 +169,25 @@ def fetch_every_shard(url: str, cache_dir: str, start: object) -> None:
         for rel in shard_entries(store.manifest):
             store.local_path(rel)
             store.local_path(rel.replace(".tar", ".idx"))
+
+
+def read_epoch_as_rank(url: str, cache_dir: str, rank: int, world: int, start: object, out: object) -> None:
+    """A spawned rank: read one training epoch through the loader; put (rank, keys, shards it read) on ``out``."""
+    from shards.loader import build_loader
+    from shards.loader_base import shard_schedule
+    from shards.loader_config import LoaderConfig, RemoteConfig
+
+    cfg = LoaderConfig(
+        backend="torch",
+        batch_size=2,
+        num_workers=0,
+        shuffle_block=1,
+        remote=RemoteConfig(cache_dir=cache_dir),
+    )
+    with build_loader(cfg, url, "train", process_index=rank, num_processes=world, train=False) as loader:
+        shards = {s for step in shard_schedule(loader.data, loader.epoch_plans(0)) for s in step}
+        start.wait(timeout=60)
+        keys = [
+            k for batch in loader for k, ok in zip(batch["key"], batch["valid"].tolist(), strict=True) if ok
+        ]
+        out.put((rank, keys, sorted(loader.store.rel(s) for s in shards)))

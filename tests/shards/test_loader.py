@@ -128,8 +128,13 @@ def test_mid_epoch_resume_yields_exactly_the_rest(tiny_shards: Path, backend: st
     reads = []
     from shards.loader_data import ShardFiles
 
-    original = ShardFiles.read
-    monkeypatch.setattr(ShardFiles, "read", lambda self, *a: reads.append(a) or original(self, *a))
+    original = ShardFiles.read_rows
+
+    def counted(self, shards, offsets, sizes):
+        reads.extend(zip(shards, offsets, sizes, strict=True))
+        return original(self, shards, offsets, sizes)
+
+    monkeypatch.setattr(ShardFiles, "read_rows", counted)
     restored = make(tiny_shards, backend)
     restored.load_state_dict(state)
     restored.set_epoch(3)  # a resumed loop calls it again: must not rewind
@@ -146,6 +151,44 @@ def test_resume_checks_the_world_size(tiny_shards: Path) -> None:
     state = make(tiny_shards, rank=0, world=2).state_dict()
     with pytest.raises(ValueError, match="num_processes"):
         make(tiny_shards).load_state_dict(state)
+
+
+def test_resume_checks_the_shuffle_block(tiny_shards: Path) -> None:
+    state = make(tiny_shards, shuffle_block=1).state_dict()
+    with pytest.raises(ValueError, match="shuffle_block"):
+        make(tiny_shards, shuffle_block=2).load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "shuffle_block"}  # a state saved before shuffle blocks
+    with pytest.raises(ValueError, match="shuffle_block"):
+        make(tiny_shards, shuffle_block=1).load_state_dict(old)
+    make(tiny_shards, shuffle_block=0).load_state_dict(old)
+    with pytest.raises(ValueError, match="shuffle_block"):
+        LoaderConfig(shuffle_block=-1)
+
+
+def shards_per_batch(root: Path, batches: list[dict]) -> list[int]:
+    table = samples(root)
+    return [len({table[k]["shard"] for k in b["key"]}) for b in batches]
+
+
+def test_shuffle_blocks_read_one_shard_at_a_time_and_cover_the_split(tiny_shards: Path) -> None:
+    """One shard per block: each bin's samples come shard after shard (each shard in one run), every sample
+    once; the uniform shuffle (block 0) mixes more shards per batch."""
+    table = samples(tiny_shards)
+    blocked = epoch_batches(make(tiny_shards, shuffle_block=1, train=False))
+    uniform = epoch_batches(make(tiny_shards, shuffle_block=0, train=False))
+    keys = [k for b in blocked for k, ok in zip(b["key"], b["valid"].tolist(), strict=True) if ok]
+    assert sorted(keys) == sorted(table)
+    for name in {b["bin"] for b in blocked}:
+        order = [table[k]["shard"] for k in keys if table[k]["bin"] == name]
+        runs = 1 + sum(a != b for a, b in zip(order, order[1:], strict=False))
+        assert runs == len(set(order))
+    assert np.mean(shards_per_batch(tiny_shards, uniform)) > np.mean(shards_per_batch(tiny_shards, blocked))
+
+
+def test_bin_samples_lie_shard_after_shard(tiny_shards: Path) -> None:
+    for b in load_split(tiny_shards, "train").bins.values():
+        assert (np.diff(b.shard) >= 0).all()
+        assert sum(b.shard_counts) == len(b) and len(b.shard_counts) == len(set(b.shard.tolist()))
 
 
 def test_label_fraction_keeps_only_that_subset(tiny_shards: Path) -> None:

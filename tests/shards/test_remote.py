@@ -10,6 +10,7 @@ import os
 import pickle
 import shutil
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,13 @@ from shards.loader_config import LoaderConfig, RemoteConfig  # noqa: E402
 from shards.manifest import read_manifest, read_samples  # noqa: E402
 from shards.remote import ChecksumError, cache_folder, open_dataset, resolve_dataset  # noqa: E402
 from shards.transport import RemoteError, filesystem, is_transient, s3_endpoint  # noqa: E402
-from tests.shards.remote_servers import S3_ENV, FaultyHTTPServer, S3Server, fetch_every_shard  # noqa: E402
+from tests.shards.remote_servers import (  # noqa: E402
+    S3_ENV,
+    FaultyHTTPServer,
+    S3Server,
+    fetch_every_shard,
+    read_epoch_as_rank,
+)
 
 FAST = {"backoff_s": 0.001}  # retries without real waiting
 
@@ -419,3 +426,60 @@ def test_loader_and_pretraining_read_an_s3_url_directly(
         == 0
     )
     assert json.loads((run_dir / "summary.json").read_text())["steps"] > 0
+
+
+def train_keys(root: Path) -> set[str]:
+    return set(read_samples(root, "train")["key"].to_pylist())
+
+
+def test_a_cache_smaller_than_the_dataset_completes_every_epoch(
+    http, tiny_shards: Path, tmp_path: Path
+) -> None:
+    """Shuffle blocks of one shard, two shards open per reader, room for four: every epoch reads each sample
+    once, shards are evicted and fetched again, nothing waits forever."""
+    probe = open_dataset(http.url, cache_dir=str(tmp_path / "probe"), **FAST)
+    entries = {rel: e for rel, e in shard_entries(probe.manifest).items() if e["split"] == "train"}
+    largest = sorted((e["bytes"] for e in entries.values()), reverse=True)
+    bound = probe.cache.usage()[0] + sum(largest[:4])
+    assert bound < probe.cache.usage()[0] + sum(largest)  # the train shards do not all fit
+    remote = RemoteConfig(
+        cache_dir=str(tmp_path / "cache"),
+        max_cache_bytes=bound,
+        max_pinned=2,
+        prefetch=1,
+        prefetch_shards=1,
+        **FAST,
+    )
+    cfg = LoaderConfig(backend="torch", batch_size=4, num_workers=1, shuffle_block=1, remote=remote)
+    with build_loader(cfg, http.url, "train", train=False) as loader:
+        for _ in range(2):
+            keys = [k for b in loader for k, ok in zip(b["key"], b["valid"].tolist(), strict=True) if ok]
+            assert sorted(keys) == sorted(train_keys(tiny_shards))
+            assert loader.store.cache.usage()[0] <= bound
+    assert sum(http.gets[f"/{rel}"] for rel in entries) > len(entries)  # evicted and fetched again
+
+
+@pytest.mark.slow
+def test_two_nodes_download_each_shard_once_per_node(s3, tiny_shards: Path, tmp_path: Path) -> None:
+    """Two node caches, two ranks on each (world size 4): a shard is fetched once by each node that reads it,
+    and the four ranks together read every train sample."""
+    s3.reset_counts()
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(4), ctx.Queue()
+    caches = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    procs = [
+        ctx.Process(target=read_epoch_as_rank, args=(s3.url, caches[rank // 2], rank, 4, start, out))
+        for rank in range(4)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=180) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert {k for _, keys, _ in results for k in keys} == train_keys(tiny_shards)
+    needed = Counter()
+    for node in (0, 1):
+        needed.update({s for rank, _, shards in results if rank // 2 == node for s in shards})
+    for rel in tars(read_manifest(tiny_shards)):
+        assert s3.gets[s3_path(s3, rel)] == needed[rel], rel
