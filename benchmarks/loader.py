@@ -13,8 +13,9 @@ then the ratios best/decode-floor and best/ImageFolder (targets: ≥ 0.85 and �
 per epoch: padding, images skipped by strict binning, and the spread of tokens per step with and without a
 token budget. Prints Markdown tables.
 
-    python benchmarks/loader.py                      # ~300 synthetic images, max side 1024, smart bins
+    python benchmarks/loader.py                      # 2,400 synthetic images, max side 1024, smart bins
     python benchmarks/loader.py --shards OUT --workers 8
+    python benchmarks/loader.py --profile 15         # also: where one epoch of the best backend spends time
 """
 
 from __future__ import annotations
@@ -257,6 +258,40 @@ def report(measured: dict[tuple[str, str], float], cores: int, load_before: floa
     )
 
 
+def profile_epoch(root: Path, args) -> str:
+    """cProfile of one decode-mode epoch of the best backend (after a warm-up epoch), as a Markdown table of
+    the top functions by own time. The decoding threads are invisible to it: their time shows up as waiting
+    for the next batch (``outputs`` / the DataLoader's queue); everything else is per-batch overhead."""
+    import cProfile
+    import pstats
+
+    backend = "dali" if dali_available() else "torch"
+    run = shard_loader_epoch(root, backend, False, args)
+    run()
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    images = run()
+    profiler.disable()
+    seconds = time.perf_counter() - start
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[
+        : args.profile
+    ]  # (file, line, name): (cc, nc, tt, ct, callers)
+    body = [
+        [
+            f"`{name}` ({Path(file).name}:{line})",
+            str(nc),
+            f"{tt * 1e3:.1f}",
+            f"{tt / seconds:.1%}",
+            f"{ct * 1e3:.1f}",
+        ]
+        for (file, line, name), (_, nc, tt, ct, _) in rows
+    ]
+    head = f"\none {backend} decode epoch, profiled: {images} images in {seconds:.3f} s ({images / seconds:,.0f}/s)\n\n"
+    return head + table(["function", "calls", "own ms", "own share", "cumulative ms"], body)
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -265,7 +300,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shards", type=Path, help="an existing shard dataset (default: build a synthetic one)")
-    p.add_argument("--images", type=int, default=300, help="synthetic images to build")
+    p.add_argument("--images", type=int, default=2400, help="synthetic images to build (≥ 2,000 train)")
     p.add_argument("--max-side", type=int, default=1024, help="longest side of the synthetic images")
     p.add_argument("--max-tokens", type=int, default=196, help="bin size cap in tokens (196 = 224x224)")
     p.add_argument("--codec", default="jpg", help="codec of the synthetic shards")
@@ -277,6 +312,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--token-budget", type=int, default=32 * 196, help="tokens per batch for the schedule stats"
     )
+    p.add_argument("--profile", type=int, default=0, help="print the top N functions of one profiled epoch")
     return p.parse_args(argv)
 
 
@@ -311,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         measured = {tuple(k.split("|")): v for k, v in best_rates(runs, args.seconds, args.repeats).items()}
         print(report(measured, cores, load_before, os.getloadavg()[0]))
         print(table(SCHEDULE_HEADER, schedule_rows(root, args.batch_size, 16, args.token_budget)))
+        if args.profile:
+            print(profile_epoch(root, args))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

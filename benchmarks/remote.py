@@ -1,20 +1,20 @@
-"""Remote-read benchmark: one epoch from a loopback S3 server (moto), cold and warm cache, against local disk.
+"""Remote-read benchmark: one epoch from loopback S3 (moto) and HTTP, cold and warm cache, against local disk,
+for today's uniform shuffle and for shard-local shuffle blocks, with what each costs in randomness.
 
-Builds (once, into ``--work``) a synthetic shard dataset, starts moto's S3 server and a static HTTP server as
-separate processes on 127.0.0.1, publishes the dataset to it and reads one epoch of the train split three ways, timing each from
-opening the dataset to the last image:
+Builds (once, into ``--work``) a synthetic shard dataset of at least 40 shards per split, starts moto's S3
+server and a static HTTP server as separate processes on 127.0.0.1, publishes the dataset and reads one epoch
+of the train split through the loader (``shards.loader.build_loader`` on the URL), timing each from opening
+the dataset to the last batch:
 
 - local: the local build folder;
-- s3 cold: ``s3://`` with an empty node cache, prefetching ahead of the schedule;
-- s3 warm: ``s3://`` again, every shard now in the cache;
-- http cold / warm: the same over HTTP from Python's static file server (much lighter than moto, so it shows
-  what the client side costs when the server is not the bottleneck).
+- s3 cold / warm: ``s3://`` with an empty node cache (prefetching the schedule's shards ahead), then again;
+- http cold / warm: the same from Python's static file server.
 
-How an epoch is read: through the loader (``shards.loader.build_loader`` on the URL) once the loader takes
-remote roots (``LoaderConfig.remote``); until then, the loader's own schedule is followed here: every
-sample of every step read by offset from its (cached) tar and decoded, in schedule order, one thread.
+Each ``--blocks`` value (``loader.shuffle_block``; 0 = uniform) is timed in its own rounds, local disk in the
+same round as its baseline; the best of ``--repeats`` rounds counts and the spread is printed. The randomness
+columns come from the same epoch's plans: distinct shards, distinct patients and label entropy per batch.
 
-    python benchmarks/remote.py --n 1200
+    python benchmarks/remote.py --n 2000 --blocks 0,1,2,4,8
 """
 
 from __future__ import annotations
@@ -27,30 +27,32 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from shards.build.publish import publish  # noqa: E402
-from shards.codecs import decode  # noqa: E402
 from shards.loader import build_loader  # noqa: E402
-from shards.loader_base import Lookahead, shard_schedule  # noqa: E402
 from shards.loader_config import LoaderConfig, RemoteConfig  # noqa: E402
-from shards.remote import resolve_dataset  # noqa: E402
+from shards.manifest import read_manifest, read_samples  # noqa: E402
 from shards.transport import filesystem  # noqa: E402
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def build_dataset(work: Path, n: int) -> Path:
-    """A finalized shard dataset of ``n`` synthetic radiographs (built once per work folder and n)."""
+def build_dataset(work: Path, n: int, per_shard: int) -> Path:
+    """A finalized shard dataset of ``n`` synthetic radiographs, ``per_shard`` samples per shard at most
+    (built once per work folder, n and shard size)."""
     from core.config import load_config
     from ingest.synth import synthesize
     from shards.build.config import BuildConfig
     from shards.build.finalize import finalize
     from shards.build.parts import run_build
 
-    out = work / f"shards-{n}"
+    out = work / f"shards-{n}-{per_shard}"
     if (out / "manifest.json").is_file():
         return out
     synthesize(work / f"synth-{n}", n=n, seed=0, max_side=768, workers=os.cpu_count() or 1)
@@ -60,7 +62,8 @@ def build_dataset(work: Path, n: int) -> Path:
         "ingest.labels=folder",
         "binning.strategy=smart",
         "binning.num_bins=3",
-        "shards.max_samples_per_shard=32",
+        f"shards.max_samples_per_shard={per_shard}",
+        "ingest.splits.fractions=[0.8,0.1,0.1]",
     ]
     cfg = load_config(BuildConfig, None, overrides)
     run_build(cfg)
@@ -101,18 +104,10 @@ def start_servers(local: Path) -> tuple[list[subprocess.Popen], str, str]:
     return [s3, http], f"http://127.0.0.1:{s3_port}", f"http://127.0.0.1:{http_port}"
 
 
-def loader_takes_urls() -> bool:
-    """Whether ``build_loader`` accepts ``s3://`` roots (the loader integration has landed)."""
-    return "remote" in LoaderConfig.__dataclass_fields__
-
-
-def epoch_through_loader(root: str, remote: RemoteConfig, args) -> tuple[int, float]:
-    """(images, seconds to open) of one epoch through the loader."""
+def epoch_through_loader(root: str, remote: RemoteConfig, block: int, args) -> tuple[int, float]:
+    """(images, seconds to open) of one epoch of the train split through the loader."""
     start = time.perf_counter()
-    cfg = LoaderConfig(
-        backend=args.backend, batch_size=args.batch_size, num_workers=args.workers, remote=remote
-    )
-    loader = build_loader(cfg, root, "train", train=False)
+    loader = build_loader(loader_config(remote, block, args), root, "train", train=False)
     opened = time.perf_counter() - start
     try:
         return sum(len(batch["key"]) for batch in loader), opened
@@ -120,56 +115,109 @@ def epoch_through_loader(root: str, remote: RemoteConfig, args) -> tuple[int, fl
         loader.close()
 
 
-def epoch_in_schedule_order(root: str, remote: RemoteConfig, args) -> tuple[int, float]:
-    """Read and decode every sample of one epoch in the loader's schedule order (one thread); returns
-    (images, seconds to open)."""
-    start = time.perf_counter()
-    local_root, store = resolve_dataset(root, remote)
-    cfg = LoaderConfig(backend="torch", batch_size=args.batch_size, num_workers=0)
-    planner = build_loader(cfg, local_root, "train", train=False)
-    data, plans = planner.data, planner.epoch_plans(0)
-    ahead = Lookahead(store, shard_schedule(data, plans), remote.prefetch_shards) if store.remote else None
-    fds, images, opened = {}, 0, time.perf_counter() - start
-    try:
-        for i, plan in enumerate(plans):
-            if ahead is not None:
-                ahead.advance(i + 1)
-            b = data.bins[plan.bin]
-            for row in plan.rows:
-                shard = int(b.shard[row])
-                if shard not in fds:
-                    fds[shard] = store.open(data.shards[shard])
-                decode(os.pread(fds[shard], int(b.size[row]), int(b.offset[row])), data.codec)
-                images += 1
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-        store.close()
-    return images, opened
+def loader_config(remote: RemoteConfig, block: int, args) -> LoaderConfig:
+    return LoaderConfig(
+        backend=args.backend,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        shuffle_block=block,
+        remote=remote,
+    )
 
 
-def timed(read, root: str, remote: RemoteConfig, args) -> tuple[int, float, float]:
-    """(images, seconds to open the dataset, seconds in all) of one epoch."""
-    start = time.perf_counter()
-    images, opened = read(root, remote, args)
-    return images, opened, time.perf_counter() - start
+def entropy_bits(values: np.ndarray) -> float:
+    """Shannon entropy (bits) of the distribution of ``values``."""
+    p = np.unique(values, return_counts=True)[1] / len(values)
+    return float(-(p * np.log2(p)).sum())
 
 
-def main(argv: list[str] | None = None) -> int:
+def batch_mix(local: Path, block: int, args) -> dict[str, float]:
+    """How mixed one epoch's batches are (world size 1, train split): mean distinct shards, distinct patients
+    and label entropy (bits) per batch; shards touched by the first 10% of steps; the split's label entropy."""
+    loader = build_loader(loader_config(RemoteConfig(), block, args), local, "train", train=False)
+    table = read_samples(local, "train", ["key", "patient_id"])
+    patient = dict(zip(table["key"].to_pylist(), table["patient_id"].to_pylist(), strict=True))
+    shards, patients, entropy, early = [], [], [], set()
+    plans = loader.epoch_plans(0)
+    for i, plan in enumerate(plans):
+        b = loader.data.bins[plan.bin]
+        shards.append(len(set(b.shard[plan.rows].tolist())))
+        patients.append(len({patient[k] for k in b.keys[plan.rows]}))
+        entropy.append(entropy_bits(b.label[plan.rows]))
+        if i < max(len(plans) // 10, 1):
+            early.update((plan.bin, s) for s in b.shard[plan.rows].tolist())
+    labels = np.concatenate([b.label for b in loader.data.bins.values()])
+    return {
+        "shards": float(np.mean(shards)),
+        "patients": float(np.mean(patients)),
+        "entropy": float(np.mean(entropy)),
+        "early": len(early),
+        "all_shards": len(loader.data.shards),
+        "split_entropy": entropy_bits(labels),
+    }
+
+
+def run_rounds(
+    cases: list[tuple[str, str]], remote: RemoteConfig, block: int, args
+) -> dict[str, list[float]]:
+    """Images/s of each case in each of ``args.repeats`` rounds; the cache is emptied before each round, so
+    "cold" is cold, and local disk is measured in the same round as its baseline."""
+    rates: dict[str, list[float]] = {case: [] for case, _ in cases}
+    for _ in range(args.repeats):
+        shutil.rmtree(remote.cache_dir, ignore_errors=True)
+        for case, root in cases:
+            start = time.perf_counter()
+            images, _ = epoch_through_loader(root, remote, block, args)
+            rates[case].append(images / (time.perf_counter() - start))
+    return rates
+
+
+TARGETS = {"cold": 0.7, "warm": 0.95}
+
+
+def rate_rows(block: int, rates: dict[str, list[float]], mix: dict[str, float]) -> list[list[str]]:
+    """Table rows of one shuffle block: best images/s; the ratio to local disk of the same round (median and
+    range over rounds: other load on the machine slows whole rounds, a per-round ratio cancels most of it)."""
+    rows = []
+    for case, values in rates.items():
+        ratios = np.array(values) / np.array(rates["local"])
+        kind = case.split()[-1]
+        target = TARGETS.get(kind)
+        median = float(np.median(ratios))
+        verdict = "–" if target is None else f"≥ {target}: {'met' if median >= target else 'not met'}"
+        rows.append(
+            [str(block), case, f"{max(values):,.0f}", f"{median:.2f}", f"{ratios.min():.2f}–{ratios.max():.2f}",
+             verdict, f"{mix['shards']:.1f}", f"{mix['patients']:.1f}", f"{mix['entropy']:.2f}"]
+        )  # fmt: skip
+    return rows
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=1200, help="synthetic images in the dataset")
+    parser.add_argument("--n", type=int, default=2000, help="synthetic images in the dataset")
+    parser.add_argument("--per-shard", type=int, default=16, help="samples per shard at most")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "radstream-bench-remote")
+    parser.add_argument("--blocks", default="0,4", help="loader.shuffle_block values to compare (0: uniform)")
     parser.add_argument("--prefetch", type=int, default=4, help="download threads")
     parser.add_argument("--prefetch-shards", type=int, default=8, help="shards requested ahead of the reader")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--backend", default="torch", help="loader backend (when reading through the loader)")
-    parser.add_argument(
-        "--workers", type=int, default=0, help="loader workers (when reading through the loader)"
-    )
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per case")
-    args = parser.parse_args(argv)
-    local = build_dataset(args.work, args.n)
-    read = epoch_through_loader if loader_takes_urls() else epoch_in_schedule_order
+    parser.add_argument("--backend", default="torch", help="loader backend")
+    parser.add_argument("--workers", type=int, default=0, help="loader workers")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per shuffle block; the best counts")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    local = build_dataset(args.work, args.n, args.per_shard)
+    manifest = read_manifest(local)
+    per_split = Counter(s["split"] for b in manifest["bins"] for s in b["shards"])
+    blocks = [int(b) for b in args.blocks.split(",")]
     os.environ.update(S3_ENV)
     procs, endpoint, http_url = start_servers(local)
     try:
@@ -182,44 +230,34 @@ def main(argv: list[str] | None = None) -> int:
         fs, _ = filesystem("s3://bench", remote)
         fs.mkdir("bench")
         publish(local, "s3://bench/ds", remote)
-        cases = [
-            ("local", str(local)),
-            ("s3 cold", "s3://bench/ds"),
-            ("s3 warm", "s3://bench/ds"),
-            ("http cold", http_url),
-            ("http warm", http_url),
-        ]
-        rows = run_cases(read, cases, remote, args)
+        cases = [(c, r) for c, r in [("local", str(local)), ("s3 cold", "s3://bench/ds"), ("s3 warm", "s3://bench/ds"),
+                 ("http cold", http_url), ("http warm", http_url)]]  # fmt: skip
+        rows, mixes = [], {}
+        for block in blocks:
+            mixes[block] = batch_mix(local, block, args)
+            rows += rate_rows(block, run_rounds(cases, remote, block, args), mixes[block])
     finally:
         for proc in procs:
             proc.terminate()
             proc.wait(timeout=30)
-    how = "through the loader" if read is epoch_through_loader else "schedule order, read + decode, 1 thread"
-    print(f"\none epoch of the train split ({how}); {args.n} images in the dataset, best of {args.repeats}\n")
-    print("open: manifest + samples table (+ schedule); read: the rest. Ratios: images/s over local's.\n")
-    print("| case      | images | open s | read s | total s | images/s | vs local | read vs local |")
-    print("|-----------|-------:|-------:|-------:|--------:|---------:|---------:|--------------:|")
-    _, local_images, local_open, local_total = rows[0]
-    local_read = local_total - local_open
-    for case, images, opened, total in rows:
-        print(
-            f"| {case:<9} | {images:>6} | {opened:>6.3f} | {total - opened:>6.3f} | {total:>7.3f} | "
-            f"{images / total:>8.0f} | {local_total / total:>8.2f} | {local_read / (total - opened):>13.2f} |"
-        )
+    print(
+        f"\none epoch of the train split through the loader ({args.backend}, {args.workers} workers, batch "
+        f"{args.batch_size}); {args.n} images, shards per split {dict(per_split)}, prefetch {args.prefetch} "
+        f"threads / {args.prefetch_shards} shards ahead; {args.repeats} rounds; ratio = images/s over local disk's in the same round\n"
+    )
+    header = ["shuffle_block", "case", "best images/s", "vs local (median)", "range", "target", "shards/batch",
+              "patients/batch", "label entropy/batch (bits)"]  # fmt: skip
+    print(table(header, rows))
+    any_mix = next(iter(mixes.values()))
+    print(
+        f"\nbatch of {args.batch_size}; label entropy of the whole split {any_mix['split_entropy']:.2f} bits\n"
+    )
+    print(table(
+        ["shuffle_block", "shards in the first 10% of steps", "shards/batch", "patients/batch", "label entropy/batch"],
+        [[str(b), f"{m['early']} of {m['all_shards']}", f"{m['shards']:.1f}", f"{m['patients']:.1f}",
+          f"{m['entropy']:.2f}"] for b, m in mixes.items()],
+    ))  # fmt: skip
     return 0
-
-
-def run_cases(read, cases: list[tuple[str, str]], remote: RemoteConfig, args) -> list[tuple]:
-    """(case, images, open seconds, total seconds) per case, the fastest of ``args.repeats`` rounds; the
-    cache is emptied before each round, so "cold" is cold."""
-    best: dict[str, tuple[int, float, float]] = {}
-    for _ in range(args.repeats):
-        shutil.rmtree(remote.cache_dir, ignore_errors=True)
-        for case, root in cases:
-            result = timed(read, root, remote, args)
-            if case not in best or result[2] < best[case][2]:
-                best[case] = result
-    return [(case, *best[case]) for case, _ in cases]
 
 
 if __name__ == "__main__":
