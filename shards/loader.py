@@ -58,6 +58,7 @@ def build_loader(
         raise ValueError(
             "loader.backend=dali but nvidia.dali does not import; install nvidia-dali or use torch"
         )
+    cfg = cfg.for_run(0)  # no run seed given (``LoaderConfig.for_run`` resolves it for training runs)
     fraction = cfg.label_fraction if split == "train" else None
     root, store = resolve_dataset(root, cfg.remote)
     data = load_split(root, split, fraction)

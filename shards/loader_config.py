@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 BACKENDS = ("auto", "dali", "torch")
 
@@ -95,8 +95,10 @@ class LoaderConfig:
     least 1)."""
     prefetch: int = 2
     """Batches prepared ahead of the one being consumed (DALI: steps fed ahead; torch: per worker)."""
-    seed: int = 0
-    """Seed of the batch schedule and of the augmentation; the same seed gives the same batches."""
+    seed: int | None = None
+    """Seed of the batch schedule and of the augmentation; the same seed gives the same batches. None: the
+    training run's ``run.seed`` (so seeds vary data order and augmentation, not only the initialisation), 0
+    where there is no run (embedding, benchmarks)."""
     shuffle_block: int = 4
     """Shards per shuffle block: each bin is read one block of this many shards at a time (its samples
     shuffled within the block, the blocks in random order), so a rank reads from a small window of shards and
@@ -122,7 +124,7 @@ class LoaderConfig:
             raise ValueError(
                 f"loader.num_workers must be >= 0 and prefetch >= 1, got {self.num_workers}, {self.prefetch}"
             )
-        if self.seed < 0 or self.shuffle_block < 0:
+        if (self.seed is not None and self.seed < 0) or self.shuffle_block < 0:
             raise ValueError(
                 f"loader.seed and loader.shuffle_block must be >= 0, got {self.seed}, {self.shuffle_block}"
             )
@@ -130,3 +132,7 @@ class LoaderConfig:
             raise ValueError(
                 f"loader.label_fraction must lie in (0, 1] or be None, got {self.label_fraction}"
             )
+
+    def for_run(self, run_seed: int) -> LoaderConfig:
+        """This config with ``seed`` resolved for a training run: its own seed when set, else ``run_seed``."""
+        return self if self.seed is not None else replace(self, seed=run_seed)

@@ -1,18 +1,20 @@
 """Embed every split once with the frozen MAE encoder into a zarr store (``train.embed_store``).
 
     accelerate launch -m train.embed --checkpoint RUN/checkpoints/latest --shards OUT --out EMB.zarr \\
-        [--splits train,val,test] [--pool-grid 4x4] [loader.batch_size=128 ...]
+        [--splits train,val,test] [--pool-grid auto] [loader.batch_size=128 ...]
 
 No masking, eval mode, stored pixels (no augmentation). Per sample three aggregations of the encoder's tokens
 ``[1+L, D]`` (CLS first) are stored in float16:
 
 - ``cls``: the CLS token, ``[D]``;
 - ``mean``: the mean of the L patch tokens, ``[D]``;
-- ``flattened``: the patch tokens flattened, which needs one fixed token grid. Images of different bins have
-  different grids, so the grid ``(h, w)`` is first adaptive-average-pooled to ``pool_grid`` (default 4×4;
-  a grid smaller than it is upsampled by repetition), then flattened position-major (row, column, then
-  channel): ``[gh*gw*D]``. ``--pool-grid none`` keeps the native grid (all bins must share one shape, e.g.
-  the study's fixed 224×224 → 196·D, its "flattened").
+- ``flattened``: the concatenation of all patch tokens, position-major (row, column, then channel):
+  ``[h*w*D]``. With one bin shape (the study's fixed 224×224) that is the native 196·D vector, the study's
+  "flattened". A linear head needs one length, so with several bin shapes every token grid is resampled
+  (bilinear, antialiased) to the grid of the most common bin (by samples) — the most faithful stand-in for a
+  concatenation, far from an average pool — and the store names it, e.g. "flattened (resampled to 14×14)".
+  ``--pool-grid`` (default ``auto``) forces a grid ("HxW") or, ``none``, the native grid of a one-shape
+  dataset.
 
 Every rank embeds the batches its loader gives it; padding repeats (``valid`` False) are skipped. See
 ``train.embed_store`` for how ranks write disjoint rows and how a rerun resumes.
@@ -58,8 +60,10 @@ class EmbedConfig:
     """The zarr store to write (resumed when it exists and came from the same checkpoint)."""
     splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
     """Splits to embed; splits without samples are skipped."""
-    pool_grid: str = "4x4"
-    """Token grid the ``flattened`` aggregation is pooled to ("HxW"), or "none" for the native grid."""
+    pool_grid: str = "auto"
+    """Token grid of the ``flattened`` aggregation: "auto" (the native grid with one bin shape, else every
+    grid resampled to the most common bin's), "HxW" (every grid resampled to it) or "none" (the native grid;
+    one bin shape only)."""
     chunk_rows: int = 1024
     """Rows per zarr chunk (and per resumable unit)."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -81,12 +85,12 @@ class EmbedConfig:
 
 
 def parse_grid(text: str) -> tuple[int, int] | None:
-    """ "4x4" -> (4, 4); "none" -> None (the native token grid)."""
-    if text.lower() == "none":
+    """ "4x4" -> (4, 4); "none" and "auto" -> None (decided from the dataset's bins by ``flattened_grid``)."""
+    if text.lower() in ("none", "auto"):
         return None
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"pool grid must look like 4x4 or be none, got {text!r}")
+        raise ValueError(f"pool grid must look like 4x4 or be auto or none, got {text!r}")
     return int(parts[0]), int(parts[1])
 
 
@@ -95,7 +99,8 @@ def aggregate_tokens(
 ) -> dict[str, torch.Tensor]:
     """tokens: [N, 1+L, D] (CLS first) -> {"cls": [N, D], "mean": [N, D], "flattened": [N, gh*gw*D]} float32.
 
-    ``flattened`` pools the (h, w) token grid to ``pool_grid`` (None: no pooling), position-major.
+    ``flattened`` concatenates the (h, w) token grid, position-major, after resampling it (bilinear,
+    antialiased) to ``pool_grid`` when that is another grid (None: the native grid).
     """
     tokens = tokens.float()
     patches = tokens[:, 1:]
@@ -103,13 +108,36 @@ def aggregate_tokens(
     h, w = grid_hw
     if h * w != length:
         raise ValueError(f"{length} patch tokens do not form a {h}x{w} grid")
-    if pool_grid is None:
+    if pool_grid is None or tuple(pool_grid) == (h, w):
         flat = patches.reshape(n, length * dim)
     else:
         grid = patches.transpose(1, 2).reshape(n, dim, h, w)
-        pooled = F.adaptive_avg_pool2d(grid, pool_grid)  # [N, D, gh, gw]
-        flat = pooled.permute(0, 2, 3, 1).reshape(n, -1)
+        resampled = F.interpolate(
+            grid, size=tuple(pool_grid), mode="bilinear", align_corners=False, antialias=True
+        )
+        flat = resampled.permute(0, 2, 3, 1).reshape(n, -1)  # [N, gh*gw*D]
     return {"cls": tokens[:, 0], "mean": patches.mean(dim=1), "flattened": flat}
+
+
+def flattened_grid(pool_grid: str, bins: Sequence[dict], patch: int) -> tuple[tuple[int, int], str]:
+    """The token grid of the ``flattened`` aggregation and the name that says how it was made.
+
+    Args:
+        pool_grid: ``EmbedConfig.pool_grid``. bins: the manifest's bins (height, width, counts per split).
+        patch: the encoder's patch size.
+
+    Raises:
+        ValueError: "none" with several bin shapes.
+    """
+    sizes: dict[tuple[int, int], int] = {}
+    for b in bins:  # manifest order breaks ties
+        shape = (b["height"] // patch, b["width"] // patch)
+        sizes[shape] = sizes.get(shape, 0) + sum(b["counts"].values())
+    if pool_grid.lower() == "none" and len(sizes) != 1:
+        raise ValueError(f"--pool-grid none needs one bin shape; the dataset has grids {sorted(sizes)}")
+    grid = parse_grid(pool_grid) or max(sizes, key=sizes.get)
+    resampled = set(sizes) != {grid}
+    return grid, f"flattened ({'resampled to ' if resampled else ''}{grid[0]}×{grid[1]})"
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -223,16 +251,8 @@ def store_meta(cfg: EmbedConfig, model: MAE, config: dict, folder: Path) -> dict
     from shards.manifest import read_manifest
 
     manifest = read_manifest(cfg.shards)
-    grid = parse_grid(cfg.pool_grid)
+    grid, label = flattened_grid(cfg.pool_grid, manifest["bins"], model.patch_size)
     dim = model.encoder.embed_dim
-    if grid is None:
-        shapes = {(b["height"], b["width"]) for b in manifest["bins"]}
-        if len(shapes) != 1:
-            raise ValueError(f"--pool-grid none needs one bin shape; the dataset has {sorted(shapes)}")
-        (height, width), p = shapes.pop(), model.patch_size
-        tokens = (height // p) * (width // p)
-    else:
-        tokens = grid[0] * grid[1]
     levels = sorted(float(f) for f in manifest["config"]["ingest"]["splits"]["label_fractions"])
     return {
         "checkpoint": str(folder.resolve()),
@@ -241,9 +261,10 @@ def store_meta(cfg: EmbedConfig, model: MAE, config: dict, folder: Path) -> dict
         "class_names": list(manifest.get("class_names") or []),
         "label_fractions": levels,
         "aggregations": list(embed_store.AGGREGATIONS),
-        "dims": {"cls": dim, "mean": dim, "flattened": tokens * dim},
+        "dims": {"cls": dim, "mean": dim, "flattened": grid[0] * grid[1] * dim},
         "embed_dim": dim,
-        "pool_grid": list(grid) if grid else None,
+        "pool_grid": list(grid),
+        "aggregation_labels": {"flattened": label},
         "patch_size": model.patch_size,
         "embed_config": to_dict(cfg),
     }
@@ -253,7 +274,7 @@ def _embed_rank(cfg: EmbedConfig, accelerator, model: MAE, split: str, rows: Spl
     """Phase 1 on this rank: the split's batches from this rank's loader, resumed after the stored ones."""
     from shards.loader import build_loader
 
-    loader_cfg = replace(cfg.loader, label_fraction=None)
+    loader_cfg = replace(cfg.loader.for_run(0), label_fraction=None)
     rank, world = accelerator.process_index, accelerator.num_processes
     loader = build_loader(
         loader_cfg,
@@ -283,7 +304,8 @@ def _embed_rank(cfg: EmbedConfig, accelerator, model: MAE, split: str, rows: Spl
             unit="batch",
             disable=not accelerator.is_main_process,
         )
-        embed_batches(model, bar, writer, rows, parse_grid(cfg.pool_grid), accelerator.autocast)
+        grid = tuple(embed_store.read_attrs(cfg.out)["pool_grid"])
+        embed_batches(model, bar, writer, rows, grid, accelerator.autocast)
 
 
 def run(cfg: EmbedConfig) -> Path:
@@ -336,7 +358,11 @@ FLAGS = (
     Flag("--shards", "shards", "finalized shard dataset", required=True),
     Flag("--out", "out", "zarr store to write (EMB.zarr)", required=True),
     Flag("--splits", "splits", "comma-separated splits (default train,val,test)", template="[{}]"),
-    Flag("--pool-grid", "pool_grid", "token grid of the flattened aggregation, e.g. 4x4, or none"),
+    Flag(
+        "--pool-grid",
+        "pool_grid",
+        "token grid of the flattened aggregation: auto (default), e.g. 14x14, or none",
+    ),
 )
 """The command line's own flags (as README.md, radstream demo and slurm/ use them), each a config key."""
 

@@ -1,19 +1,21 @@
 """Masked autoencoder (He et al., 2021) with a timm ViT encoder, for 1-channel images of any bin shape.
 
-Written as the small named steps of facebookresearch/mae ``models_mae.py``: ``patchify``, ``random_masking``,
-``forward_encoder``, ``forward_decoder``, ``forward_loss``. Shapes: ``N`` batch, ``C`` channels, ``p`` patch
-size, ``(h, w)`` the patch grid of the batch's bin, ``L = h*w`` patches, ``D`` encoder width.
+Written as the small named steps of facebookresearch/mae ``models_mae.py``: ``patchify``, ``random_masking``
+(both in ``train.masking``), ``forward_encoder``, ``forward_decoder``, ``forward_loss``. Shapes: ``N`` batch,
+``C`` channels, ``p`` patch size, ``(h, w)`` the patch grid of the batch's bin, ``L = h*w`` patches, ``D``
+encoder width.
 
 Any ``H × W`` that is a multiple of the patch size runs (non-square grids too): positional embeddings are made
 per grid (fixed sin-cos, or timm's learned table resampled). Border-aware masking never shows pure-background
-patches to the encoder and leaves them out of the loss.
+patches to the encoder and leaves them out of the loss; every image keeps the mask ratio of its own
+foreground, so images of one batch see different numbers of tokens: their rows are padded to the widest and a
+key-padding mask keeps the padding out of attention (measured against packing in ``benchmarks/masking.py``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,13 +25,24 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from train.masking import (
+    attention_mask,
+    background_patches,
+    grid_of,
+    masked_mean,
+    patch_errors,
+    patch_stats,
+    patchify,
+    random_masking,
+    unpatchify,
+    visible_counts,
+)
 from train.pos_embed import SinCosPosEmbed, resample_learned
 from train.weights import load_adapted, read_state_dict
 
 logger = logging.getLogger(__name__)
 
 _POS_EMBEDS = ("sincos", "learned")
-_PIX_EPS = 1e-6  # norm_pix_loss: target = (x - mean) / sqrt(var + eps), as in MAE
 
 
 @dataclass(frozen=True)
@@ -93,124 +106,25 @@ class MAEOutput:
     """What one MAE forward returns.
 
     Attributes:
-        loss: scalar float32, MSE over the scored patches.
+        loss: scalar float32, MSE over the scored patches of the valid images.
         pred: ``[N, L, p*p*C]`` predicted patches (normalised per patch when norm_pix_loss).
         mask: ``[N, L]`` float, 1 = scored: hidden from the encoder and not background (MAE's mask when
             there is no background).
+        hidden: ``[N, L]`` float, 1 = hidden from the encoder (background included).
         stats: detached 0-d tensors: ``background_frac`` (share of patches skipped as background),
-            ``encoder_tokens`` (tokens per image in the encoder, CLS included), ``scored_patches`` (per image).
+            ``encoder_tokens`` (tokens per image in the encoder, CLS included, padding not),
+            ``encoder_slots`` (the padded width, CLS included), ``scored_patches`` (per image).
     """
 
     loss: torch.Tensor
     pred: torch.Tensor
     mask: torch.Tensor
+    hidden: torch.Tensor
     stats: dict[str, torch.Tensor]
 
 
-def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    """imgs: [N, C, H, W] -> [N, L, p*p*C], patches row-major over the (H/p, W/p) grid."""
-    n, c = imgs.shape[:2]
-    h, w = _grid(imgs, p)
-    x = imgs.reshape(n, c, h, p, w, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)
-    return x.reshape(n, h * w, p * p * c)
-
-
-def _grid(imgs: torch.Tensor, p: int) -> tuple[int, int]:
-    """The (h, w) patch grid of [N, C, H, W] images; H and W must be multiples of p."""
-    hh, ww = imgs.shape[-2:]
-    if hh % p or ww % p:
-        raise ValueError(f"image {hh}x{ww} is not a multiple of the patch size {p}")
-    return hh // p, ww // p
-
-
-def unpatchify(x: torch.Tensor, p: int, grid_hw: tuple[int, int]) -> torch.Tensor:
-    """x: [N, L, p*p*C] -> [N, C, h*p, w*p] for the patch grid ``grid_hw = (h, w)``."""
-    n, length, dim = x.shape
-    h, w = grid_hw
-    c = dim // (p * p)
-    if h * w != length or c * p * p != dim:
-        raise ValueError(f"cannot unpatchify [{n}, {length}, {dim}] to a {h}x{w} grid of {p}-pixel patches")
-    x = x.reshape(n, h, w, p, p, c)
-    x = torch.einsum("nhwpqc->nchpwq", x)
-    return x.reshape(n, c, h * p, w * p)
-
-
-def random_masking(
-    x: torch.Tensor,
-    mask_ratio: float,
-    noise: torch.Tensor | None = None,
-    keep_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample random masking by argsort of noise.
-
-    Args:
-        x: [N, L, D] patch tokens.
-        mask_ratio: share of the L patches to hide.
-        noise: [N, L] sort keys (uniform by default); the smallest are kept.
-        keep_bias: [N, L] added to the noise; ``+inf`` marks a patch that must never be visible (background).
-
-    Returns:
-        x_visible [N, len_keep, D], mask [N, L] (1 = hidden), ids_restore [N, L] (unshuffles decoder tokens).
-
-    Without ``keep_bias``, ``len_keep = int(L * (1 - mask_ratio))``. With it (border-aware masking) the ratio
-    applies to the foreground: ``len_keep = int(F * (1 - mask_ratio))`` where F is the largest number of
-    keepable (finite-bias) patches in the batch, so the encoder skips the background's share of tokens — the
-    compute saving. Tensors need one ``len_keep`` per batch, so it is also capped by the smallest keepable
-    count: background is never visible. At least one patch is always kept (a fully background image then shows
-    one background patch). The counts are read on the host (one sync).
-    """
-    n, length, dim = x.shape
-    len_keep = int(length * (1 - mask_ratio))
-    if noise is None:
-        noise = torch.rand(n, length, device=x.device)
-    if keep_bias is not None:
-        keepable = torch.isfinite(keep_bias).sum(dim=1)
-        len_keep = min(int(int(keepable.max()) * (1 - mask_ratio)), int(keepable.min()))
-        noise = noise + keep_bias
-    len_keep = max(len_keep, 1)
-
-    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small is keep, large is remove
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    x_visible = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).expand(-1, -1, dim))
-
-    mask = torch.ones(n, length, device=x.device, dtype=x.dtype)
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, dim=1, index=ids_restore)  # back to patch order
-    return x_visible, mask, ids_restore
-
-
-def background_patches(
-    imgs: torch.Tensor,
-    p: int,
-    threshold: float,
-    boxes: torch.Tensor | Sequence[Sequence[int]] | None = None,
-) -> torch.Tensor:
-    """Pure-background patches.
-
-    Args:
-        imgs: [N, C, H, W] in [0, 1].
-        p: patch size.
-        threshold: a patch is background when all its pixels are <= this.
-        boxes: optional [N, 4] foreground boxes ``(y0, x0, y1, x1)``, half-open, in pixel coordinates of the
-            bin; patches entirely outside their image's box are background too.
-
-    Returns:
-        [N, L] bool, True = background.
-    """
-    background = patchify(imgs, p).amax(dim=-1) <= threshold
-    if boxes is None:
-        return background
-    boxes = torch.as_tensor(boxes, device=imgs.device).reshape(-1, 4)
-    h, w = imgs.shape[-2] // p, imgs.shape[-1] // p
-    top = torch.arange(h, device=imgs.device) * p  # [h] first pixel row of each patch row
-    left = torch.arange(w, device=imgs.device) * p
-    y0, x0, y1, x1 = (boxes[:, i, None] for i in range(4))  # [N, 1] each
-    rows_out = (top + p <= y0) | (top >= y1)  # [N, h]
-    cols_out = (left + p <= x0) | (left >= x1)  # [N, w]
-    outside = rows_out[:, :, None] | cols_out[:, None, :]  # [N, h, w]
-    return background | outside.reshape(imgs.shape[0], h * w)
+EVAL_SUMS = ("loss", "scored", "mse_masked", "hidden", "mse_foreground", "images")
+"""What ``MAE.eval_sums`` adds up per batch, in order (see ``eval_means``)."""
 
 
 class MAE(nn.Module):
@@ -239,16 +153,20 @@ class MAE(nn.Module):
         )
         self.decoder_norm = norm(cfg.decoder_dim)
         self.decoder_pred = nn.Linear(cfg.decoder_dim, self.patch_size**2 * cfg.in_chans)
-        self._init_decoder()
+        self._init_weights()
 
-    def _init_decoder(self) -> None:
+    def _init_weights(self) -> None:
+        """The reference's init of the whole MAE: the patch embedding as a Linear over its flattened kernel,
+        N(0, 0.02) CLS and mask tokens, then xavier-uniform Linears and unit LayerNorms everywhere."""
+        weight = self.encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.normal_(self.encoder.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
-            module.apply(_init_mae_weights)
+        self.apply(_init_mae_weights)
 
     def grid(self, imgs: torch.Tensor) -> tuple[int, int]:
         """The (h, w) patch grid of a batch [N, C, H, W]."""
-        return _grid(imgs, self.patch_size)
+        return grid_of(imgs, self.patch_size)
 
     def _embed_patches(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """imgs: [N, C, H, W] -> patch tokens with positions [N, L, D], CLS token with its position [N, 1, D]."""
@@ -266,12 +184,21 @@ class MAE(nn.Module):
                 cls = cls + table[:, :1].to(cls.dtype)
         return x, cls
 
-    def _encode(self, x: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
-        """x: [N, K, D] patch tokens, cls: [N, 1, D] -> [N, 1+K, D] normed encoder output, CLS first."""
+    def _encode(
+        self, x: torch.Tensor, cls: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: [N, K, D] patch tokens, cls: [N, 1, D] -> [N, 1+K, D] normed encoder output, CLS first.
+
+        ``attn_mask`` [N, 1, 1, 1+K] (``attention_mask``) keeps padding slots out of every block's attention.
+        """
         enc = self.encoder
         x = torch.cat([cls.to(x.dtype), x], dim=1)
         x = enc.norm_pre(enc.pos_drop(x))
-        x = enc.blocks(x)
+        if attn_mask is None:
+            x = enc.blocks(x)
+        else:
+            for block in enc.blocks:
+                x = block(x, attn_mask=attn_mask)
         return enc.norm(x)
 
     def forward_encoder(
@@ -281,32 +208,53 @@ class MAE(nn.Module):
         keep_bias: torch.Tensor | None,
         noise: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """imgs: [N, C, H, W] -> latent [N, 1+len_keep, D], mask [N, L] (1 = hidden), ids_restore [N, L]."""
+        """imgs: [N, C, H, W] -> latent [N, 1+K, D] (rows padded to the widest visible set), mask [N, L]
+        (1 = hidden), ids_restore [N, L]."""
         x, cls = self._embed_patches(imgs)
         x, mask, ids_restore = random_masking(x, mask_ratio, noise=noise, keep_bias=keep_bias)
-        return self._encode(x, cls), mask, ids_restore
+        attn_mask = attention_mask(visible_counts(mask), x.shape[1])
+        return self._encode(x, cls, attn_mask), mask, ids_restore
 
     def forward_decoder(
-        self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_hw: tuple[int, int]
+        self,
+        latent: torch.Tensor,
+        ids_restore: torch.Tensor,
+        grid_hw: tuple[int, int],
+        counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """latent: [N, 1+K, D] -> pred [N, L, p*p*C]."""
+        """latent: [N, 1+K, D] -> pred [N, L, p*p*C]; ``counts`` [N]: the visible slots of each row (None: K)."""
         x = self.decoder_embed(latent)  # [N, 1+K, Dd]
         n, length = ids_restore.shape
-        mask_tokens = self.mask_token.to(x.dtype).expand(n, length + 1 - x.shape[1], -1)
-        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [N, L, Dd], visible first
-        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # unshuffle
+        width = x.shape[1] - 1
+        mask_tokens = self.mask_token.to(x.dtype).expand(n, length, -1)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [N, K+L, Dd]: visible slots, then mask tokens
+        # the patch of shuffled rank r takes its visible slot r, or a mask token (padding slots: never)
+        index = ids_restore if counts is None else ids_restore + width * (ids_restore >= counts[:, None])
+        x_ = torch.gather(x_, dim=1, index=index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # unshuffle
         x_ = x_ + self.decoder_pos(grid_hw, x.device).to(x.dtype)
         x = torch.cat([x[:, :1], x_], dim=1)  # CLS back in front (it carries no position)
         x = self.decoder_norm(self.decoder_blocks(x))
         return self.decoder_pred(x)[:, 1:]
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-        """imgs: [N, C, H, W], pred: [N, L, p*p*C], scored: [N, L] -> mean patch MSE over the scored patches."""
+    def target(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs: [N, C, H, W] -> the regression target [N, L, p*p*C] (per-patch normalised when norm_pix)."""
         target = patchify(imgs, self.patch_size)
         if self.cfg.norm_pix_loss:
-            mean, std = _patch_stats(target)
+            mean, std = patch_stats(target)
             target = (target - mean) / std
-        return _masked_mse(pred, target, scored)
+        return target
+
+    def forward_loss(
+        self, imgs: torch.Tensor, pred: torch.Tensor, scored: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean patch MSE over the scored patches.
+
+        Args:
+            imgs: [N, C, H, W]. pred: [N, L, p*p*C]. scored: [N, L], 1 = scored.
+            weight: [N] per image (None: 1); 0 (``valid`` False: the schedule's padding repeats) leaves an
+                image out of the loss.
+        """
+        return masked_mean(patch_errors(pred, self.target(imgs)), scored, weight)
 
     def forward(
         self,
@@ -314,6 +262,7 @@ class MAE(nn.Module):
         mask_ratio: float | None = None,
         background: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> MAEOutput:
         """Mask, encode, decode, score.
 
@@ -323,6 +272,7 @@ class MAE(nn.Module):
             background: [N, L] bool pure-background patches; when None and ``cfg.border_aware``, found with
                 ``background_patches(imgs, p, cfg.border_threshold)``.
             noise: [N, L] masking noise (reproducible masks); uniform random when None.
+            valid: [N] bool, False for a padding repeat (left out of the loss); None: all valid.
         """
         ratio = self.cfg.mask_ratio if mask_ratio is None else mask_ratio
         if background is None and self.cfg.border_aware:
@@ -331,38 +281,61 @@ class MAE(nn.Module):
         if background is not None:
             keep_bias = torch.zeros(background.shape, device=imgs.device).masked_fill(background, math.inf)
         latent, hidden, ids_restore = self.forward_encoder(imgs, ratio, keep_bias, noise)
-        pred = self.forward_decoder(latent, ids_restore, self.grid(imgs))
+        counts = visible_counts(hidden)
+        pred = self.forward_decoder(latent, ids_restore, self.grid(imgs), counts)
         scored = hidden if background is None else hidden * (~background).to(hidden.dtype)
-        loss = self.forward_loss(imgs, pred, scored)
+        loss = self.forward_loss(imgs, pred, scored, valid)
         bg_frac = (
             background.float().mean() if background is not None else imgs.new_zeros((), dtype=torch.float)
         )
         stats = {
             "background_frac": bg_frac.detach(),
-            "encoder_tokens": torch.full((), float(latent.shape[1]), device=imgs.device),
+            "encoder_tokens": (counts.float() + 1).mean(),
+            "encoder_slots": torch.full((), float(latent.shape[1]), device=imgs.device),
             "scored_patches": scored.detach().float().sum(dim=1).mean(),
         }
-        return MAEOutput(loss=loss, pred=pred, mask=scored, stats=stats)
+        return MAEOutput(loss=loss, pred=pred, mask=scored, hidden=hidden, stats=stats)
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs: [N, C, H, W] -> encoder tokens [N, 1+L, D] of all patches (no masking), CLS first."""
         x, cls = self._embed_patches(imgs)
         return self._encode(x, cls)
 
+    def eval_sums(self, imgs: torch.Tensor, out: MAEOutput, valid: torch.Tensor) -> torch.Tensor:
+        """Float64 [len(EVAL_SUMS)] sums of one batch's valid images, to add over a split (``eval_means``).
+
+        ``loss``: the objective summed over scored patches; ``mse_masked``: pixel MSE over every hidden patch,
+        background included (the study's test MSE); ``mse_foreground``: over the scored (hidden, foreground)
+        patches. Both MSEs compare the prediction with the [0, 1] pixels; with norm_pix_loss the prediction
+        is normalised and un-normalising it would need the hidden patch's own statistics, so they are 0.
+        """
+        weight = valid.float()
+        per_patch = patch_errors(out.pred, self.target(imgs))
+        scored, hidden = out.mask.float() * weight[:, None], out.hidden.float() * weight[:, None]
+        sums = [(per_patch * scored).sum(), scored.sum()]
+        pixel = per_patch if not self.cfg.norm_pix_loss else torch.zeros_like(per_patch)
+        sums += [(pixel * hidden).sum(), hidden.sum(), (pixel * scored).sum(), weight.sum()]
+        return torch.stack([s.detach().double() for s in sums])
+
+    def eval_means(self, sums: torch.Tensor) -> dict[str, float | None]:
+        """The split's means from summed ``eval_sums``: loss, mse_masked, mse_foreground (None with
+        norm_pix_loss: no leak-free pixel MSE exists), images."""
+        total = dict(zip(EVAL_SUMS, sums.tolist(), strict=True))
+        pixel = not self.cfg.norm_pix_loss
+        return {
+            "loss": total["loss"] / max(total["scored"], 1.0),
+            "mse_masked": total["mse_masked"] / max(total["hidden"], 1.0) if pixel else None,
+            "mse_foreground": total["mse_foreground"] / max(total["scored"], 1.0) if pixel else None,
+            "images": int(total["images"]),
+        }
+
     def pred_pixels(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """pred: [N, L, p*p*C] -> predicted patches in pixel space (undoes norm_pix with the target's stats)."""
+        """pred: [N, L, p*p*C] -> predicted patches in pixel space, for display only: with norm_pix_loss it
+        un-normalises with the target patch's own statistics (as MAE's visualisation), never for a metric."""
         if not self.cfg.norm_pix_loss:
             return pred
-        mean, std = _patch_stats(patchify(imgs, self.patch_size))
+        mean, std = patch_stats(patchify(imgs, self.patch_size))
         return pred * std + mean
-
-    def pixel_mse(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """MSE in [0, 1] pixel space over the masked (scored) patches, never normalised: the study's test MSE.
-
-        Args:
-            imgs: [N, C, H, W] in [0, 1]. pred: [N, L, p*p*C] from ``forward``. mask: [N, L], 1 = scored.
-        """
-        return _masked_mse(self.pred_pixels(imgs, pred), patchify(imgs, self.patch_size), mask)
 
     def to_image(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Predicted pixels where ``mask`` is 1, the input elsewhere: [N, C, H, W] in pixel space."""
@@ -383,20 +356,8 @@ class MAE(nn.Module):
         return self.to_image(imgs, out.pred, out.mask)
 
 
-def _patch_stats(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch mean and std (unbiased variance + eps, as MAE's norm_pix_loss) of [N, L, P]."""
-    return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + _PIX_EPS) ** 0.5
-
-
-def _masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over patches with mask 1 of the per-patch MSE, reduced in float32 (0 when no patch is masked)."""
-    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)  # [N, L]
-    mask = mask.float()
-    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
-
-
 def _init_mae_weights(module: nn.Module) -> None:
-    """MAE's decoder init: xavier-uniform linears, zero biases, unit layer norms."""
+    """MAE's init: xavier-uniform linears, zero biases, unit layer norms."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 
 from train.loop import StepStats, accumulate_step
-from train.mae import MAE, background_patches
+from train.mae import EVAL_SUMS, MAE, background_patches
 from train.visualize import masked_images
 
 
@@ -101,7 +101,7 @@ def train_step(
         background = batch_background(mae, batch)
         length = imgs.shape[-2] * imgs.shape[-1] // mae.patch_size**2
         noise = step_noise(seed, step, micro, accelerator.process_index, (imgs.shape[0], length))
-        out = model(imgs, background=background, noise=noise.to(imgs.device))
+        out = model(imgs, background=background, noise=noise.to(imgs.device), valid=batch["valid"].bool())
         n = imgs.shape[0]
         stats.images += n
         stats.patches += n * length
@@ -123,8 +123,11 @@ class EvalResult:
 
     loss: float
     """The training objective (normalised pixels when norm_pix_loss)."""
-    pixel_mse: float
-    """MSE in [0, 1] pixel space: the study's test MSE."""
+    mse_masked: float | None
+    """MSE in [0, 1] pixel space over every hidden patch, background included: the study's test MSE (None
+    with norm_pix_loss)."""
+    mse_foreground: float | None
+    """MSE in [0, 1] pixel space over the scored (hidden, foreground) patches (None with norm_pix_loss)."""
     images: int
     """Distinct images evaluated (padded repeats excluded), all ranks."""
     samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -144,24 +147,19 @@ def evaluate(
     was_training = model.training
     model.eval()
     loader.set_epoch(0)
-    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, mse, patches, images
+    sums = torch.zeros(len(EVAL_SUMS), dtype=torch.float64, device=accelerator.device)
     samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for batch in loader:
         imgs, valid = batch["image"], batch["valid"].bool()
         length = imgs.shape[-2] * imgs.shape[-1] // mae.patch_size**2
         noise = key_noise(seed, batch["key"], length).to(imgs.device)
         out = model(imgs, background=batch_background(mae, batch), noise=noise)
+        sums += mae.eval_sums(imgs, out, valid)
         imgs, pred, mask = imgs[valid], out.pred[valid], out.mask[valid]
-        scored = mask.float().sum()
-        # per-batch means weighted by scored patches: the split's mean over all its scored patches
-        loss, mse = mae.forward_loss(imgs, pred, mask), mae.pixel_mse(imgs, pred, mask)
-        sums += torch.stack([loss * scored, mse * scored, scored, valid.sum().to(scored)]).double()
         if len(samples) < keep and len(imgs):
             samples.extend(_grid_samples(mae, imgs, pred, mask, keep - len(samples)))
     model.train(was_training)
-    loss_sum, mse_sum, patches, images = accelerator.reduce(sums, reduction="sum").tolist()
-    patches = max(patches, 1.0)
-    return EvalResult(loss_sum / patches, mse_sum / patches, int(images), samples)
+    return EvalResult(**mae.eval_means(accelerator.reduce(sums, reduction="sum")), samples=samples)
 
 
 def _grid_samples(

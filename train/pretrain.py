@@ -4,8 +4,10 @@
 
 Accelerate owns devices, processes (DDP, or FSDP from the accelerate config) and precision; every rank builds
 its own loader from its process index. Each epoch: train, validation loss on "val" (early stopping), a
-reconstruction grid in samples/, a checkpoint. At the end: test loss and the study's test MSE (masked
-patches, [0, 1] pixel space) on "test", in metrics.jsonl and summary.json.
+reconstruction grid in samples/, a checkpoint. At the end, on "test", in metrics.jsonl and summary.json: the
+test loss (the objective), the study's test MSE (``test_mse``: every masked patch, background included, [0, 1]
+pixel space) and the MSE of the masked foreground patches (``test_mse_foreground``); both MSEs are None with
+norm_pix_loss, whose prediction has no pixel values without the hidden patch's own statistics.
 
 The MAE task of ``train.trainer``, which owns the loop. Restarting the same command resumes exactly from
 ``checkpoints/latest`` (mid-epoch included).
@@ -59,26 +61,29 @@ class MAETask(TrainTask):
         result = evaluate(s.accelerator, s.model, s.val_loader, seed=self.cfg.run.seed, keep=keep)
         if s.main and result.samples:
             save_reconstruction_grid(s.run_dir / "samples" / f"epoch-{s.state.epoch:03d}.png", result.samples)
-        metrics = {"loss": result.loss, "pixel_mse": result.pixel_mse, "images": result.images}
+        metrics = {"loss": result.loss, "mse_masked": result.mse_masked, "mse_foreground": result.mse_foreground,
+                   "images": result.images}  # fmt: skip
         return Validation("loss", result.loss, lower_is_better=True, metrics=metrics)
 
     def test(self, s: Session, loader: ShardLoader, reason: str, weights: str) -> tuple[dict, dict]:
         result = evaluate(s.accelerator, s.model, loader, seed=self.cfg.run.seed)
         test = {
             "loss": result.loss,
-            "pixel_mse": result.pixel_mse,
+            "mse_masked": result.mse_masked,
+            "mse_foreground": result.mse_foreground,
             "images": result.images,
             "weights": weights,
         }
         summary = {
             "stopped": reason, "epochs_completed": s.state.epoch, "steps": s.state.step,
             "best_val_loss": s.early.best if s.early.best_epoch >= 0 else None, "best_epoch": s.early.best_epoch,
-            "test_loss": result.loss, "test_mse": result.pixel_mse, "test_images": result.images,
+            "test_loss": result.loss, "test_mse": result.mse_masked, "test_mse_foreground": result.mse_foreground,
+            "test_images": result.images,
             "tested_weights": weights, "global_batch": s.schedule.global_batch, "peak_lr": s.schedule.peak_lr,
             "num_processes": s.accelerator.num_processes,
         }  # fmt: skip
-        msg = "finished (%s) at step %d: test MSE %.6f (%s weights)"
-        logger.info(msg, reason, s.state.step, result.pixel_mse, weights)
+        msg = "finished (%s) at step %d: test loss %.6f, test MSE %s (%s weights)"
+        logger.info(msg, reason, s.state.step, result.loss, result.mse_masked, weights)
         return test, summary
 
 

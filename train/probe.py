@@ -5,14 +5,16 @@
 A head is ``BatchNorm1d(affine=False) + Linear`` (MAE's linear-probe recipe) trained with SGD + momentum on the
 frozen embeddings of one aggregation (``cls``, ``mean``, ``flattened``). The grid is every (aggregation, label
 fraction, seed, learning rate); ``train.probe_grid`` trains all of it in one pass over the cached embeddings,
-each head with its own BatchNorm statistics and its own early stopping on validation accuracy.
+each head with its own early stopping on validation accuracy; the BatchNorm evaluates with the exact statistics
+of the head's training subset.
 
 Per (aggregation, fraction, seed) the learning rate with the best validation accuracy is chosen (ties: the
 smaller rate); the chosen heads are scored on the test split: top-1, balanced accuracy, per-class recall and
 a confusion matrix. Outputs in RUN_DIR: ``probe_results.json`` (every head, the chosen ones, mean ± std over
 seeds; ``radstream report`` reads it), ``probe_results.csv`` (every head), ``confusion_<agg>_<percent>%.png``
-(chosen heads, summed over seeds), ``chosen_heads.pt`` (their weights with BatchNorm folded in) and
-``config.yaml``.
+(chosen heads, summed over seeds), ``chosen_heads.pt`` (their weights with BatchNorm folded in),
+``config.yaml`` and, unless ``knn_k=0``, ``knn_results.json`` (``train.knn``: DINO's weighted kNN over the same
+embeddings and training subsets).
 """
 
 from __future__ import annotations
@@ -189,6 +191,7 @@ def write_results(out: Path, scored: dict, data: ProbeData, cfg: ProbeConfig, st
         "kind": "probe",
         "embeddings": str(Path(cfg.embeddings).resolve()),
         "checkpoint": attrs.get("checkpoint"),
+        "aggregation_labels": attrs.get("aggregation_labels", {}),
         "class_names": data.class_names,
         "lrs": lr_grid(cfg),
         "steps": steps,
@@ -238,7 +241,23 @@ def run(cfg: ProbeConfig, progress: bool = True) -> dict:
             row["test_acc_std"],
             row["lrs"],
         )
+    if cfg.knn_k:
+        _run_knn(cfg, data, groups)
     return results
+
+
+def _run_knn(cfg: ProbeConfig, data: ProbeData, groups: Sequence[Group]) -> None:
+    """The kNN evaluation over the same embeddings and training subsets, to ``knn_results.json``."""
+    from train.embed_store import read_attrs
+    from train.knn import evaluate_knn, write_knn_results
+
+    subsets = {g.fraction: g.rows for g in groups}
+    records = evaluate_knn(data, cfg.aggregations, subsets, cfg.knn_k, cfg.knn_temperature)
+    labels = read_attrs(cfg.embeddings).get("aggregation_labels", {})
+    write_knn_results(cfg.out, records, cfg.embeddings, labels)
+    for rec in records:
+        logger.info("knn   %-9s fraction %-5g test top-1 %.4f (k %d)", rec["aggregation"], rec["fraction"],
+                    rec["test_acc"], rec["k"])  # fmt: skip
 
 
 FLAGS = (

@@ -46,8 +46,14 @@ class ProbeConfig:
     """L2 weight decay (MAE's linear probe uses none)."""
     bn_eps: float = 1e-6
     """BatchNorm epsilon (MAE's linear probe: 1e-6)."""
-    bn_momentum: float = 0.1
-    """BatchNorm running-statistics momentum (torch's default)."""
+    bn_momentum: float | None = None
+    """None: the BatchNorm evaluates with the exact mean and variance of the head's whole training subset
+    (frozen features: they are known before training). A number: torch's running average with this momentum
+    (0.1 is torch's default; far from the data after the few steps of a small label fraction)."""
+    knn_k: int = 20
+    """Neighbours of the kNN evaluation run beside the probes (``train.knn``, DINO's 20); 0: no kNN."""
+    knn_temperature: float = 0.07
+    """kNN votes weigh exp(cosine similarity / this) (DINO's 0.07)."""
     eval_batch_size: int = 4096
     """Rows scored at a time."""
     device: str = "auto"
@@ -67,6 +73,8 @@ class ProbeConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.momentum < 1 or self.weight_decay < 0:
             raise ValueError("momentum must be in [0, 1) and weight_decay >= 0")
+        if self.knn_k < 0 or self.knn_temperature <= 0:
+            raise ValueError("knn_k must be >= 0 and knn_temperature > 0")
 
 
 @dataclass

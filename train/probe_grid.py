@@ -8,7 +8,10 @@ learning rates. Each group counts its own epochs (its subset's size); when a gro
 scored on validation, each keeps its best weights and stops on its own (early stopping).
 
 Exactly what ``torch.nn.BatchNorm1d`` + ``nn.Linear`` + ``torch.optim.SGD`` would do head by head (the tests
-check it), only batched.
+check it), only batched. The BatchNorm's evaluation statistics are by default the exact mean and variance of
+the group's whole training subset (the features are frozen, so they never change): a running average with
+momentum 0.1 is far from them after the few steps of a small fraction (at 1% an epoch can be one step).
+``bn_momentum`` set to a number gives torch's running average instead.
 """
 
 from __future__ import annotations
@@ -137,11 +140,33 @@ class HeadGrid:
         mean = x.sum(dim=1).div_(n)
         centred = torch.sub(x, mean[:, None], out=self._scratch(1, x.shape, x))
         var = centred.square_().sum(dim=1).div_(n)
+        if mom is None:  # exact statistics, set once by ``set_exact_statistics``
+            return mean, var
         running_mean, running_var = self.running_mean[sel], self.running_var[sel]
         running_mean.mul_(1 - mom).add_(mean, alpha=mom)
         running_var.mul_(1 - mom).add_(var, alpha=mom * n / max(n - 1, 1))
         _write_back(sel, (self.running_mean, running_mean), (self.running_var, running_var))
         return mean, var
+
+    def set_exact_statistics(
+        self, features: torch.Tensor, groups: Sequence[Group], chunk: int = 4096
+    ) -> None:
+        """Each group's BatchNorm evaluation statistics: mean and unbiased variance of ``features [N, D]``
+        over its training rows (float64 sums, ``chunk`` rows at a time)."""
+        for s, group in enumerate(groups):
+            rows = torch.from_numpy(group.rows).to(features.device)
+            total = torch.zeros(features.shape[1], dtype=torch.float64, device=features.device)
+            squares = torch.zeros_like(total)
+            for lo in range(0, len(rows), chunk):
+                x = features[rows[lo : lo + chunk]].double()
+                total += x.sum(dim=0)
+                squares += x.square().sum(dim=0)
+            n = len(rows)
+            mean = total / n
+            self.running_mean[s] = mean.to(self.running_mean.dtype)
+            self.running_var[s] = (
+                ((squares - n * mean.square()) / max(n - 1, 1)).clamp_min(0).to(self.running_var.dtype)
+            )
 
     def train_step(
         self,
@@ -308,6 +333,9 @@ def train_grids(
     """
     device = data.labels["train"].device
     b = cfg.batch_size
+    if cfg.bn_momentum is None:
+        for agg, grid in grids.items():
+            grid.set_exact_statistics(data.features["train"][agg], groups)
     spe = [g.steps_per_epoch(b) for g in groups]
     epoch, pos, done = [0] * len(groups), [0] * len(groups), [False] * len(groups)
     plans = [epoch_batches(g, b, 0) for g in groups]

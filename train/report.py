@@ -42,6 +42,12 @@ MODELS = (
     ("probe_cls", "MAE probe (CLS)"),
 )
 """Table rows: (model id used in the result files, label)."""
+KNN_MODELS = (
+    ("knn_cls", "MAE kNN (CLS)"),
+    ("knn_mean", "MAE kNN (mean)"),
+    ("knn_flattened", "MAE kNN (flattened)"),
+)
+"""Rows of the kNN evaluation (``train.knn``), shown when a report holds its results."""
 REGIMES = (
     (1.0, "Table 1: full data"),
     (0.01, "Table 2: 1% of the labels"),
@@ -86,10 +92,22 @@ class RunRecord:
 
 
 def _probe_records(path: Path, data: dict) -> list[RunRecord]:
+    names = data.get("aggregation_labels", {})
     return [
         RunRecord(h["model"], round(float(h["fraction"]), 6), int(h["seed"]), float(h["lr"]), float(h["val_acc"]),
-                  float(h["test_acc"]), f"MAE probe, {h['aggregation']}", str(path))
+                  float(h["test_acc"]), f"MAE probe, {names.get(h['aggregation'], h['aggregation'])}", str(path))
         for h in data["heads"]
+    ]  # fmt: skip
+
+
+def _knn_records(path: Path, data: dict) -> list[RunRecord]:
+    """kNN results: no learning rate (0) and no seed (0): the same neighbours every time."""
+    names = data.get("aggregation_labels", {})
+    return [
+        RunRecord(r["model"], round(float(r["fraction"]), 6), 0, 0.0, float(r["val_acc"]), float(r["test_acc"]),
+                  f"kNN k={r['k']} T={r['temperature']:g}, {names.get(r['aggregation'], r['aggregation'])}",
+                  str(path))
+        for r in data["results"]
     ]  # fmt: skip
 
 
@@ -108,10 +126,12 @@ def collect(run_dirs: Iterable[str | Path]) -> list[RunRecord]:
         ValueError: an unreadable result file, or the same (model, fraction, lr, seed) found twice.
     """
     records: list[RunRecord] = []
-    for path in result_files(run_dirs, ("probe_results.json", "results.json")):
+    for path in result_files(run_dirs, ("probe_results.json", "results.json", "knn_results.json")):
         data = read_result(path)
         if data.get("kind") == "probe":
             records += _probe_records(path, data)
+        elif data.get("kind") == "knn":
+            records += _knn_records(path, data)
         elif data.get("kind") == "supervised":
             records.append(_supervised_record(path, data))
         else:
@@ -189,26 +209,37 @@ def _accuracy_tables(selections: Sequence[Selection]) -> list[str]:
     for fraction, title in _regimes(selections):
         lines += ["", f"## {title}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
         notes = []
-        for model, label in MODELS:
+        knn = [(m, label) for m, label in KNN_MODELS if any(s.model == m for s in selections)]
+        for model, label in [*MODELS, *knn]:
             sel, study = _find(selections, model, fraction), STUDY.get((model, fraction))
             study_text = f"{study:.4f}" if study is not None else "—"
             if sel is None:
                 lines.append(f"| {label} | — | {study_text} | — | 0 |")
                 continue
             ours = f"{sel.test_acc_mean:.4f} ± {sel.test_acc_std:.4f}"
-            lines.append(f"| {label} | {ours} | {study_text} | {fmt_lr(sel.lr)} | {len(sel.seeds)} |")
-            if not sel.arch.startswith("MAE probe") and sel.arch not in ("resnet50", "vit_base_patch16_224"):
+            lr = "—" if model.startswith("knn_") else fmt_lr(sel.lr)
+            lines.append(f"| {_row_label(label, sel)} | {ours} | {study_text} | {lr} | {len(sel.seeds)} |")
+            if not sel.arch.startswith(("MAE probe", "kNN")) and sel.arch not in (
+                "resnet50",
+                "vit_base_patch16_224",
+            ):
                 notes.append(f"{label}: {sel.arch}")
         if notes:
             lines += ["", "Architectures that differ from the study's: " + "; ".join(notes) + "."]
     return lines
 
 
+def _row_label(label: str, sel: Selection) -> str:
+    """The row's label naming what its flattened aggregation is, e.g. "MAE probe (flattened (14×14))"."""
+    named = sel.arch.split(", ")[-1]
+    return f"{label.split(' (')[0]} ({named})" if named.startswith("flattened (") else label
+
+
 def csv_text(selections: Sequence[Selection]) -> str:
     """results.csv: one row per (regime, model) with a result."""
     fields = ["fraction", "model", "label", "arch", "test_acc_mean", "test_acc_std", "val_acc_mean", "lr",
               "n_seeds", "seeds", "lrs_searched", "study_test_acc"]  # fmt: skip
-    labels = dict(MODELS)
+    labels = dict(MODELS + KNN_MODELS)
     rows = [
         [s.fraction, s.model, labels.get(s.model, s.model), s.arch, f"{s.test_acc_mean:.6f}",
          f"{s.test_acc_std:.6f}", f"{s.val_acc_mean:.6f}", s.lr, len(s.seeds), " ".join(map(str, s.seeds)),
@@ -228,7 +259,7 @@ def plot_fractions(selections: Sequence[Selection], path: str | Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     order = [m for m, _ in MODELS] + sorted({s.model for s in selections} - {m for m, _ in MODELS})
-    labels = dict(MODELS)
+    labels = dict(MODELS + KNN_MODELS)
     for i, model in enumerate(order):
         points = sorted((s for s in selections if s.model == model), key=lambda s: s.fraction)
         if not points:

@@ -19,7 +19,9 @@ from train.report_files import fmt_lr, read_result, refuse_twice, result_files, 
 logger = logging.getLogger(__name__)
 
 MAE_TITLE = "MAE pretraining"
-MAE_HEADER = ("Run", "Base LR", "Peak LR", "Best val loss", "Test MSE", "Epochs", "Stopped", "Chosen")
+MAE_HEADER = (
+    "Run", "Base LR", "Peak LR", "Best val loss", "Test MSE", "Epochs", "Stopped", "Test MSE (foreground)", "Chosen"
+)  # fmt: skip
 """Columns of the MAE pretraining table in results.md."""
 MAE_STUDY = {"test_mse": 0.002475, "epochs": 36}
 """The reference study's MAE: test MSE and the epoch early stopping ended it at (ARCHITECTURE.md §1)."""
@@ -38,13 +40,16 @@ class PretrainRecord:
     seed: int
     best_val_loss: float | None
     """Validation loss (the MAE objective) of the best epoch; None when no epoch ended."""
-    test_mse: float
-    """Pixel MSE of the masked patches on the test split: the study's figure."""
+    test_mse: float | None
+    """Pixel MSE over every masked patch (background included) on the test split: the study's figure; None
+    for a norm_pix_loss run (no leak-free pixel prediction)."""
     epochs: int
     """Epochs completed."""
     stopped: str
     """Why training ended: done | early_stop | max_steps."""
     source: str
+    test_mse_foreground: float | None = None
+    """Pixel MSE over the masked foreground patches only (border-aware masking scores these)."""
 
 
 def _pretrain_record(path: Path, data: dict) -> PretrainRecord | None:
@@ -60,9 +65,17 @@ def _pretrain_record(path: Path, data: dict) -> PretrainRecord | None:
     best = data["best_val_loss"]
     return PretrainRecord(
         path.parent.name, float(base_lr), float(data["peak_lr"]), int(OmegaConf.select(cfg, "run.seed") or 0),
-        None if best is None else float(best), float(data["test_mse"]), int(data["epochs_completed"]),
-        str(data.get("stopped", "")), str(path),
+        None if best is None else float(best), _float(data["test_mse"]), int(data["epochs_completed"]),
+        str(data.get("stopped", "")), str(path), _float(data.get("test_mse_foreground")),
     )  # fmt: skip
+
+
+def _float(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def _fmt_mse(value: float | None) -> str:
+    return "n/a (norm_pix)" if value is None else f"{value:.4g}"
 
 
 def collect_pretrain(run_dirs: Iterable[str | Path]) -> list[PretrainRecord]:
@@ -97,16 +110,19 @@ def pretrain_markdown(records: Sequence[PretrainRecord]) -> list[str]:
     chosen = choose_pretrain_lr(records)
     lines = [
         "", f"## {MAE_TITLE}", "",
-        "Validation loss: the MAE objective on the validation split, best epoch. Test MSE: masked patches, [0, 1]",
-        "pixels, on the test split. Base LR chosen on the lowest validation loss (mean over seeds), as the study: ✓.",
+        "Validation loss: the MAE objective on the validation split, best epoch. Test MSE: every masked patch,",
+        "background included, [0, 1] pixels, on the test split (the study's quantity); Test MSE (foreground): the",
+        "masked foreground patches only. No pixel MSE for norm_pix_loss runs (n/a): their predictions are",
+        "normalised patches. Base LR chosen on the lowest validation loss (mean over seeds), as the study: ✓.",
         "", "| " + " | ".join(MAE_HEADER) + " |", "|" + "---|" * len(MAE_HEADER),
     ]  # fmt: skip
     for r in sorted(records, key=lambda r: (r.base_lr, r.seed)):
         val = "—" if r.best_val_loss is None else f"{r.best_val_loss:.4g}"
-        cells = [r.run, fmt_lr(r.base_lr), fmt_lr(r.peak_lr), val, f"{r.test_mse:.4g}", r.epochs, r.stopped]
+        cells = [r.run, fmt_lr(r.base_lr), fmt_lr(r.peak_lr), val, _fmt_mse(r.test_mse), r.epochs, r.stopped,
+                 _fmt_mse(r.test_mse_foreground)]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + (" | ✓ |" if r.base_lr == chosen else " |  |"))
     study = MAE_STUDY
-    lines.append(f"| Study | — | — | — | {study['test_mse']:.4g} | {study['epochs']} | early_stop |  |")
+    lines.append(f"| Study | — | — | — | {study['test_mse']:.4g} | {study['epochs']} | early_stop | — |  |")
     return lines
 
 
@@ -114,10 +130,14 @@ def pretrain_csv(records: Sequence[PretrainRecord]) -> str:
     """pretrain.csv: one row per MAE run, by base LR; ``chosen`` is 1 on the rows of the chosen rate."""
     chosen = choose_pretrain_lr(records)
     fields = ["run", "base_lr", "peak_lr", "seed", "best_val_loss", "test_mse", "epochs", "stopped", "chosen",
-              "study_test_mse", "source"]  # fmt: skip
+              "study_test_mse", "source", "test_mse_foreground"]  # fmt: skip
     rows = [
-        [r.run, r.base_lr, r.peak_lr, r.seed, "" if r.best_val_loss is None else r.best_val_loss, r.test_mse,
-         r.epochs, r.stopped, int(r.base_lr == chosen), MAE_STUDY["test_mse"], r.source]
+        [r.run, r.base_lr, r.peak_lr, r.seed, _blank(r.best_val_loss), _blank(r.test_mse), r.epochs, r.stopped,
+         int(r.base_lr == chosen), MAE_STUDY["test_mse"], r.source, _blank(r.test_mse_foreground)]
         for r in sorted(records, key=lambda r: (r.base_lr, r.seed))
     ]  # fmt: skip
     return to_csv(fields, rows)
+
+
+def _blank(value: float | None) -> float | str:
+    return "" if value is None else value

@@ -34,7 +34,17 @@ def test_tiny_demo_end_to_end(tmp_path: Path, capsys) -> None:
         cells = [c.strip() for c in line.strip("|").split("|")]
         if line.startswith("| ") and cells[0] not in ("Model", "---"):
             rows.setdefault(cells[0], []).append(float(cells[1].split("±")[0]))
-    assert set(rows) == {"ResNet50", "ViT", "MAE probe (flattened)", "MAE probe (mean)", "MAE probe (CLS)"}
+    # the flattened rows name their token grid, e.g. "MAE probe (flattened (resampled to 4×4))"
+    flat = {name for name in rows if name.startswith(("MAE probe (flattened (", "MAE kNN (flattened ("))}
+    assert len(flat) == 2 and all(name.endswith("))") for name in flat)
+    assert set(rows) - flat == {
+        "ResNet50",
+        "ViT",
+        "MAE probe (mean)",
+        "MAE probe (CLS)",
+        "MAE kNN (CLS)",
+        "MAE kNN (mean)",
+    }
     assert all(0.0 <= acc <= 1.0 for accs in rows.values() for acc in accs)
     assert (out / "results" / "results.csv").read_text().count("\n") >= 10
 

@@ -198,6 +198,6 @@ def test_probe_array_over_a_reduced_grid(slurm_cluster, tmp_path, tiny_shards):
         assert len(heads) == 3  # the debug recipe's 3 learning rates, 1 seed
     rows = report_rows(out / "report")
     assert sorted((r["model"], float(r["fraction"])) for r in rows) == sorted(
-        (f"probe_{agg}", float(fraction)) for agg, fraction in cells
-    )
-    assert {r["lrs_searched"] for r in rows} == {"3"}
+        (f"{kind}_{agg}", float(fraction)) for agg, fraction in cells for kind in ("probe", "knn")
+    )  # every cell also writes its kNN evaluation (train.knn)
+    assert {r["lrs_searched"] for r in rows if r["model"].startswith("probe_")} == {"3"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from train.embed import (
     EmbedConfig,
     aggregate_tokens,
     embed_batches,
+    flattened_grid,
     load_encoder,
     parse_grid,
     run,
@@ -98,6 +100,31 @@ def test_aggregations_pool_the_grid_and_keep_cls_first() -> None:
     assert parse_grid("4x4") == (4, 4) and parse_grid("none") is None
     with pytest.raises(ValueError):
         parse_grid("4by4")
+
+
+def test_flattened_is_the_native_concatenation_or_a_resampled_grid() -> None:
+    tokens = torch.randn(2, 1 + 4 * 6, 3)  # CLS + a 4x6 grid
+    native = aggregate_tokens(tokens, (4, 6), (4, 6))["flattened"]
+    assert torch.equal(native, tokens[:, 1:].reshape(2, -1))  # the native grid: a plain concatenation
+    # resampled, every position keeps its place: a token coding its (row, column) stays ordered
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(6.0), indexing="ij")
+    coded = torch.cat([torch.zeros(1, 1, 2), torch.stack([rows, cols], -1).reshape(1, 24, 2)], dim=1)
+    half = aggregate_tokens(coded, (4, 6), (2, 3))["flattened"].reshape(2, 3, 2)
+    assert (half[1, :, 0] > half[0, :, 0]).all() and (half[:, 1:, 1] > half[:, :-1, 1]).all()
+    flat = aggregate_tokens(torch.ones(1, 25, 2), (4, 6), (2, 3))["flattened"]
+    assert torch.allclose(flat, torch.ones_like(flat))  # a constant grid stays constant
+
+    def bins(*shapes):
+        return [{"height": h, "width": w, "counts": {"train": n, "val": 1, "test": 1}} for h, w, n in shapes]
+
+    one = bins((224, 224, 50))
+    assert flattened_grid("auto", one, 16) == ((14, 14), "flattened (14×14)")
+    assert flattened_grid("none", one, 16) == ((14, 14), "flattened (14×14)")
+    several = bins((224, 224, 5), (256, 192, 40), (192, 256, 10))
+    assert flattened_grid("auto", several, 16) == ((16, 12), "flattened (resampled to 16×12)")
+    assert flattened_grid("4x4", one, 16) == ((4, 4), "flattened (resampled to 4×4)")
+    with pytest.raises(ValueError, match="one bin shape"):
+        flattened_grid("none", several, 16)
 
 
 @pytest.mark.parametrize("world", [1, 3])
@@ -203,7 +230,9 @@ def embed_config(tiny_shards: Path, checkpoint: Path, out: Path) -> EmbedConfig:
 
 
 def test_embed_run_matches_the_samples_table_and_the_encoder(tmp_path, tiny_shards, mae_checkpoint) -> None:
-    cfg = embed_config(tiny_shards, mae_checkpoint, tmp_path / "emb.zarr")
+    cfg = dataclasses.replace(
+        embed_config(tiny_shards, mae_checkpoint, tmp_path / "emb.zarr"), pool_grid="4x4"
+    )
     run(cfg)
     attrs = embed_store.read_attrs(cfg.out)
     assert attrs["checkpoint"].endswith("step-3") and attrs["checkpoint_config"]["model"]["embed_dim"] == 32

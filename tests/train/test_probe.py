@@ -57,7 +57,11 @@ def small_cfg(**kw) -> ProbeConfig:
 
 def reference_head(x, y, x_val, y_val, group, init_w, lr, cfg) -> dict:
     """One head with torch's own modules: BatchNorm1d(affine=False) + Linear, SGD, the grid's batch order."""
-    bn = nn.BatchNorm1d(x.shape[1], affine=False, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
+    exact = cfg.bn_momentum is None  # the subset's own statistics, never updated (momentum 0)
+    bn = nn.BatchNorm1d(x.shape[1], affine=False, eps=cfg.bn_eps, momentum=0.0 if exact else cfg.bn_momentum)
+    if exact:
+        bn.running_mean.copy_(x[group.rows].mean(dim=0))
+        bn.running_var.copy_(x[group.rows].var(dim=0))
     linear = nn.Linear(x.shape[1], CLASSES)
     with torch.no_grad():
         linear.weight.copy_(init_w)
@@ -103,11 +107,14 @@ def reference_head(x, y, x_val, y_val, group, init_w, lr, cfg) -> dict:
     }
 
 
+@pytest.mark.parametrize("bn_momentum", [0.1, None])
 @pytest.mark.parametrize("patience", [0, 1])
-def test_grid_in_one_pass_matches_heads_trained_one_by_one(patience: int) -> None:
+def test_grid_in_one_pass_matches_heads_trained_one_by_one(patience: int, bn_momentum: float | None) -> None:
     torch.manual_seed(0)
     data = synthetic_data(signal=0.7)  # a weak signal: accuracies still move between epochs
-    cfg = small_cfg(weight_decay=1e-3, patience=patience, max_epochs=4 if patience == 0 else 8)
+    cfg = small_cfg(
+        weight_decay=1e-3, patience=patience, max_epochs=4 if patience == 0 else 8, bn_momentum=bn_momentum
+    )
     groups = make_groups(data, cfg)
     grids = build_grids(data, groups, cfg)
     inits = {agg: grid.weight.clone() for agg, grid in grids.items()}
@@ -247,3 +254,21 @@ def test_planted_signal_is_learned_far_above_chance_and_results_are_written(tmp_
     assert acc == pytest.approx(
         chosen["test_acc"], abs=1e-6
     )  # the saved head (BatchNorm folded) is the scored one
+
+
+def test_batchnorm_statistics_are_exact_at_one_percent() -> None:
+    """At 1% of 3200 rows (32 rows, one batch) an epoch is one step: the heads must still evaluate with the
+    subset's own mean and variance, not a running average a few steps from its start."""
+    data = synthetic_data(n_train=3200, dims={"mean": 6})
+    data.features["train"]["mean"] += 5.0  # far from BatchNorm's initial statistics (0, 1)
+    fractions = np.zeros((3200, 2), dtype=bool)
+    fractions[:32, 0] = fractions[:, 1] = True
+    data = ProbeData(data.features, data.labels, fractions, [0.01, 1.0], data.class_names)
+    cfg = small_cfg(aggregations=["mean"], label_fractions=[0.01], seeds=[0], max_epochs=3, batch_size=256)
+    groups = make_groups(data, cfg)
+    assert groups[0].steps_per_epoch(cfg.batch_size) == 1
+    grids = build_grids(data, groups, cfg)
+    train_grids(grids, data, groups, cfg, progress=False)
+    subset = data.features["train"]["mean"][:32]
+    torch.testing.assert_close(grids["mean"].running_mean[0], subset.mean(dim=0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(grids["mean"].running_var[0], subset.var(dim=0), atol=1e-5, rtol=1e-5)
