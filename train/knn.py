@@ -13,16 +13,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from core.atomic import write_text
-
-if TYPE_CHECKING:  # train.probe calls this module; its types are only needed for annotations here
-    from train.probe import ProbeData
+from train.probe_config import ProbeData
 
 RESULTS_FILE = "knn_results.json"
 
