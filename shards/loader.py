@@ -36,6 +36,7 @@ def build_loader(
     num_processes: int = 1,
     device: str | torch.device = "cpu",
     train: bool = True,
+    run_seed: int = 0,
 ) -> ShardLoader:
     """The loader of one rank for one split of a shard dataset.
 
@@ -47,6 +48,7 @@ def build_loader(
         num_processes: the world size (``accelerator.num_processes``).
         device: where batches go (``accelerator.device``); a CUDA device makes DALI decode on that GPU.
         train: augment and, with ``cfg.strict``, drop incomplete batches; False: stored pixels, every sample.
+        run_seed: the training run's seed, used when ``cfg.seed`` is None (0 outside a run).
 
     Raises:
         ValueError: no samples, or ``backend="dali"`` without ``nvidia.dali``.
@@ -58,7 +60,7 @@ def build_loader(
         raise ValueError(
             "loader.backend=dali but nvidia.dali does not import; install nvidia-dali or use torch"
         )
-    cfg = cfg.for_run(0)  # no run seed given (``LoaderConfig.for_run`` resolves it for training runs)
+    cfg = cfg.for_run(run_seed)
     fraction = cfg.label_fraction if split == "train" else None
     root, store = resolve_dataset(root, cfg.remote)
     data = load_split(root, split, fraction)

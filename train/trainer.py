@@ -187,7 +187,7 @@ def run(task: TrainTask) -> int:
 
 def _loader(cfg, accelerator: Accelerator, split: str) -> ShardLoader:
     return build_loader(
-        cfg.loader.for_run(cfg.run.seed), cfg.shards, split, process_index=accelerator.process_index,
+        cfg.loader, cfg.shards, split, run_seed=cfg.run.seed, process_index=accelerator.process_index,
         num_processes=accelerator.num_processes, device=accelerator.device, train=split == "train",
     )  # fmt: skip
 

@@ -239,7 +239,9 @@ def test_loader_seed_follows_run_seed_unless_set(tmp_path, monkeypatch, recipe):
     from train.supervised import SupervisedConfig
 
     seen = []
-    monkeypatch.setattr(trainer, "build_loader", lambda cfg, *a, **k: seen.append(cfg.seed))
+    monkeypatch.setattr(
+        trainer, "build_loader", lambda cfg, *a, run_seed, **k: seen.append(cfg.for_run(run_seed).seed)
+    )
     acc = types.SimpleNamespace(process_index=0, num_processes=1, device="cpu")
     config_cls = PretrainConfig if recipe.startswith("pretrain") else SupervisedConfig
     for overrides in (["run.seed=3"], ["run.seed=3", "loader.seed=5"]):
