@@ -217,7 +217,6 @@ def test_gpu_bf16_compiled_run(tiny_shards, tmp_path):
     assert 0 < json.loads((run_dir / "summary.json").read_text())["test_mse"] < 1
 
 
-<<<<<<< HEAD
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_two_bf16_steps_fed_by_the_gpu_loader(tiny_shards, tmp_path):
@@ -229,7 +228,8 @@ def test_gpu_two_bf16_steps_fed_by_the_gpu_loader(tiny_shards, tmp_path):
     assert len(train) == 2 and all(math.isfinite(row["loss"]) for row in train)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped"] == "max_steps" and summary["steps"] == 2
-=======
+
+
 @pytest.mark.parametrize("recipe", ["pretrain/debug.yaml", "supervised/debug_vit.yaml"])
 def test_loader_seed_follows_run_seed_unless_set(tmp_path, monkeypatch, recipe):
     """Seeds vary the data order and augmentation, not only the initialisation."""
@@ -250,4 +250,3 @@ def test_loader_seed_follows_run_seed_unless_set(tmp_path, monkeypatch, recipe):
         )
         trainer._loader(cfg, acc, "train")
     assert seen == [3, 5]
->>>>>>> 458b1c2 (Issue 11 §1–3: per-image border-aware masking (padded rows + key-padding mask), padding repeats out of the MAE loss, study's test MSE (all masked patches) + foreground MSE (none with norm_pix), reference init of the whole MAE, exact probe BatchNorm statistics, loader.seed follows run.seed, flattened = all patch tokens (native or resampled to the most common grid), kNN evaluation + report rows, masking benchmark)
