@@ -12,6 +12,7 @@ from bucketing.bins import (
     plan_smart,
     plan_strict,
 )
+from bucketing.elastic import remaining_padding_masks, remaining_schedule
 from bucketing.geometry import FIT_MODES, Bin, FitGeometry, as_sizes, fit_geometry, fit_sizes, parse_bins
 from bucketing.report import BinReport, BinStats, plan_report
 from bucketing.schedule import (
@@ -51,6 +52,8 @@ __all__ = [
     "plan_report",
     "plan_smart",
     "plan_strict",
+    "remaining_padding_masks",
+    "remaining_schedule",
     "schedule_stats",
     "steps_per_epoch",
     "token_budget_batch_sizes",
