@@ -30,6 +30,12 @@ given it yields exactly the remaining batches of that epoch (identical augmentat
 decoding the skipped ones. After a full pass the loader moves on to the next epoch by itself;
 ``set_epoch(e)`` with another epoch starts that epoch from its first step, with the current one it is a
 no-op (so a resumed loop can call it unconditionally).
+
+Elastic resume: a state saved at another world size (same seed, shuffle block and batch sizes) is not
+refused: the samples of that epoch not yet trained are dealt to the new ranks
+(``bucketing.elastic.remaining_schedule``; ``consumed`` in the state lists the stretches of the epoch trained
+so far, as (world size, batches)), so ``batches_left`` may differ from ``len(loader) - step``; the next
+epochs are the plain schedule of the new world size.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import numpy as np
 import torch
 
 from bucketing.dataplan import crop_params, padding_masks, transform_boxes
+from bucketing.elastic import remaining_padding_masks, remaining_schedule
 from bucketing.schedule import epoch_schedule, schedule_stats, steps_per_epoch, token_budget_batch_sizes
 from shards.codecs import bit_depth
 from shards.loader_config import LoaderConfig
@@ -159,7 +166,9 @@ class ShardLoader:
         self._max_value = float(2 ** bit_depth(data.codec) - 1)
         self.epoch = 0
         self.step = 0
-        self._plans: tuple[int, list[StepPlan]] | None = None
+        self.consumed: list[tuple[int, int]] = []
+        """Stretches of ``epoch`` trained before this one at other world sizes: (world size, batches)."""
+        self._plans: tuple[tuple, list[StepPlan]] | None = None
 
     def _batch_sizes(self) -> dict[str, int]:
         cfg = self.cfg
@@ -182,13 +191,19 @@ class ShardLoader:
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if epoch != self.epoch:
-            self.epoch, self.step = epoch, 0
+            self.epoch, self.step, self.consumed = epoch, 0, []
+
+    @property
+    def batches_left(self) -> int:
+        """Batches this rank still yields in the current epoch (equal on every rank)."""
+        return len(self.epoch_plans(self.epoch)) - self.step
 
     def state_dict(self) -> dict:
         """(epoch, step): the position to resume from, plus what must match on restore."""
         return {
             "epoch": self.epoch,
             "step": self.step,
+            "consumed": [list(c) for c in self.consumed],
             "num_processes": self.world_size,
             "seed": self.cfg.seed,
             "steps_per_epoch": len(self),
@@ -198,55 +213,77 @@ class ShardLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue at ``state``'s position; the next iteration yields the rest of that epoch.
 
+        A state of another world size resumes elastically (the module docstring); its ``steps_per_epoch``
+        is checked against this loader's schedule at that world size.
+
         Raises:
-            ValueError: the state was saved with another world size, seed, shuffle block or number of steps
-                per epoch.
+            ValueError: the state was saved with another seed, shuffle block or batch sizes, or its step lies
+                outside its epoch.
         """
         mine = self.state_dict()
         if (
             "num_processes" in state
         ):  # a whole state_dict; saved before shuffle blocks existed: uniform shuffle
-            state = {"shuffle_block": 0, **state}
-        for name in ("num_processes", "seed", "steps_per_epoch", "shuffle_block"):
+            state = {"shuffle_block": 0, "consumed": [], **state}
+        world = state.get("num_processes", self.world_size)
+        if world != self.world_size:
+            mine["steps_per_epoch"] = steps_per_epoch(self.data.counts, self.batch_sizes, world,
+                                                      self.drop_incomplete)  # fmt: skip
+        for name in ("seed", "steps_per_epoch", "shuffle_block"):
             if name in state and state[name] != mine[name]:
                 raise ValueError(
                     f"loader state has {name}={state[name]}, this loader {mine[name]}: "
-                    "resuming mid-epoch needs the same world size, seed, shuffle block and batch sizes"
+                    "resuming mid-epoch needs the same seed, shuffle block and batch sizes"
                 )
-        if not 0 <= state["step"] <= len(self):
-            raise ValueError(f"loader state step {state['step']} is outside 0..{len(self)}")
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        consumed = [(int(w), int(n)) for w, n in state.get("consumed", [])]
+        step = int(state["step"])
+        if world != self.world_size and step:
+            consumed, step = [*consumed, (world, step)], 0
+        self.epoch, self.step, self.consumed = int(state["epoch"]), 0, consumed
+        if not 0 <= step <= self.batches_left:  # checks every stretch of consumed too
+            raise ValueError(f"loader state step {step} is outside 0..{self.batches_left}")
+        self.step = step
+        if world != self.world_size:
+            log.info("elastic resume: epoch %d trained as %s (world size, batches), %d batches left at world size %d",
+                     self.epoch, consumed, self.batches_left, self.world_size)  # fmt: skip
 
     def epoch_plans(self, epoch: int) -> list[StepPlan]:
-        """The batches of ``epoch`` on this rank: bins, rows, padding masks and augmentation parameters."""
-        if self._plans is not None and self._plans[0] == epoch:
+        """The batches of ``epoch`` on this rank: bins, rows, padding masks and augmentation parameters (the
+        rest of the epoch after ``consumed`` when resumed elastically)."""
+        key = (epoch, tuple(self.consumed) if epoch == self.epoch else ())
+        if self._plans is not None and self._plans[0] == key:
             return self._plans[1]
         args = {
             "seed": self.cfg.seed,
             "epoch": epoch,
             "world_size": self.world_size,
             "drop_incomplete": self.drop_incomplete,
-            "shuffle_block": self.cfg.shuffle_block,
         }
-        counts = self.data.shard_counts
-        steps = epoch_schedule(counts, self.batch_sizes, rank=self.rank, **args)
-        if self.padded_samples:
-            masks = padding_masks(counts, self.batch_sizes, rank=self.rank, **args)
+        counts, block = self.data.shard_counts, self.cfg.shuffle_block
+        if epoch == self.epoch and self.consumed:
+            args["consumed"] = self.consumed
+            steps = remaining_schedule(counts, self.batch_sizes, rank=self.rank, shuffle_block=block, **args)
+            masks = remaining_padding_masks(counts, self.batch_sizes, rank=self.rank, **args)
         else:
-            masks = [np.ones(len(s.indices), dtype=bool) for s in steps]
+            steps = epoch_schedule(counts, self.batch_sizes, rank=self.rank, shuffle_block=block, **args)
+            if self.padded_samples:
+                masks = padding_masks(counts, self.batch_sizes, rank=self.rank, shuffle_block=block, **args)
+            else:
+                masks = [np.ones(len(s.indices), dtype=bool) for s in steps]
         plans = [
             self._plan(i, s.bin, np.asarray(s.indices, dtype=np.int64), m, epoch)
             for i, (s, m) in enumerate(zip(steps, masks, strict=True))
         ]
-        self._plans = (epoch, plans)
+        self._plans = (key, plans)
         return plans
 
     def _plan(self, step: int, name: str, rows: np.ndarray, valid: np.ndarray, epoch: int) -> StepPlan:
         if not self.augment:
             return StepPlan(step, name, rows, valid, None, None)
         aug, b = self.cfg.augment, self.data.bins[name]
+        stretch = [len(self.consumed)] if epoch == self.epoch and self.consumed else []  # fresh draws
         rng = np.random.default_rng(
-            np.random.SeedSequence([self.cfg.seed, epoch, self.rank, step, _AUGMENT_STREAM])
+            np.random.SeedSequence([self.cfg.seed, epoch, self.rank, step, _AUGMENT_STREAM, *stretch])
         )
         crops = crop_params(rng, len(rows), b.height, b.width, aug.scale, aug.ratio)
         flips = rng.random(len(rows)) < aug.flip_prob
@@ -269,7 +306,7 @@ class ShardLoader:
                 yield self._batch(plan, image)
         finally:
             images.close()
-        self.epoch, self.step = self.epoch + 1, 0
+        self.epoch, self.step, self.consumed = self.epoch + 1, 0, []
 
     def _batch(self, plan: StepPlan, image: torch.Tensor) -> dict:
         b = self.data.bins[plan.bin]

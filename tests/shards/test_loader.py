@@ -147,10 +147,72 @@ def test_mid_epoch_resume_yields_exactly_the_rest(tiny_shards: Path, backend: st
     assert restored.epoch == 4 and restored.step == 0
 
 
-def test_resume_checks_the_world_size(tiny_shards: Path) -> None:
+def valid_keys(batches) -> list[str]:
+    return [k for b in batches for k, ok in zip(b["key"], b["valid"].tolist(), strict=True) if ok]
+
+
+def run_ranks(root: Path, world: int, *, state=None, stop=None, **cfg) -> tuple[list[str], dict, list]:
+    """Simulated ranks of one world size: every rank's first ``stop`` batches (all: None) of the current
+    epoch after ``state``; returns (the valid keys of all ranks, rank 0's state, the loaders)."""
+    keys, loaders = [], []
+    for rank in range(world):
+        loader = make(root, rank=rank, world=world, **cfg)
+        if state is not None:
+            loader.load_state_dict(state)
+        it = iter(loader)
+        n = loader.batches_left if stop is None else stop
+        keys += valid_keys([next(it) for _ in range(n)])
+        if stop is None:
+            assert next(it, None) is None
+        it.close()
+        loaders.append(loader)
+    return keys, loaders[0].state_dict(), loaders
+
+
+@pytest.mark.parametrize(("old", "new"), [(2, 1), (1, 2), (2, 3), (3, 2)])
+@pytest.mark.parametrize("strict", [False, True])
+def test_elastic_resume_trains_the_rest_of_the_epoch_once(
+    tiny_shards: Path, old: int, new: int, strict
+) -> None:
+    """A loader state saved mid-epoch at ``old`` ranks resumes at ``new``: the epoch's samples, exactly."""
+    cfg = {"strict": strict, "shuffle_block": 1, "seed": 3}
+    first = make(tiny_shards, world=old, **cfg)
+    first.set_epoch(2)
+    stop = len(first) // 2
+    head, state, _ = run_ranks(tiny_shards, old, state=first.state_dict(), stop=stop, **cfg)
+    assert state["step"] == stop and state["num_processes"] == old
+    rest, after, loaders = run_ranks(tiny_shards, new, state=state, **cfg)
+    assert len({len(lo.epoch_plans(2)) for lo in loaders}) == 1  # equal steps on every rank
+    everything = set(samples(tiny_shards))
+    assert len(head) + len(rest) == len(set(head) | set(rest))  # nothing twice
+    if strict:  # fewer than one global batch per bin left out, at either size
+        assert set(head) | set(rest) <= everything
+        assert len(everything) - len(set(head) | set(rest)) < len(first.data.bins) * 4 * max(old, new)
+    else:
+        assert set(head) | set(rest) == everything
+    assert after["epoch"] == 3 and after["consumed"] == []  # the next epoch: the plain schedule of new
+    plain = make(tiny_shards, world=new, **cfg)
+    assert keys_of(epoch_batches(loaders[0], 3)) == keys_of(epoch_batches(plain, 3))
+
+
+def test_elastic_resume_of_an_elastic_resume(tiny_shards: Path) -> None:
+    """2 ranks, stopped; 3 ranks, stopped again; 1 rank finishes: every sample of the epoch once."""
+    first = make(tiny_shards, world=2)
+    head, state, _ = run_ranks(tiny_shards, 2, state=first.state_dict(), stop=len(first) // 3)
+    middle, state, _ = run_ranks(tiny_shards, 3, state=state, stop=2)
+    assert state["consumed"] == [[2, len(first) // 3]] and state["step"] == 2
+    rest, _, _ = run_ranks(tiny_shards, 1, state=state)
+    seen = head + middle + rest
+    assert len(seen) == len(set(seen)) and set(seen) == set(samples(tiny_shards))
+
+
+def test_elastic_resume_checks_the_batch_sizes(tiny_shards: Path) -> None:
     state = make(tiny_shards, rank=0, world=2).state_dict()
-    with pytest.raises(ValueError, match="num_processes"):
-        make(tiny_shards).load_state_dict(state)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        make(tiny_shards, batch_size=3).load_state_dict(state)
+    make(tiny_shards).load_state_dict(state)  # another world size alone is the elastic path
+    with pytest.raises(ValueError, match="steps at world size 2, not 10000"):
+        make(tiny_shards).load_state_dict({**state, "step": 10_000})
 
 
 def test_resume_checks_the_shuffle_block(tiny_shards: Path) -> None:
