@@ -82,6 +82,11 @@ class Schedule:
     constant: bool = False
     """Flat at ``peak_lr`` after the warmup instead of the cosine."""
 
+    def lr_step(self, images: int) -> int:
+        """The step of this schedule at which ``images`` images have been trained (``LoopState.images``):
+        equal to the optimizer steps done while the global batch never changed."""
+        return images // self.global_batch
+
     def lr(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based)."""
         if self.constant and step >= self.warmup_steps:
@@ -331,6 +336,9 @@ class LoopState:
     """Optimizer steps done in all."""
     epoch_step: int = 0
     """Optimizer steps done in ``epoch``."""
+    images: int = 0
+    """Images trained in all, each step counted as its schedule's global batch: the LR schedule's position
+    (``Schedule.lr_step``), which stays right when a resume at another world size changes the global batch."""
 
 
 def training_over(run: RunConfig, state: LoopState, early: EarlyStopping) -> str | None:

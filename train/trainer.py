@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -228,13 +229,37 @@ def _resume(s: Session) -> None:
         return
     saved = load_checkpoint(s.accelerator, path)
     s.state = LoopState(**saved["loop"])
+    if "images" not in saved["loop"]:  # saved before LoopState.images: every step had the saved global batch
+        s.state.images = s.state.step * saved["schedule"]["global_batch"]
     s.early.load_state_dict(saved["early_stopping"])
-    if s.state.epoch_step:  # mid-epoch: the loader must skip what was trained (same world size and batches)
+    if s.state.epoch_step:  # mid-epoch: the loader skips what was trained (elastic at another world size)
         s.train_loader.load_state_dict(saved["loader"])
+    world, saved_world = (
+        s.accelerator.num_processes,
+        saved["loader"].get("num_processes", s.accelerator.num_processes),
+    )
+    if world != saved_world:
+        _reseed_elastic(s.cfg.run.seed, s.state.step, s.accelerator.process_index)
+        logger.info(
+            "elastic resume: %d -> %d processes; global batch %d -> %d, %d images trained = step %d of the "
+            "new LR schedule", saved_world, world, saved["schedule"]["global_batch"], s.schedule.global_batch,
+            s.state.images, s.schedule.lr_step(s.state.images),
+        )  # fmt: skip
     s.last_saved = s.state.step
     if (path / "config.yaml").read_text() != s.config_yaml:
         logger.warning("resuming with a config that differs from the checkpoint's (%s/config.yaml)", path)
     logger.info("resumed from %s: epoch %d, step %d", path, s.state.epoch, s.state.step)
+
+
+def _reseed_elastic(seed: int, step: int, rank: int) -> None:
+    """After a resume at another world size, seed every rank's RNGs from (seed, step, rank).
+
+    Accelerate restores rank r's python/numpy/torch RNG states from ``random_states_r.pkl`` and silently keeps
+    the current ones where the file is missing (ranks the old run did not have); rather than a mix of
+    restored and fresh states, every rank starts from a new state that differs across ranks and is the same
+    on a rerun. (The MAE's masks do not depend on it: they are a function of (seed, step, rank).)
+    """
+    set_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
 
 
 def _already_done(s: Session) -> bool:
@@ -261,7 +286,9 @@ def _train_epoch(s: Session) -> str | None:
     cfg, st = s.cfg, s.state
     s.train_loader.set_epoch(st.epoch)  # a no-op for a loader restored mid-epoch
     s.model.train()
-    meter, accum, steps = Meter(), cfg.optim.grad_accum_steps, s.schedule.steps_per_epoch
+    meter, accum = Meter(), cfg.optim.grad_accum_steps
+    # the epoch's last step: the schedule's steps_per_epoch, unless an elastic resume re-dealt its rest
+    steps = st.epoch_step + s.train_loader.batches_left // accum
     bar = tqdm(total=steps, initial=st.epoch_step, desc=f"epoch {st.epoch}", disable=not s.main)
     batches = iter(s.train_loader)
     try:
@@ -269,10 +296,11 @@ def _train_epoch(s: Session) -> str | None:
             start = time.perf_counter()
             micro = [next(batches) for _ in range(accum)]
             waited = time.perf_counter() - start
-            set_lr(s.optimizer, lr := s.schedule.lr(st.step))
+            set_lr(s.optimizer, lr := s.schedule.lr(s.schedule.lr_step(st.images)))
             stats = s.task.step(s, micro)
             stop = agree_after_step(s.accelerator, s.stop.requested, stats=stats, step=st.step)
             st.step, st.epoch_step = st.step + 1, st.epoch_step + 1
+            st.images += s.schedule.global_batch
             meter.add(stats, waited, time.perf_counter() - start)
             bar.update()
             if st.step % cfg.run.log_every == 0:

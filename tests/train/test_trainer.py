@@ -87,6 +87,10 @@ class FakeLoader:
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
 
+    @property
+    def batches_left(self) -> int:
+        return self.batches - self.position
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
