@@ -209,3 +209,32 @@ def test_cancelled_job_checkpoints_and_is_not_requeued(slurm_cluster, tmp_path, 
     assert f"stopped at step {stop} (signal 15 here), checkpoint written" in log
     assert "accelerate_job: got SIGTERM" in log and "not requeued" in log
     assert (run_dir / "checkpoints" / "latest").read_text().strip().endswith(f"step-{stop}")
+
+
+def test_a_run_resumes_mid_epoch_on_another_number_of_processes(slurm_cluster, tmp_path, tiny_shards):
+    """The job's script takes a checkpoint of another world size (a resubmission on other nodes): 2 processes
+    stop mid-epoch, 1 process finishes the run through the elastic path."""
+    args = ["--config", str(RECIPE), f"shards={tiny_shards}", "run.epochs=2", "loader.batch_size=2",
+            "checkpoint.every_steps=0", "run.grid_images=0", "run.tensorboard=false"]  # fmt: skip
+    run_dir = tmp_path / "run"
+    first = sbatch(tmp_path, PRETRAIN, [*args, "run.max_steps=3"],
+                   job_env(tmp_path, RUN_DIR=str(run_dir), RADSTREAM_CPU_PROCS="2"))  # fmt: skip
+    assert slurm_cluster.wait([first], timeout_s=240) == {first: "COMPLETED"}, job_log(tmp_path, first)[
+        -3000:
+    ]
+    second = sbatch(
+        tmp_path, PRETRAIN, args, job_env(tmp_path, RUN_DIR=str(run_dir), RADSTREAM_CPU_PROCS="1")
+    )
+
+    states = slurm_cluster.wait([second], timeout_s=240)
+
+    log = job_log(tmp_path, second)
+    assert states == {second: "COMPLETED"}, log[-5000:]
+    assert "elastic resume: 2 -> 1 processes" in log
+    assert json.loads((run_dir / "summary.json").read_text())["stopped"] == "done"
+    loop = json.loads(
+        (run_dir / "checkpoints" / "latest")
+        .parent.joinpath((run_dir / "checkpoints" / "latest").read_text().strip(), "loop_state.json")
+        .read_text()
+    )
+    assert loop["loop"]["epoch"] == 2 and loop["loader"]["num_processes"] == 1

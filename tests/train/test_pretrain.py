@@ -67,6 +67,21 @@ def test_schedule_scales_lr_by_global_batch(tmp_path):
     assert cfg.optim.base_lr == 1e-3  # derived values are never written back
 
 
+def test_lr_schedule_follows_the_images_trained_across_world_sizes(tmp_path):
+    """8 -> 4 processes: the global batch halves, the schedule's steps double, the position is in images."""
+    cfg = debug_config(tmp_path, tmp_path, "loader.batch_size=4", "optim.warmup_steps=null",
+                       "optim.warmup_epochs=1", "run.epochs=4")  # fmt: skip
+    old = make_schedule(cfg.optim, cfg.run.epochs, cfg.loader.batch_size, loader_batches=10, num_processes=8)
+    new = make_schedule(cfg.optim, cfg.run.epochs, cfg.loader.batch_size, loader_batches=20, num_processes=4)
+    images = 7 * old.global_batch  # 7 steps at 8 processes
+    assert old.lr_step(images) == 7 and new.lr_step(images) == 14
+    # the same share of the warmup after the same images (7/10 = 14/20), and of the cosine later on
+    assert new.lr(new.lr_step(images) - 1) / new.peak_lr == pytest.approx(old.lr(6) / old.peak_lr)
+    later = 25 * old.global_batch
+    assert new.lr(new.lr_step(later)) / new.peak_lr == pytest.approx(old.lr(25) / old.peak_lr, abs=0.03)
+    assert new.peak_lr == pytest.approx(old.peak_lr / 2)  # base_lr x global batch / 256
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="shards"):
         load_config(PretrainConfig, RECIPES / "debug.yaml", [f"run_dir={tmp_path}"])
