@@ -146,9 +146,10 @@ def lr_at(step: int, *, peak_lr: float, min_lr: float, warmup_steps: int, total_
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
+    """Set the learning rate of every parameter group: ``lr`` times the group's ``lr_scale`` (1 when absent;
+    fine-tuning's layer-wise decay sets it per block)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 @dataclass

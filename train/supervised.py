@@ -116,6 +116,18 @@ class SupervisedConfig:
         return 1.0 if self.loader.label_fraction is None else float(self.loader.label_fraction)
 
 
+def dataset_classes(shards: str) -> list[str]:
+    """The class names of a labelled shard dataset (from its manifest).
+
+    Raises:
+        ValueError: the dataset has fewer than two classes (it is not labelled).
+    """
+    names = list(read_manifest(shards).get("class_names") or [])
+    if len(names) < 2:
+        raise ValueError(f"{shards}: a classifier needs a labelled dataset (classes: {names})")
+    return names
+
+
 def masked_loss(logits: torch.Tensor, batch: dict, label_smoothing: float) -> torch.Tensor:
     """Mean cross-entropy over the batch's real, labelled samples (padding repeats and -1 labels excluded)."""
     keep = (batch["valid"].bool() & (batch["label"] >= 0)).float()
@@ -172,13 +184,12 @@ class SupervisedTask(TrainTask):
     """The dataset's classes, read from its manifest by ``build_model``."""
 
     def build_model(self) -> nn.Module:
-        cfg = self.cfg
-        self.class_names = list(read_manifest(cfg.shards).get("class_names") or [])
-        if len(self.class_names) < 2:
-            raise ValueError(
-                f"{cfg.shards}: a supervised baseline needs a labelled dataset (classes: {self.class_names})"
-            )
-        return build_classifier(cfg.model, len(self.class_names))
+        self.class_names = dataset_classes(self.cfg.shards)
+        return build_classifier(self.cfg.model, len(self.class_names))
+
+    def describe(self) -> tuple[str, str]:
+        """(the row id of the result tables, the network that ran) for results.json."""
+        return self.cfg.model.kind, self.cfg.model.arch
 
     def schedule(self, loader_batches: int, num_processes: int) -> Schedule:
         cfg, optim = self.cfg, self.cfg.optim
@@ -199,10 +210,10 @@ class SupervisedTask(TrainTask):
         return Validation("acc", val_acc, lower_is_better=False, metrics={"acc": val_acc})
 
     def test(self, s: Session, loader: ShardLoader, reason: str, weights: str) -> tuple[dict, dict]:
-        cfg, names = self.cfg, self.class_names
+        cfg, names, (model_id, arch) = self.cfg, self.class_names, self.describe()
         cm = evaluate_classifier(s.accelerator, s.model, loader, len(names))
         results = {
-            "kind": "supervised", "model": cfg.model.kind, "arch": cfg.model.arch, "lr": cfg.optim.lr,
+            "kind": "supervised", "model": model_id, "arch": arch, "lr": cfg.optim.lr,
             "fraction": cfg.fraction, "seed": cfg.run.seed, "val_acc": -s.early.best if s.early.best_epoch >= 0 else 0.0,
             "best_epoch": s.early.best_epoch, "epochs": s.state.epoch, "steps": s.state.step, "stopped": reason,
             "tested_weights": weights, "test_acc": accuracy(cm), "test_balanced_acc": balanced_accuracy(cm),
@@ -210,7 +221,7 @@ class SupervisedTask(TrainTask):
             "confusion": cm.tolist(), "class_names": names, "num_processes": s.accelerator.num_processes,
             "config": to_dict(cfg),
         }  # fmt: skip
-        logger.info("%s lr %g fraction %g seed %d: val %.4f, test %.4f (%s)", cfg.model.arch, cfg.optim.lr,
+        logger.info("%s lr %g fraction %g seed %d: val %.4f, test %.4f (%s)", arch, cfg.optim.lr,
                     cfg.fraction, cfg.run.seed, results["val_acc"], results["test_acc"], reason)  # fmt: skip
         return {"acc": results["test_acc"], "balanced_acc": results["test_balanced_acc"]}, results
 

@@ -1,0 +1,307 @@
+"""End-to-end fine-tuning of a pretrained MAE encoder on the labelled shard dataset, under Accelerate.
+
+    accelerate launch -m train.finetune --config configs/finetune/vit.yaml shards=OUT run_dir=RUN \\
+        model.init=runs/mae optim.lr=1e-3 loader.label_fraction=0.01 run.seed=1
+
+The MAE paper's headline evaluation. ``model.init`` is where the encoder comes from: an MAE run folder (its
+``best/`` weights, else its latest checkpoint), its ``best/`` folder, a checkpoint folder, or a folder written
+by ``radstream export`` (``model.safetensors`` + ``config.json``). The network is that encoder, with its own
+positions for every bin shape (sin-cos or its learned table resampled, as in pretraining), mean-pooled patch
+tokens (or the CLS token), a LayerNorm and a linear head; the decoder is dropped.
+
+The recipe is the reference MAE fine-tuning's (facebookresearch/mae ``main_finetune.py``) by default: AdamW
+with layer-wise LR decay 0.75, weight decay 0.05 (none on norms, biases, position and CLS tokens), warmup then
+cosine, drop path 0.1, label smoothing 0.1. Mixup and cutmix are not used (the reference uses them on ImageNet;
+they blend radiographs of different body regions into images no scanner makes).
+
+Layer-wise LR decay: with ``D`` blocks, the patch embedding, position table and CLS token are layer 0, block
+``i`` (0-based) is layer ``i + 1`` and everything after the blocks (final norm, pooling norm, head) is layer
+``D + 1``; a parameter of layer ``l`` trains at ``optim.lr x layer_decay ** (D + 1 - l)``. The head thus has
+the full rate, the last block ``decay`` times it, the embeddings ``decay ** (D + 1)`` times it.
+
+It is the supervised task of ``train.supervised`` with another network and its parameter groups: the same
+loss, validation accuracy (early stopping), test scores and ``results.json`` (row ``mae_finetune`` of
+``radstream report``; ``checkpoint`` names the weights it started from). One run is one (learning rate, label
+fraction, seed), swept like the baselines (``slurm/submit_sweep.sh`` with ``RADSTREAM_MODULE=train.finetune``).
+Resume, stop signals and exit codes as ``train.supervised``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import MISSING
+from timm.layers import DropPath
+from torch import nn
+
+from shards.loader import ShardLoader
+from shards.loader_config import LoaderConfig
+from train import trainer
+from train.config import CheckpointConfig, RunConfig
+from train.mae import MAE, MAEConfig
+from train.stage import stage_main
+from train.supervised import SupervisedOptimConfig, SupervisedTask, dataset_classes
+from train.trainer import Session
+from train.weights import load_adapted, read_state_dict
+
+logger = logging.getLogger(__name__)
+
+POOLS = ("mean", "cls")
+EXPORT_CONFIG = "config.json"
+"""An exported encoder's config (``radstream export``): timm's hub format with a ``radstream`` section."""
+
+
+@dataclass(frozen=True)
+class FinetuneModelConfig:
+    """The pretrained encoder and the head put on it."""
+
+    init: str = MISSING
+    """Where the encoder comes from: an MAE run folder, its best/ folder, a checkpoint folder, or an exported
+    encoder folder (model.safetensors + config.json). Local files only."""
+    drop_path_rate: float = 0.1
+    """Stochastic depth of the last block (linearly less in earlier blocks, none in the first), as timm."""
+    pool: str = "mean"
+    """"mean": the patch tokens averaged, then a LayerNorm (the reference's global pool); "cls": the CLS token."""
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise ValueError(f"model.pool must be one of {POOLS}, got {self.pool!r}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"model.drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+
+@dataclass(frozen=True)
+class FinetuneOptimConfig(SupervisedOptimConfig):
+    """AdamW with layer-wise LR decay; an absolute learning rate per run (the grid is swept by running
+    several). Defaults: the reference MAE fine-tuning recipe."""
+
+    lr: float = 1e-3
+    """Peak learning rate of the head (the reference: 5e-4 per 256 images for ViT-B, 1e-3 for ViT-L/H)."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay (not on biases, norms, position and CLS tokens)."""
+    warmup_epochs: float = 5.0
+    """Linear warmup length in epochs."""
+    min_lr: float = 1e-6
+    """Where the cosine ends."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing."""
+    layer_decay: float = 0.75
+    """Layer-wise LR decay: a parameter of layer ``l`` of ``D + 1`` trains at ``lr x layer_decay ** (D + 1 - l)``
+    (1: no decay)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """``train.finetune``: one fine-tuning run."""
+
+    shards: str = MISSING
+    """Root of a finalized, labelled shard dataset."""
+    run_dir: str = MISSING
+    """Output: config.yaml, metrics.jsonl, checkpoints/, best/, results.json (resumed when it exists)."""
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    """The loader; ``loader.label_fraction`` is the regime (None = all labels, 0.01 = the study's 1%)."""
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    """Epochs, early stopping patience (on validation accuracy), seed, precision, devices, logging."""
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_steps=0, keep_last=1))
+    """Checkpoint cadence and retention; by default one checkpoint, at epoch ends (a sweep has many runs)."""
+
+    def __post_init__(self) -> None:
+        for name in ("shards", "run_dir"):
+            if not getattr(self, name) or getattr(self, name) == MISSING:
+                raise ValueError(f"{name} is required (e.g. {name}=/path)")
+        if not self.model.init or self.model.init == MISSING:
+            raise ValueError("model.init is required: an MAE run, checkpoint or exported encoder folder")
+
+    @property
+    def fraction(self) -> float:
+        """The label fraction of the training set this run uses."""
+        return 1.0 if self.loader.label_fraction is None else float(self.loader.label_fraction)
+
+
+# --------------------------------------------------------------------------------------- the encoder
+
+
+def load_pretrained(source: str | Path) -> MAE:
+    """The MAE of ``source`` with its weights (an exported encoder folder, or what ``train.embed`` reads).
+
+    Raises:
+        FileNotFoundError: nothing usable at ``source``.
+        ValueError: an exported config without radstream's section.
+    """
+    source = Path(source)
+    if (source / EXPORT_CONFIG).is_file():
+        return _load_export(source)
+    if (source / "best" / "model.safetensors").is_file():  # a run folder: its best validation epoch
+        source = source / "best"
+    from train.embed import load_encoder
+
+    return load_encoder(source)[0]
+
+
+def _load_export(folder: Path) -> MAE:
+    """An encoder written by ``radstream export``: timm keys, the architecture in config.json."""
+    config = json.loads((folder / EXPORT_CONFIG).read_text())
+    ours = config.get("radstream")
+    if not isinstance(ours, dict) or "architecture" not in config:
+        raise ValueError(
+            f"{folder / EXPORT_CONFIG}: not an encoder exported by radstream (no radstream section)"
+        )
+    mae = MAE(
+        MAEConfig(
+            encoder=config["architecture"], embed_dim=ours["embed_dim"], depth=ours["depth"],
+            num_heads=ours["num_heads"], in_chans=config.get("model_args", {}).get("in_chans", 1),
+            pos_embed=ours.get("pos_embed", "sincos"),
+        )
+    )  # fmt: skip
+    # a sin-cos encoder computes its positions per grid: the exported table (one grid) is not needed
+    load_adapted(mae.encoder, read_state_dict(folder / "model.safetensors"), folder)
+    return mae
+
+
+def set_drop_path(encoder: nn.Module, rate: float) -> None:
+    """Stochastic depth rising linearly from 0 (first block) to ``rate`` (last), timm's rule."""
+    blocks = list(encoder.blocks)
+    for i, block in enumerate(blocks):
+        p = rate * i / max(len(blocks) - 1, 1)
+        block.drop_path1 = DropPath(p) if p > 0 else nn.Identity()
+        block.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
+
+
+class EncoderClassifier(nn.Module):
+    """The MAE's encoder (its ``forward_features``: positions for every grid) with a classification head."""
+
+    def __init__(self, mae: MAE, num_classes: int, pool: str) -> None:
+        super().__init__()
+        for name, _ in list(mae.named_children()):  # the decoder: not trained, not saved, unused under DDP
+            if not name.startswith("encoder"):
+                setattr(mae, name, None)
+        for name, _ in list(mae.named_parameters(recurse=False)):  # the mask token
+            setattr(mae, name, None)
+        self.backbone = mae
+        self.pool = pool
+        dim = mae.encoder.embed_dim
+        self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if pool == "mean" else nn.Identity()
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # the reference's: start near uniform predictions
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def depth(self) -> int:
+        return len(self.backbone.encoder.blocks)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs: [N, C, H, W] -> logits [N, classes]."""
+        tokens = self.backbone.forward_features(imgs)  # [N, 1+L, D]
+        pooled = tokens[:, 1:].mean(dim=1) if self.pool == "mean" else tokens[:, 0]
+        return self.head(self.fc_norm(pooled))
+
+
+def build_finetune_model(cfg: FinetuneModelConfig, num_classes: int) -> EncoderClassifier:
+    """The pretrained encoder of ``cfg.init`` with drop path and a fresh head for ``num_classes``."""
+    mae = load_pretrained(cfg.init)
+    set_drop_path(mae.encoder, cfg.drop_path_rate)
+    return EncoderClassifier(mae, num_classes, cfg.pool)
+
+
+# ------------------------------------------------------------------------------- layer-wise LR decay
+
+
+def layer_id(name: str, depth: int) -> int:
+    """The layer of parameter ``name`` of an ``EncoderClassifier`` with ``depth`` blocks: 0 for the patch
+    embedding, position table and CLS token, ``i + 1`` for block ``i``, ``depth + 1`` for the rest."""
+    local = name.removeprefix("backbone.").removeprefix("encoder.")
+    if local in ("cls_token", "pos_embed") or local.startswith("patch_embed."):
+        return 0
+    if local.startswith("blocks."):
+        return int(local.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_scale(layer: int, depth: int, decay: float) -> float:
+    """The LR multiplier of ``layer``: ``decay ** (depth + 1 - layer)``."""
+    return decay ** (depth + 1 - layer)
+
+
+def layer_decay_groups(model: EncoderClassifier, weight_decay: float, decay: float) -> list[dict]:
+    """AdamW groups per (layer, decayed or not), each with its ``lr_scale`` (``train.loop.set_lr`` applies
+    it); no weight decay on norms, biases, position and CLS tokens."""
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = layer_id(name, model.depth)
+        no_decay = param.ndim <= 1 or name.endswith(("pos_embed", "cls_token"))
+        group = groups.setdefault(
+            (layer, no_decay),
+            {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+             "lr_scale": layer_scale(layer, model.depth, decay), "layer": layer},
+        )  # fmt: skip
+        group["params"].append(param)
+    return [groups[k] for k in sorted(groups)]
+
+
+# ------------------------------------------------------------------------------------------ the task
+
+
+class FinetuneTask(SupervisedTask):
+    """Fine-tuning as a trainer task: the supervised task's loss, validation, test and results, on the
+    pretrained encoder with layer-wise LR decay."""
+
+    def build_model(self) -> nn.Module:
+        cfg = self.cfg
+        self.class_names = dataset_classes(cfg.shards)
+        model = build_finetune_model(cfg.model, len(self.class_names))
+        patch = model.backbone.patch_size
+        if patch != cfg.loader.patch_size:
+            raise ValueError(
+                f"{cfg.model.init}: the encoder's patch size {patch} differs from loader.patch_size "
+                f"{cfg.loader.patch_size}"
+            )
+        self.arch = model.backbone.cfg.encoder
+        return model
+
+    def describe(self) -> tuple[str, str]:
+        return "mae_finetune", self.arch
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        return layer_decay_groups(model, self.cfg.optim.weight_decay, self.cfg.optim.layer_decay)
+
+    def test(self, s: Session, loader: ShardLoader, reason: str, weights: str) -> tuple[dict, dict]:
+        metrics, results = super().test(s, loader, reason, weights)
+        results["checkpoint"] = str(Path(self.cfg.model.init).resolve())
+        return metrics, results
+
+
+def run(cfg: FinetuneConfig) -> int:
+    """Train (or resume) the run of ``cfg`` to its end; returns the exit code (0, or 124 when stopped)."""
+    return trainer.run(FinetuneTask(cfg))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``accelerate launch -m train.finetune --config RECIPE key=value ...``; returns the exit code."""
+    return stage_main(
+        argv,
+        prog="accelerate launch -m train.finetune",
+        description=__doc__.split("\n")[0],
+        config_cls=FinetuneConfig,
+        run=run,
+        example_recipe="configs/finetune/vit.yaml",
+        example_override="model.init=runs/mae",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
