@@ -4,7 +4,8 @@ MAE pretraining runs into the tables of the reference study.
     radstream report RUN_DIRS... --out RESULTS
 
 Collects ``probe_results.json`` (``train.probe``: every head of the grid), supervised ``results.json``
-(``train.supervised``: one run per learning rate, fraction and seed) and MAE pretraining runs (``train.pretrain``:
+(``train.supervised`` and ``train.finetune``, whose rows are "MAE fine-tuned": one run per learning rate,
+fraction and seed) and MAE pretraining runs (``train.pretrain``:
 ``summary.json`` with ``config.yaml`` beside it, one run per base learning rate) under the given folders,
 recursively. Per (model, regime) it chooses the learning rate with the best validation accuracy averaged over
 seeds (ties: the smaller rate) and reports the test top-1 accuracy at that rate as mean ± std over seeds (sample
@@ -40,6 +41,7 @@ MODELS = (
     ("probe_flattened", "MAE probe (flattened)"),
     ("probe_mean", "MAE probe (mean)"),
     ("probe_cls", "MAE probe (CLS)"),
+    ("mae_finetune", "MAE fine-tuned"),
 )
 """Table rows: (model id used in the result files, label)."""
 KNN_MODELS = (
@@ -79,7 +81,7 @@ class RunRecord:
     """One trained model (a probe head or a supervised run): what LR selection and the tables need."""
 
     model: str
-    """Row id: one of ``MODELS`` (``resnet50``, ``vit``, ``probe_<aggregation>``)."""
+    """Row id: one of ``MODELS`` (``resnet50``, ``vit``, ``probe_<aggregation>``, ``mae_finetune``)."""
     fraction: float
     seed: int
     lr: float

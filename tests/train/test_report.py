@@ -104,6 +104,16 @@ def write_runs(root: Path) -> None:
                         "test_acc": val - 0.05,
                     }
                     (run / "results.json").write_text(json.dumps(result))
+    for fraction in (0.01, 0.1, 1.0):  # MAE fine-tuning (train.finetune): every regime, best LR 1e-3
+        for seed in range(2):
+            for lr in LRS:
+                run = root / "finetune" / f"f{fraction}-{lr}-{seed}"
+                run.mkdir(parents=True)
+                val = 0.9 if lr == 1e-3 else 0.7
+                result = {"kind": "supervised", "model": "mae_finetune", "arch": "vit_base_patch16_224",
+                          "fraction": fraction, "seed": seed, "lr": lr, "val_acc": val, "test_acc": val - 0.01 * seed,
+                          "checkpoint": "/runs/mae/best"}  # fmt: skip
+                (run / "results.json").write_text(json.dumps(result))
     (root / "sweep" / "other").mkdir()
     (root / "sweep" / "other" / "results.json").write_text(json.dumps({"kind": "something else"}))
 
@@ -134,7 +144,7 @@ def test_report_has_the_study_rows_and_columns(tmp_path: Path) -> None:
         header, *rows = tables[title]
         assert tuple(header) == HEADER
         assert [r[0] for r in rows] == labels
-        for (model, _), row in zip(MODELS, rows, strict=True):
+        for (model, _), row in zip(MODELS[:5], rows, strict=False):  # the study's rows
             assert float(row[2]) == STUDY[(model, fraction)]
             assert row[3] in ("0.01", "0.1")  # the chosen LR
             mean, std = (float(v) for v in row[1].split("±"))
@@ -143,18 +153,22 @@ def test_report_has_the_study_rows_and_columns(tmp_path: Path) -> None:
         assert float(probe_cls[1].split("±")[0]) == pytest.approx(STUDY[("probe_cls", fraction)], abs=1e-4)
         assert probe_cls[3] == "0.01" and probe_cls[4] == "3"
         assert rows[1][3] == "0.1" and rows[1][4] == "2"  # supervised ViT: its sweep's best LR, 2 seeds
+        assert rows[5][0] == "MAE fine-tuned" and rows[5][1] == "0.8950 ± 0.0071" and rows[5][2] == "—"
+        assert rows[5][3] == "0.001" and rows[5][4] == "2"  # its own sweep's best LR; the study has no figure
     ten = tables["Table 3: 10% of the labels"]
     assert ten[1][1] == "—" and ten[3][2] == "—"  # no ResNet50 runs at 10%, and no study figure
+    assert ten[6][:2] == ["MAE fine-tuned", "0.8950 ± 0.0071"]  # fine-tuning has a row in every table
     csv_rows = (out / "results.csv").read_text().splitlines()
     assert csv_rows[0].startswith("fraction,model,label,arch,test_acc_mean")
-    assert len(csv_rows) == 1 + 3 * 3 + 2 * 2
+    assert len(csv_rows) == 1 + 3 * 3 + 2 * 2 + 3
+    assert sum(",mae_finetune,MAE fine-tuned," in r for r in csv_rows) == 3
     assert (out / "accuracy_vs_fraction.png").stat().st_size > 1000
 
 
 def test_collect_refuses_the_same_run_twice(tmp_path: Path) -> None:
     write_runs(tmp_path / "a")
     write_runs(tmp_path / "b")
-    assert len(collect([tmp_path / "a"])) == 3 * 3 * 3 * 3 + 2 * 2 * 2 * 3
+    assert len(collect([tmp_path / "a"])) == 3 * 3 * 3 * 3 + 2 * 2 * 2 * 3 + 3 * 2 * 3
     with pytest.raises(ValueError, match="appears in both"):
         collect([tmp_path / "a", tmp_path / "b"])
     with pytest.raises(ValueError, match="no probe_results.json"):
@@ -234,7 +248,7 @@ def test_mae_runs_beside_accuracy_results_leave_the_accuracy_tables_unchanged(tm
     text = (tmp_path / "out" / "results.md").read_text()
     assert text.startswith(alone.rstrip("\n") + "\n\n## MAE pretraining\n")
     assert list(parse_tables(text))[-1] == MAE_TITLE
-    assert len((tmp_path / "out" / "results.csv").read_text().splitlines()) == 1 + 3 * 3 + 2 * 2
+    assert len((tmp_path / "out" / "results.csv").read_text().splitlines()) == 1 + 3 * 3 + 2 * 2 + 3
     assert len((tmp_path / "out" / "pretrain.csv").read_text().splitlines()) == 1 + 4
 
 
