@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
-from tqdm import tqdm
-
+from core.progress import progress
 from ingest.config import IngestConfig
 from ingest.labels import class_names_for
 from ingest.readers import ReadConfig
@@ -91,11 +90,11 @@ def scan_sources(
 ) -> list[tuple[HeaderInfo | None, str | None]]:
     """Header-scan every item (in parallel with ``workers``): per item (HeaderInfo, None) or (None, reason)."""
     args = [(it.path, read) for it in items]
-    bar = dict(total=len(args), desc="scan headers", unit="img", disable=None)
+    bar = dict(total=len(args), desc="scan headers", unit="img")
     if workers > 1 and len(args) >= SCAN_POOL_MIN_FILES:
         with Pool(workers) as pool:
-            return list(tqdm(pool.imap(scan_one, args, chunksize=64), **bar))
-    return [scan_one(a) for a in tqdm(args, **bar)]
+            return list(progress(pool.imap(scan_one, args, chunksize=64), **bar))
+    return [scan_one(a) for a in progress(args, **bar)]
 
 
 @dataclass(frozen=True)

@@ -40,9 +40,9 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from core.atomic import write_bytes
+from core.progress import progress
 from ingest.synth_detector import radiograph
 from ingest.synth_formats import SYNTH_VERSION, dicom_bytes, encode_png, stored_values
 from ingest.synth_plan import FORMAT_SHARES, REGION_COUNTS, ImageSpec, check_args, plan_corpus
@@ -74,7 +74,7 @@ def _make_images(tasks: list[tuple[str, ImageSpec, int]], workers: int) -> list[
             pool = stack.enter_context(multiprocessing.get_context().Pool(workers))
             chunk = max(1, min(16, len(tasks) // (8 * workers)))
             results = pool.imap(_make_image_task, tasks, chunksize=chunk)
-        return list(tqdm(results, total=len(tasks), desc="synth", unit="img", disable=None))
+        return list(progress(results, total=len(tasks), desc="synth", unit="img"))
 
 
 def _summary(specs: list[ImageSpec], n: int, seed: int, max_side: int, out: Path) -> dict:

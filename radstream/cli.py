@@ -182,13 +182,11 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
     return gpu_check(args.out, quick=args.quick, budget_s=args.budget_s, peak_tflops=args.peak_tflops)
 
 
-def _add_build_parser(sub) -> None:
-    p = sub.add_parser("build-shards", help="radiograph files → size-binned WebDataset shards")
+def _add_source_options(p) -> None:
+    """The options of build-shards that say what the source holds and how it is built (study shares them)."""
     p.add_argument(
         "source", help="folder of DICOM/PNG/JPEG/TIFF files (or the root a --manifest-csv is relative to)"
     )
-    p.add_argument("out", help="output dataset folder, or s3://bucket/prefix (built locally, then published)")
-    p.add_argument("--config", help="YAML recipe (keys of shards.build.config.BuildConfig)")
     p.add_argument("--manifest-csv", help="CSV manifest: path[,label][,irma_code][,patient_id]")
     p.add_argument("--labels", choices=["none", "folder", "csv", "irma"], help="label source")
     p.add_argument("--irma-csv", help="IRMA code list (image_id;irma_code)")
@@ -196,6 +194,38 @@ def _add_build_parser(sub) -> None:
     p.add_argument("--strategy", choices=["fixed", "strict", "smart"], help="binning strategy")
     p.add_argument("--workers", type=int, help="worker processes")
     p.add_argument("--seed", type=int)
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from radstream.study import make_protocol, run_study
+
+    protocol = make_protocol(args.protocol, args.lrs, args.seeds, args.fractions)
+    build = _build_overrides(args)[2:]  # the study places the shards in OUT/shards itself
+    return run_study(args.source, args.out, protocol, build_overrides=build, seed=args.seed or 0,
+                     workers=args.workers or 4)  # fmt: skip
+
+
+def _add_study_parser(sub) -> None:
+    p = sub.add_parser("study", help="the whole study (shards → MAE → probes, baselines, fine-tuning → tables) "
+                       "on your files, on this machine's GPUs or CPU")  # fmt: skip
+    _add_source_options(p)
+    p.add_argument("out", help="output folder (rerun the same command to resume)")
+    p.add_argument("--protocol", choices=["full", "tiny"], default="full",
+                   help="full: the study's (ViT-B/16, 10 LRs, 3 seeds); tiny: small models, minutes on a CPU")  # fmt: skip
+    p.add_argument(
+        "--lrs", type=float, nargs="+", help="learning rates of the trained models (default: the protocol's)"
+    )
+    p.add_argument("--seeds", type=int, help="seeds per regime (default: the protocol's)")
+    p.add_argument("--fractions", type=float, nargs="+", help="label fractions (default: 0.01 0.1 1)")
+    p.add_argument("overrides", nargs="*", help="dotted build overrides, as build-shards")
+    p.set_defaults(func=cmd_study)
+
+
+def _add_build_parser(sub) -> None:
+    p = sub.add_parser("build-shards", help="radiograph files → size-binned WebDataset shards")
+    _add_source_options(p)
+    p.add_argument("out", help="output dataset folder, or s3://bucket/prefix (built locally, then published)")
+    p.add_argument("--config", help="YAML recipe (keys of shards.build.config.BuildConfig)")
     p.add_argument("--task-index", type=int, default=0, help="this task's index (SLURM_ARRAY_TASK_ID)")
     p.add_argument("--num-tasks", type=int, default=1, help="number of tasks (SLURM_ARRAY_TASK_COUNT)")
     p.add_argument(
@@ -237,6 +267,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth)
 
     _add_build_parser(sub)
+    _add_study_parser(sub)
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic radiographs, end to end")
     p.add_argument("out", nargs="?", default="demo_out")

@@ -1,26 +1,28 @@
-"""`radstream demo OUT`: the whole pipeline on the embedded synthetic corpus, reusing finished stages.
+"""`radstream demo OUT`: the whole study on the embedded synthetic corpus, reusing finished stages.
 
-synthetic radiographs → shards in smart bins → MAE pretraining → embeddings → linear probes and supervised
-ViT / ResNet50 baselines at 1%, 10% and 100% labels → the study's two tables, plus pictures. Training stages run
-as their own processes (`python -m train.<stage>`), exactly as a user would run them; Accelerate puts them on
-the GPU when there is one and on the CPU otherwise.
+synthetic radiographs → the stages of `radstream study` (``radstream.stages``) with a tiny protocol: shards in
+smart bins → MAE pretraining → embeddings → linear probes, supervised ViT / ResNet50 baselines and MAE
+fine-tuning at 1%, 10% and 100% labels (one learning rate and seed per trained model) → the study's tables,
+plus pictures. Accelerate puts the training stages on the GPU when there is one and on the CPU otherwise.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from radstream.stages import Protocol, header, run_stages
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
-FRACTIONS = (0.01, 0.1, 1.0)
+RECIPES = {
+    "pretrain": "configs/demo/pretrain.yaml",
+    "probe": "configs/demo/probe.yaml",
+    "vit": "configs/demo/supervised_vit.yaml",
+    "resnet50": "configs/demo/supervised_resnet50.yaml",
+    "finetune": "configs/demo/finetune.yaml",
+}
+"""The demo's recipes: small models that learn something in CPU minutes."""
 
 
 @dataclass(frozen=True)
@@ -34,181 +36,38 @@ class DemoSize:
     pretrain_epochs: int = 40
     supervised_epochs: tuple[int, int] = (25, 6)
     """Epochs of the ViT and the ResNet50 baselines."""
+    finetune_epochs: int = 8
     seeds: int = 3
+    """Seeds of the probes (the trained models run one seed each)."""
+
+    def protocol(self) -> Protocol:
+        """The demo's protocol: its recipes, each one LR, the probes' seeds, early stopping after 10."""
+        epochs = {"pretrain": self.pretrain_epochs, "vit": self.supervised_epochs[0],
+                  "resnet50": self.supervised_epochs[1], "finetune": self.finetune_epochs}  # fmt: skip
+        return Protocol(RECIPES, lrs=None, seeds=self.seeds, train_seeds=1, epochs=epochs)
 
 
-TINY = DemoSize(images=80, max_side=256, max_tokens=16, pretrain_epochs=3, supervised_epochs=(2, 1), seeds=2)
-
-
-def _run(stage: str, args: list[str], log_file: Path) -> None:
-    """Run ``python -m <stage> args`` with its output in ``log_file``; a failure names the stage and the log."""
-    cmd = [sys.executable, "-m", stage, *args]
-    start = time.perf_counter()
-    with open(log_file, "w") as fh:
-        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    if code != 0:
-        tail = "\n".join(log_file.read_text().splitlines()[-15:])
-        raise RuntimeError(f"demo: {stage} failed (exit {code}); log {log_file}:\n{tail}")
-    print(
-        f"demo: {stage} {' '.join(a for a in args if '=' not in a or a.startswith('loader.label'))[:80]} "
-        f"done in {time.perf_counter() - start:.0f} s"
-    )
-
-
-def stage_synth(out: Path, size: DemoSize, seed: int, workers: int) -> Path:
-    from ingest.synth import synthesize
-
-    src = out / "synth"
-    synthesize(src, n=size.images, seed=seed, max_side=size.max_side, workers=workers)
-    return src
-
-
-def stage_shards(out: Path, src: Path, size: DemoSize, workers: int, seed: int) -> Path:
-    from core.config import load_config
-    from radstream.pictures import bin_pictures
-    from shards.build.config import BuildConfig
-    from shards.build.finalize import finalize
-    from shards.build.parts import run_build
-    from shards.build.verify import verify_shards
-
-    shards = out / "shards"
-    if not (shards / "manifest.json").is_file():
-        cfg = load_config(
-            BuildConfig,
-            None,
-            [
-                f"source={src}",
-                f"out={shards}",
-                f"workers={workers}",
-                f"seed={seed}",
-                f"ingest.manifest_csv={src / 'manifest.csv'}",
-                "ingest.labels=irma",
-                "binning.strategy=smart",
-                f"binning.max_tokens={size.max_tokens}",
-            ],
-        )
-        run_build(cfg)
-        finalize(cfg)
-    report = verify_shards(shards)
-    if not report.ok:
-        raise RuntimeError(f"demo: shard verification failed: {report.problems[:3]}")
-    print(report.summary())
-    bin_pictures(shards, out / "pictures")
-    return shards
-
-
-def stage_pretrain(out: Path, shards: Path, size: DemoSize, seed: int) -> Path:
-    from radstream.pictures import loss_curves
-
-    run_dir = out / "runs" / "mae"
-    if not (run_dir / "summary.json").is_file():
-        _run(
-            "train.pretrain",
-            [
-                "--config",
-                str(CONFIGS / "pretrain.yaml"),
-                f"shards={shards}",
-                f"run_dir={run_dir}",
-                f"run.epochs={size.pretrain_epochs}",
-                f"run.seed={seed}",
-            ],
-            out / "logs" / "pretrain.log",
-        )
-    loss_curves(run_dir / "metrics.jsonl", out / "pictures" / "mae_loss.png")
-    grids = sorted((run_dir / "samples").glob("*.png"))
-    for grid in (grids[0], grids[-1]) if grids else ():
-        shutil.copy(grid, out / "pictures" / f"reconstructions_{grid.stem}.png")
-    return run_dir
-
-
-def stage_probe(out: Path, shards: Path, mae_run: Path, size: DemoSize) -> Path:
-    emb = out / "embeddings.zarr"
-    probe_dir = out / "runs" / "probe"
-    if not (probe_dir / "probe_results.json").is_file():
-        _run(
-            "train.embed",
-            [
-                "--checkpoint",
-                str(mae_run / "best"),
-                "--shards",
-                str(shards),
-                "--out",
-                str(emb),
-                "loader.backend=torch",
-            ],
-            out / "logs" / "embed.log",
-        )
-        seeds = "[" + ",".join(map(str, range(size.seeds))) + "]"
-        _run(
-            "train.probe",
-            [
-                "--config",
-                str(CONFIGS / "probe.yaml"),
-                "--embeddings",
-                str(emb),
-                "--out",
-                str(probe_dir),
-                f"seeds={seeds}",
-            ],
-            out / "logs" / "probe.log",
-        )
-    return probe_dir
-
-
-def stage_supervised(out: Path, shards: Path, size: DemoSize, seed: int) -> Path:
-    """One learning rate per (model, fraction): the demo's reduced grid (the full one is `slurm/sweep_lr`)."""
-    root = out / "runs" / "supervised"
-    for (name, recipe), epochs in zip(
-        (("vit", "supervised_vit.yaml"), ("resnet50", "supervised_resnet50.yaml")),
-        size.supervised_epochs,
-        strict=False,
-    ):
-        for fraction in FRACTIONS:
-            run_dir = root / f"{name}-f{fraction:g}"
-            if (run_dir / "results.json").is_file():
-                continue
-            _run(
-                "train.supervised",
-                [
-                    "--config",
-                    str(CONFIGS / recipe),
-                    f"shards={shards}",
-                    f"run_dir={run_dir}",
-                    f"loader.label_fraction={fraction}",
-                    f"run.epochs={epochs}",
-                    f"run.seed={seed}",
-                ],
-                out / "logs" / f"supervised-{name}-{fraction:g}.log",
-            )
-    return root
-
-
-def stage_report(out: Path, runs: list[Path]) -> str:
-    from train.report import write_report
-
-    results = out / "results"
-    write_report([str(r) for r in runs], str(results))
-    for png in results.glob("*.png"):
-        shutil.copy(png, out / "pictures" / png.name)
-    for png in sorted((out / "runs" / "probe").rglob("confusion*.png"))[:1]:
-        shutil.copy(png, out / "pictures" / "confusion_matrix.png")
-    return (results / "results.md").read_text()
+TINY = DemoSize(
+    images=80, max_side=256, max_tokens=16, pretrain_epochs=3, supervised_epochs=(2, 1), finetune_epochs=2,
+    seeds=2,
+)  # fmt: skip
 
 
 def run_demo(out: str | Path, size: DemoSize = DemoSize(), seed: int = 0, workers: int = 2) -> int:
     """Run every demo stage into ``out``; finished stages are reused on a rerun."""
+    from ingest.synth import synthesize
+
     out = Path(out)
-    for sub in ("pictures", "logs"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    src = stage_synth(out, size, seed, workers)
-    shards = stage_shards(out, src, size, workers, seed)
-    mae_run = stage_pretrain(out, shards, size, seed)
-    summary = json.loads((mae_run / "summary.json").read_text())
-    probe_dir = stage_probe(out, shards, mae_run, size)
-    sup_dir = stage_supervised(out, shards, size, seed)
-    tables = stage_report(out, [probe_dir, sup_dir])
+    header("demo", 1, 6, "synthetic radiographs")
+    src = out / "synth"
+    synthesize(src, n=size.images, seed=seed, max_side=size.max_side, workers=workers)
+    build = [f"ingest.manifest_csv={src / 'manifest.csv'}", "ingest.labels=irma",
+             f"binning.max_tokens={size.max_tokens}"]  # fmt: skip
+    tables = run_stages(out, src, size.protocol(), build_overrides=build, seed=seed, workers=workers,
+                        prefix="demo", first=2)  # fmt: skip
     print(tables)
+    summary = json.loads((out / "runs" / "mae" / "summary.json").read_text())
     print(f"MAE: {json.dumps({k: summary[k] for k in summary if 'loss' in k or 'mse' in k})}")
     print(
         f"demo: done in {time.perf_counter() - start:.0f} s; results in {out / 'results'}, "

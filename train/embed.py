@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import MISSING, OmegaConf
-from tqdm import tqdm
 
 from core.config import to_dict
+from core.progress import progress
 from shards.loader_config import LoaderConfig
 from train import embed_store
 from train.embed_store import SplitRows, StagingWriter
@@ -296,13 +296,15 @@ def _embed_rank(cfg: EmbedConfig, accelerator, model: MAE, split: str, rows: Spl
         if writer.finished:
             return
         loader.load_state_dict({"epoch": 0, "step": writer.batches_done})
-        bar = tqdm(
+        bar = progress(
             loader,
             total=len(loader),
             initial=writer.batches_done,
             desc=f"embed {split}",
-            unit="batch",
-            disable=not accelerator.is_main_process,
+            unit="img",
+            unit_scale=loader_cfg.batch_size
+            * world,  # images of all ranks (at most; a bin's tail is smaller)
+            main_process=accelerator.is_main_process,
         )
         grid = tuple(embed_store.read_attrs(cfg.out)["pool_grid"])
         embed_batches(model, bar, writer, rows, grid, accelerator.autocast)

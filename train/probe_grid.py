@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from core.progress import progress as progress_bar
 from train.loop import lr_at
 from train.probe_config import ProbeConfig, ProbeData
 
@@ -339,8 +339,8 @@ def train_grids(
     spe = [g.steps_per_epoch(b) for g in groups]
     epoch, pos, done = [0] * len(groups), [0] * len(groups), [False] * len(groups)
     plans = [epoch_batches(g, b, 0) for g in groups]
-    bar = tqdm(
-        total=max(cfg.max_epochs * s for s in spe), desc="probe grid", unit="step", disable=not progress
+    bar = progress_bar(
+        total=max(cfg.max_epochs * s for s in spe), desc="probe grid", unit="step", main_process=progress
     )
     steps = 0
     while not all(done):

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm import tqdm
 
 from core.atomic import write_json, write_text
 from core.config import to_dict, to_yaml
+from core.progress import progress
 from shards.loader import ShardLoader, build_loader
 from train.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, save_weights
 from train.loop import (
@@ -289,7 +289,14 @@ def _train_epoch(s: Session) -> str | None:
     meter, accum = Meter(), cfg.optim.grad_accum_steps
     # the epoch's last step: the schedule's steps_per_epoch, unless an elastic resume re-dealt its rest
     steps = st.epoch_step + s.train_loader.batches_left // accum
-    bar = tqdm(total=steps, initial=st.epoch_step, desc=f"epoch {st.epoch}", disable=not s.main)
+    bar = progress(
+        total=steps,
+        initial=st.epoch_step,
+        desc=f"epoch {st.epoch}",
+        main_process=s.main,
+        unit="img",
+        unit_scale=s.schedule.global_batch,
+    )  # a step is global_batch images (at most)
     batches = iter(s.train_loader)
     try:
         while st.epoch_step < steps:

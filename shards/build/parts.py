@@ -19,11 +19,11 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from bucketing.bins import Bin, BinningConfig, assign_with_config, fit_geometry
 from bucketing.dataplan import stable_hash
 from core.atomic import write_json
+from core.progress import progress
 from ingest.dicom import one_line
 from ingest.errors import RejectError
 from ingest.readers import ReadConfig, decode_image
@@ -200,8 +200,8 @@ def build_part(cfg: BuildConfig, plan: BuildPlan, part: int) -> dict:
     writers: dict[tuple[str, str], ShardWriter] = {}
     rows, rejects, duplicates, seen_pixels = [], [], [], {}
     results = _results(items, job, cfg.workers)
-    for item, res in tqdm(
-        zip(items, results, strict=True), total=len(items), desc=f"part {part}", unit="img", disable=None
+    for item, res in progress(
+        zip(items, results, strict=True), total=len(items), desc=f"part {part}", unit="img"
     ):
         if "reject" in res:
             rejects.append({"path": item.rel, "reason": res["reject"]})

@@ -97,7 +97,7 @@ def publish(
         FileNotFoundError: the build is not finished or a listed file is missing or of the wrong size.
         RemoteError: the store kept failing.
     """
-    from tqdm import tqdm
+    from core.progress import progress
 
     cfg, out = cfg or RemoteConfig(), Path(local_out)
     manifest_raw = _finished_manifest(out, url)
@@ -116,7 +116,9 @@ def publish(
 
     with ThreadPoolExecutor(workers) as pool:
         list(
-            tqdm(pool.map(put, [rel for rel, _ in todo]), total=len(todo), desc="publish shards", unit="file")
+            progress(
+                pool.map(put, [rel for rel, _ in todo]), total=len(todo), desc="publish shards", unit="file"
+            )
         )
     for rel in [*meta, "manifest.json"]:
         put(rel)

@@ -8,8 +8,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
+from core.progress import progress
 from shards.codecs import decode
 from shards.index import ShardReader, read_index, verify_index
 from shards.manifest import read_manifest
@@ -99,7 +98,7 @@ def verify_shards(
     rng = random.Random(seed)
     rep = VerifyReport()
     todo = [(s, b) for b in manifest["bins"] for s in b["shards"]]
-    for shard, bin_ in tqdm(todo, desc="verify", unit="shard", disable=None):
+    for shard, bin_ in progress(todo, desc="verify", unit="shard"):
         rep.shards += 1
         _check_shard(root, shard, bin_, codec, quick_share if quick else 1.0, rng, rep)
     written = manifest["counts"]["written"]

@@ -1,0 +1,218 @@
+"""The study's stages, shared by `radstream demo` (synthetic data, a tiny protocol) and `radstream study`
+(the user's files, the full protocol): shards → MAE pretraining → embeddings → linear probes → supervised
+ViT / ResNet50 and MAE fine-tuning over the LR grid, label fractions and seeds → tables, pictures, model card.
+
+A stage whose outputs exist is reused (a finished training run is skipped by the file it leaves, so an
+interrupted study resumes at the next run). Training stages run as their own processes, exactly as a user
+would run them: ``python -m train.<stage>`` on one GPU or the CPU, ``accelerate launch --multi_gpu
+--num_processes <GPUs>`` when the machine has several.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.progress import progress
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+FRACTIONS = (0.01, 0.1, 1.0)
+STUDY_LRS = (1e-05, 1.9e-05, 3.6e-05, 6.7e-05, 0.00013, 0.00024, 0.00045, 0.00084, 0.0016, 0.003)
+"""The study's 10 learning rates of every trained model (AdamW), the same as slurm/sweep_lr.sbatch's."""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Which recipes, and how much of the study's protocol: learning rates, seeds, epochs, fractions."""
+
+    recipes: dict[str, str]
+    """Recipe per stage: pretrain, probe, vit, resnet50, finetune (paths relative to the checkout)."""
+    lrs: tuple[float, ...] | None = STUDY_LRS
+    """The LR grid of the supervised and fine-tuning runs; None: each recipe's one rate."""
+    seeds: int = 3
+    """Seeds of every probe regime."""
+    train_seeds: int = 3
+    """Seeds of every supervised and fine-tuning (fraction, LR)."""
+    patience: int = 10
+    """Early stopping of every trained model (epochs without a better validation score)."""
+    fractions: tuple[float, ...] = FRACTIONS
+    epochs: dict[str, int] | None = None
+    """Epochs per stage (pretrain, vit, resnet50, finetune); None or a missing stage: the recipe's."""
+    max_tokens: int | None = None
+    """Token cap of the smart bins (None: the build's default)."""
+
+    def recipe(self, stage: str) -> Path:
+        return ROOT / self.recipes[stage]
+
+    def overrides(self, stage: str) -> list[str]:
+        """Overrides every run of ``stage`` gets from the protocol."""
+        epochs = (self.epochs or {}).get(stage)
+        return [f"run.patience={self.patience}"] + ([f"run.epochs={epochs}"] if epochs else [])
+
+
+def launcher() -> list[str]:
+    """How a training stage starts: all the machine's GPUs under accelerate launch, else one process."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus > 1:
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            f"--num_processes={gpus}",
+            "-m",
+        ]
+    return [sys.executable, "-m"]
+
+
+def run_stage(stage: str, args: Sequence[str], log_file: Path, prefix: str) -> None:
+    """``stage`` as its own process with its output in ``log_file``; a failure names the stage and the log."""
+    cmd = [*(launcher() if stage.startswith("train.") and stage != "train.probe" else [sys.executable, "-m"]),
+           stage, *args]  # fmt: skip
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log_file, "w") as fh:
+        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    if code != 0:
+        tail = "\n".join(log_file.read_text().splitlines()[-15:])
+        raise RuntimeError(f"{prefix}: {stage} failed (exit {code}); log {log_file}:\n{tail}")
+    shown = " ".join(
+        a for a in args if "=" not in a or a.startswith(("loader.label", "optim.lr", "run.seed"))
+    )
+    print(f"{prefix}: {stage} {shown[-100:]} done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def header(prefix: str, number: int, total: int, what: str) -> None:
+    """The line that says which stage is starting."""
+    print(f"{prefix}: [{number}/{total}] {what}", flush=True)
+
+
+def stage_shards(out: Path, source: Path, build_overrides: Sequence[str], workers: int, seed: int) -> Path:
+    """Build, finalize and verify the shard dataset (reused when its manifest exists); bin pictures."""
+    from core.config import load_config
+    from radstream.pictures import bin_pictures
+    from shards.build.config import BuildConfig
+    from shards.build.finalize import finalize
+    from shards.build.parts import run_build
+    from shards.build.verify import verify_shards
+
+    shards = out / "shards"
+    if not (shards / "manifest.json").is_file():
+        overrides = [f"source={source}", f"out={shards}", f"workers={workers}", f"seed={seed}",
+                     "binning.strategy=smart", *build_overrides]  # fmt: skip
+        cfg = load_config(BuildConfig, None, overrides)
+        run_build(cfg)
+        finalize(cfg)
+    report = verify_shards(shards)
+    if not report.ok:
+        raise RuntimeError(f"shard verification failed: {report.problems[:3]}")
+    print(report.summary())
+    bin_pictures(shards, out / "pictures")
+    return shards
+
+
+def stage_pretrain(out: Path, shards: Path, protocol: Protocol, seed: int, prefix: str) -> Path:
+    """MAE pretraining (reused when summary.json exists); loss curves and reconstruction grids."""
+    from radstream.pictures import loss_curves
+
+    run_dir = out / "runs" / "mae"
+    if not (run_dir / "summary.json").is_file():
+        args = ["--config", str(protocol.recipe("pretrain")), f"shards={shards}", f"run_dir={run_dir}",
+                f"run.seed={seed}", *protocol.overrides("pretrain")]  # fmt: skip
+        run_stage("train.pretrain", args, out / "logs" / "pretrain.log", prefix)
+    loss_curves(run_dir / "metrics.jsonl", out / "pictures" / "mae_loss.png")
+    grids = sorted((run_dir / "samples").glob("*.png"))
+    for grid in (grids[0], grids[-1]) if grids else ():
+        shutil.copy(grid, out / "pictures" / f"reconstructions_{grid.stem}.png")
+    return run_dir
+
+
+def stage_probe(out: Path, shards: Path, mae_run: Path, protocol: Protocol, prefix: str) -> Path:
+    """Embeddings of the best MAE weights, then the probe grid (reused when probe_results.json exists)."""
+    emb, probe_dir = out / "embeddings.zarr", out / "runs" / "probe"
+    if not (probe_dir / "probe_results.json").is_file():
+        args = ["--checkpoint", str(mae_run / "best"), "--shards", str(shards), "--out", str(emb),
+                "loader.backend=torch"]  # fmt: skip
+        run_stage("train.embed", args, out / "logs" / "embed.log", prefix)
+        seeds = "[" + ",".join(map(str, range(protocol.seeds))) + "]"
+        fractions = "[" + ",".join(f"{f:g}" for f in protocol.fractions) + "]"
+        args = ["--config", str(protocol.recipe("probe")), "--embeddings", str(emb), "--out", str(probe_dir),
+                f"seeds={seeds}", f"label_fractions={fractions}", f"patience={protocol.patience}"]  # fmt: skip
+        run_stage("train.probe", args, out / "logs" / "probe.log", prefix)
+    return probe_dir
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """One row of the tables trained over the grid: which stage module, recipe key, extra overrides."""
+
+    name: str
+    module: str
+    overrides: tuple[str, ...] = ()
+
+
+def stage_grid(out: Path, shards: Path, model: TrainedModel, protocol: Protocol, prefix: str) -> Path:
+    """Every (fraction, LR, seed) run of ``model``; finished runs (results.json) are skipped."""
+    root = out / "runs" / model.name
+    lrs = protocol.lrs or (None,)
+    runs = [(f, lr, s) for f in protocol.fractions for lr in lrs for s in range(protocol.train_seeds)]
+    with progress(total=len(runs), desc=model.name, unit="run") as bar:
+        for fraction, lr, seed in runs:
+            run_dir = root / f"f{fraction:g}" / (f"lr-{lr:g}" if lr else "lr-recipe") / f"seed-{seed}"
+            if not (run_dir / "results.json").is_file():
+                args = ["--config", str(protocol.recipe(model.name)), f"shards={shards}", f"run_dir={run_dir}",
+                        f"loader.label_fraction={fraction}", f"run.seed={seed}", *protocol.overrides(model.name),
+                        *model.overrides, *([f"optim.lr={lr}"] if lr else [])]  # fmt: skip
+                log_file = out / "logs" / model.name / f"f{fraction:g}-lr{lr or 'recipe'}-seed{seed}.log"
+                run_stage(model.module, args, log_file, prefix)
+            bar.update()
+    return root
+
+
+def stage_report(out: Path, runs: list[Path], mae_run: Path) -> str:
+    """The tables (results/), the pictures, and the model card of the MAE encoder (when export is here)."""
+    from train.report import write_report
+
+    results = out / "results"
+    write_report([str(r) for r in runs], str(results))
+    for png in results.glob("*.png"):
+        shutil.copy(png, out / "pictures" / png.name)
+    for png in sorted((out / "runs" / "probe").rglob("confusion*.png"))[:1]:
+        shutil.copy(png, out / "pictures" / "confusion_matrix.png")
+    return (results / "results.md").read_text()
+
+
+def run_stages(
+    out: Path, source: Path, protocol: Protocol, *, build_overrides: Sequence[str], seed: int, workers: int,
+    prefix: str, first: int = 1,
+) -> str:  # fmt: skip
+    """Shards, pretraining, probes, the three trained rows and the report into ``out`` (stage headers
+    numbered from ``first``); returns the tables."""
+    total = first + 4
+    for sub in ("pictures", "logs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    header(prefix, first, total, "shards")
+    shards = stage_shards(out, source, build_overrides, workers, seed)
+    header(prefix, first + 1, total, "MAE pretraining")
+    mae_run = stage_pretrain(out, shards, protocol, seed, prefix)
+    header(prefix, first + 2, total, "embeddings and linear probes")
+    probe_dir = stage_probe(out, shards, mae_run, protocol, prefix)
+    trained = (
+        TrainedModel("vit", "train.supervised"),
+        TrainedModel("resnet50", "train.supervised"),
+        TrainedModel("finetune", "train.finetune", (f"model.init={mae_run}",)),
+    )
+    header(prefix, first + 3, total, "supervised ViT and ResNet50, MAE fine-tuning")
+    roots = [stage_grid(out, shards, model, protocol, prefix) for model in trained]
+    header(prefix, first + 4, total, "report")
+    return stage_report(out, [probe_dir, *roots], mae_run)

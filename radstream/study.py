@@ -1,0 +1,85 @@
+"""`radstream study SOURCE OUT`: the reference study on the user's own radiographs, on one machine.
+
+The stages of the demo (``radstream.stages``) on SOURCE with the study's full protocol: shards in smart bins,
+MAE pretraining (ViT-B/16), embeddings and linear probes (10 LRs x 3 aggregations), the supervised ViT and
+ResNet50 and MAE fine-tuning each over the 10-value LR grid, every label fraction (1%, 10%, 100%) and 3 seeds,
+early stopping with patience 10; then the tables and pictures. Every GPU of the machine is used (accelerate
+launch), or the CPU. Finished stages and runs are reused, so the same command resumes an interrupted study.
+Larger archives: the SLURM route (slurm/README.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from radstream.stages import STUDY_LRS, Protocol, run_stages
+
+FULL = Protocol(
+    {
+        "pretrain": "configs/pretrain/vit_b16_224.yaml",
+        "probe": "configs/probe/default.yaml",
+        "vit": "configs/supervised/vit.yaml",
+        "resnet50": "configs/supervised/resnet50.yaml",
+        "finetune": "configs/finetune/vit.yaml",
+    },
+    lrs=STUDY_LRS,
+    seeds=3,
+    train_seeds=3,
+    patience=10,
+)
+"""The study's protocol with the study's models."""
+TINY = Protocol(
+    {
+        "pretrain": "configs/pretrain/debug.yaml",
+        "probe": "configs/probe/debug.yaml",
+        "vit": "configs/supervised/debug_vit.yaml",
+        "resnet50": "configs/supervised/debug_resnet.yaml",
+        "finetune": "configs/finetune/debug.yaml",
+    },
+    lrs=(1e-3,),
+    seeds=1,
+    train_seeds=1,
+    epochs={"pretrain": 2, "vit": 1, "resnet50": 1, "finetune": 1},
+    max_tokens=16,
+)
+"""A minute or two on a CPU: the debug recipes' tiny models on the CPU, one LR and seed, an epoch or two (to
+try the command; what its test runs)."""
+PROTOCOLS = {"full": FULL, "tiny": TINY}
+
+
+def make_protocol(
+    name: str,
+    lrs: Sequence[float] | None = None,
+    seeds: int | None = None,
+    fractions: Sequence[float] | None = None,
+) -> Protocol:
+    """The named protocol with the given learning rates, seeds (probes and trained models) and fractions."""
+    protocol = PROTOCOLS[name]
+    changes: dict = {}
+    if lrs:
+        changes["lrs"] = tuple(lrs)
+    if seeds is not None:
+        changes.update(seeds=seeds, train_seeds=seeds)
+    if fractions:
+        changes["fractions"] = tuple(fractions)
+    return dataclasses.replace(protocol, **changes)
+
+
+def run_study(
+    source: str | Path, out: str | Path, protocol: Protocol, *, build_overrides: Sequence[str] = (), seed: int = 0,
+    workers: int = 4,
+) -> int:  # fmt: skip
+    """Every stage of the study on ``source`` into ``out``; finished stages and runs are reused."""
+    start = time.perf_counter()
+    build = [
+        *([f"binning.max_tokens={protocol.max_tokens}"] if protocol.max_tokens else []),
+        *build_overrides,
+    ]
+    tables = run_stages(Path(out), Path(source), protocol, build_overrides=build, seed=seed, workers=workers,
+                        prefix="study")  # fmt: skip
+    print(tables)
+    print(f"study: done in {time.perf_counter() - start:.0f} s; results in {Path(out) / 'results'}")
+    return 0
