@@ -10,7 +10,8 @@
 # SBATCH_ACCOUNT, SBATCH_TIMELIMIT, SBATCH_GPUS_PER_NODE, ... from the environment itself (the report job gets
 # no GPUs); this script adds:
 #   RADSTREAM_LRS             the rates (default: sweep_lr.sbatch's 10 log-spaced values)
-#   RADSTREAM_MODULE          train.supervised (default) or train.pretrain; RADSTREAM_LR_KEY: the config key
+#   RADSTREAM_MODULE          train.supervised (default), train.finetune or train.pretrain; RADSTREAM_LR_KEY:
+#                             the config key
 #   RADSTREAM_NODES           nodes per task (--nodes; default 1)
 #   RADSTREAM_CPUS_PER_TASK   cores of each node's launcher (--cpus-per-task)
 #   RADSTREAM_ARRAY_PARALLEL  at most this many tasks at once (--array=0-9%N)

@@ -44,9 +44,11 @@ def test_tiny_demo_end_to_end(tmp_path: Path, capsys) -> None:
         "MAE probe (CLS)",
         "MAE kNN (CLS)",
         "MAE kNN (mean)",
+        "MAE fine-tuned",
     }
+    assert len(rows["MAE fine-tuned"]) == 3  # fine-tuned at 1%, 10% and 100% of the labels
     assert all(0.0 <= acc <= 1.0 for accs in rows.values() for acc in accs)
-    assert (out / "results" / "results.csv").read_text().count("\n") >= 10
+    assert (out / "results" / "results.csv").read_text().count("\n") >= 13
 
     pictures = {p.name for p in (out / "pictures").glob("*.png")}
     assert {

@@ -141,7 +141,49 @@ def test_smoke_run_from_an_mae_run_writes_results_and_resumes(tmp_path: Path, ti
     assert results["config"]["model"]["init"] == str(mae_run)  # what the model card reader matches
     assert results["config"]["optim"]["layer_decay"] == 0.75 and results["fraction"] == 1.0
     assert sum(map(sum, results["confusion"])) == 9 and 0.0 <= results["test_acc"] <= 1.0
-    assert (run_dir / "best" / "model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    tuned, pretrained = (
+        load_file(run_dir / "best" / "model.safetensors"),
+        load_file(mae_run / "best" / "model.safetensors"),
+    )
+    for block in (
+        "blocks.0.attn.qkv.weight",
+        "patch_embed.proj.weight",
+    ):  # end to end: the encoder trained too
+        assert not torch.equal(tuned[f"backbone.encoder.{block}"], pretrained[f"encoder.{block}"]), block
+    assert not any(k.startswith("backbone.decoder") for k in tuned)
     mtime = (run_dir / "results.json").stat().st_mtime
     assert run(cfg) == 0  # finished: nothing to do
     assert (run_dir / "results.json").stat().st_mtime == mtime
+
+
+@pytest.mark.slow
+def test_fine_tuned_model_beats_its_own_linear_probe_at_full_labels(
+    tmp_path: Path, tiny_shards: Path
+) -> None:
+    """The MAE paper's finding on the demo corpus: the same encoder, end to end, beats a linear head on its
+    frozen features (each picks its best LR on validation)."""
+    from train import probe
+    from train.embed import EmbedConfig
+    from train.embed import run as embed
+    from train.probe_config import ProbeConfig
+
+    mae_run = pretrain(tiny_shards, tmp_path / "mae", "run.epochs=3")
+    emb = tmp_path / "emb.zarr"
+    embed(load_config(EmbedConfig, None, [f"checkpoint={mae_run / 'best'}", f"shards={tiny_shards}", f"out={emb}",
+                                          "loader.backend=torch", "loader.batch_size=8", "cpu=true"]))  # fmt: skip
+    probe_cfg = load_config(ProbeConfig, CONFIGS / "probe" / "debug.yaml",
+                            [f"embeddings={emb}", f"out={tmp_path / 'probe'}", "label_fractions=[1.0]",
+                             "max_epochs=30"])  # fmt: skip
+    probed = max(r["test_acc_mean"] for r in probe.run(probe_cfg, progress=False)["summary"])
+    tuned = []
+    for lr in (1e-3, 3e-3):
+        run_dir = tmp_path / f"ft-{lr}"
+        cfg = load_config(FinetuneConfig, CONFIGS / "finetune" / "debug.yaml",
+                          [f"shards={tiny_shards}", f"run_dir={run_dir}", f"model.init={mae_run}", f"optim.lr={lr}",
+                           "run.epochs=8"])  # fmt: skip
+        assert run(cfg) == 0
+        tuned.append(json.loads((run_dir / "results.json").read_text()))
+    best = max(tuned, key=lambda r: r["val_acc"])
+    assert best["test_acc"] > probed, (best["test_acc"], probed)
