@@ -21,7 +21,8 @@ the full rate, the last block ``decay`` times it, the embeddings ``decay ** (D +
 
 It is the supervised task of ``train.supervised`` with another network and its parameter groups: the same
 loss, validation accuracy (early stopping), test scores and ``results.json`` (row ``mae_finetune`` of
-``radstream report``; ``checkpoint`` names the weights it started from). One run is one (learning rate, label
+``radstream report``; ``checkpoint`` names the weights folder it started from, which the model card of
+``radstream export`` looks for). One run is one (learning rate, label
 fraction, seed), swept like the baselines (``slurm/submit_sweep.sh`` with ``RADSTREAM_MODULE=train.finetune``).
 Resume, stop signals and exit codes as ``train.supervised``.
 """
@@ -134,8 +135,9 @@ class FinetuneConfig:
 # --------------------------------------------------------------------------------------- the encoder
 
 
-def load_pretrained(source: str | Path) -> MAE:
-    """The MAE of ``source`` with its weights (an exported encoder folder, or what ``train.embed`` reads).
+def load_pretrained(source: str | Path) -> tuple[MAE, Path]:
+    """The MAE of ``source`` with its weights (an exported encoder folder, or what ``train.embed`` reads), and
+    the folder its weights came from (``RUN/best`` for a run folder that has one).
 
     Raises:
         FileNotFoundError: nothing usable at ``source``.
@@ -143,12 +145,13 @@ def load_pretrained(source: str | Path) -> MAE:
     """
     source = Path(source)
     if (source / EXPORT_CONFIG).is_file():
-        return _load_export(source)
+        return _load_export(source), source
     if (source / "best" / "model.safetensors").is_file():  # a run folder: its best validation epoch
         source = source / "best"
     from train.embed import load_encoder
 
-    return load_encoder(source)[0]
+    model, _, folder = load_encoder(source)
+    return model, folder
 
 
 def _load_export(folder: Path) -> MAE:
@@ -209,11 +212,12 @@ class EncoderClassifier(nn.Module):
         return self.head(self.fc_norm(pooled))
 
 
-def build_finetune_model(cfg: FinetuneModelConfig, num_classes: int) -> EncoderClassifier:
-    """The pretrained encoder of ``cfg.init`` with drop path and a fresh head for ``num_classes``."""
-    mae = load_pretrained(cfg.init)
+def build_finetune_model(cfg: FinetuneModelConfig, num_classes: int) -> tuple[EncoderClassifier, Path]:
+    """The pretrained encoder of ``cfg.init`` with drop path and a fresh head for ``num_classes``, and the
+    folder its weights came from."""
+    mae, folder = load_pretrained(cfg.init)
     set_drop_path(mae.encoder, cfg.drop_path_rate)
-    return EncoderClassifier(mae, num_classes, cfg.pool)
+    return EncoderClassifier(mae, num_classes, cfg.pool), folder
 
 
 # ------------------------------------------------------------------------------- layer-wise LR decay
@@ -263,7 +267,7 @@ class FinetuneTask(SupervisedTask):
     def build_model(self) -> nn.Module:
         cfg = self.cfg
         self.class_names = dataset_classes(cfg.shards)
-        model = build_finetune_model(cfg.model, len(self.class_names))
+        model, self.weights = build_finetune_model(cfg.model, len(self.class_names))
         patch = model.backbone.patch_size
         if patch != cfg.loader.patch_size:
             raise ValueError(
@@ -281,7 +285,7 @@ class FinetuneTask(SupervisedTask):
 
     def test(self, s: Session, loader: ShardLoader, reason: str, weights: str) -> tuple[dict, dict]:
         metrics, results = super().test(s, loader, reason, weights)
-        results["checkpoint"] = str(Path(self.cfg.model.init).resolve())
+        results["checkpoint"] = str(self.weights.resolve())  # the model card of these weights finds it
         return metrics, results
 
 

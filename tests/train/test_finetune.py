@@ -86,7 +86,8 @@ def test_forward_any_bin_shape_and_drop_path(tmp_path: Path) -> None:
         f"  {k}: {v}\n" for k, v in dict(encoder="vit_tiny_patch16_224", embed_dim=32, depth=3, num_heads=2,
                                          decoder_dim=32, decoder_depth=1, decoder_heads=2).items()))  # fmt: skip
     cfg = load_config(FinetuneConfig, None, ["shards=x", "run_dir=y", f"model.init={tmp_path}"]).model
-    model = build_finetune_model(cfg, num_classes=5)
+    model, folder = build_finetune_model(cfg, num_classes=5)
+    assert folder == tmp_path / "best"  # a run folder starts from its best weights
     assert torch.equal(
         model.backbone.encoder.blocks[1].attn.qkv.weight, mae.encoder.blocks[1].attn.qkv.weight
     )
@@ -105,7 +106,8 @@ def test_exported_encoder_folder_loads_the_same_weights(tmp_path: Path) -> None:
     config = {"architecture": "vit_tiny_patch16_224", "model_args": {"in_chans": 1},
               "radstream": {"pos_embed": "sincos", "embed_dim": 32, "depth": 2, "num_heads": 2}}  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(config))
-    loaded = load_pretrained(tmp_path)
+    loaded, folder = load_pretrained(tmp_path)
+    assert folder == tmp_path
     imgs = torch.rand(2, 1, 32, 48)
     assert torch.allclose(loaded.eval().forward_features(imgs), mae.eval().forward_features(imgs), atol=1e-6)
     (tmp_path / "config.json").write_text(json.dumps({"architecture": "x"}))
@@ -137,7 +139,9 @@ def test_smoke_run_from_an_mae_run_writes_results_and_resumes(tmp_path: Path, ti
     assert run(cfg) == 0
     results = json.loads((run_dir / "results.json").read_text())
     assert results["kind"] == "supervised" and results["model"] == "mae_finetune"
-    assert results["arch"] == "vit_tiny_patch16_224" and results["checkpoint"] == str(mae_run.resolve())
+    assert results["arch"] == "vit_tiny_patch16_224" and results["checkpoint"] == str(
+        (mae_run / "best").resolve()
+    )
     assert results["config"]["model"]["init"] == str(mae_run)  # what the model card reader matches
     assert results["config"]["optim"]["layer_decay"] == 0.75 and results["fraction"] == 1.0
     assert sum(map(sum, results["confusion"])) == 9 and 0.0 <= results["test_acc"] <= 1.0
