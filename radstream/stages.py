@@ -1,6 +1,7 @@
 """The study's stages, shared by `radstream demo` (synthetic data, a tiny protocol) and `radstream study`
 (the user's files, the full protocol): shards → MAE pretraining → embeddings → linear probes → supervised
-ViT / ResNet50 and MAE fine-tuning over the LR grid, label fractions and seeds → tables, pictures, model card.
+ViT / ResNet50 and MAE fine-tuning over the LR grid, label fractions and seeds → tables, pictures, and the
+encoder exported with its model card (``OUT/encoder``, as ``radstream export``).
 
 A stage whose outputs exist is reused (a finished training run is skipped by the file it leaves, so an
 interrupted study resumes at the next run). Training stages run as their own processes, exactly as a user
@@ -180,7 +181,9 @@ def stage_grid(out: Path, shards: Path, model: TrainedModel, protocol: Protocol,
 
 
 def stage_report(out: Path, runs: list[Path], mae_run: Path) -> str:
-    """The tables (results/), the pictures, and the model card of the MAE encoder (when export is here)."""
+    """The tables (results/), the pictures, and the encoder exported with its model card (encoder/: the
+    probe and fine-tuning results of its weights included)."""
+    from train.export import export
     from train.report import write_report
 
     results = out / "results"
@@ -189,6 +192,7 @@ def stage_report(out: Path, runs: list[Path], mae_run: Path) -> str:
         shutil.copy(png, out / "pictures" / png.name)
     for png in sorted((out / "runs" / "probe").rglob("confusion*.png"))[:1]:
         shutil.copy(png, out / "pictures" / "confusion_matrix.png")
+    export(mae_run, out / "encoder", results=[out / "runs"], force=True)
     return (results / "results.md").read_text()
 
 

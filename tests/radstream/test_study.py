@@ -72,6 +72,8 @@ def test_tiny_study_writes_the_tables_and_resumes(tmp_path: Path, capsys) -> Non
         assert 0.0 <= float(rows[row].split("±")[0]) <= 1.0, row
     for model in ("vit", "resnet50", "finetune"):
         assert (out / "runs" / model / "f1" / "lr-0.001" / "seed-0" / "results.json").is_file()
+    card = (out / "encoder" / "README.md").read_text()  # the model card lists the fine-tuning of its weights
+    assert "fine-tuned (mae_finetune" in card and (out / "encoder" / "model.safetensors").is_file()
     assert {"bins.png", "mae_loss.png", "accuracy_vs_fraction.png"} <= {
         p.name for p in (out / "pictures").iterdir()
     }

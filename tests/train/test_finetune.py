@@ -161,6 +161,19 @@ def test_smoke_run_from_an_mae_run_writes_results_and_resumes(tmp_path: Path, ti
     assert run(cfg) == 0  # finished: nothing to do
     assert (run_dir / "results.json").stat().st_mtime == mtime
 
+    from train.export import export
+
+    export(mae_run, tmp_path / "encoder", results=[tmp_path])  # the model card finds the fine-tuning result
+    assert "fine-tuned (mae_finetune" in (tmp_path / "encoder" / "README.md").read_text()
+    exported, _ = load_pretrained(
+        tmp_path / "encoder"
+    )  # and fine-tuning starts from the export as from the run
+    imgs = torch.rand(2, 1, 32, 64)
+    original, _ = load_pretrained(mae_run)
+    assert torch.allclose(
+        exported.eval().forward_features(imgs), original.eval().forward_features(imgs), atol=1e-5
+    )
+
 
 @pytest.mark.slow
 def test_fine_tuned_model_beats_its_own_linear_probe_at_full_labels(
