@@ -208,6 +208,22 @@ def accumulate_step(
     return torch.stack(losses).mean(), grad_norm
 
 
+def global_mean(accelerator: Accelerator, local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a mean over the samples of ALL ranks, as the loss to backpropagate under DDP.
+
+    DDP averages gradients over ranks, so ``local_sum x world / global_count`` gives every real sample the
+    same weight whatever the ranks hold: a rank holding only padding (at 1% labels on 8 GPUs) adds nothing
+    and does not shrink the others' update, and the LR chosen does not depend on the world size. A mean over
+    each rank's own samples would instead weigh a rank's samples by 1 / its count and count an empty rank as 0.
+
+    Args:
+        local_sum: 0-d sum of the per-sample (or per-patch) losses on this rank, with its graph.
+        local_count: 0-d number of samples (or patches) in ``local_sum``; all-reduced (one small collective).
+    """
+    count = accelerator.reduce(local_count.detach().float().reshape(1), reduction="sum").reshape(())
+    return local_sum * accelerator.num_processes / count.clamp_min(1.0)
+
+
 def agree(accelerator: Accelerator, *flags: bool | torch.Tensor) -> list[bool]:
     """Whether any rank raised each flag: one small all-reduce, so every rank takes the same branch."""
     device = accelerator.device

@@ -107,6 +107,8 @@ class MAEOutput:
 
     Attributes:
         loss: scalar float32, MSE over the scored patches of the valid images.
+        loss_count: detached scalar, the number of those patches (``loss``'s denominator; for a mean over
+            all ranks, ``train.loop.global_mean``).
         pred: ``[N, L, p*p*C]`` predicted patches (normalised per patch when norm_pix_loss).
         mask: ``[N, L]`` float, 1 = scored: hidden from the encoder and not background (MAE's mask when
             there is no background).
@@ -117,6 +119,7 @@ class MAEOutput:
     """
 
     loss: torch.Tensor
+    loss_count: torch.Tensor
     pred: torch.Tensor
     mask: torch.Tensor
     hidden: torch.Tensor
@@ -285,6 +288,7 @@ class MAE(nn.Module):
         pred = self.forward_decoder(latent, ids_restore, self.grid(imgs), counts)
         scored = hidden if background is None else hidden * (~background).to(hidden.dtype)
         loss = self.forward_loss(imgs, pred, scored, valid)
+        counted = scored.detach() if valid is None else scored.detach() * valid[:, None].to(scored.dtype)
         bg_frac = (
             background.float().mean() if background is not None else imgs.new_zeros((), dtype=torch.float)
         )
@@ -294,7 +298,9 @@ class MAE(nn.Module):
             "encoder_slots": torch.full((), float(latent.shape[1]), device=imgs.device),
             "scored_patches": scored.detach().float().sum(dim=1).mean(),
         }
-        return MAEOutput(loss=loss, pred=pred, mask=scored, hidden=hidden, stats=stats)
+        return MAEOutput(
+            loss=loss, loss_count=counted.sum(), pred=pred, mask=scored, hidden=hidden, stats=stats
+        )
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs: [N, C, H, W] -> encoder tokens [N, 1+L, D] of all patches (no masking), CLS first."""

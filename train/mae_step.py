@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 
-from train.loop import StepStats, accumulate_step
+from train.loop import StepStats, accumulate_step, global_mean
 from train.mae import EVAL_SUMS, MAE, background_patches
 from train.visualize import masked_images
 
@@ -109,7 +109,8 @@ def train_step(
         if background is not None:
             stats.skipped_tokens = stats.skipped_tokens + background.sum()
         stats.keys.extend(batch["key"])
-        return out.loss
+        # the mean over the masked patches of all ranks, not of this rank's own (see global_mean)
+        return global_mean(accelerator, out.loss * out.loss_count.clamp_min(1.0), out.loss_count)
 
     stats.loss, stats.grad_norm = accumulate_step(
         accelerator, model, optimizer, batches, loss_of, step=step, grad_clip=grad_clip

@@ -43,7 +43,7 @@ from shards.manifest import read_manifest
 from train import trainer
 from train.classifier import ClassifierConfig, build_classifier
 from train.config import CheckpointConfig, RunConfig
-from train.loop import Schedule, StepStats, accumulate_step, optimizer_steps
+from train.loop import Schedule, StepStats, accumulate_step, global_mean, optimizer_steps
 from train.metrics import accuracy, balanced_accuracy, per_class_recall
 from train.stage import stage_main
 from train.trainer import Session, TrainTask, Validation
@@ -128,13 +128,16 @@ def dataset_classes(shards: str) -> list[str]:
     return names
 
 
-def masked_loss(logits: torch.Tensor, batch: dict, label_smoothing: float) -> torch.Tensor:
-    """Mean cross-entropy over the batch's real, labelled samples (padding repeats and -1 labels excluded)."""
+def masked_loss(
+    accelerator: Accelerator, logits: torch.Tensor, batch: dict, label_smoothing: float
+) -> torch.Tensor:
+    """Cross-entropy over the real, labelled samples of all ranks (padding repeats and -1 labels excluded),
+    normalised by their global count (``train.loop.global_mean``): this rank's share of the global mean."""
     keep = (batch["valid"].bool() & (batch["label"] >= 0)).float()
     ce = F.cross_entropy(
         logits.float(), batch["label"].clamp_min(0), reduction="none", label_smoothing=label_smoothing
     )
-    return (ce * keep).sum() / keep.sum().clamp_min(1.0)
+    return global_mean(accelerator, (ce * keep).sum(), keep.sum())
 
 
 @torch.no_grad()
@@ -167,7 +170,7 @@ def train_step(
     def loss_of(micro: int, batch: dict) -> torch.Tensor:
         stats.images += batch["image"].shape[0]
         stats.keys.extend(batch["key"])
-        return masked_loss(model(batch["image"]), batch, optim.label_smoothing)
+        return masked_loss(accelerator, model(batch["image"]), batch, optim.label_smoothing)
 
     stats.loss, stats.grad_norm = accumulate_step(
         accelerator, model, optimizer, batches, loss_of, step=step, grad_clip=optim.grad_clip
