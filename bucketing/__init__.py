@@ -21,6 +21,7 @@ from bucketing.schedule import (
     bin_sequence,
     bin_total,
     epoch_schedule,
+    mean_batch_size,
     schedule_stats,
     steps_per_epoch,
     token_budget_batch_sizes,
@@ -56,5 +57,6 @@ __all__ = [
     "remaining_schedule",
     "schedule_stats",
     "steps_per_epoch",
+    "mean_batch_size",
     "token_budget_batch_sizes",
 ]

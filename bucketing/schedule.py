@@ -213,6 +213,22 @@ def steps_per_epoch(
     )
 
 
+def mean_batch_size(
+    counts: Mapping[str, ShardCounts], batch_size: BatchSize, world_size: int, drop_incomplete: bool = False
+) -> float:
+    """Images per rank per step, averaged over the steps of an epoch (padding repeats included: they fill the
+    batch slots of a bin's last global batch). With one batch size it is that size; with per-bin sizes (a
+    token budget) it is the real batch the optimizer sees on average, which the LR scaling follows."""
+    _check(counts, world_size)
+    sizes = {n: _batch_size_of(batch_size, n) for n, shards in counts.items() if bin_total(shards) > 0}
+    steps = {
+        n: _num_global_batches(bin_total(counts[n]), s * world_size, drop_incomplete)
+        for n, s in sizes.items()
+    }
+    total = sum(steps.values())
+    return sum(steps[n] * sizes[n] for n in sizes) / total if total else 0.0
+
+
 def token_budget_batch_sizes(
     bins: Sequence[str | Bin],
     tokens_per_batch: int,

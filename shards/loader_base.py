@@ -49,7 +49,13 @@ import torch
 
 from bucketing.dataplan import crop_params, padding_masks, transform_boxes
 from bucketing.elastic import remaining_padding_masks, remaining_schedule
-from bucketing.schedule import epoch_schedule, schedule_stats, steps_per_epoch, token_budget_batch_sizes
+from bucketing.schedule import (
+    epoch_schedule,
+    mean_batch_size,
+    schedule_stats,
+    steps_per_epoch,
+    token_budget_batch_sizes,
+)
 from shards.codecs import bit_depth
 from shards.loader_config import LoaderConfig
 from shards.loader_data import SplitSamples
@@ -182,6 +188,12 @@ class ShardLoader:
     def num_samples(self) -> int:
         """Samples in the split (after the label-fraction filter), all ranks together."""
         return sum(self.data.counts.values())
+
+    @property
+    def mean_batch_size(self) -> float:
+        """Images per device batch averaged over an epoch's steps: ``batch_size`` unless a token budget gives
+        each bin its own size (then the real mean, which the LR scaling follows, not the cap)."""
+        return mean_batch_size(self.data.counts, self.batch_sizes, self.world_size, self.drop_incomplete)
 
     def __len__(self) -> int:
         return steps_per_epoch(self.data.counts, self.batch_sizes, self.world_size, self.drop_incomplete)

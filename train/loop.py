@@ -67,8 +67,9 @@ def build_optimizer(
 class Schedule:
     """Numbers derived from the config and the world size; computed at run time, never written back."""
 
-    global_batch: int
-    """Images per optimizer step, all processes: batch_size x processes x grad_accum_steps."""
+    global_batch: float
+    """Images per optimizer step, all processes: mean device batch x processes x grad_accum_steps (the mean
+    over the epoch's steps: ``batch_size`` without a token budget, the bins' real mean with one)."""
     peak_lr: float
     """Absolute learning rate after the warmup (MAE: base_lr x global_batch / 256; supervised: optim.lr)."""
     steps_per_epoch: int
@@ -96,14 +97,16 @@ class Schedule:
 
 
 def make_schedule(
-    optim: OptimConfig, epochs: int, batch_size: int, loader_batches: int, num_processes: int
+    optim: OptimConfig, epochs: int, batch_size: float, loader_batches: int, num_processes: int
 ) -> Schedule:
     """The run's step counts and absolute LR.
 
     Args:
         optim: optimizer settings (base LR, warmup, accumulation).
         epochs: training epochs.
-        batch_size: images per device batch (the loader's; its maximum with a token budget).
+        batch_size: images per device batch, averaged over the epoch's steps (the train loader's
+            ``mean_batch_size``: with a token budget the real mean, not the ``batch_size`` cap), so that the
+            peak LR (base_lr x global batch / 256) follows the batch the optimizer really sees.
         loader_batches: the train loader's batches per epoch (equal on every rank).
         num_processes: the world size.
 

@@ -49,7 +49,7 @@ class MAETask(TrainTask):
 
     def schedule(self, loader_batches: int, num_processes: int) -> Schedule:
         cfg = self.cfg
-        return make_schedule(cfg.optim, cfg.run.epochs, cfg.loader.batch_size, loader_batches, num_processes)
+        return make_schedule(cfg.optim, cfg.run.epochs, self.mean_batch_size, loader_batches, num_processes)
 
     def step(self, s: Session, batches: list[dict]):
         cfg = self.cfg

@@ -198,7 +198,7 @@ class SupervisedTask(TrainTask):
         cfg, optim = self.cfg, self.cfg.optim
         spe = optimizer_steps(loader_batches, optim.grad_accum_steps)
         return Schedule(
-            global_batch=cfg.loader.batch_size * num_processes * optim.grad_accum_steps, peak_lr=optim.lr,
+            global_batch=self.mean_batch_size * num_processes * optim.grad_accum_steps, peak_lr=optim.lr,
             steps_per_epoch=spe, total_steps=cfg.run.epochs * spe, warmup_steps=round(optim.warmup_epochs * spe),
             min_lr=optim.min_lr, constant=optim.schedule == "constant",
         )  # fmt: skip

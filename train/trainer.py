@@ -80,6 +80,9 @@ class TrainTask:
 
     results_name = "results.json"
     """The file in run_dir the task's ``test`` results go to; its "steps" marks the run finished."""
+    mean_batch_size: float = 0.0
+    """Images per device batch averaged over an epoch (the train loader's), set by the trainer before
+    ``schedule``: with a token budget the LR scaling follows it, not the ``batch_size`` cap."""
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
@@ -199,6 +202,7 @@ def _setup(task: TrainTask, accelerator: Accelerator, stop: StopSignal) -> Sessi
     set_seed(cfg.run.seed)  # the same initial weights on every rank
     model = task.build_model()
     loaders = [_loader(cfg, accelerator, split) for split in ("train", "val")]
+    task.mean_batch_size = loaders[0].mean_batch_size
     schedule = task.schedule(len(loaders[0]), accelerator.num_processes)
     cuda = accelerator.device.type == "cuda"
     optimizer = build_optimizer(task.param_groups(model), cfg.optim.betas, schedule.peak_lr, fused=cuda)

@@ -265,3 +265,22 @@ def test_loader_seed_follows_run_seed_unless_set(tmp_path, monkeypatch, recipe):
         )
         trainer._loader(cfg, acc, "train")
     assert seen == [3, 5]
+
+
+def test_token_budget_lr_follows_the_real_mean_batch(tiny_shards, tmp_path):
+    """With a token budget, the peak LR scales with the epoch's mean images per step, not the batch_size cap."""
+    from shards.loader import build_loader
+
+    run_dir = tmp_path / "run"
+    overrides = ("loader.batch_size=8", "loader.token_budget=48", "optim.base_lr=1e-3", "run.epochs=1",
+                 "run.grid_images=0")  # fmt: skip
+    cfg = debug_config(tiny_shards, run_dir, *overrides)
+    loader = build_loader(cfg.loader, tiny_shards, "train")
+    sizes, counts = loader.batch_sizes, loader.data.counts
+    steps = {name: -(-counts[name] // sizes[name]) for name in counts if counts[name]}
+    mean = sum(steps[n] * sizes[n] for n in steps) / sum(steps.values())
+    assert mean < 8  # the budget gives some bins fewer images than the cap
+    assert pretrain.run(cfg) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_batch"] == pytest.approx(mean)
+    assert summary["peak_lr"] == pytest.approx(1e-3 * mean / 256)
