@@ -43,9 +43,11 @@ from torch import nn
 
 from shards.loader import ShardLoader
 from shards.loader_config import LoaderConfig
+from shards.manifest import read_manifest
 from train import trainer
 from train.config import CheckpointConfig, RunConfig
 from train.mae import MAE, MAEConfig
+from train.provenance import manifest_bins, vit_dims
 from train.stage import stage_main
 from train.supervised import SupervisedOptimConfig, SupervisedTask, dataset_classes
 from train.trainer import Session
@@ -275,10 +277,19 @@ class FinetuneTask(SupervisedTask):
                 f"{cfg.loader.patch_size}"
             )
         self.arch = model.backbone.cfg.encoder
+        self.bins = manifest_bins(read_manifest(cfg.shards))
         return model
 
     def describe(self) -> tuple[str, str]:
         return "mae_finetune", self.arch
+
+    def architecture(self, model: nn.Module) -> dict:
+        return {
+            "kind": "mae_finetune",
+            "name": self.arch,
+            **vit_dims(model.backbone.encoder),
+            "bins": self.bins,
+        }
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return layer_decay_groups(model, self.cfg.optim.weight_decay, self.cfg.optim.layer_decay)

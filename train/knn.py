@@ -90,10 +90,17 @@ def evaluate_knn(
     return records
 
 
-def write_knn_results(out: str | Path, records: list[dict], embeddings: str, labels: dict[str, str]) -> Path:
-    """``out/knn_results.json``: kind "knn", the embeddings it read, the aggregations' names, the records."""
+def write_knn_results(
+    out: str | Path,
+    records: list[dict],
+    embeddings: str,
+    labels: dict[str, str],
+    provenance: dict | None = None,
+) -> Path:
+    """``out/knn_results.json``: kind "knn", the embeddings it read, the aggregations' names, the encoder's
+    ``architecture`` and ``init`` (``train.provenance.mae_provenance``), the records."""
     path = Path(out) / RESULTS_FILE
     results = {"kind": "knn", "embeddings": str(Path(embeddings).resolve()), "aggregation_labels": labels,
-               "results": records}  # fmt: skip
+               **(provenance or {}), "results": records}  # fmt: skip
     write_text(path, json.dumps(results, indent=1))
     return path

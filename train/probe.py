@@ -184,6 +184,7 @@ def write_results(out: Path, scored: dict, data: ProbeData, cfg: ProbeConfig, st
     """probe_results.json/.csv, confusion PNGs (chosen heads summed over seeds), chosen_heads.pt, config.yaml."""
     from core.config import to_dict, to_yaml
     from train.embed_store import read_attrs
+    from train.provenance import mae_provenance
 
     out.mkdir(parents=True, exist_ok=True)
     attrs = read_attrs(cfg.embeddings)
@@ -192,6 +193,7 @@ def write_results(out: Path, scored: dict, data: ProbeData, cfg: ProbeConfig, st
         "embeddings": str(Path(cfg.embeddings).resolve()),
         "checkpoint": attrs.get("checkpoint"),
         "aggregation_labels": attrs.get("aggregation_labels", {}),
+        **mae_provenance(attrs),
         "class_names": data.class_names,
         "lrs": lr_grid(cfg),
         "steps": steps,
@@ -250,11 +252,14 @@ def _run_knn(cfg: ProbeConfig, data: ProbeData, groups: Sequence[Group]) -> None
     """The kNN evaluation over the same embeddings and training subsets, to ``knn_results.json``."""
     from train.embed_store import read_attrs
     from train.knn import evaluate_knn, write_knn_results
+    from train.provenance import mae_provenance
 
     subsets = {g.fraction: g.rows for g in groups}
     records = evaluate_knn(data, cfg.aggregations, subsets, cfg.knn_k, cfg.knn_temperature)
-    labels = read_attrs(cfg.embeddings).get("aggregation_labels", {})
-    write_knn_results(cfg.out, records, cfg.embeddings, labels)
+    attrs = read_attrs(cfg.embeddings)
+    write_knn_results(
+        cfg.out, records, cfg.embeddings, attrs.get("aggregation_labels", {}), mae_provenance(attrs)
+    )
     for rec in records:
         logger.info("knn   %-9s fraction %-5g test top-1 %.4f (k %d)", rec["aggregation"], rec["fraction"],
                     rec["test_acc"], rec["k"])  # fmt: skip

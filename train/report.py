@@ -9,7 +9,7 @@ fraction and seed) and MAE pretraining runs (``train.pretrain``:
 ``summary.json`` with ``config.yaml`` beside it, one run per base learning rate) under the given folders,
 recursively. Per (model, regime) it chooses the learning rate with the best validation accuracy averaged over
 seeds (ties: the smaller rate) and reports the test top-1 accuracy at that rate as mean ± std over seeds (sample
-std; 0 for one seed). Writes ``results.csv`` (every model × regime), ``results.md`` (Table 1: full data, Table
+std; "—" for one seed). Writes ``results.csv`` (every model × regime), ``results.md`` (Table 1: full data, Table
 2: 1% of the labels, as the study, plus a 10% table; the study's figure beside ours) and
 ``accuracy_vs_fraction.png``. MAE runs get a table of their own in ``results.md`` ("MAE pretraining": one row
 per run, the base LR with the lowest validation loss marked, as the study chose it; the study's test MSE
@@ -30,6 +30,7 @@ import numpy as np
 
 from core.atomic import write_text
 from train.metrics import mean_std
+from train.provenance import architecture_text, differences
 from train.report_files import fmt_lr, read_result, refuse_twice, result_files, to_csv
 from train.report_mae import MAE_TITLE, PretrainRecord, collect_pretrain, pretrain_csv, pretrain_markdown
 
@@ -69,7 +70,7 @@ STUDY = {
     ("probe_cls", 0.01): 0.8458,
 }
 """The reference study's test top-1 accuracy (IRMA, 8 classes; ARCHITECTURE.md §1)."""
-HEADER = ("Model", "Top-1 (ours)", "Top-1 (study)", "Chosen LR", "Seeds")
+HEADER = ("Model", "Top-1 (ours)", "Top-1 (study)", "Chosen LR", "Seeds", "Architecture", "Init")
 """Columns of every accuracy table in results.md."""
 
 
@@ -91,24 +92,43 @@ class RunRecord:
     """What actually ran (timm name, or the probe's aggregation)."""
     source: str
     """The result file it came from."""
+    architecture: str = "?"
+    """Width × depth, patch and input bins (``train.provenance.architecture_text``); "?" for older files."""
+    init: str = "?"
+    """The initialisation: scratch, a timm tag, a weights file, an MAE run."""
+    differs: tuple[str, ...] = ()
+    """Where the network differs from the study's (``train.provenance.differences``)."""
+
+
+def _provenance(data: dict) -> dict:
+    """The record fields naming a result file's network and initialisation."""
+    arch, init = data.get("architecture"), data.get("init")
+    if arch is None and init is None:
+        return {}
+    return {
+        "architecture": architecture_text(arch),
+        "init": init or "?",
+        "differs": tuple(differences(arch, init)),
+    }
 
 
 def _probe_records(path: Path, data: dict) -> list[RunRecord]:
-    names = data.get("aggregation_labels", {})
+    names, named = data.get("aggregation_labels", {}), _provenance(data)
     return [
         RunRecord(h["model"], round(float(h["fraction"]), 6), int(h["seed"]), float(h["lr"]), float(h["val_acc"]),
-                  float(h["test_acc"]), f"MAE probe, {names.get(h['aggregation'], h['aggregation'])}", str(path))
+                  float(h["test_acc"]), f"MAE probe, {names.get(h['aggregation'], h['aggregation'])}", str(path),
+                  **named)
         for h in data["heads"]
     ]  # fmt: skip
 
 
 def _knn_records(path: Path, data: dict) -> list[RunRecord]:
     """kNN results: no learning rate (0) and no seed (0): the same neighbours every time."""
-    names = data.get("aggregation_labels", {})
+    names, named = data.get("aggregation_labels", {}), _provenance(data)
     return [
         RunRecord(r["model"], round(float(r["fraction"]), 6), 0, 0.0, float(r["val_acc"]), float(r["test_acc"]),
                   f"kNN k={r['k']} T={r['temperature']:g}, {names.get(r['aggregation'], r['aggregation'])}",
-                  str(path))
+                  str(path), **named)
         for r in data["results"]
     ]  # fmt: skip
 
@@ -117,6 +137,7 @@ def _supervised_record(path: Path, data: dict) -> RunRecord:
     return RunRecord(
         data["model"], round(float(data["fraction"]), 6), int(data["seed"]), float(data["lr"]),
         float(data["val_acc"]), float(data["test_acc"]), str(data.get("arch", data["model"])), str(path),
+        **_provenance(data),
     )  # fmt: skip
 
 
@@ -155,6 +176,14 @@ class Selection:
     seeds: tuple[int, ...]
     lrs_searched: int
     arch: str
+    architecture: str = "?"
+    init: str = "?"
+    differs: tuple[str, ...] = ()
+
+    @property
+    def spread(self) -> str:
+        """The std over seeds, or "—" for one seed (a spread of one value is not 0, it is unknown)."""
+        return f"{self.test_acc_std:.4f}" if len(self.seeds) > 1 else "—"
 
 
 def select_best(records: Iterable[RunRecord]) -> list[Selection]:
@@ -171,8 +200,22 @@ def select_best(records: Iterable[RunRecord]) -> list[Selection]:
         chosen = sorted(runs[lr], key=lambda r: r.seed)
         mean, std = mean_std([r.test_acc for r in chosen])
         arch = ", ".join(sorted({r.arch for r in chosen}))
+        named = {"architecture": "; ".join(sorted({r.architecture for r in chosen})),
+                 "init": "; ".join(sorted({r.init for r in chosen})),
+                 "differs": tuple(dict.fromkeys(d for r in chosen for d in r.differs))}  # fmt: skip
         out.append(
-            Selection(model, fraction, lr, max(val), mean, std, tuple(r.seed for r in chosen), len(lrs), arch)
+            Selection(
+                model,
+                fraction,
+                lr,
+                max(val),
+                mean,
+                std,
+                tuple(r.seed for r in chosen),
+                len(lrs),
+                arch,
+                **named,
+            )  # fmt: skip
         )
     return out
 
@@ -205,8 +248,9 @@ def markdown(selections: Sequence[Selection], pretrain: Sequence[PretrainRecord]
 def _accuracy_tables(selections: Sequence[Selection]) -> list[str]:
     lines = [
         "",
-        "Test top-1 accuracy, mean ± std over seeds. Learning rate chosen per model and regime on validation",
-        "accuracy (mean over seeds). Study: the reference study (IRMA, 8 body regions; ARCHITECTURE.md §1).",
+        "Test top-1 accuracy, mean ± std over seeds (sample std; — for one seed). Learning rate chosen per model",
+        "and regime on validation accuracy (mean over seeds). Study: the reference study (IRMA, 8 body regions;",
+        "ARCHITECTURE.md §1): ViT-B/16 (768×12, patch 16) and ResNet50 at 224x224, from ImageNet weights.",
     ]
     for fraction, title in _regimes(selections):
         lines += ["", f"## {title}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
@@ -216,18 +260,16 @@ def _accuracy_tables(selections: Sequence[Selection]) -> list[str]:
             sel, study = _find(selections, model, fraction), STUDY.get((model, fraction))
             study_text = f"{study:.4f}" if study is not None else "—"
             if sel is None:
-                lines.append(f"| {label} | — | {study_text} | — | 0 |")
+                lines.append(f"| {label} | — | {study_text} | — | 0 | — | — |")
                 continue
-            ours = f"{sel.test_acc_mean:.4f} ± {sel.test_acc_std:.4f}"
+            ours = f"{sel.test_acc_mean:.4f} ± {sel.spread}"
             lr = "—" if model.startswith("knn_") else fmt_lr(sel.lr)
-            lines.append(f"| {_row_label(label, sel)} | {ours} | {study_text} | {lr} | {len(sel.seeds)} |")
-            if not sel.arch.startswith(("MAE probe", "kNN")) and sel.arch not in (
-                "resnet50",
-                "vit_base_patch16_224",
-            ):
-                notes.append(f"{label}: {sel.arch}")
+            lines.append(f"| {_row_label(label, sel)} | {ours} | {study_text} | {lr} | {len(sel.seeds)} | "
+                         f"{sel.architecture} | {sel.init} |")  # fmt: skip
+            if sel.differs:
+                notes.append(f"{label}: {', '.join(sel.differs)}")
         if notes:
-            lines += ["", "Architectures that differ from the study's: " + "; ".join(notes) + "."]
+            lines += ["", "Differs from the study's: " + "; ".join(notes) + "."]
     return lines
 
 
@@ -240,12 +282,13 @@ def _row_label(label: str, sel: Selection) -> str:
 def csv_text(selections: Sequence[Selection]) -> str:
     """results.csv: one row per (regime, model) with a result."""
     fields = ["fraction", "model", "label", "arch", "test_acc_mean", "test_acc_std", "val_acc_mean", "lr",
-              "n_seeds", "seeds", "lrs_searched", "study_test_acc"]  # fmt: skip
+              "n_seeds", "seeds", "lrs_searched", "study_test_acc", "architecture", "init", "differs"]  # fmt: skip
     labels = dict(MODELS + KNN_MODELS)
     rows = [
         [s.fraction, s.model, labels.get(s.model, s.model), s.arch, f"{s.test_acc_mean:.6f}",
-         f"{s.test_acc_std:.6f}", f"{s.val_acc_mean:.6f}", s.lr, len(s.seeds), " ".join(map(str, s.seeds)),
-         s.lrs_searched, STUDY.get((s.model, s.fraction), "")]
+         f"{s.test_acc_std:.6f}" if len(s.seeds) > 1 else "", f"{s.val_acc_mean:.6f}", s.lr, len(s.seeds),
+         " ".join(map(str, s.seeds)), s.lrs_searched, STUDY.get((s.model, s.fraction), ""), s.architecture,
+         s.init, "; ".join(s.differs)]
         for s in selections
     ]  # fmt: skip
     return to_csv(fields, rows)

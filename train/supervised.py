@@ -45,6 +45,7 @@ from train.classifier import ClassifierConfig, build_classifier
 from train.config import CheckpointConfig, RunConfig
 from train.loop import Schedule, StepStats, accumulate_step, global_mean, optimizer_steps
 from train.metrics import accuracy, balanced_accuracy, per_class_recall
+from train.provenance import classifier_architecture, init_name, manifest_bins
 from train.stage import stage_main
 from train.trainer import Session, TrainTask, Validation
 
@@ -185,14 +186,21 @@ class SupervisedTask(TrainTask):
     results_name = "results.json"
     class_names: list[str]
     """The dataset's classes, read from its manifest by ``build_model``."""
+    bins: list[str]
+    """The dataset's bins (input shapes), for the results' ``architecture``."""
 
     def build_model(self) -> nn.Module:
         self.class_names = dataset_classes(self.cfg.shards)
+        self.bins = manifest_bins(read_manifest(self.cfg.shards))
         return build_classifier(self.cfg.model, len(self.class_names))
 
     def describe(self) -> tuple[str, str]:
         """(the row id of the result tables, the network that ran) for results.json."""
         return self.cfg.model.kind, self.cfg.model.arch
+
+    def architecture(self, model: nn.Module) -> dict:
+        """The ``architecture`` entry of results.json: the network that ran and its input bins."""
+        return classifier_architecture(self.cfg.model.kind, self.cfg.model.arch, model, self.bins)
 
     def schedule(self, loader_batches: int, num_processes: int) -> Schedule:
         cfg, optim = self.cfg, self.cfg.optim
@@ -222,6 +230,8 @@ class SupervisedTask(TrainTask):
             "tested_weights": weights, "test_acc": accuracy(cm), "test_balanced_acc": balanced_accuracy(cm),
             "per_class_recall": dict(zip(names, per_class_recall(cm), strict=True)),
             "confusion": cm.tolist(), "class_names": names, "num_processes": s.accelerator.num_processes,
+            "architecture": self.architecture(s.accelerator.unwrap_model(s.model)),
+            "init": init_name(cfg.model.init),
             "config": to_dict(cfg),
         }  # fmt: skip
         logger.info("%s lr %g fraction %g seed %d: val %.4f, test %.4f (%s)", arch, cfg.optim.lr,

@@ -1,13 +1,16 @@
 """Foreign weights for our timm models: read a local file, fit it to the model, load it.
 
 One adapter for every network that starts from someone else's weights: the MAE encoder (``train.mae``) and the
-supervised classifiers (``train.classifier``). Weights come from local files only, never the network.
+supervised classifiers (``train.classifier``). Weights come from local files only, never the network: a path,
+or a timm pretrained tag ``timm:<model>.<tag>`` (e.g. ``timm:resnet50.a1_in1k``) found in the local Hugging Face
+cache (``HF_HUB_CACHE``; a workstation that downloaded it, or a cache copied to the cluster).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -24,9 +27,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     the "module." (DDP) and "_orig_mod." (torch.compile) prefixes.
 
     Raises:
-        FileNotFoundError: no file at ``path`` (weights are never downloaded).
+        FileNotFoundError: no file at ``path``, or a ``timm:`` tag not in the local cache (weights are never
+            downloaded).
     """
-    path = Path(path)
+    path = (
+        resolve_timm_tag(str(path)[len(TIMM_PREFIX) :]) if str(path).startswith(TIMM_PREFIX) else Path(path)
+    )
     if not path.is_file():
         raise FileNotFoundError(
             f"init weights {str(path)!r} not found: weights are read from local files only, never downloaded"
@@ -45,6 +51,35 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for prefix in ("module.", "_orig_mod."):
         state = {k.removeprefix(prefix): v for k, v in state.items()}
     return state
+
+
+TIMM_PREFIX = "timm:"
+"""``model.init`` values with this prefix name timm pretrained weights, read from the local HF cache."""
+
+
+def resolve_timm_tag(tag: str) -> Path:
+    """The local file of timm's pretrained ``tag`` (``resnet50.a1_in1k``, or ``resnet50`` for its default) in
+    the Hugging Face cache (``HF_HUB_CACHE``, read now; else the hub's default), offline: never downloaded.
+
+    Raises:
+        FileNotFoundError: the tag is not a timm pretrained tag, or its weights are not in the cache.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(tag)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        raise FileNotFoundError(f"model.init {TIMM_PREFIX}{tag}: not a timm pretrained tag with hub weights")
+    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, name, cache_dir=cache)
+        if isinstance(found, str):
+            return Path(found)
+    raise FileNotFoundError(
+        f"model.init {TIMM_PREFIX}{tag}: {repo} is not in the local Hugging Face cache {cache} (weights are "
+        f"never downloaded here: `huggingface-cli download {repo}` where there is internet, copy the cache)"
+    )
 
 
 def adapt_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -280,3 +280,53 @@ def test_metrics_from_the_confusion_matrix() -> None:
     assert cm.tolist() == [[3, 1, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
     assert per_class_recall(cm) == [0.75, 0.5, 0.0, None]  # class 3 has no samples
     assert balanced_accuracy(cm) == pytest.approx((0.75 + 0.5 + 0.0) / 3)
+
+
+def test_one_seed_has_no_spread_and_every_row_names_its_network(tmp_path: Path) -> None:
+    """A spread over one seed is "—" (never "± 0.0000"); every row names its architecture and init, and what
+    differs from the study's is flagged, the MAE rows too."""
+    vit = {"kind": "vit", "name": "vit_tiny_patch16_224", "width": 192, "depth": 12, "patch": 16,
+           "bins": ["64x96", "96x64"]}  # fmt: skip
+    mae = {"kind": "mae", "name": "vit_base_patch16_224", "width": 768, "depth": 12, "patch": 16,
+           "bins": ["224x224"]}  # fmt: skip
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "vit" / "results.json").write_text(json.dumps({
+        "kind": "supervised", "model": "vit", "arch": "vit_tiny_patch16_224", "fraction": 1.0, "seed": 0,
+        "lr": 1e-3, "val_acc": 0.5, "test_acc": 0.6, "architecture": vit, "init": "scratch"}))  # fmt: skip
+    heads = [{"model": "probe_cls", "aggregation": "cls", "fraction": 1.0, "seed": s, "lr": 0.1, "val_acc": 0.7,
+              "test_acc": 0.7 + 0.01 * s} for s in (0, 1)]  # fmt: skip
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "probe_results.json").write_text(
+        json.dumps(
+            {"kind": "probe", "heads": heads, "architecture": mae, "init": "MAE run mae (from timm:vit_base)"}
+        )
+    )
+    write_report([tmp_path], tmp_path / "out")
+    rows = {
+        r[0]: r for r in parse_tables((tmp_path / "out" / "results.md").read_text())["Table 1: full data"]
+    }
+    assert rows["ViT"][1] == "0.6000 ± —" and rows["ViT"][4] == "1"
+    assert rows["ViT"][5] == "ViT 192×12, patch 16, 2 bins (64x96 … 96x64)" and rows["ViT"][6] == "scratch"
+    assert rows["MAE probe (CLS)"][1] == "0.7050 ± 0.0071"
+    assert rows["MAE probe (CLS)"][5] == "ViT 768×12, patch 16, 224x224"
+    assert rows["MAE probe (CLS)"][6] == "MAE run mae (from timm:vit_base)"
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert (
+        "ViT: width 192 (study: 768), input 2 bins (study: 224x224), init scratch (study: ImageNet)" in text
+    )
+    assert (
+        "MAE probe (CLS):" not in text
+    )  # the study's encoder, its input and a pretrained init: nothing to flag
+    csv = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    vit_row = next(line for line in csv if ",vit," in line)
+    assert ",0.600000,,0.500000," in vit_row  # no std for one seed
+
+
+def test_init_names() -> None:
+    from train.provenance import init_name
+
+    assert init_name(None) == "scratch"
+    assert init_name("timm:resnet50.a1_in1k") == "timm:resnet50.a1_in1k"
+    assert init_name("/runs/mae/checkpoints/step-40") == "MAE run mae"
+    assert init_name("/runs/mae/best") == "MAE run mae"
+    assert init_name("/w/imagenet.pth") == "weights imagenet.pth"

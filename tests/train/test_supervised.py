@@ -58,6 +58,9 @@ def test_vit_smoke_run_writes_results_and_resumes(tmp_path: Path, tiny_shards: P
     assert results["kind"] == "supervised" and results["model"] == "vit"
     assert results["arch"] == "vit_tiny_patch16_224" and results["lr"] == 3e-3
     assert results["fraction"] == 1.0 and results["seed"] == 0 and results["epochs"] == 2
+    bins = sorted(b["name"] for b in json.loads((tiny_shards / "manifest.json").read_text())["bins"])
+    assert results["init"] == "scratch" and results["architecture"]["bins"] == bins
+    assert [results["architecture"][k] for k in ("width", "depth", "patch")] == [32, 1, 16]
     assert 0.0 <= results["val_acc"] <= 1.0 and 0.0 <= results["test_acc"] <= 1.0
     assert results["val_acc"] == max(r["acc"] for r in lines(run_dir, "val"))
     n_test = sum(sum(row) for row in results["confusion"])
@@ -123,6 +126,28 @@ def test_init_adapts_channels_and_drops_the_head(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="fits only"):
         build_classifier(vit, 5)
+
+
+def test_init_from_a_timm_tag_in_the_local_hf_cache_only(tmp_path: Path, monkeypatch) -> None:
+    """``model.init=timm:<tag>`` reads the weights from the local Hugging Face cache, offline; a tag that is
+    not cached is one clear error (never a download)."""
+    rgb = timm.create_model("resnet10t", pretrained=False)
+    snapshot = tmp_path / "hub" / "models--timm--resnet10t.c3_in1k" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(snapshot / "model.safetensors"))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = ClassifierConfig(kind="resnet50", arch="resnet10t", init="timm:resnet10t.c3_in1k")
+    model = build_classifier(cfg, num_classes=5)
+    stem = rgb.state_dict()["conv1.0.weight"]
+    torch.testing.assert_close(model.state_dict()["conv1.0.weight"], stem.sum(dim=1, keepdim=True))
+    missing = ClassifierConfig(kind="resnet50", arch="resnet50", init="timm:resnet50.a1_in1k")
+    with pytest.raises(
+        FileNotFoundError, match="timm/resnet50.a1_in1k is not in the local Hugging Face cache"
+    ):
+        build_classifier(missing, 5)
 
 
 def test_vit_init_resamples_positions_and_reads_mae_encoders() -> None:

@@ -77,6 +77,8 @@ def test_train_modules_import_no_cycle() -> None:
 class FakeLoader:
     """``batches`` batches of 2 samples an epoch, a pure function of (split, epoch, index); resumable."""
 
+    mean_batch_size = 2.0
+
     def __init__(self, split: str, batches: int = 6) -> None:
         self.split, self.batches, self.epoch, self.position = split, batches, 0, 0
 
