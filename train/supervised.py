@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -52,6 +52,8 @@ from train.trainer import Session, TrainTask, Validation
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("cosine", "constant")
+STUDY_LR_GRID = (1e-5, 1.9e-5, 3.6e-5, 6.7e-5, 1.3e-4, 2.4e-4, 4.5e-4, 8.4e-4, 1.6e-3, 3e-3)
+"""Ten log-spaced AdamW rates, the study's grid size (the default of ``slurm/sweep_lr.sbatch``)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class SupervisedOptimConfig:
 
     lr: float = 1e-4
     """Peak learning rate."""
+    lr_grid: list[float] | None = None
+    """Learning rates to sweep in this one command (e.g. the study's ten, ``STUDY_LR_GRID``): each trains into
+    ``run_dir/lr-<rate>`` (replacing ``lr``), one after another, each resumed when restarted, each stopped
+    early on validation accuracy; ``radstream report run_dir`` then picks the rate on validation accuracy."""
     weight_decay: float = 0.05
     """Decoupled weight decay (not on biases and norms)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -78,6 +84,8 @@ class SupervisedOptimConfig:
     """Loader batches accumulated into one optimizer step (the LR is not scaled by it)."""
 
     def __post_init__(self) -> None:
+        if self.lr_grid is not None and (not self.lr_grid or min(self.lr_grid) <= 0):
+            raise ValueError(f"optim.lr_grid must hold rates > 0 (or be null), got {self.lr_grid}")
         if self.lr <= 0 or self.min_lr < 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
             raise ValueError("optim.lr must be > 0; min_lr, weight_decay and warmup_epochs >= 0")
         if self.schedule not in SCHEDULES:
@@ -240,8 +248,16 @@ class SupervisedTask(TrainTask):
 
 
 def run(cfg: SupervisedConfig) -> int:
-    """Train (or resume) the run of ``cfg`` to its end; returns the exit code (0, or 124 when stopped)."""
-    return trainer.run(SupervisedTask(cfg))
+    """Train (or resume) the run of ``cfg`` to its end, or every rate of ``optim.lr_grid`` into its own
+    ``run_dir/lr-<rate>``; returns the exit code (0, or the first non-zero one: 124 when stopped)."""
+    if cfg.optim.lr_grid is None:
+        return trainer.run(SupervisedTask(cfg))
+    for lr in cfg.optim.lr_grid:
+        one = replace(cfg, run_dir=f"{cfg.run_dir}/lr-{lr:g}", optim=replace(cfg.optim, lr=lr, lr_grid=None))
+        code = trainer.run(SupervisedTask(one))
+        if code != 0:
+            return code
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -255,3 +255,19 @@ def test_gpu_two_bf16_steps_of_the_resnet(tmp_path: Path, tiny_shards: Path) -> 
     results = json.loads((run_dir / "results.json").read_text())
     assert results["stopped"] == "max_steps" and results["steps"] == 2
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in lines(run_dir, "train"))
+
+
+def test_lr_grid_in_one_command_then_the_report_picks_on_validation(
+    tmp_path: Path, tiny_shards: Path
+) -> None:
+    from train.report import collect, select_best
+
+    run_dir = tmp_path / "grid"
+    cfg = config("debug_vit.yaml", tiny_shards, run_dir, "run.epochs=1", "optim.lr_grid=[1e-4,3e-3]")
+    assert run(cfg) == 0
+    found = {json.loads(p.read_text())["lr"] for p in run_dir.glob("lr-*/results.json")}
+    assert found == {1e-4, 3e-3} and {p.name for p in run_dir.iterdir()} == {"lr-0.0001", "lr-0.003"}
+    (sel,) = select_best(collect([run_dir]))
+    assert sel.lrs_searched == 2 and sel.lr in found
+    with pytest.raises(ConfigError, match="lr_grid"):
+        config("debug_vit.yaml", tiny_shards, run_dir, "optim.lr_grid=[0.0]")
