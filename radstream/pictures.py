@@ -89,3 +89,35 @@ def loss_curves(metrics_jsonl: str | Path, out_png: str | Path, title: str = "MA
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return Path(out_png)
+
+
+def baseline_curves(runs: str | Path, out_png: str | Path, majority: float | None = None) -> Path:
+    """Validation accuracy per epoch of every supervised run under ``runs`` (one panel per model, a colour per
+    label fraction, a line per seed) with the majority-class rate: a curve that stays at or below it has not
+    learned."""
+    plt = _pyplot()
+    runs = sorted(p.parent for p in Path(runs).rglob("results.json"))
+    models = sorted({json.loads((r / "results.json").read_text())["model"] for r in runs})
+    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(5 * max(len(models), 1), 3.5), squeeze=False)
+    fractions: list[float] = []
+    for run in runs:
+        result = json.loads((run / "results.json").read_text())
+        ax = axes[0][models.index(result["model"])]
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        val = [(r["epoch"], r["acc"]) for r in rows if r.get("split") == "val" and "acc" in r]
+        if result["fraction"] not in fractions:
+            fractions.append(result["fraction"])
+        color = f"C{fractions.index(result['fraction'])}"
+        label = f"{result['fraction']:g} of the labels" if result["seed"] == 0 else None
+        ax.plot(*zip(*val, strict=False), "o-", color=color, alpha=0.8, label=label, markersize=3)
+        ax.set_title(f"{result['model']}: validation accuracy")
+    for ax in axes[0]:
+        if majority is not None:
+            ax.axhline(majority, color="grey", linestyle="--", label="majority class")
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)

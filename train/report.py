@@ -234,12 +234,28 @@ def _find(selections: Sequence[Selection], model: str, fraction: float) -> Selec
     return next((s for s in selections if s.model == model and math.isclose(s.fraction, fraction)), None)
 
 
-def markdown(selections: Sequence[Selection], pretrain: Sequence[PretrainRecord] = ()) -> str:
-    """results.md: one accuracy table per regime, rows in the study's order, the study's figure beside ours;
-    then the MAE pretraining runs, if any (without accuracy results, only they)."""
+def majority_rate(run_dirs: Iterable[str | Path]) -> float | None:
+    """The test split's majority-class rate (the accuracy of always answering the largest class), from the
+    confusion matrix of a supervised results.json; None without one."""
+    for path in result_files(run_dirs, ("results.json",)):
+        cm = np.asarray(read_result(path).get("confusion") or [], dtype=float)
+        if cm.size and cm.sum() > 0:
+            return float(cm.sum(axis=1).max() / cm.sum())
+    return None
+
+
+def markdown(
+    selections: Sequence[Selection], pretrain: Sequence[PretrainRecord] = (), majority: float | None = None
+) -> str:
+    """results.md: one accuracy table per regime, rows in the study's order, the study's figure beside ours,
+    the majority-class rate beside them; then the MAE pretraining runs, if any (without accuracy results,
+    only they)."""
     lines = ["# Results"]
     if selections or not pretrain:
         lines += _accuracy_tables(selections)
+        if majority is not None:
+            lines += ["", f"Majority-class rate of the test split: {majority:.4f} (a model at or below it has not "
+                      "learned)."]  # fmt: skip
     if pretrain:
         lines += pretrain_markdown(pretrain)
     return "\n".join(lines) + "\n"
@@ -353,7 +369,7 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path) -> list[Select
         plot_fractions(selections, out / "accuracy_vs_fraction.png")
     if pretrain:
         write_text(out / "pretrain.csv", pretrain_csv(pretrain))
-    write_text(out / "results.md", markdown(selections, pretrain))
+    write_text(out / "results.md", markdown(selections, pretrain, majority_rate(run_dirs)))
     return selections
 
 

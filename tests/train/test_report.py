@@ -292,7 +292,8 @@ def test_one_seed_has_no_spread_and_every_row_names_its_network(tmp_path: Path) 
     (tmp_path / "vit").mkdir()
     (tmp_path / "vit" / "results.json").write_text(json.dumps({
         "kind": "supervised", "model": "vit", "arch": "vit_tiny_patch16_224", "fraction": 1.0, "seed": 0,
-        "lr": 1e-3, "val_acc": 0.5, "test_acc": 0.6, "architecture": vit, "init": "scratch"}))  # fmt: skip
+        "lr": 1e-3, "val_acc": 0.5, "test_acc": 0.6, "architecture": vit, "init": "scratch",
+        "confusion": [[3, 1], [0, 1]]}))  # fmt: skip
     heads = [{"model": "probe_cls", "aggregation": "cls", "fraction": 1.0, "seed": s, "lr": 0.1, "val_acc": 0.7,
               "test_acc": 0.7 + 0.01 * s} for s in (0, 1)]  # fmt: skip
     (tmp_path / "probe").mkdir()
