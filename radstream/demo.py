@@ -23,6 +23,8 @@ RECIPES = {
     "finetune": "configs/demo/finetune.yaml",
 }
 """The demo's recipes: small models that learn something in CPU minutes."""
+BASELINE_BATCH = 32
+"""``loader.batch_size`` of configs/demo/supervised_*.yaml (to count an epoch's steps)."""
 
 
 @dataclass(frozen=True)
@@ -34,23 +36,32 @@ class DemoSize:
     max_tokens: int = 64
     """Token cap of the smart bins (64 = 128x128 at patch 16): small images keep CPU training short."""
     pretrain_epochs: int = 40
-    supervised_epochs: tuple[int, int] = (25, 6)
-    """Epochs of the ViT and the ResNet50 baselines."""
+    supervised_epochs: tuple[int, int] = (15, 4)
+    """Epochs of the ViT and the ResNet50 baselines with all labels."""
+    supervised_min_steps: tuple[int, int] = (60, 40)
+    """Fewest optimizer steps of a ViT / ResNet50 run: a small label fraction trains more epochs (at 1% an
+    epoch is one step; a few steps leave a network from scratch, and its BatchNorm statistics, untrained)."""
     finetune_epochs: int = 8
-    seeds: int = 3
-    """Seeds of the probes (the trained models run one seed each)."""
+    seeds: int = 2
+    """Seeds of the probes."""
+    train_seeds: int = 2
+    """Seeds of every trained model (baselines, fine-tuning): at least 2, so every row has a spread."""
 
     def protocol(self) -> Protocol:
-        """The demo's protocol: its recipes, each one LR, the probes' seeds, early stopping after 10."""
+        """The demo's protocol: its recipes, each one LR, the seeds, early stopping after 10."""
         epochs = {"pretrain": self.pretrain_epochs, "vit": self.supervised_epochs[0],
                   "resnet50": self.supervised_epochs[1], "finetune": self.finetune_epochs}  # fmt: skip
-        return Protocol(RECIPES, lrs=None, seeds=self.seeds, train_seeds=1, epochs=epochs)
+        min_steps = {"vit": (BASELINE_BATCH, self.supervised_min_steps[0]),
+                     "resnet50": (BASELINE_BATCH, self.supervised_min_steps[1])}  # fmt: skip
+        return Protocol(RECIPES, lrs=None, seeds=self.seeds, train_seeds=self.train_seeds, epochs=epochs,
+                        min_steps=min_steps)  # fmt: skip
 
 
 TINY = DemoSize(
-    images=80, max_side=256, max_tokens=16, pretrain_epochs=3, supervised_epochs=(2, 1), finetune_epochs=2,
-    seeds=2,
+    images=80, max_side=192, max_tokens=16, pretrain_epochs=3, supervised_epochs=(1, 1),
+    supervised_min_steps=(2, 2), finetune_epochs=2, seeds=2, train_seeds=1,
 )  # fmt: skip
+"""The tests' demo: every stage, a minute's worth; one seed per trained model (the probes keep 2)."""
 
 
 def run_demo(out: str | Path, size: DemoSize = DemoSize(), seed: int = 0, workers: int = 2) -> int:
@@ -66,6 +77,11 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), seed: int = 0, worker
              f"binning.max_tokens={size.max_tokens}"]  # fmt: skip
     tables = run_stages(out, src, size.protocol(), build_overrides=build, seed=seed, workers=workers,
                         prefix="demo", first=2)  # fmt: skip
+    from radstream.pictures import baseline_curves
+    from train.report import majority_rate
+
+    runs = [out / "runs" / name for name in ("vit", "resnet50")]
+    baseline_curves(out / "runs", out / "pictures" / "baseline_curves.png", majority_rate(runs))
     print(tables)
     summary = json.loads((out / "runs" / "mae" / "summary.json").read_text())
     print(f"MAE: {json.dumps({k: summary[k] for k in summary if 'loss' in k or 'mse' in k})}")

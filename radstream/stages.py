@@ -49,13 +49,20 @@ class Protocol:
     """Epochs per stage (pretrain, vit, resnet50, finetune); None or a missing stage: the recipe's."""
     max_tokens: int | None = None
     """Token cap of the smart bins (None: the build's default)."""
+    min_steps: dict[str, tuple[int, int]] | None = None
+    """Per stage, (its recipe's loader batch size, the fewest optimizer steps of a run): a small label fraction
+    trains more epochs, so that a network from scratch (and its BatchNorm statistics) gets trained at all (at
+    1% an epoch can be one step). None or a missing stage: epochs as they are."""
 
     def recipe(self, stage: str) -> Path:
         return ROOT / self.recipes[stage]
 
-    def overrides(self, stage: str) -> list[str]:
-        """Overrides every run of ``stage`` gets from the protocol."""
+    def overrides(self, stage: str, train_images: int | None = None) -> list[str]:
+        """Overrides every run of ``stage`` gets from the protocol (``train_images``: of its label fraction)."""
         epochs = (self.epochs or {}).get(stage)
+        if epochs and train_images and stage in (self.min_steps or {}):
+            batch, steps = self.min_steps[stage]
+            epochs = max(epochs, -(-steps // max(1, -(-train_images // batch))))
         return [f"run.patience={self.patience}"] + ([f"run.epochs={epochs}"] if epochs else [])
 
 
@@ -164,7 +171,10 @@ class TrainedModel:
 
 def stage_grid(out: Path, shards: Path, model: TrainedModel, protocol: Protocol, prefix: str) -> Path:
     """Every (fraction, LR, seed) run of ``model``; finished runs (results.json) are skipped."""
+    from shards.manifest import read_manifest
+
     root = out / "runs" / model.name
+    images = read_manifest(shards).get("label_fraction_sizes", {})
     lrs = protocol.lrs or (None,)
     runs = [(f, lr, s) for f in protocol.fractions for lr in lrs for s in range(protocol.train_seeds)]
     with progress(total=len(runs), desc=model.name, unit="run") as bar:
@@ -172,7 +182,8 @@ def stage_grid(out: Path, shards: Path, model: TrainedModel, protocol: Protocol,
             run_dir = root / f"f{fraction:g}" / (f"lr-{lr:g}" if lr else "lr-recipe") / f"seed-{seed}"
             if not (run_dir / "results.json").is_file():
                 args = ["--config", str(protocol.recipe(model.name)), f"shards={shards}", f"run_dir={run_dir}",
-                        f"loader.label_fraction={fraction}", f"run.seed={seed}", *protocol.overrides(model.name),
+                        f"loader.label_fraction={fraction}", f"run.seed={seed}",
+                        *protocol.overrides(model.name, images.get(str(float(fraction)))),
                         *model.overrides, *([f"optim.lr={lr}"] if lr else [])]  # fmt: skip
                 log_file = out / "logs" / model.name / f"f{fraction:g}-lr{lr or 'recipe'}-seed{seed}.log"
                 run_stage(model.module, args, log_file, prefix)

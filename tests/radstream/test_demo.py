@@ -48,6 +48,12 @@ def test_tiny_demo_end_to_end(tmp_path: Path, capsys) -> None:
     }
     assert len(rows["MAE fine-tuned"]) == 3  # fine-tuned at 1%, 10% and 100% of the labels
     assert all(0.0 <= acc <= 1.0 for accs in rows.values() for acc in accs)
+    seeds = {}  # the probe rows have 2 seeds in the tiny demo (its trained models run one each)
+    for line in (out / "results" / "results.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| MAE probe"):
+            seeds.setdefault(cells[0], []).append(int(cells[4]))
+    assert seeds and all(n >= 2 for ns in seeds.values() for n in ns)
     assert (out / "results" / "results.csv").read_text().count("\n") >= 13
 
     pictures = {p.name for p in (out / "pictures").glob("*.png")}
@@ -57,6 +63,7 @@ def test_tiny_demo_end_to_end(tmp_path: Path, capsys) -> None:
         "mae_loss.png",
         "accuracy_vs_fraction.png",
         "confusion_matrix.png",
+        "baseline_curves.png",
     } <= pictures
     assert any(name.startswith("reconstructions_") for name in pictures)
     for png in (out / "pictures").glob("*.png"):
