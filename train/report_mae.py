@@ -14,13 +14,16 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from shards.manifest import read_manifest
+from train.provenance import architecture_text, differences, encoder_dims, init_name, manifest_bins
 from train.report_files import fmt_lr, read_result, refuse_twice, result_files, to_csv
 
 logger = logging.getLogger(__name__)
 
 MAE_TITLE = "MAE pretraining"
 MAE_HEADER = (
-    "Run", "Base LR", "Peak LR", "Best val loss", "Test MSE", "Epochs", "Stopped", "Test MSE (foreground)", "Chosen"
+    "Run", "Base LR", "Peak LR", "Best val loss", "Test MSE", "Epochs", "Stopped", "Test MSE (foreground)",
+    "Architecture", "Init", "Chosen",
 )  # fmt: skip
 """Columns of the MAE pretraining table in results.md."""
 MAE_STUDY = {"test_mse": 0.002475, "epochs": 36}
@@ -50,6 +53,12 @@ class PretrainRecord:
     source: str
     test_mse_foreground: float | None = None
     """Pixel MSE over the masked foreground patches only (border-aware masking scores these)."""
+    architecture: str = "?"
+    """The encoder: width × depth, patch, input bins (``train.provenance.architecture_text``)."""
+    init: str = "?"
+    """How pretraining started: scratch, a timm tag, a weights file."""
+    differs: tuple[str, ...] = ()
+    """Where the encoder or its init differs from the study's."""
 
 
 def _pretrain_record(path: Path, data: dict) -> PretrainRecord | None:
@@ -63,11 +72,27 @@ def _pretrain_record(path: Path, data: dict) -> PretrainRecord | None:
     if base_lr is None:  # no config beside it: back from the absolute rate, peak = base x batch / 256
         base_lr = float(f"{data['peak_lr'] * 256 / data['global_batch']:.6g}")
     best = data["best_val_loss"]
+    arch, init = _encoder_provenance(cfg)
     return PretrainRecord(
         path.parent.name, float(base_lr), float(data["peak_lr"]), int(OmegaConf.select(cfg, "run.seed") or 0),
         None if best is None else float(best), _float(data["test_mse"]), int(data["epochs_completed"]),
         str(data.get("stopped", "")), str(path), _float(data.get("test_mse_foreground")),
+        architecture_text(arch), init, tuple(differences(arch, init)),
     )  # fmt: skip
+
+
+def _encoder_provenance(cfg) -> tuple[dict | None, str]:
+    """(the encoder's architecture, its init) from a pretraining run's config; (None, "?") without one."""
+    model = OmegaConf.to_container(cfg.model, resolve=True) if "model" in cfg else None
+    if not model or "encoder" not in model:
+        return None, "?"
+    try:
+        bins = manifest_bins(read_manifest(cfg.shards)) if "shards" in cfg else []
+    except (FileNotFoundError, ValueError):
+        bins = []
+    return {"kind": "mae", "name": model["encoder"], **encoder_dims(model), "bins": bins}, init_name(
+        model.get("init")
+    )
 
 
 def _float(value) -> float | None:
@@ -119,10 +144,14 @@ def pretrain_markdown(records: Sequence[PretrainRecord]) -> list[str]:
     for r in sorted(records, key=lambda r: (r.base_lr, r.seed)):
         val = "—" if r.best_val_loss is None else f"{r.best_val_loss:.4g}"
         cells = [r.run, fmt_lr(r.base_lr), fmt_lr(r.peak_lr), val, _fmt_mse(r.test_mse), r.epochs, r.stopped,
-                 _fmt_mse(r.test_mse_foreground)]  # fmt: skip
+                 _fmt_mse(r.test_mse_foreground), r.architecture, r.init]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + (" | ✓ |" if r.base_lr == chosen else " |  |"))
     study = MAE_STUDY
-    lines.append(f"| Study | — | — | — | {study['test_mse']:.4g} | {study['epochs']} | early_stop | — |  |")
+    lines.append(f"| Study | — | — | — | {study['test_mse']:.4g} | {study['epochs']} | early_stop | — | "
+                 "ViT 768×12, patch 16, 224x224 | ImageNet |  |")  # fmt: skip
+    differs = list(dict.fromkeys(d for r in records for d in r.differs))
+    if differs:
+        lines += ["", "Differs from the study's: " + ", ".join(differs) + "."]
     return lines
 
 

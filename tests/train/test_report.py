@@ -233,6 +233,11 @@ def test_mae_sweep_report_marks_the_lowest_validation_loss(tmp_path: Path, capsy
     assert [r[-1] for r in rows] == ["", "✓", "", ""]  # the lowest validation loss, not the lowest test MSE
     assert rows[1][2:7] == ["1.87e-05", "0.012", "0.0031", "3", "early_stop"]  # peak LR: base x 16 / 256
     assert rows[3][3] == "—"  # no validation loss: listed, never chosen
+    assert rows[0][8].startswith("ViT 32×2, patch 16") and rows[0][9] == "scratch"  # the MAE rows name theirs
+    assert (
+        "Differs from the study's: width 32 (study: 768), depth 2 (study: 12)"
+        in (out / "results.md").read_text()
+    )
     assert study[0] == "Study" and float(study[4]) == 0.002475 and study[5] == "36"
     csv_rows = (out / "pretrain.csv").read_text().splitlines()
     assert csv_rows[0].startswith("run,base_lr,peak_lr,seed,best_val_loss,test_mse,epochs,stopped,chosen")
