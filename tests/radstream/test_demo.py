@@ -75,3 +75,28 @@ def test_tiny_demo_end_to_end(tmp_path: Path, capsys) -> None:
     assert main(["demo", str(out), "--tiny", "--workers", "1"]) == 0
     assert time.perf_counter() - start < 30
     assert "demo: train." not in capsys.readouterr().out  # no training stage ran again
+
+
+def test_full_demo_trains_two_seeds_of_each_baseline_and_enough_steps(tmp_path: Path, monkeypatch) -> None:
+    """Every baseline row of the full demo has 2 seeds; a small label fraction trains more epochs, so that
+    a network from scratch gets a minimum number of optimizer steps."""
+    import radstream.demo as demo
+    import radstream.stages as stages
+
+    calls = []
+    monkeypatch.setattr(stages, "run_stage", lambda stage, args, log, prefix: calls.append(
+        dict(a.split("=", 1) for a in args if "=" in a)))  # fmt: skip
+    sizes = {"0.01": 5, "0.1": 49, "1.0": 489}
+    monkeypatch.setattr("shards.manifest.read_manifest", lambda root: {"label_fraction_sizes": sizes})
+    protocol = demo.DemoSize().protocol()
+    for name in ("vit", "resnet50"):
+        stages.stage_grid(
+            tmp_path, tmp_path / "shards", stages.TrainedModel(name, "train.supervised"), protocol, "t"
+        )
+    runs = {(c["run_dir"], c["run.seed"]) for c in calls}
+    assert len(runs) == 2 * 3 * 2  # (model, fraction) × 2 seeds
+    epochs = {(c["run_dir"].split("/runs/")[1].split("/")[0], c["loader.label_fraction"], c["run.seed"]):
+              int(c["run.epochs"]) for c in calls}  # fmt: skip
+    assert epochs[("vit", "1.0", "0")] == 15 and epochs[("resnet50", "1.0", "0")] == 4  # the recipe's epochs
+    assert epochs[("vit", "0.01", "0")] == 60 and epochs[("resnet50", "0.01", "0")] == 40  # 1 step an epoch
+    assert epochs[("resnet50", "0.1", "1")] == 20  # 2 steps an epoch
