@@ -86,7 +86,7 @@ class Schedule:
     def lr_step(self, images: int) -> int:
         """The step of this schedule at which ``images`` images have been trained (``LoopState.images``):
         equal to the optimizer steps done while the global batch never changed."""
-        return images // self.global_batch
+        return math.floor(images / self.global_batch + 1e-9)  # a mean global batch (token budget) is a float
 
     def lr(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based)."""
