@@ -40,6 +40,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.layout import inside, safe_rel
+
 log = logging.getLogger(__name__)
 
 LOCKS = ".locks"
@@ -145,8 +147,9 @@ class ShardCache:
         self.__init__(state["root"], state["max_bytes"])
 
     def path(self, rel: str) -> Path:
-        """Where the file ``rel`` lives in the cache."""
-        return self.root / rel
+        """Where the file ``rel`` lives in the cache; a path that would leave the cache (``..``, absolute, a
+        symlink out) raises :class:`~shards.layout.UnsafePathError` before anything is opened or deleted."""
+        return inside(self.root, rel, "cached file")
 
     def partial_path(self, rel: str) -> Path:
         """The download-in-progress name of ``rel``."""
@@ -155,7 +158,7 @@ class ShardCache:
 
     def lock_path(self, rel: str) -> Path:
         """The lock file guarding downloads of ``rel``."""
-        path = self.root / LOCKS / f"{rel}.lock"
+        path = self.root / LOCKS / f"{safe_rel(rel, 'cached file')}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from shards.layout import UnsafePathError, safe_rel
+
 INDEX_VERSION = "v1.2"
 _MAX_PROBLEMS = 50  # verify_index reports at most this many mismatches, then a count of the rest
 
@@ -57,6 +59,10 @@ def _parse_line(line: str, lineno: int) -> IndexEntry:
             raise ValueError(f"line {lineno}: non-integer offset/size in {line!r}") from None
         if off < 0 or length < 0:
             raise ValueError(f"line {lineno}: negative offset/size in {line!r}")
+        try:
+            safe_rel(name, "member name")
+        except UnsafePathError as err:
+            raise ValueError(f"line {lineno}: {err}") from None
         name_key, name_ext = split_name(name)
         if name_ext != ext:
             raise ValueError(f"line {lineno}: extension {ext!r} does not match member name {name!r}")
@@ -209,12 +215,14 @@ class ShardReader:
 def scan_tar(tar_path: str | os.PathLike[str]) -> list[IndexEntry]:
     """Index a tar by reading its headers with ``tarfile``, grouping members as wds2idx does.
 
+    Raises :class:`~shards.layout.UnsafePathError` for a member name with ``..`` or an absolute path.
     Regular files only; consecutive members with the same key form one sample; hidden files (name starting
     with a dot) and entries under folders whose key would be empty are skipped.
     """
     entries: list[IndexEntry] = []
     with tarfile.open(tar_path, "r:") as tar:
         for member in tar:
+            safe_rel(member.name, f"{tar_path}: member name")  # before any name is used
             if not member.isreg():
                 continue
             key, ext = split_name(member.name)
@@ -253,6 +261,8 @@ def verify_index(tar_path: str | os.PathLike[str], idx_path: str | os.PathLike[s
         expected = scan_tar(tar_path)
     except (OSError, tarfile.TarError) as err:
         return [f"unreadable tar {tar_path}: {err}"]
+    except UnsafePathError as err:
+        return [str(err)]
     problems = []
     tar_size = os.path.getsize(tar_path)
     if expected and max(e.span[1] for e in expected) > tar_size:

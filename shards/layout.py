@@ -8,6 +8,7 @@ here knows about building, fetching or decoding, so either side can import it wi
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,17 +20,72 @@ MANIFEST = "manifest.json"
 SAMPLES = "samples.parquet"
 
 
+class DatasetError(ValueError):
+    """A shard dataset that cannot be used as it is (missing, unsafe or corrupt); the message is one line
+    naming the file and the problem."""
+
+
+class UnsafePathError(DatasetError):
+    """A path read from a manifest, samples table, index or tar that would reach outside its root."""
+
+
+def safe_rel(rel: str | os.PathLike[str], what: str = "path") -> str:
+    """``rel`` if it is a normalised relative path with no ``..`` part, else :class:`UnsafePathError`.
+
+    Every path a dataset names (shards in the manifest and samples table, member names in a tar or index)
+    goes through this before anything is opened, written or deleted: the files come from whoever wrote the
+    dataset or runs its server, and must not reach outside the dataset or cache folder.
+    """
+    text = os.fspath(rel)
+    parts = text.split("/")
+    if (
+        not text
+        or text.startswith("/")
+        or "\\" in text
+        or "\0" in text
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise UnsafePathError(f"{what} {text!r} is not a plain relative path inside the dataset; refused")
+    return text
+
+
+def inside(root: str | os.PathLike[str], rel: str | os.PathLike[str], what: str = "path") -> Path:
+    """``root / rel`` once ``rel`` is :func:`safe_rel` and the result, symlinks resolved, stays in ``root``."""
+    base = Path(root)
+    path = base / safe_rel(rel, what)
+    real, real_root = path.resolve(), base.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise UnsafePathError(f"{what} {path} leads outside {real_root} (a symlink to {real}); refused")
+    return path
+
+
+def check_manifest_paths(manifest: dict, where: str | os.PathLike[str]) -> dict:
+    """``manifest`` once every shard path it lists passes :func:`safe_rel` (the message names ``where``)."""
+    try:
+        for b in manifest.get("bins", ()):
+            for s in b.get("shards", ()):
+                safe_rel(s["path"], "shard")
+    except UnsafePathError as err:
+        raise UnsafePathError(f"{where}: {err}") from None
+    except (AttributeError, KeyError, TypeError) as err:
+        raise DatasetError(f"{where}: malformed manifest ({type(err).__name__}: {err})") from None
+    return manifest
+
+
 def load_manifest(folder: str | Path) -> dict:
     """The manifest of a local dataset folder, with a clear error when it is missing or unreadable."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder}: no such dataset folder")
     path = Path(folder) / MANIFEST
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{path}: no manifest (is this a finished shard dataset? run finalize-shards)"
         ) from None
     except ValueError as err:
-        raise ValueError(f"{path}: unreadable manifest ({err})") from None
+        raise DatasetError(f"{path}: unreadable manifest ({err})") from None
+    return check_manifest_paths(manifest, path)
 
 
 def load_samples(folder: str | Path, split: str | None = None, columns: list[str] | None = None) -> pa.Table:

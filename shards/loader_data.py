@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from shards.layout import load_manifest, load_samples
+from shards.layout import inside, load_manifest, load_samples
 from shards.store import ShardStore
 
 _MAX_OPEN_SHARDS = 64  # file descriptors kept open per process
@@ -142,7 +142,7 @@ def load_split(root: str | os.PathLike[str], split: str, label_fraction: float |
     return SplitSamples(
         split,
         manifest["codec"]["name"],
-        tuple(str(root / s) for s in shard_names),
+        tuple(str(inside(root, s, f"{root}/samples.parquet: shard")) for s in shard_names),
         bins,
         tuple(manifest.get("class_names") or ()),
     )

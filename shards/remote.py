@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from core.atomic import write_bytes
 from shards.cache import CacheFullError, ShardCache
 from shards.index import verify_index
-from shards.layout import MANIFEST, SAMPLES, shard_entries
+from shards.layout import MANIFEST, SAMPLES, DatasetError, check_manifest_paths, shard_entries
 from shards.loader_config import RemoteConfig
 from shards.store import ShardStore
 from shards.transport import filesystem, is_remote, s3_endpoint, with_retries
@@ -126,7 +126,8 @@ class RemoteStore(ShardStore):
         try:
             manifest = json.loads(raw)
         except ValueError as err:
-            raise ValueError(f"{self.url}/manifest.json: unreadable manifest ({err})") from None
+            raise DatasetError(f"{self.url}/manifest.json: unreadable manifest ({err})") from None
+        check_manifest_paths(manifest, f"{self.url}/manifest.json")  # before anything is cached
         cached, samples = self.root / MANIFEST, self.root / SAMPLES
         with self.cache.cache_lock():  # one process per node refreshes; the others then find it done
             old = cached.read_bytes() if cached.is_file() else None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from shards.layout import load_manifest, load_samples
+from shards.layout import UnsafePathError, inside, load_manifest, load_samples, safe_rel
 
 
 class ShardStore:
@@ -33,13 +33,19 @@ class ShardStore:
         return load_samples(self.root, split, columns)
 
     def rel(self, path: str | os.PathLike[str]) -> str:
-        """A dataset-relative path from a relative one or an absolute one under ``root``."""
+        """A dataset-relative path from a relative one or an absolute one under ``root``, refused
+        (:class:`~shards.layout.UnsafePathError`) when it is not a plain path inside the dataset."""
         p = Path(path)
-        return str(p.relative_to(self.root)) if p.is_absolute() else str(p)
+        if p.is_absolute():
+            if not p.is_relative_to(self.root):
+                raise UnsafePathError(f"{p} is not inside the dataset at {self.url}; refused")
+            p = p.relative_to(self.root)
+        return safe_rel(p.as_posix(), "dataset file")
 
     def local_path(self, rel: str | os.PathLike[str]) -> Path:
-        """The local file of ``rel`` (a shard's .tar or .idx, or any file of the dataset)."""
-        path = self.root / self.rel(rel)
+        """The local file of ``rel`` (a shard's .tar or .idx, or any file of the dataset); a symlink that
+        leads outside the dataset is refused."""
+        path = inside(self.root, self.rel(rel), "dataset file")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not in the dataset at {self.url}")
         return path

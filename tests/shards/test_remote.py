@@ -23,7 +23,7 @@ pytest.importorskip("moto", reason="test extras (moto[server]) not installed")
 from shards import cache as cache_module  # noqa: E402
 from shards.build.publish import publish  # noqa: E402
 from shards.cache import CacheFullError  # noqa: E402
-from shards.layout import shard_entries  # noqa: E402
+from shards.layout import UnsafePathError, shard_entries  # noqa: E402
 from shards.loader import build_loader  # noqa: E402
 from shards.loader_base import Lookahead  # noqa: E402
 from shards.loader_config import LoaderConfig, RemoteConfig  # noqa: E402
@@ -483,3 +483,56 @@ def test_two_nodes_download_each_shard_once_per_node(s3, tiny_shards: Path, tmp_
         needed.update({s for rank, _, shards in results if rank // 2 == node for s in shards})
     for rel in tars(read_manifest(tiny_shards)):
         assert s3.gets[s3_path(s3, rel)] == needed[rel], rel
+
+
+EVIL = "../../../x/evil.tar"
+
+
+def _evil(manifest: dict) -> bytes:
+    manifest["bins"][0]["shards"][0]["path"] = EVIL
+    return json.dumps(manifest).encode()
+
+
+@pytest.mark.parametrize("scheme", ["s3", "http"])
+def test_a_remote_manifest_naming_a_path_outside_is_refused(
+    s3, http, tiny_shards: Path, tmp_path: Path, scheme: str
+) -> None:
+    """The server supplies manifest and checksums alike: its paths are checked before anything is cached."""
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    if scheme == "http":
+        (http.root / "manifest.json").write_bytes(_evil(manifest))
+        url = http.url
+    else:
+        url = f"s3://data/evil-{uuid.uuid4().hex[:8]}"
+        publish(tiny_shards, url)
+        fs, _ = filesystem(url, RemoteConfig())
+        fs.pipe_file(f"{url.removeprefix('s3://')}/manifest.json", _evil(manifest))
+    home = tmp_path / "a" / "b" / "c"
+    home.mkdir(parents=True)
+    with pytest.raises(UnsafePathError) as err:
+        open_dataset(url, cache_dir=str(home / "cache"), **FAST)
+    assert EVIL in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UnsafePathError):
+        build_loader(
+            LoaderConfig(backend="torch", remote=RemoteConfig(cache_dir=str(home / "cache"))), url, "train"
+        )
+    assert not (tmp_path / "x").exists()
+    assert not list((home / "cache").rglob("manifest.json"))
+
+
+def test_a_shard_outside_the_dataset_is_neither_fetched_nor_evicted(http, tmp_path: Path) -> None:
+    """A cached manifest (poisoned, or from an older version) listing a path outside the cache: the next
+    manifest, without that entry, makes eviction refuse rather than delete the outside file."""
+    victim = tmp_path / "victim.tar"
+    victim.write_bytes(b"unrelated")
+    store = open_dataset(http.url, cache_dir=str(tmp_path / "c"), **FAST)
+    with pytest.raises(UnsafePathError):
+        store.local_path("../../victim.tar")
+    store.close()
+    cached = store.root / "manifest.json"
+    poisoned = json.loads(cached.read_text())
+    poisoned["bins"][0]["shards"].append({**poisoned["bins"][0]["shards"][0], "path": "../../victim.tar"})
+    cached.write_text(json.dumps(poisoned))
+    with pytest.raises(UnsafePathError):
+        open_dataset(http.url, cache_dir=str(tmp_path / "c"), **FAST)
+    assert victim.read_bytes() == b"unrelated"
