@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 T = TypeVar("T")
 
@@ -36,28 +36,40 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Seque
     Raises:
         ConfigError: unknown key, wrong type, unreadable recipe or a failed ``__post_init__`` check.
     """
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
     try:
-        base = OmegaConf.structured(cls)
-        layers = [base]
+        merged = OmegaConf.structured(cls)
         if recipe is not None:
             path = Path(recipe)
             if not path.is_file():
                 raise ConfigError(f"{path}: recipe file not found")
-            layers.append(OmegaConf.load(path))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{recipe}: {_first_line(err)}") from None
+    for override in overrides:  # one at a time, so an error names the override, not the recipe
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override {override!r}: {_first_line(err)}") from None
+    try:
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
-        msg = str(err).splitlines()[0]
-        where = f"{recipe}: " if recipe else ""
-        raise ConfigError(f"{where}{msg}") from None
+        raise ConfigError(_first_line(err)) from None
     except (TypeError, ValueError) as err:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(str(err)) from None
+
+
+def _first_line(err: OmegaConfBaseException) -> str:
+    """OmegaConf's message in one line; an unknown key as "no such key 'k' in parent"."""
+    full_key = getattr(err, "full_key", None)
+    if isinstance(err, ConfigKeyError) and full_key:
+        parent, _, key = str(full_key).rpartition(".")
+        return f"no such key {key!r} in {parent or 'the config'}"
+    return str(err).splitlines()[0]
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

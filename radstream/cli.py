@@ -56,6 +56,19 @@ def _staging_folder(url: str) -> Path:
     return base / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
+def _check_out_folder(out: Path) -> None:
+    """Fail in one line, before any work, when OUT cannot be a dataset folder we may write."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; choose another OUT")
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"{out}: {existing} is a file, not a folder; choose another OUT")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: {existing} is not writable; choose another OUT")
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from ingest.synth import synthesize
 
@@ -78,6 +91,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                 "`radstream publish OUT URL`"
             )
         args.out = str(_staging_folder(remote_out))
+    _check_out_folder(Path(args.out))
     cfg = _load_build_config(args)
     start = time.perf_counter()
     run_build(cfg, task_index=args.task_index, num_tasks=args.num_tasks)
@@ -319,10 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (ConfigError, OSError, ValueError) as err:  # bad input or config; DatasetError is a ValueError
         if args.verbose:
             raise
-        print(f"radstream {args.command}: error: {err}", file=sys.stderr)
+        why = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else err
+        print(f"radstream {args.command}: error: {why}", file=sys.stderr)
         return 2
 
 

@@ -40,6 +40,7 @@ import torch
 from nvidia.dali import Pipeline
 
 from shards.codecs import bit_depth
+from shards.layout import DatasetError
 from shards.loader_base import ShardLoader, StepPlan
 from shards.loader_data import ShardFiles
 
@@ -206,7 +207,7 @@ class DaliLoader(ShardLoader):
             )
             keys = self.data.bins[plan.bin].keys[plan.rows]
             shown = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
-            raise RuntimeError(
+            raise DatasetError(
                 f"DALI failed on step {plan.step} (bin {plan.bin}; one of the samples {shown} is bad, "
                 f"`radstream verify-shards` or the torch backend names it): {cause.strip()}"
             ) from err

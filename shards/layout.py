@@ -93,7 +93,13 @@ def load_samples(folder: str | Path, split: str | None = None, columns: list[str
     shard, position)."""
     if split is not None and columns is not None and "split" not in columns:
         columns = [*columns, "split"]
-    table = pq.read_table(Path(folder) / SAMPLES, columns=columns)
+    path = Path(folder) / SAMPLES
+    try:
+        table = pq.read_table(path, columns=columns)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no samples table (is this a finished shard dataset?)") from None
+    except (pa.ArrowException, OSError) as err:
+        raise DatasetError(f"{path}: unreadable samples table ({str(err).splitlines()[0]})") from None
     if split is not None:
         import pyarrow.compute as pc
 

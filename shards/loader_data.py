@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from shards.layout import inside, load_manifest, load_samples
+from shards.layout import DatasetError, inside, load_manifest, load_samples
 from shards.store import ShardStore
 
 _MAX_OPEN_SHARDS = 64  # file descriptors kept open per process
@@ -183,8 +183,9 @@ class ShardFiles:
                 fds.move_to_end(shard)
             data = os.pread(fd, size, offset)
             if len(data) != size:
-                raise ValueError(
-                    f"{self.paths[shard]}: truncated, wanted {size} bytes at {offset}, got {len(data)}"
+                raise DatasetError(
+                    f"{self.paths[shard]}: truncated, wanted {size} bytes at {offset}, got {len(data)}; "
+                    "run `radstream verify-shards` on the dataset"
                 )
             out.append(data)
         return out

@@ -136,10 +136,13 @@ class RemoteStore(ShardStore):
             if old is not None:
                 self._invalidate(json.loads(old), manifest)
             data = self._get("samples.parquet")
+            expected = manifest.get("samples_sha256")
+            if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+                raise DatasetError(f"{self.url}/samples.parquet: sha256 differs from the manifest")
             rows = pq.read_metadata(pa.BufferReader(data)).num_rows
             written = manifest.get("counts", {}).get("written", rows)
             if rows != written:
-                raise ValueError(f"{self.url}/samples.parquet has {rows} rows, the manifest says {written}")
+                raise DatasetError(f"{self.url}/samples.parquet has {rows} rows, the manifest says {written}")
             for path, content in ((samples, data), (cached, raw)):  # manifest last: it marks "complete"
                 write_bytes(path, content)
         return manifest

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
 from shards.codecs import bit_depth, decode
+from shards.layout import DatasetError
 from shards.loader_base import ShardLoader, StepPlan
 from shards.loader_data import ShardFiles, SplitSamples
 from shards.store import ShardStore
@@ -43,7 +44,10 @@ class StepDataset(Dataset):
             try:
                 pixels = decode(raw, self.data.codec)
             except ValueError as err:
-                raise ValueError(f"sample {b.keys[row]} in {self.data.shards[b.shard[row]]}: {err}") from None
+                raise DatasetError(
+                    f"{self.data.shards[b.shard[row]]}: sample {b.keys[row]} does not decode ({err}); "
+                    "run `radstream verify-shards` on the dataset"
+                ) from None
             if pixels.shape != (b.height, b.width):
                 raise ValueError(
                     f"sample {b.keys[row]}: decoded {pixels.shape}, bin {name} is {b.height}x{b.width}"

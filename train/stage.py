@@ -14,12 +14,16 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from core.atomic import write_json
+from shards.layout import DatasetError
 from train.loop import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_NON_FINITE, EXIT_BAD_CONFIG, EXIT_REQUEUE = 0, 1, 2, 124
-"""Exit codes of the stages: done, non-finite loss, bad config, stopped by a signal (requeue)."""
+EXIT_OK, EXIT_NON_FINITE, EXIT_BAD_CONFIG, EXIT_BAD_INPUT, EXIT_REQUEUE = 0, 1, 2, 3, 124
+"""Exit codes of the stages: done, non-finite loss, bad config, bad input (a dataset or folder that cannot be
+used: missing, not a dataset, corrupt, unwritable), stopped by a signal (requeue)."""
+USER_ERRORS = (DatasetError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+"""Mistakes in what a user pointed the stage at: reported in one line, no traceback."""
 STOPPED = "stopped.json"
 """Written when a signal stopped the run (requeue it); removed when the run starts again."""
 
@@ -98,7 +102,8 @@ def stage_main(
     ``run(cfg)``. Flags are overrides too (before the free ones, which thus win).
 
     Returns the exit code: ``run``'s, ``EXIT_BAD_CONFIG`` for a config that does not load, ``EXIT_NON_FINITE``
-    when the loss stops being finite.
+    when the loss stops being finite, ``EXIT_BAD_INPUT`` for a dataset or folder that cannot be used
+    (one line, no traceback).
     """
     import argparse
 
@@ -124,3 +129,17 @@ def stage_main(
     except NonFiniteLossError as err:
         logger.error("%s", err)
         return EXIT_NON_FINITE
+    except USER_ERRORS as err:
+        logger.error("%s", one_line(err))
+        return EXIT_BAD_INPUT
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line naming the path: an ``OSError`` as "path: reason", and the original message of an
+    error re-raised from a DataLoader worker (torch puts the worker's traceback into the message)."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or err}"
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in str(err):
+        return lines[-1].split(": ", 1)[-1]  # "module.Error: message" → the message
+    return lines[0] if lines else type(err).__name__

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import sys
@@ -82,13 +83,15 @@ def finalize(cfg: BuildConfig) -> dict:
     table = pa.Table.from_pylist(rows)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    write_bytes(out / SAMPLES, sink.getvalue().to_pybytes())
+    samples = sink.getvalue().to_pybytes()
+    write_bytes(out / SAMPLES, samples)
     lines = [json.dumps(r) for r in rejects] + [
         json.dumps({"path": d["path"], "reason": f"duplicate of {d['duplicate_of']} (same pixels)"})
         for d in duplicates
     ]
     write_bytes(out / "rejects.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
     manifest = _manifest(cfg, plan, rows, shards, rejects, duplicates, cross)
+    manifest["samples_sha256"] = hashlib.sha256(samples).hexdigest()  # readers check the table against it
     write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 

@@ -1,0 +1,106 @@
+"""Corruption is found where it matters: verify-shards lists every problem with shard and sample, the samples
+table is checksummed and cross-checked, and the loader checks local shards before training reads them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from shards.build.verify import verify_shards
+from shards.index import read_index
+from shards.layout import DatasetError
+from shards.loader import build_loader
+from shards.loader_config import LoaderConfig
+
+CFG = LoaderConfig(backend="torch", batch_size=4, num_workers=0)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def copy(tiny_shards: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(tiny_shards, root, ignore=shutil.ignore_patterns("_work"))
+    return root
+
+
+def rewrite_row(root: Path, column: str, change) -> str:
+    """Change ``column`` of the samples table's first row; returns that row's key."""
+    table = pq.read_table(root / "samples.parquet")
+    values = table[column].to_pylist()
+    values[0] = change(values[0])
+    index = table.schema.get_field_index(column)
+    table = table.set_column(index, column, pa.array(values, table.schema.field(column).type))
+    pq.write_table(table, root / "samples.parquet")
+    return table["key"][0].as_py()
+
+
+def flip_member(root: Path, shard_glob: str, ext: str, sample: int = 0) -> tuple[str, str]:
+    """Flip the first byte of member ``ext`` of a sample of the first shard matching; (shard rel, key)."""
+    tar = sorted(root.glob(shard_glob))[0]
+    entry = read_index(tar.with_suffix(".idx"))[sample]
+    offset, _ = entry.components[ext]
+    data = bytearray(tar.read_bytes())
+    data[offset] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    return str(tar.relative_to(root)), entry.key
+
+
+def test_a_truncated_samples_table_is_one_line(copy: Path) -> None:
+    data = (copy / "samples.parquet").read_bytes()
+    (copy / "samples.parquet").write_bytes(data[: len(data) // 2])
+    report = verify_shards(copy)
+    assert [p for p in report.problems if "samples.parquet" in p] == [
+        f"{copy / 'samples.parquet'}: sha256 differs from the manifest (truncated or corrupt samples table); "
+        "rerun `radstream finalize-shards` or fetch the dataset again"
+    ]
+    with pytest.raises(DatasetError, match="samples.parquet: sha256 differs"):
+        build_loader(CFG, copy, "train")
+    with pytest.raises(DatasetError, match="unreadable samples table"):
+        build_loader(LoaderConfig(backend="torch", num_workers=0, verify="off"), copy, "train")
+
+
+@pytest.mark.parametrize(
+    ("column", "change", "words"),
+    [
+        ("offset", lambda v: v + 512, "image at"),
+        ("key", lambda v: chr(ord(v[0]) ^ 1) + v[1:], "the tar holds"),
+        ("bin", lambda v: "999x999", "the manifest says"),
+    ],
+)
+def test_every_samples_row_is_checked_against_the_tars(copy: Path, column: str, change, words: str) -> None:
+    key = rewrite_row(copy, column, change)
+    report = verify_shards(copy)
+    rows = [p for p in report.problems if p.startswith("samples.parquet row 0")]
+    assert len(rows) == 1 and words in rows[0], report.problems
+    assert any("sha256 differs" in p for p in report.problems)
+    assert key[1:] in rows[0]
+
+
+def test_a_corrupt_json_member_names_shard_and_sample_and_verify_goes_on(copy: Path) -> None:
+    first, key = flip_member(copy, "train/*/*.tar", "json")
+    second, _ = flip_member(copy, "val/*/*.tar", "jpg", sample=1)
+    report = verify_shards(copy)
+    assert f"{first}: sample {key} has an unreadable .json member" in "\n".join(report.problems)
+    assert any(p.startswith(f"{second}: sha256") for p in report.problems)  # the later shard is checked too
+    assert report.shards == sum(1 for _ in copy.glob("*/*/*.tar"))
+    run = subprocess.run(
+        [sys.executable, "-m", "radstream.cli", "verify-shards", str(copy)],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert f"{first}: sample {key} has an unreadable .json member" in run.stdout
+
+
+def test_flipped_bytes_in_a_jpeg_stop_the_loader_naming_the_shard(copy: Path) -> None:
+    rel, _ = flip_member(copy, "train/*/*.tar", "jpg")
+    with pytest.raises(DatasetError) as err:
+        build_loader(CFG, copy, "train")
+    assert str(err.value).startswith(f"{copy / rel}: sha256 differs from the manifest")
+    assert len(build_loader(LoaderConfig(backend="torch", num_workers=0, verify="off"), copy, "train")) > 0
