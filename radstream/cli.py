@@ -94,7 +94,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     _check_out_folder(Path(args.out))
     cfg = _load_build_config(args)
     start = time.perf_counter()
-    run_build(cfg, task_index=args.task_index, num_tasks=args.num_tasks)
+    run_build(cfg, task_index=args.task_index, num_tasks=args.num_tasks, force_replan=args.force_replan)
     if args.num_tasks > 1 and not args.finalize:
         print(
             f"build-shards: task {args.task_index} of {args.num_tasks} done; run `radstream finalize-shards` after all"
@@ -244,6 +244,11 @@ def _add_build_parser(sub) -> None:
     p.add_argument("--num-tasks", type=int, default=1, help="number of tasks (SLURM_ARRAY_TASK_COUNT)")
     p.add_argument(
         "--finalize", action="store_true", help="with --num-tasks > 1: also finalize (all parts done)"
+    )
+    p.add_argument(
+        "--force-replan",
+        action="store_true",
+        help="the source changed since OUT was planned: drop the old build and rebuild it (one task only)",
     )
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. binning.num_bins=6")
     p.set_defaults(func=cmd_build)

@@ -247,13 +247,20 @@ def part_done(out: Path, part: int, fingerprint: str) -> bool:
         return False
 
 
-def run_build(cfg: BuildConfig, task_index: int = 0, num_tasks: int = 1) -> list[int]:
-    """Build this task's parts (skipping finished ones); returns the parts built now."""
+def run_build(
+    cfg: BuildConfig, task_index: int = 0, num_tasks: int = 1, force_replan: bool = False
+) -> list[int]:
+    """Build this task's parts (skipping finished ones); returns the parts built now.
+
+    Raises:
+        SourceChanged: ``OUT`` was planned from the same config over another source, and not ``force_replan``
+            (see ``shards.build.plan.get_plan``).
+    """
     if not 0 <= task_index < num_tasks:
         raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = get_plan(cfg)
+    plan = get_plan(cfg, force_replan)
     mine = [p for p in range(plan.num_parts) if p % num_tasks == task_index]
     if not mine:
         log.warning(

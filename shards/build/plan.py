@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +25,15 @@ from core.atomic import write_bytes
 from core.config import load_config, to_dict, to_yaml
 from ingest.stage import IngestRecord, Reject, run_ingest
 from shards.build.config import BuildConfig
+from shards.layout import MANIFEST, SAMPLES, SPLITS
 
 log = logging.getLogger(__name__)
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+
+
+class SourceChanged(ValueError):
+    """The source differs from the one ``OUT`` was planned from (files added, removed or modified)."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,30 @@ def plan_fingerprint(cfg: BuildConfig) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def make_plan(cfg: BuildConfig) -> BuildPlan:
+def source_digest(cfg: BuildConfig) -> tuple[int, str]:
+    """(number of files, hash of their paths, sizes and mtimes) under the source folder, plus the CSV files the
+    config names: any file added, removed or rewritten changes the hash. Links are not followed (the scan
+    rejects them), so a walk costs one ``lstat`` per file."""
+    digest, count = hashlib.sha256(), 0
+    root = Path(cfg.source)
+    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda err: digest.update(str(err).encode())):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            try:
+                st = path.lstat()
+                line = f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n"
+            except OSError as err:
+                line = f"{path.relative_to(root)}\0{err.errno}\n"
+            digest.update(line.encode("utf-8", "surrogateescape"))
+            count += 1
+    for extra in (cfg.ingest.manifest_csv, cfg.ingest.irma_csv):
+        if extra and Path(extra).is_file():
+            digest.update(Path(extra).read_bytes())
+    return count, digest.hexdigest()[:16]
+
+
+def make_plan(cfg: BuildConfig, source: tuple[int, str]) -> BuildPlan:
     """Ingest the source (no pixel decoding), then plan the bins and cut whole patients into parts."""
     ingested = run_ingest(cfg.source, cfg.ingest, seed=cfg.seed, workers=cfg.workers)
     records = ingested.records
@@ -72,11 +101,16 @@ def make_plan(cfg: BuildConfig) -> BuildPlan:
         rejects=ingested.rejects,
         seen=ingested.seen,
         num_parts=int(parts.max()) + 1 if len(parts) else 0,
-        fingerprint=plan_fingerprint(cfg),
+        fingerprint=_combined(plan_fingerprint(cfg), source),
     )
 
 
-def save_plan(plan: BuildPlan, work_dir: Path) -> None:
+def _combined(config_fingerprint: str, source: tuple[int, str]) -> str:
+    """The plan's fingerprint: its config and its source (a part built for another source is not done)."""
+    return hashlib.sha256(f"{config_fingerprint}|{source[1]}".encode()).hexdigest()[:16]
+
+
+def save_plan(plan: BuildPlan, work_dir: Path, cfg: BuildConfig, source: tuple[int, str]) -> None:
     """Write ``plan.json`` (small fields) and ``plan.parquet`` (one row per record), each atomically."""
     work_dir.mkdir(parents=True, exist_ok=True)
     rows = [
@@ -89,6 +123,8 @@ def save_plan(plan: BuildPlan, work_dir: Path) -> None:
     head = {
         "version": PLAN_VERSION,
         "fingerprint": plan.fingerprint,
+        "config_fingerprint": plan_fingerprint(cfg),
+        "source": {"files": source[0], "digest": source[1]},
         "class_names": list(plan.class_names),
         "bins": [b.name for b in plan.bins],
         "rejects": [dataclasses.asdict(r) for r in plan.rejects],
@@ -124,23 +160,61 @@ def load_plan(work_dir: Path, fingerprint: str) -> BuildPlan | None:
     )
 
 
-def get_plan(cfg: BuildConfig) -> BuildPlan:
-    """Load the plan from ``OUT/_work`` or make and save it."""
-    work_dir = Path(cfg.out) / "_work"
-    fingerprint = plan_fingerprint(cfg)
-    plan = load_plan(work_dir, fingerprint)
-    if plan is None:
-        plan = make_plan(cfg)
-        save_plan(plan, work_dir)
-        write_bytes(work_dir / "config.yaml", to_yaml(cfg).encode())
-        log.info(
-            "plan: %d images in %d parts, %d bins, %d rejected early",
-            len(plan.records),
-            plan.num_parts,
-            len(plan.bins),
-            len(plan.rejects),
-        )
+def get_plan(cfg: BuildConfig, force_replan: bool = False) -> BuildPlan:
+    """Load the plan from ``OUT/_work`` or make and save it.
+
+    A plan made from the same config but another source (files added, removed or modified since) is refused
+    with :class:`SourceChanged`, unless ``force_replan``: then, as after a config change, the old build is
+    dropped (manifest first, so no reader takes it for finished) and every part is built again.
+    """
+    out = Path(cfg.out)
+    work_dir = out / "_work"
+    source = source_digest(cfg)
+    plan = load_plan(work_dir, _combined(plan_fingerprint(cfg), source))
+    if plan is not None:
+        return plan
+    old = _saved_head(work_dir)
+    if old is not None:
+        same_config = old.get("config_fingerprint") == plan_fingerprint(cfg)
+        if same_config and not force_replan:
+            then = old.get("source", {}).get("files", "?")
+            raise SourceChanged(
+                f"{cfg.source}: the source changed since {out} was planned ({then} files then, {source[0]} now, "
+                "or files modified); build into a new OUT, or rerun with --force-replan to rebuild this one"
+            )
+        _drop_old_build(out)
+    plan = make_plan(cfg, source)
+    save_plan(plan, work_dir, cfg, source)
+    write_bytes(work_dir / "config.yaml", to_yaml(cfg).encode())
+    log.info(
+        "plan: %d images in %d parts, %d bins, %d rejected early",
+        len(plan.records),
+        plan.num_parts,
+        len(plan.bins),
+        len(plan.rejects),
+    )
     return plan
+
+
+def _saved_head(work_dir: Path) -> dict | None:
+    try:
+        return json.loads((work_dir / "plan.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _drop_old_build(out: Path) -> None:
+    """Remove a build made under another plan: the manifest first (the dataset stops looking finished), then
+    the samples table, part records and shards (all rebuilt under the new plan)."""
+    log.warning("%s was built under another plan (config or source changed): rebuilding it", out)
+    for name in (MANIFEST, SAMPLES):
+        (out / name).unlink(missing_ok=True)
+    for record in (out / "_work" / "parts").glob("part-*.json"):
+        record.unlink()
+    for split in SPLITS:
+        for f in (out / split).glob("*/*"):
+            if f.suffix in (".tar", ".idx") or f.name.startswith("."):  # hidden: half-written shards
+                f.unlink()
 
 
 def load_plan_config(out: str | Path) -> BuildConfig:
