@@ -79,6 +79,6 @@ def check_shards(root: str | os.PathLike[str], shards: Iterable[str], manifest: 
         if sha256_of(root / rel) != entry["sha256"]:
             raise DatasetError(
                 f"{root / rel}: sha256 differs from the manifest (corrupt shard); run `radstream verify-shards` "
-                "to see which samples, or set loader.verify=off to train anyway"
+                "to see which samples, or set loader.verify=false to train anyway"
             )
     log.debug("checksums of the shards under %s match the manifest", root)

@@ -53,7 +53,7 @@ def build_loader(
 
     Raises:
         ValueError: no samples, or ``backend="dali"`` without ``nvidia.dali``.
-        DatasetError: with ``cfg.verify="fail"``, a local shard or the samples table differs from the manifest.
+        DatasetError: with ``cfg.verify``, a local shard or the samples table differs from the manifest.
     """
     backend = cfg.backend
     if backend == "auto":
@@ -65,10 +65,10 @@ def build_loader(
     cfg = cfg.for_run(run_seed)
     fraction = cfg.label_fraction if split == "train" else None
     root, store = resolve_dataset(root, cfg.remote)
-    if cfg.verify == "fail":
+    if cfg.verify:
         check_samples_table(root, store.manifest)
     data = load_split(root, split, fraction)
-    if cfg.verify == "fail" and not store.remote:  # a remote store verifies each shard as it downloads it
+    if cfg.verify and not store.remote:  # a remote store verifies each shard as it downloads it
         check_shards(root, data.shards, store.manifest)
     kwargs = {
         "process_index": process_index,

@@ -107,10 +107,10 @@ class LoaderConfig:
     """Training augmentation."""
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     """Node cache and transfers when the dataset root is an ``s3://`` or ``http(s)://`` URL."""
-    verify: str = "fail"
-    """``fail``: check each local shard's and the samples table's sha256 against the manifest when the loader
-    is built (once per file per process) and stop with one line naming a corrupt file; ``off``: trust them.
-    There is no "skip": dropping samples on one rank would break the equal steps every rank must take.
+    verify: bool = True
+    """Check each local shard's and the samples table's sha256 against the manifest when the loader is built
+    (once per file per process) and stop with one line naming a corrupt file; false: trust them. There is no
+    "skip with a warning": dropping samples on one rank would break the equal steps every rank must take.
     Remote shards are always verified as they are downloaded."""
     label_fraction: float | None = None
     """Keep only the train samples in this label fraction (one of the dataset's ``label_fractions``, e.g.

@@ -63,7 +63,7 @@ def test_a_truncated_samples_table_is_one_line(copy: Path) -> None:
     with pytest.raises(DatasetError, match="samples.parquet: sha256 differs"):
         build_loader(CFG, copy, "train")
     with pytest.raises(DatasetError, match="unreadable samples table"):
-        build_loader(LoaderConfig(backend="torch", num_workers=0, verify="off"), copy, "train")
+        build_loader(LoaderConfig(backend="torch", num_workers=0, verify=False), copy, "train")
 
 
 @pytest.mark.parametrize(
@@ -103,4 +103,4 @@ def test_flipped_bytes_in_a_jpeg_stop_the_loader_naming_the_shard(copy: Path) ->
     with pytest.raises(DatasetError) as err:
         build_loader(CFG, copy, "train")
     assert str(err.value).startswith(f"{copy / rel}: sha256 differs from the manifest")
-    assert len(build_loader(LoaderConfig(backend="torch", num_workers=0, verify="off"), copy, "train")) > 0
+    assert len(build_loader(LoaderConfig(backend="torch", num_workers=0, verify=False), copy, "train")) > 0
