@@ -13,7 +13,7 @@ The MAE task of ``train.trainer``, which owns the loop. Restarting the same comm
 ``checkpoints/latest`` (mid-epoch included).
 
 Exit codes: 0 finished (all epochs, early stopping or ``run.max_steps``), 1 non-finite loss, 2 bad config,
-124 stopped by SIGTERM/SIGUSR1 after finishing the current step and writing a checkpoint (the SLURM script
+3 bad input (``shards=`` not a dataset, a missing or corrupt shard, an unwritable ``run_dir``; one line), 124 stopped by SIGTERM/SIGUSR1 after finishing the current step and writing a checkpoint (the SLURM script
 requeues the job on 124; every rank agrees on the signal, so none hangs). ``accelerate launch`` (torchrun)
 itself exits 1 when its workers exit 124, so a stop also leaves ``run_dir/stopped.json`` for job scripts.
 """

@@ -69,8 +69,8 @@ def test_a_samples_table_naming_a_path_outside_is_refused(tiny_shards: Path, tmp
         table.set_column(table.schema.get_field_index("shard"), "shard", shard), root / "samples.parquet"
     )
     split = table["split"][0].as_py()
-    with pytest.raises(UnsafePathError, match="samples.parquet"):
-        build_loader(CFG, root, split)
+    with pytest.raises(UnsafePathError, match="samples.parquet"):  # the table's checksum is not looked at
+        build_loader(LoaderConfig(backend="torch", num_workers=0, verify=False), root, split)
     store = ShardStore(root)
     with pytest.raises(UnsafePathError):
         store.open(EVIL)
