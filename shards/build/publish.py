@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from shards.layout import shard_entries
+from shards.layout import inside, shard_entries
 from shards.loader_config import RemoteConfig
 from shards.transport import filesystem, with_retries
 
@@ -23,7 +23,8 @@ def _dataset_files(out: Path, manifest: dict) -> list[tuple[str, int, str | None
     """(rel, bytes, sha256 or None) of every shard and index of a local build, checked against the manifest."""
     files = []
     for rel, entry in shard_entries(manifest).items():
-        tar, idx = out / rel, (out / rel).with_suffix(".idx")
+        tar = inside(out, rel, "shard")  # nothing outside the dataset is read and uploaded
+        idx = tar.with_suffix(".idx")
         if not tar.is_file() or tar.stat().st_size != entry["bytes"]:
             raise FileNotFoundError(f"{tar}: missing or not the {entry['bytes']} bytes the manifest lists")
         if not idx.is_file():

@@ -104,3 +104,20 @@ def test_flipped_bytes_in_a_jpeg_stop_the_loader_naming_the_shard(copy: Path) ->
         build_loader(CFG, copy, "train")
     assert str(err.value).startswith(f"{copy / rel}: sha256 differs from the manifest")
     assert len(build_loader(LoaderConfig(backend="torch", num_workers=0, verify=False), copy, "train")) > 0
+
+
+def test_a_shard_is_hashed_once_per_process_until_it_changes(copy: Path, monkeypatch) -> None:
+    from shards import integrity
+
+    tar = sorted(copy.glob("train/*/*.tar"))[0]
+    reads = []
+    real_open = open
+    monkeypatch.setattr(
+        integrity, "open", lambda p, *a: reads.append(Path(p)) or real_open(p, *a), raising=False
+    )
+    build_loader(CFG, copy, "train")
+    build_loader(CFG, copy, "train")
+    assert reads.count(tar) == 1
+    os.utime(tar, ns=(1, 1))  # another mtime: hashed again
+    build_loader(CFG, copy, "train")
+    assert reads.count(tar) == 2
