@@ -75,7 +75,8 @@ def check_manifest_paths(manifest: dict, where: str | os.PathLike[str]) -> dict:
 def load_manifest(folder: str | Path) -> dict:
     """The manifest of a local dataset folder, with a clear error when it is missing or unreadable."""
     if not Path(folder).is_dir():
-        raise FileNotFoundError(f"{folder}: no such dataset folder")
+        what = "a file, not a dataset folder" if Path(folder).exists() else "no such dataset folder"
+        raise FileNotFoundError(f"{folder}: {what}")
     path = Path(folder) / MANIFEST
     try:
         manifest = json.loads(path.read_text())

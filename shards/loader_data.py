@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from shards.layout import DatasetError, inside, load_manifest, load_samples
+from shards.layout import DatasetError, inside, load_manifest, load_samples, shard_entries
 from shards.store import ShardStore
 
 _MAX_OPEN_SHARDS = 64  # file descriptors kept open per process
@@ -118,6 +118,10 @@ def load_split(root: str | os.PathLike[str], split: str, label_fraction: float |
         raise ValueError(f"{root}: no {split!r} samples{why}")
     shapes = {b["name"]: (int(b["height"]), int(b["width"])) for b in manifest["bins"]}
     shard_names, shard_index = np.unique(table["shard"].to_numpy(zero_copy_only=False), return_inverse=True)
+    paths = tuple(str(inside(root, s, f"{root}/samples.parquet: shard")) for s in shard_names)
+    unlisted = sorted(set(shard_names) - set(shard_entries(manifest)))
+    if unlisted:  # a remote store would fetch it unverified: the manifest holds the checksums
+        raise DatasetError(f"{root}/samples.parquet: shard {unlisted[0]!r} is not in the manifest")
     bin_col = table["bin"].to_numpy(zero_copy_only=False)
     keys = table["key"].to_numpy(zero_copy_only=False)
     offsets, sizes = table["offset"].to_numpy().astype(np.int64), table["size"].to_numpy().astype(np.int64)
@@ -142,7 +146,7 @@ def load_split(root: str | os.PathLike[str], split: str, label_fraction: float |
     return SplitSamples(
         split,
         manifest["codec"]["name"],
-        tuple(str(inside(root, s, f"{root}/samples.parquet: shard")) for s in shard_names),
+        paths,
         bins,
         tuple(manifest.get("class_names") or ()),
     )

@@ -66,8 +66,8 @@ def plan_fingerprint(cfg: BuildConfig) -> str:
 
 def source_digest(cfg: BuildConfig) -> tuple[int, str]:
     """(number of files, hash of their paths, sizes and mtimes) under the source folder, plus the CSV files the
-    config names: any file added, removed or rewritten changes the hash. Links are not followed (the scan
-    rejects them), so a walk costs one ``lstat`` per file."""
+    config names: any file added, removed or rewritten changes the hash. One ``stat`` per file (a link to a
+    file counts as its target, as the scan reads it; links to folders are not followed, as by the scan)."""
     digest, count = hashlib.sha256(), 0
     root = Path(cfg.source)
     for dirpath, dirnames, filenames in os.walk(root, onerror=lambda err: digest.update(str(err).encode())):
@@ -75,7 +75,7 @@ def source_digest(cfg: BuildConfig) -> tuple[int, str]:
         for name in sorted(filenames):
             path = Path(dirpath) / name
             try:
-                st = path.lstat()
+                st = path.stat() if path.exists() else path.lstat()  # a dangling link: its own entry
                 line = f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n"
             except OSError as err:
                 line = f"{path.relative_to(root)}\0{err.errno}\n"

@@ -72,6 +72,7 @@ def test_a_truncated_samples_table_is_one_line(copy: Path) -> None:
         ("offset", lambda v: v + 512, "image at"),
         ("key", lambda v: chr(ord(v[0]) ^ 1) + v[1:], "the tar holds"),
         ("bin", lambda v: "999x999", "the manifest says"),
+        ("shard", lambda v: v.replace(".tar", "-x.tar"), "shard not in the manifest"),
     ],
 )
 def test_every_samples_row_is_checked_against_the_tars(copy: Path, column: str, change, words: str) -> None:
@@ -81,6 +82,14 @@ def test_every_samples_row_is_checked_against_the_tars(copy: Path, column: str, 
     assert len(rows) == 1 and words in rows[0], report.problems
     assert any("sha256 differs" in p for p in report.problems)
     assert key[1:] in rows[0]
+
+
+def test_a_shard_the_manifest_does_not_list_is_not_read(copy: Path) -> None:
+    """Its checksum would be unknown (a remote store would fetch it unverified)."""
+    rewrite_row(copy, "shard", lambda v: v.replace(".tar", "-x.tar"))
+    split = pq.read_table(copy / "samples.parquet")["split"][0].as_py()
+    with pytest.raises(DatasetError, match="-x.tar' is not in the manifest"):
+        build_loader(LoaderConfig(backend="torch", num_workers=0, verify=False), copy, split)
 
 
 def test_a_corrupt_json_member_names_shard_and_sample_and_verify_goes_on(copy: Path) -> None:
