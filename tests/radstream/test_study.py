@@ -51,6 +51,7 @@ def test_grid_runs_every_fraction_lr_and_seed_once(tmp_path: Path, monkeypatch) 
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_tiny_study_writes_the_tables_and_resumes(tmp_path: Path, capsys) -> None:
     from ingest.synth import synthesize
 

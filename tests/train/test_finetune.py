@@ -176,6 +176,7 @@ def test_smoke_run_from_an_mae_run_writes_results_and_resumes(tmp_path: Path, ti
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_fine_tuned_model_beats_its_own_linear_probe_at_full_labels(
     tmp_path: Path, tiny_shards: Path
 ) -> None:
