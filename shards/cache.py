@@ -86,14 +86,43 @@ os.register_at_fork(
 )
 
 
+class Cancelled(Exception):
+    """A lock wait given up because its ``cancel`` event was set (the waiter's store is closing)."""
+
+
+_CANCEL_POLL_S = 0.05  # how often a cancellable lock wait checks its event
+
+
+def _lock(fd: int, operation: int, cancel: threading.Event | None) -> None:
+    """``flock(fd, operation)``; with ``cancel``, polled so that setting the event ends the wait."""
+    if cancel is None or operation & fcntl.LOCK_NB:
+        fcntl.flock(fd, operation)
+        return
+    while True:
+        if cancel.is_set():
+            raise Cancelled("lock wait cancelled")
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            cancel.wait(_CANCEL_POLL_S)
+
+
 @contextlib.contextmanager
-def flocked(path: Path, operation: int = fcntl.LOCK_EX) -> Iterator[int]:
-    """Hold an ``flock`` on ``path`` (created if missing) for the block; yields the descriptor."""
+def flocked(
+    path: Path, operation: int = fcntl.LOCK_EX, cancel: threading.Event | None = None
+) -> Iterator[int]:
+    """Hold an ``flock`` on ``path`` (created if missing) for the block; yields the descriptor.
+
+    Raises:
+        Cancelled: ``cancel`` was set before the lock was taken (a blocking flock cannot be interrupted, and
+            the holder may be another process that keeps it for long).
+    """
     with _HELD_LOCK:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
         _HELD.add(fd)
     try:
-        fcntl.flock(fd, operation)
+        _lock(fd, operation, cancel)
         yield fd
     finally:
         with _HELD_LOCK:
@@ -162,9 +191,12 @@ class ShardCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def download_lock(self, rel: str) -> contextlib.AbstractContextManager[int]:
-        """Exclusive lock for downloading ``rel``; blocks while another thread or process downloads it."""
-        return flocked(self.lock_path(rel))
+    def download_lock(
+        self, rel: str, cancel: threading.Event | None = None
+    ) -> contextlib.AbstractContextManager[int]:
+        """Exclusive lock for downloading ``rel``; blocks while another thread or process downloads it, or
+        until ``cancel`` is set (then raises :class:`Cancelled`)."""
+        return flocked(self.lock_path(rel), cancel=cancel)
 
     def cache_lock(self) -> contextlib.AbstractContextManager[int]:
         """Exclusive lock over accounting and eviction of the whole folder."""

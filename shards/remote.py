@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.atomic import write_bytes
-from shards.cache import CacheFullError, ShardCache
+from shards.cache import CacheFullError, Cancelled, ShardCache
 from shards.index import verify_index
 from shards.layout import MANIFEST, SAMPLES, DatasetError, check_manifest_paths, shard_entries
 from shards.loader_config import RemoteConfig
@@ -74,6 +74,7 @@ class RemoteStore(ShardStore):
         self._pid = os.getpid()
         self._fs = None
         self._executor: ThreadPoolExecutor | None = None
+        self._stop = threading.Event()  # set by close: running prefetches stop waiting for locks
         self._pending: dict[str, Future] = {}
         self._pins: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
@@ -161,12 +162,14 @@ class RemoteStore(ShardStore):
                 )
         log.info("dataset at %s changed since it was cached; stale shards dropped", self.url)
 
-    def _ensure(self, rel: str) -> Path:
-        """The cached file of ``rel``, downloaded (by one thread of one process) and verified if missing."""
+    def _ensure(self, rel: str, cancel: threading.Event | None = None) -> Path:
+        """The cached file of ``rel``, downloaded (by one thread of one process) and verified if missing.
+        With ``cancel`` (a prefetch), setting it ends a wait for the download lock or a chunked download
+        early, raising :class:`~shards.cache.Cancelled`."""
         path = self.cache.path(rel)
         if path.exists():
             return path
-        with self.cache.download_lock(rel):
+        with self.cache.download_lock(rel, cancel):
             if path.exists():  # another thread or process fetched it while we waited
                 return path
             tar = rel[: -len(".idx")] + ".tar" if rel.endswith(".idx") else None
@@ -179,7 +182,7 @@ class RemoteStore(ShardStore):
             return self._fill(
                 rel,
                 entry["bytes"],
-                lambda p: self._download(rel, p, entry["bytes"]),
+                lambda p: self._download(rel, p, entry["bytes"], cancel),
                 lambda digest, _: (
                     [] if digest == expected else [f"sha256 {digest}, the manifest says {expected}"]
                 ),
@@ -248,8 +251,9 @@ class RemoteStore(ShardStore):
             os.fsync(f.fileno())
         return hashlib.sha256(data).hexdigest()
 
-    def _download(self, rel: str, partial: Path, size: int) -> str:
-        """Fetch ``rel`` into ``partial`` in ranged chunks (each retried alone); returns the sha256."""
+    def _download(self, rel: str, partial: Path, size: int, cancel: threading.Event | None = None) -> str:
+        """Fetch ``rel`` into ``partial`` in ranged chunks (each retried alone); returns the sha256.
+        ``cancel`` set between two chunks raises :class:`~shards.cache.Cancelled`."""
         sha, chunk = hashlib.sha256(), self.cfg.chunk_bytes
         with open(partial, "r+b") as f:
             if size <= chunk:  # one plain GET: no Range support needed from the server
@@ -257,6 +261,8 @@ class RemoteStore(ShardStore):
                 f.write(data)
                 sha.update(data)
             for start in range(0, size if size > chunk else 0, chunk):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"download of {self.url}/{rel} cancelled")
                 data = self._get(rel, start, min(start + chunk, size), size)
                 f.write(data)
                 sha.update(data)
@@ -314,19 +320,22 @@ class RemoteStore(ShardStore):
         self._check_pid()
         with self._lock:
             if self._executor is None:
+                self._stop = threading.Event()
                 self._executor = ThreadPoolExecutor(
                     self.cfg.prefetch, thread_name_prefix="radstream-prefetch"
                 )
             for rel in map(self.rel, rels):
                 if rel in self._pending or self.cache.path(rel).exists():
                     continue
-                future = self._executor.submit(self._prefetch_one, rel)
+                future = self._executor.submit(self._prefetch_one, rel, self._stop)
                 self._pending[rel] = future
                 future.add_done_callback(lambda _, rel=rel: self._pending.pop(rel, None))
 
-    def _prefetch_one(self, rel: str) -> None:
+    def _prefetch_one(self, rel: str, stop: threading.Event) -> None:
         try:
-            self._ensure(rel)
+            self._ensure(rel, stop)
+        except Cancelled:
+            pass  # closing: whoever holds the lock (maybe another process of the node) finishes the file
         except Exception as err:  # noqa: BLE001 - a background thread: the reader's own fetch raises it again
             log.warning("prefetch of %s/%s failed: %s: %s", self.url, rel, type(err).__name__, err)
 
@@ -338,9 +347,11 @@ class RemoteStore(ShardStore):
             future.result()
 
     def close(self) -> None:
-        """Cancel queued prefetches, wait for running ones, let every hold go."""
+        """Cancel queued prefetches, stop running ones (a wait for a lock that another process of the node
+        holds, a chunked download), let every hold go. Returns within about one chunk's transfer."""
         self._check_pid()
         if self._executor is not None:
+            self._stop.set()  # a blocked prefetch would otherwise hold close (and the process's exit) forever
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
         with self._lock:

@@ -9,6 +9,8 @@ import multiprocessing as mp
 import os
 import pickle
 import shutil
+import threading
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -375,6 +377,25 @@ def test_a_forked_child_does_not_keep_its_parents_download_lock(tmp_path: Path) 
         child.start()  # inherits the locked descriptor; must drop it, or the lock outlives the parent's release
     child.join(timeout=30)
     assert child.exitcode == 0
+
+
+def test_close_returns_while_a_prefetch_waits_for_a_lock_held_elsewhere(http, tmp_path: Path) -> None:
+    """A prefetch blocked on a download lock that another process of the node holds must not hold close (and
+    so the rank's exit) until that process lets go. An flock on another open file description conflicts
+    exactly like one held by another process."""
+    store = open_dataset(http.url, cache_dir=str(tmp_path), **FAST)
+    rel = tars(read_manifest(store.root))[0]
+    with cache_module.ShardCache(store.root).download_lock(rel):
+        store.prefetch([rel])
+        time.sleep(0.3)  # the prefetch thread is now waiting for the lock
+        closer = threading.Thread(target=store.close, daemon=True)
+        closer.start()
+        closer.join(timeout=10)
+        closed = not closer.is_alive()
+    closer.join(timeout=10)
+    assert closed
+    assert not store.cache.path(rel).exists()  # it gave up rather than fetched
+    store.local_path(rel)  # the store still reads after close
 
 
 def test_endpoint_precedence_and_cache_identity(monkeypatch, tmp_path: Path) -> None:
