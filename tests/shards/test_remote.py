@@ -387,7 +387,12 @@ def test_close_returns_while_a_prefetch_waits_for_a_lock_held_elsewhere(http, tm
     rel = tars(read_manifest(store.root))[0]
     with cache_module.ShardCache(store.root).download_lock(rel):
         store.prefetch([rel])
-        time.sleep(0.3)  # the prefetch thread is now waiting for the lock
+        running = store._pending[rel]
+        for _ in range(200):  # until the prefetch thread runs (then it waits for the lock), not just queued
+            if running.running():
+                break
+            time.sleep(0.05)
+        assert running.running()
         closer = threading.Thread(target=store.close, daemon=True)
         closer.start()
         closer.join(timeout=10)
