@@ -174,7 +174,7 @@ def stage_grid(out: Path, shards: Path, model: TrainedModel, protocol: Protocol,
     from shards.manifest import read_manifest
 
     root = out / "runs" / model.name
-    images = read_manifest(shards).get("label_fraction_sizes", {})
+    images = read_manifest(shards).get("label_fraction_sizes", {}) if protocol.min_steps else {}
     lrs = protocol.lrs or (None,)
     runs = [(f, lr, s) for f in protocol.fractions for lr in lrs for s in range(protocol.train_seeds)]
     with progress(total=len(runs), desc=model.name, unit="run") as bar:

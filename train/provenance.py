@@ -8,11 +8,13 @@ MAE encoder, ResNet50, every image resized to 224x224, and every network initial
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from train.weights import TIMM_PREFIX
+TIMM_PREFIX = "timm:"
+"""``model.init`` of a timm pretrained tag, read from the local Hugging Face cache only."""
 
 STUDY_BINS = ("224x224",)
 """The study's input: one shape."""
@@ -45,6 +47,8 @@ def encoder_dims(model_cfg: dict) -> dict:
     import timm
 
     overrides = {k: model_cfg[k] for k in ("embed_dim", "depth", "num_heads") if model_cfg.get(k) is not None}
+    import torch
+
     with torch.device("meta"):
         encoder = timm.create_model(model_cfg["encoder"], pretrained=False, **overrides)
     return vit_dims(encoder)

@@ -18,6 +18,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from train.pos_embed import resample_learned
+from train.provenance import TIMM_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +52,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     for prefix in ("module.", "_orig_mod."):
         state = {k.removeprefix(prefix): v for k, v in state.items()}
     return state
-
-
-TIMM_PREFIX = "timm:"
-"""``model.init`` values with this prefix name timm pretrained weights, read from the local HF cache."""
 
 
 def resolve_timm_tag(tag: str) -> Path:
