@@ -155,12 +155,10 @@ def remaining_schedule(
         name: bin_order(counts[name], name=name, seed=seed, epoch=epoch, shuffle_block=shuffle_block)
         for name in {name for name, _ in places}
     }
-    steps = []
-    for name, start in places:
-        size = _batch_size_of(batch_size, name)
-        mine = start + rank * size + np.arange(size)
-        steps.append(Step(name, tuple(orders[name][mine % len(orders[name])].tolist())))
-    return steps
+    return [
+        Step(name, tuple(orders[name][mine % len(orders[name])].tolist()))
+        for name, mine in _rank_places(places, batch_size, rank)
+    ]
 
 
 def remaining_padding_masks(
@@ -179,8 +177,15 @@ def remaining_padding_masks(
     _check(counts, world_size, rank)
     places = remaining_places(counts, batch_size, seed=seed, epoch=epoch, consumed=consumed,
                               world_size=world_size, drop_incomplete=drop_incomplete)  # fmt: skip
-    masks = []
+    return [mine < bin_total(counts[name]) for name, mine in _rank_places(places, batch_size, rank)]
+
+
+def _rank_places(
+    places: Sequence[tuple[str, int]], batch_size: BatchSize, rank: int
+) -> list[tuple[str, np.ndarray]]:
+    """Per remaining step, its bin and this rank's places in the bin order (its slice of the global batch)."""
+    out = []
     for name, start in places:
         size = _batch_size_of(batch_size, name)
-        masks.append(start + rank * size + np.arange(size) < bin_total(counts[name]))
-    return masks
+        out.append((name, start + rank * size + np.arange(size)))
+    return out
