@@ -19,12 +19,10 @@ RECIPES = {
     "pretrain": "configs/demo/pretrain.yaml",
     "probe": "configs/demo/probe.yaml",
     "vit": "configs/demo/supervised_vit.yaml",
-    "resnet50": "configs/demo/supervised_resnet50.yaml",
+    "resnet50": "configs/demo/supervised_cnn.yaml",
     "finetune": "configs/demo/finetune.yaml",
 }
 """The demo's recipes: small models that learn something in CPU minutes."""
-BASELINE_BATCH = 32
-"""``loader.batch_size`` of configs/demo/supervised_*.yaml (to count an epoch's steps)."""
 
 
 @dataclass(frozen=True)
@@ -37,10 +35,11 @@ class DemoSize:
     """Token cap of the smart bins (64 = 128x128 at patch 16): small images keep CPU training short."""
     pretrain_epochs: int = 40
     supervised_epochs: tuple[int, int] = (15, 4)
-    """Epochs of the ViT and the ResNet50 baselines with all labels."""
-    supervised_min_steps: tuple[int, int] = (60, 40)
-    """Fewest optimizer steps of a ViT / ResNet50 run: a small label fraction trains more epochs (at 1% an
-    epoch is one step; a few steps leave a network from scratch, and its BatchNorm statistics, untrained)."""
+    """Epochs of the ViT and the CNN baselines with all labels."""
+    supervised_min_steps: tuple[int, int] = (120, 40)
+    """Fewest optimizer steps of a ViT / CNN run, counted on the fraction's schedule: a small label fraction
+    trains more epochs (at 1% an epoch is one step per bin; a few steps leave a network from scratch, and its
+    BatchNorm statistics, untrained)."""
     finetune_epochs: int = 8
     seeds: int = 2
     """Seeds of the probes."""
@@ -51,8 +50,7 @@ class DemoSize:
         """The demo's protocol: its recipes, each one LR, the seeds, early stopping after 10."""
         epochs = {"pretrain": self.pretrain_epochs, "vit": self.supervised_epochs[0],
                   "resnet50": self.supervised_epochs[1], "finetune": self.finetune_epochs}  # fmt: skip
-        min_steps = {"vit": (BASELINE_BATCH, self.supervised_min_steps[0]),
-                     "resnet50": (BASELINE_BATCH, self.supervised_min_steps[1])}  # fmt: skip
+        min_steps = {"vit": self.supervised_min_steps[0], "resnet50": self.supervised_min_steps[1]}
         return Protocol(RECIPES, lrs=None, seeds=self.seeds, train_seeds=self.train_seeds, epochs=epochs,
                         min_steps=min_steps)  # fmt: skip
 

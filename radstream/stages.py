@@ -49,28 +49,54 @@ class Protocol:
     """Epochs per stage (pretrain, vit, resnet50, finetune); None or a missing stage: the recipe's."""
     max_tokens: int | None = None
     """Token cap of the smart bins (None: the build's default)."""
-    min_steps: dict[str, tuple[int, int]] | None = None
-    """Per stage, (its recipe's loader batch size, the fewest optimizer steps of a run): a small label fraction
-    trains more epochs, so that a network from scratch (and its BatchNorm statistics) gets trained at all (at
-    1% an epoch can be one step). None or a missing stage: epochs as they are."""
+    min_steps: dict[str, int] | None = None
+    """Per stage, the fewest optimizer steps of a run: a small label fraction trains more epochs, so that a
+    network from scratch (and its BatchNorm statistics) gets trained at all (at 1% an epoch can be one step).
+    Steps are counted on the fraction's real schedule (one bin per batch: an epoch has at least one step per
+    bin). None or a missing stage: epochs as they are."""
 
     def recipe(self, stage: str) -> Path:
         return ROOT / self.recipes[stage]
 
-    def overrides(self, stage: str, train_images: int | None = None) -> list[str]:
-        """Overrides every run of ``stage`` gets from the protocol (``train_images``: of its label fraction)."""
+    def overrides(self, stage: str, steps_per_epoch: int | None = None) -> list[str]:
+        """Overrides every run of ``stage`` gets from the protocol (``steps_per_epoch``: optimizer steps of
+        one epoch of its label fraction, for ``min_steps``)."""
         epochs = (self.epochs or {}).get(stage)
-        if epochs and train_images and stage in (self.min_steps or {}):
-            batch, steps = self.min_steps[stage]
-            epochs = max(epochs, -(-steps // max(1, -(-train_images // batch))))
+        if epochs and steps_per_epoch and stage in (self.min_steps or {}):
+            epochs = max(epochs, -(-self.min_steps[stage] // steps_per_epoch))
         return [f"run.patience={self.patience}"] + ([f"run.epochs={epochs}"] if epochs else [])
+
+
+def optimizer_steps_per_epoch(shards: Path, recipe: Path, fraction: float, world_size: int) -> int:
+    """Optimizer steps of one training epoch of ``recipe`` on the ``fraction`` of the train split, from the
+    schedule itself (bins, the recipe's batch size or token budget, padding, gradient accumulation)."""
+    from omegaconf import OmegaConf
+
+    from bucketing.schedule import steps_per_epoch, token_budget_batch_sizes
+    from shards.loader_config import LoaderConfig
+    from shards.loader_data import load_split
+
+    cfg = OmegaConf.load(recipe)
+    loader, default = cfg.get("loader", {}), LoaderConfig()
+    batch = int(loader.get("batch_size", default.batch_size))
+    budget = loader.get("token_budget", default.token_budget)
+    counts = load_split(shards, "train", label_fraction=fraction).counts
+    sizes = (dict.fromkeys(counts, batch) if budget is None else
+             token_budget_batch_sizes(list(counts), int(budget), int(loader.get("patch_size", 16)), max_batch=batch))  # fmt: skip
+    accumulation = int(cfg.get("optim", {}).get("grad_accum_steps", 1))
+    return max(1, steps_per_epoch(counts, sizes, world_size) // accumulation)
+
+
+def world_size() -> int:
+    """Processes of a training stage: the machine's GPUs, else one."""
+    import torch
+
+    return max(1, torch.cuda.device_count())
 
 
 def launcher() -> list[str]:
     """How a training stage starts: all the machine's GPUs under accelerate launch, else one process."""
-    import torch
-
-    gpus = torch.cuda.device_count()
+    gpus = world_size()
     if gpus > 1:
         return [
             sys.executable,
@@ -171,19 +197,22 @@ class TrainedModel:
 
 def stage_grid(out: Path, shards: Path, model: TrainedModel, protocol: Protocol, prefix: str) -> Path:
     """Every (fraction, LR, seed) run of ``model``; finished runs (results.json) are skipped."""
-    from shards.manifest import read_manifest
-
     root = out / "runs" / model.name
-    images = read_manifest(shards).get("label_fraction_sizes", {}) if protocol.min_steps else {}
+    counted = model.name in (protocol.min_steps or {})
     lrs = protocol.lrs or (None,)
     runs = [(f, lr, s) for f in protocol.fractions for lr in lrs for s in range(protocol.train_seeds)]
+    world = world_size()
+
+    def steps(fraction: float) -> int:
+        return optimizer_steps_per_epoch(shards, protocol.recipe(model.name), fraction, world)
+
     with progress(total=len(runs), desc=model.name, unit="run") as bar:
         for fraction, lr, seed in runs:
             run_dir = root / f"f{fraction:g}" / (f"lr-{lr:g}" if lr else "lr-recipe") / f"seed-{seed}"
             if not (run_dir / "results.json").is_file():
                 args = ["--config", str(protocol.recipe(model.name)), f"shards={shards}", f"run_dir={run_dir}",
                         f"loader.label_fraction={fraction}", f"run.seed={seed}",
-                        *protocol.overrides(model.name, images.get(str(float(fraction)))),
+                        *protocol.overrides(model.name, steps(fraction) if counted else None),
                         *model.overrides, *([f"optim.lr={lr}"] if lr else [])]  # fmt: skip
                 log_file = out / "logs" / model.name / f"f{fraction:g}-lr{lr or 'recipe'}-seed{seed}.log"
                 run_stage(model.module, args, log_file, prefix)

@@ -290,8 +290,11 @@ def _accuracy_tables(selections: Sequence[Selection]) -> list[str]:
 
 
 def _row_label(label: str, sel: Selection) -> str:
-    """The row's label naming what its flattened aggregation is, e.g. "MAE probe (flattened (14×14))"."""
+    """The row's label naming what its flattened aggregation is, e.g. "MAE probe (flattened (14×14))", and
+    the network of the CNN row when it is not the study's ResNet50, e.g. "CNN baseline (resnet18)"."""
     named = sel.arch.split(", ")[-1]
+    if sel.model == "resnet50" and sel.arch not in ("resnet50", "?", ""):
+        return f"CNN baseline ({sel.arch})"
     return f"{label.split(' (')[0]} ({named})" if named.startswith("flattened (") else label
 
 

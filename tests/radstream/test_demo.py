@@ -79,15 +79,21 @@ def test_tiny_demo_end_to_end(tmp_path: Path, capsys) -> None:
 
 def test_full_demo_trains_two_seeds_of_each_baseline_and_enough_steps(tmp_path: Path, monkeypatch) -> None:
     """Every baseline row of the full demo has 2 seeds; a small label fraction trains more epochs, so that
-    a network from scratch gets a minimum number of optimizer steps."""
+    a network from scratch gets a minimum number of optimizer steps, counted on the fraction's schedule (one
+    bin per batch: 8 images in 4 bins are 4 steps an epoch, not 1)."""
+    from types import SimpleNamespace
+
     import radstream.demo as demo
     import radstream.stages as stages
 
     calls = []
     monkeypatch.setattr(stages, "run_stage", lambda stage, args, log, prefix: calls.append(
         dict(a.split("=", 1) for a in args if "=" in a)))  # fmt: skip
-    sizes = {"0.01": 5, "0.1": 49, "1.0": 489}
-    monkeypatch.setattr("shards.manifest.read_manifest", lambda root: {"label_fraction_sizes": sizes})
+    monkeypatch.setattr(stages, "world_size", lambda: 1)
+    bins = ("80x192", "128x128", "144x112", "192x80")
+    per_bin = {0.01: (2, 2, 2, 2), 0.1: (12, 12, 12, 13), 1.0: (122, 122, 122, 123)}
+    monkeypatch.setattr("shards.loader_data.load_split", lambda root, split, label_fraction: SimpleNamespace(
+        counts=dict(zip(bins, per_bin[label_fraction], strict=True))))  # fmt: skip
     protocol = demo.DemoSize().protocol()
     for name in ("vit", "resnet50"):
         stages.stage_grid(
@@ -98,5 +104,22 @@ def test_full_demo_trains_two_seeds_of_each_baseline_and_enough_steps(tmp_path: 
     epochs = {(c["run_dir"].split("/runs/")[1].split("/")[0], c["loader.label_fraction"], c["run.seed"]):
               int(c["run.epochs"]) for c in calls}  # fmt: skip
     assert epochs[("vit", "1.0", "0")] == 15 and epochs[("resnet50", "1.0", "0")] == 4  # the recipe's epochs
-    assert epochs[("vit", "0.01", "0")] == 60 and epochs[("resnet50", "0.01", "0")] == 40  # 1 step an epoch
-    assert epochs[("resnet50", "0.1", "1")] == 20  # 2 steps an epoch
+    assert epochs[("vit", "0.01", "0")] == 30  # 120 steps at 4 an epoch
+    assert epochs[("resnet50", "0.01", "0")] == epochs[("resnet50", "0.1", "1")] == 10  # 40 steps, 4 an epoch
+
+
+def test_optimizer_steps_per_epoch_is_the_loaders_length(tiny_shards: Path, tmp_path: Path) -> None:
+    """The count behind the minimum steps is the real loader's: bins, padding, accumulation."""
+    from radstream.stages import optimizer_steps_per_epoch
+    from shards.loader import build_loader
+    from shards.loader_config import LoaderConfig
+
+    for batch, accumulation in ((4, 1), (3, 2)):
+        recipe = tmp_path / f"r{batch}.yaml"
+        recipe.write_text(f"loader:\n  batch_size: {batch}\noptim:\n  grad_accum_steps: {accumulation}\n")
+        for world in (1, 2):
+            loader = build_loader(LoaderConfig(backend="torch", batch_size=batch, num_workers=0), tiny_shards,
+                                  "train", train=True, num_processes=world, process_index=0)  # fmt: skip
+            assert optimizer_steps_per_epoch(tiny_shards, recipe, None, world) == max(
+                1, len(loader) // accumulation
+            )

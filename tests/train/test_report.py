@@ -328,6 +328,27 @@ def test_one_seed_has_no_spread_and_every_row_names_its_network(tmp_path: Path) 
     assert ",0.600000,,0.500000," in vit_row  # no std for one seed
 
 
+def test_cnn_row_names_a_network_other_than_resnet50(tmp_path: Path) -> None:
+    """The CNN row holds the study's ResNet50; another network there (the demo's resnet18) is named in the
+    row itself and flagged, so the row never reads "ResNet50" for something else."""
+    for arch in ("resnet18", "resnet50"):
+        (tmp_path / arch).mkdir()
+        (tmp_path / arch / "results.json").write_text(json.dumps({
+            "kind": "supervised", "model": "resnet50", "arch": arch, "fraction": 1.0 if arch == "resnet18" else 0.01,
+            "seed": 0, "lr": 1e-3, "val_acc": 0.5, "test_acc": 0.6, "init": "scratch",
+            "architecture": {"kind": "resnet50", "name": arch, "bins": ["224x224"]}}))  # fmt: skip
+    write_report([tmp_path], tmp_path / "out")
+    text = (tmp_path / "out" / "results.md").read_text()
+    tables = parse_tables(text)
+    assert [r[0] for r in tables["Table 1: full data"] if r[0].startswith(("CNN", "ResNet"))] == [
+        "CNN baseline (resnet18)"
+    ]
+    assert [r[0] for r in tables["Table 2: 1% of the labels"] if r[0].startswith(("CNN", "ResNet"))] == [
+        "ResNet50"
+    ]
+    assert "name resnet18 (study: resnet50)" in text
+
+
 def test_init_names() -> None:
     from train.provenance import init_name
 
