@@ -76,10 +76,12 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), seed: int = 0, worker
     tables = run_stages(out, src, size.protocol(), build_overrides=build, seed=seed, workers=workers,
                         prefix="demo", first=2)  # fmt: skip
     from radstream.pictures import baseline_curves
-    from train.report import majority_rate
+    from train.report import majority_rate, prior_rates
 
     runs = [out / "runs" / name for name in ("vit", "resnet50")]
-    baseline_curves(out / "runs", out / "pictures" / "baseline_curves.png", majority_rate(runs))
+    baseline_curves(
+        out / "runs", out / "pictures" / "baseline_curves.png", majority_rate(runs), prior_rates(runs)
+    )
     print(tables)
     summary = json.loads((out / "runs" / "mae" / "summary.json").read_text())
     print(f"MAE: {json.dumps({k: summary[k] for k in summary if 'loss' in k or 'mse' in k})}")

@@ -91,10 +91,13 @@ def loss_curves(metrics_jsonl: str | Path, out_png: str | Path, title: str = "MA
     return Path(out_png)
 
 
-def baseline_curves(runs: str | Path, out_png: str | Path, majority: float | None = None) -> Path:
+def baseline_curves(
+    runs: str | Path, out_png: str | Path, majority: float | None = None, priors: dict[float, float] | None = None
+) -> Path:  # fmt: skip
     """Validation accuracy per epoch of every supervised run under ``runs`` (one panel per model, a colour per
-    label fraction, a line per seed) with the majority-class rate: a curve that stays at or below it has not
-    learned."""
+    label fraction, a line per seed) with the majority-class rate (grey) and each fraction's prior-only rate
+    (``train.report.prior_rates``, dotted in the fraction's colour): a curve that stays at or below its
+    fraction's line has not learned."""
     plt = _pyplot()
     runs = sorted(p.parent for p in Path(runs).rglob("results.json"))
     models = sorted({json.loads((r / "results.json").read_text())["model"] for r in runs})
@@ -114,6 +117,10 @@ def baseline_curves(runs: str | Path, out_png: str | Path, majority: float | Non
     for ax in axes[0]:
         if majority is not None:
             ax.axhline(majority, color="grey", linestyle="--", label="majority class")
+        for fraction, rate in sorted((priors or {}).items()):
+            if fraction in fractions:
+                ax.axhline(rate, color=f"C{fractions.index(fraction)}", linestyle=":", linewidth=1,
+                           label=f"prior only, {fraction:g}")  # fmt: skip
         ax.set_xlabel("epoch")
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)

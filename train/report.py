@@ -244,24 +244,45 @@ def majority_rate(run_dirs: Iterable[str | Path]) -> float | None:
     return None
 
 
+def prior_rates(run_dirs: Iterable[str | Path]) -> dict[float, float]:
+    """Per label fraction, the test accuracy of always answering the most common class of that fraction's
+    training labels (ties: the mean over the tied classes) — what a model that learned only the class prior
+    it was shown scores. From supervised results.json files (``confusion`` and ``train_class_counts``).
+
+    With all labels it is the test split's majority-class rate; a fraction that holds one image per class
+    shows no prior at all, and its rate is the mean class share (chance, 1 / classes, when balanced)."""
+    rates: dict[float, float] = {}
+    for path in result_files(run_dirs, ("results.json",)):
+        data = read_result(path)
+        cm, counts = np.asarray(data.get("confusion") or [], float), data.get("train_class_counts")
+        if not counts or not cm.size or cm.sum() <= 0 or len(counts) != len(cm):
+            continue
+        share, counts = cm.sum(axis=1) / cm.sum(), np.asarray(counts)
+        rates.setdefault(round(float(data["fraction"]), 6), float(share[counts == counts.max()].mean()))
+    return rates
+
+
 def markdown(
-    selections: Sequence[Selection], pretrain: Sequence[PretrainRecord] = (), majority: float | None = None
-) -> str:
+    selections: Sequence[Selection], pretrain: Sequence[PretrainRecord] = (), majority: float | None = None,
+    priors: dict[float, float] | None = None,
+) -> str:  # fmt: skip
     """results.md: one accuracy table per regime, rows in the study's order, the study's figure beside ours,
-    the majority-class rate beside them; then the MAE pretraining runs, if any (without accuracy results,
-    only they)."""
+    under each the rate of a model that learned only the class prior of its training labels (and the rows at
+    or below it), the majority-class rate after them; then the MAE pretraining runs, if any (without accuracy
+    results, only they)."""
     lines = ["# Results"]
     if selections or not pretrain:
-        lines += _accuracy_tables(selections)
+        lines += _accuracy_tables(selections, priors or {})
         if majority is not None:
-            lines += ["", f"Majority-class rate of the test split: {majority:.4f} (a model at or below it has not "
-                      "learned)."]  # fmt: skip
+            lines += ["", f"Majority-class rate of the test split: {majority:.4f} (the prior-only rate wherever the "
+                      "training labels share the test split's most common class; a regime of one image per class "
+                      "shows no prior, and its bar is the mean class share)."]  # fmt: skip
     if pretrain:
         lines += pretrain_markdown(pretrain)
     return "\n".join(lines) + "\n"
 
 
-def _accuracy_tables(selections: Sequence[Selection]) -> list[str]:
+def _accuracy_tables(selections: Sequence[Selection], priors: dict[float, float]) -> list[str]:
     lines = [
         "",
         "Test top-1 accuracy, mean ± std over seeds (sample std; — for one seed). Learning rate chosen per model",
@@ -286,6 +307,14 @@ def _accuracy_tables(selections: Sequence[Selection]) -> list[str]:
                 notes.append(f"{label}: {', '.join(sel.differs)}")
         if notes:
             lines += ["", "Differs from the study's: " + "; ".join(notes) + "."]
+        prior = next((r for f, r in priors.items() if math.isclose(f, fraction)), None)
+        if prior is not None:
+            lines += ["", f"Prior-only rate: {prior:.4f} (always answering the most common class of this "
+                      "regime's training labels; a model at or below it has learned nothing it was shown)."]  # fmt: skip
+            low = [_row_label(label, sel) for model, label in [*MODELS, *KNN_MODELS]
+                   if (sel := _find(selections, model, fraction)) is not None and sel.test_acc_mean <= prior]  # fmt: skip
+            if low:
+                lines.append(f"At or below it: {', '.join(low)}.")
     return lines
 
 
@@ -372,7 +401,9 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path) -> list[Select
         plot_fractions(selections, out / "accuracy_vs_fraction.png")
     if pretrain:
         write_text(out / "pretrain.csv", pretrain_csv(pretrain))
-    write_text(out / "results.md", markdown(selections, pretrain, majority_rate(run_dirs)))
+    write_text(
+        out / "results.md", markdown(selections, pretrain, majority_rate(run_dirs), prior_rates(run_dirs))
+    )
     return selections
 
 

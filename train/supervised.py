@@ -187,6 +187,12 @@ def train_step(
     return stats
 
 
+def train_class_counts(data, num_classes: int) -> list[int]:
+    """Images per class of the training subset (its label fraction): the prior a model can learn from it."""
+    labels = np.concatenate([b.label for b in data.bins.values()])
+    return np.bincount(labels[labels >= 0], minlength=num_classes).tolist()
+
+
 class SupervisedTask(TrainTask):
     """A supervised baseline as a trainer task: cross-entropy on the labelled samples, validation accuracy
     (early stopping), test accuracy, balanced accuracy, per-class recall and confusion in results.json."""
@@ -238,6 +244,7 @@ class SupervisedTask(TrainTask):
             "tested_weights": weights, "test_acc": accuracy(cm), "test_balanced_acc": balanced_accuracy(cm),
             "per_class_recall": dict(zip(names, per_class_recall(cm), strict=True)),
             "confusion": cm.tolist(), "class_names": names, "num_processes": s.accelerator.num_processes,
+            "train_class_counts": train_class_counts(s.train_loader.data, len(names)),
             "architecture": self.architecture(s.accelerator.unwrap_model(s.model)),
             "init": init_name(cfg.model.init),
             "config": to_dict(cfg),

@@ -20,6 +20,7 @@ from train.report import (
     add_report_parser,
     collect,
     markdown,
+    prior_rates,
     select_best,
     write_report,
 )
@@ -357,3 +358,23 @@ def test_init_names() -> None:
     assert init_name("/runs/mae/checkpoints/step-40") == "MAE run mae"
     assert init_name("/runs/mae/best") == "MAE run mae"
     assert init_name("/w/imagenet.pth") == "weights imagenet.pth"
+
+
+def test_prior_only_rate_follows_the_training_labels_of_each_regime(tmp_path: Path) -> None:
+    """A model can only learn the class prior it was shown: with all labels the bar is the test majority
+    class; a regime of one image per class has no prior, and its bar is the mean class share. Rows at or
+    below their regime's bar are named under the table."""
+    confusion = [[6, 0, 0], [0, 2, 0], [0, 0, 2]]  # test split: 60% / 20% / 20%
+    for fraction, counts, test in ((1.0, [50, 10, 10], 0.8), (0.01, [1, 1, 1], 0.3)):
+        run = tmp_path / f"vit-{fraction}"
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps({
+            "kind": "supervised", "model": "vit", "arch": "vit_tiny_patch16_224", "fraction": fraction, "seed": 0,
+            "lr": 1e-3, "val_acc": 0.5, "test_acc": test, "confusion": confusion,
+            "train_class_counts": counts}))  # fmt: skip
+    assert prior_rates([tmp_path]) == pytest.approx({1.0: 0.6, 0.01: 1 / 3})
+    write_report([tmp_path], tmp_path / "out")
+    text = (tmp_path / "out" / "results.md").read_text()
+    full, one = text.split("## Table 2")[0].split("## Table 1")[1], text.split("## Table 2")[1]
+    assert "Prior-only rate: 0.6000" in full and "At or below it" not in full
+    assert "Prior-only rate: 0.3333" in one and "At or below it: ViT." in one

@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -86,6 +87,12 @@ def test_resnet_smoke_run_on_one_percent_from_local_weights(tmp_path: Path, tiny
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["model"] == "resnet50" and results["arch"] == "resnet10t"
     assert results["fraction"] == 0.01 and results["stopped"] in ("max_steps", "done")
+    from shards.loader_data import load_split  # the prior it could learn: the 1% subset's labels, per class
+
+    labels = np.concatenate([b.label for b in load_split(tiny_shards, "train", 0.01).bins.values()])
+    assert (
+        results["train_class_counts"] == np.bincount(labels, minlength=len(results["class_names"])).tolist()
+    )
 
 
 def test_accumulation_keep_last_and_tensorboard(tmp_path: Path, tiny_shards: Path) -> None:
