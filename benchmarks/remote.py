@@ -8,7 +8,9 @@ the dataset to the last batch:
 
 - local: the local build folder;
 - s3 cold / warm: ``s3://`` with an empty node cache (prefetching the schedule's shards ahead), then again;
-- http cold / warm: the same from Python's static file server.
+- http cold / warm: the same from Python's static file server;
+- s3 / http download only: the train split's shards fetched into an empty cache on the prefetch threads,
+  nothing decoded: what the server alone delivers, so the ceiling of a cold epoch on that server.
 
 Each ``--blocks`` value (``loader.shuffle_block``; 0 = uniform) is timed in its own rounds, local disk in the
 same round as its baseline; the best of ``--repeats`` rounds counts and the spread is printed. The randomness
@@ -38,6 +40,7 @@ from shards.build.publish import publish  # noqa: E402
 from shards.loader import build_loader  # noqa: E402
 from shards.loader_config import LoaderConfig, RemoteConfig  # noqa: E402
 from shards.manifest import read_manifest, read_samples  # noqa: E402
+from shards.remote import open_dataset  # noqa: E402
 from shards.transport import filesystem  # noqa: E402
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -157,17 +160,35 @@ def batch_mix(local: Path, block: int, args) -> dict[str, float]:
     }
 
 
+def download_only(root: str, remote: RemoteConfig, shards: list[str]) -> None:
+    """Every shard of the train split into an empty node cache on the ``prefetch`` threads, nothing decoded:
+    what the server alone can deliver, the ceiling of a cold epoch from it."""
+    shutil.rmtree(remote.cache_dir, ignore_errors=True)
+    store = open_dataset(root, remote)
+    try:
+        store.prefetch(shards)
+        store.wait()
+    finally:
+        store.close()
+        shutil.rmtree(remote.cache_dir, ignore_errors=True)
+
+
 def run_rounds(
-    cases: list[tuple[str, str]], remote: RemoteConfig, block: int, args
+    cases: list[tuple[str, str]], remote: RemoteConfig, block: int, args, train: tuple[list[str], int]
 ) -> dict[str, list[float]]:
     """Images/s of each case in each of ``args.repeats`` rounds; the cache is emptied before each round, so
-    "cold" is cold, and local disk is measured in the same round as its baseline."""
+    "cold" is cold, and local disk is measured in the same round as its baseline. A "download only" case
+    fetches the train split's shards (``train``: their paths and images) without decoding them."""
     rates: dict[str, list[float]] = {case: [] for case, _ in cases}
     for _ in range(args.repeats):
         shutil.rmtree(remote.cache_dir, ignore_errors=True)
         for case, root in cases:
             start = time.perf_counter()
-            images, _ = epoch_through_loader(root, remote, block, args)
+            if case.endswith("download only"):
+                download_only(root, remote, train[0])
+                images = train[1]
+            else:
+                images, _ = epoch_through_loader(root, remote, block, args)
             rates[case].append(images / (time.perf_counter() - start))
     return rates
 
@@ -230,12 +251,15 @@ def main(argv: list[str] | None = None) -> int:
         fs, _ = filesystem("s3://bench", remote)
         fs.mkdir("bench")
         publish(local, "s3://bench/ds", remote)
-        cases = [(c, r) for c, r in [("local", str(local)), ("s3 cold", "s3://bench/ds"), ("s3 warm", "s3://bench/ds"),
-                 ("http cold", http_url), ("http warm", http_url)]]  # fmt: skip
+        cases = [("local", str(local)), ("s3 download only", "s3://bench/ds"), ("http download only", http_url),
+                 ("s3 cold", "s3://bench/ds"), ("s3 warm", "s3://bench/ds"), ("http cold", http_url),
+                 ("http warm", http_url)]  # fmt: skip
+        train = ([s["path"] for b in manifest["bins"] for s in b["shards"] if s["split"] == "train"],
+                 sum(s["samples"] for b in manifest["bins"] for s in b["shards"] if s["split"] == "train"))  # fmt: skip
         rows, mixes = [], {}
         for block in blocks:
             mixes[block] = batch_mix(local, block, args)
-            rows += rate_rows(block, run_rounds(cases, remote, block, args), mixes[block])
+            rows += rate_rows(block, run_rounds(cases, remote, block, args, train), mixes[block])
     finally:
         for proc in procs:
             proc.terminate()

@@ -34,13 +34,15 @@ class DemoSize:
     max_tokens: int = 64
     """Token cap of the smart bins (64 = 128x128 at patch 16): small images keep CPU training short."""
     pretrain_epochs: int = 40
-    supervised_epochs: tuple[int, int] = (15, 4)
+    supervised_epochs: tuple[int, int] = (12, 3)
     """Epochs of the ViT and the CNN baselines with all labels."""
-    supervised_min_steps: tuple[int, int] = (120, 40)
+    supervised_min_steps: tuple[int, int] = (100, 80)
     """Fewest optimizer steps of a ViT / CNN run, counted on the fraction's schedule: a small label fraction
     trains more epochs (at 1% an epoch is one step per bin; a few steps leave a network from scratch, and its
     BatchNorm statistics, untrained)."""
-    finetune_epochs: int = 8
+    finetune_epochs: int = 16
+    finetune_min_steps: int = 64
+    """Fewest optimizer steps of a fine-tuning run (counted like the baselines')."""
     seeds: int = 2
     """Seeds of the probes."""
     train_seeds: int = 2
@@ -50,14 +52,15 @@ class DemoSize:
         """The demo's protocol: its recipes, each one LR, the seeds, early stopping after 10."""
         epochs = {"pretrain": self.pretrain_epochs, "vit": self.supervised_epochs[0],
                   "resnet50": self.supervised_epochs[1], "finetune": self.finetune_epochs}  # fmt: skip
-        min_steps = {"vit": self.supervised_min_steps[0], "resnet50": self.supervised_min_steps[1]}
+        min_steps = {"vit": self.supervised_min_steps[0], "resnet50": self.supervised_min_steps[1],
+                     "finetune": self.finetune_min_steps}  # fmt: skip
         return Protocol(RECIPES, lrs=None, seeds=self.seeds, train_seeds=self.train_seeds, epochs=epochs,
                         min_steps=min_steps)  # fmt: skip
 
 
 TINY = DemoSize(
     images=80, max_side=192, max_tokens=16, pretrain_epochs=3, supervised_epochs=(1, 1),
-    supervised_min_steps=(2, 2), finetune_epochs=2, seeds=2, train_seeds=1,
+    supervised_min_steps=(2, 2), finetune_epochs=2, finetune_min_steps=2, seeds=2, train_seeds=1,
 )  # fmt: skip
 """The tests' demo: every stage, a minute's worth; one seed per trained model (the probes keep 2)."""
 
