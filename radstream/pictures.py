@@ -113,7 +113,7 @@ def baseline_curves(
         color = f"C{fractions.index(result['fraction'])}"
         label = f"{result['fraction']:g} of the labels" if result["seed"] == 0 else None
         ax.plot(*zip(*val, strict=False), "o-", color=color, alpha=0.8, label=label, markersize=3)
-        ax.set_title(f"{result['model']}: validation accuracy")
+        ax.set_title(f"{result['model']} ({result['arch']}): validation accuracy", fontsize=9)
     for ax in axes[0]:
         if majority is not None:
             ax.axhline(majority, color="grey", linestyle="--", label="majority class")

@@ -256,7 +256,7 @@ def run_stages(
         TrainedModel("resnet50", "train.supervised"),
         TrainedModel("finetune", "train.finetune", (f"model.init={mae_run}",)),
     )
-    header(prefix, first + 3, total, "supervised ViT and ResNet50, MAE fine-tuning")
+    header(prefix, first + 3, total, "supervised baselines (ViT, CNN), MAE fine-tuning")
     roots = [stage_grid(out, shards, model, protocol, prefix) for model in trained]
     header(prefix, first + 4, total, "report")
     return stage_report(out, [probe_dir, *roots], mae_run)
