@@ -91,7 +91,7 @@ class LoaderConfig:
     strict binning); the skipped samples change every epoch and are counted in ``loader.skipped_samples``.
     Training only: evaluation always pads, so every sample is seen."""
     num_workers: int = 4
-    """DataLoader worker processes (torch backend; 0: one decoding thread of the main process) or DALI threads (at
+    """DataLoader worker processes (torch backend; 0 decodes in the main process) or DALI threads (at
     least 1)."""
     prefetch: int = 2
     """Batches prepared ahead of the one being consumed (DALI: steps fed ahead; torch: per worker)."""

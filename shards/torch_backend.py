@@ -10,10 +10,7 @@ workers (the DataLoader keeps it)."""
 
 from __future__ import annotations
 
-import itertools
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -79,8 +76,7 @@ class _Requests(Sampler):
 
 
 class TorchLoader(ShardLoader):
-    """Loader backend on torch DataLoader workers (``num_workers`` processes; 0: a decoding thread of the main
-    process, a ``prefetch`` of batches ahead)."""
+    """Loader backend on torch DataLoader workers (``num_workers`` processes; 0: the main process)."""
 
     backend = "torch"
 
@@ -88,8 +84,6 @@ class TorchLoader(ShardLoader):
         super().__init__(*args, **kwargs)
         self._requests = _Requests()
         self._dataloader: DataLoader | None = None
-        self._dataset: StepDataset | None = None
-        """The dataset of ``num_workers=0`` (decoded on a thread of this process)."""
 
     def _loader(self) -> DataLoader:
         if self._dataloader is None:
@@ -109,42 +103,10 @@ class TorchLoader(ShardLoader):
         self._requests.items = [(p.bin, p.rows, p.crops, p.flips) for p in plans]
         if not plans:
             return
-        if self.cfg.num_workers == 0:
-            yield from self._in_thread(self._requests.items)
-        else:
-            yield from self._loader()
-
-    def _in_thread(self, requests: list[Request]) -> Iterator[torch.Tensor]:
-        """``num_workers=0``: one decoding thread of this process prepares the next ``prefetch`` batches while
-        the caller trains on this one (Pillow and torch release the GIL while they decode and resize), in
-        order; its errors are raised here, at the batch they belong to."""
-        if self._dataset is None:
-            self._dataset = StepDataset(self.data, self.store)
-        load, pin = self._dataset.__getitem__, self.device.type == "cuda"
-
-        def batch(request: Request) -> torch.Tensor:
-            images = load(request)
-            return images.pin_memory() if pin else images
-
-        upcoming = iter(requests)
-        with ThreadPoolExecutor(1, thread_name_prefix="radstream-decode") as pool:
-            pending = deque(pool.submit(batch, r) for r in itertools.islice(upcoming, self.cfg.prefetch))
-            try:
-                while pending:
-                    images = pending.popleft().result()
-                    nxt = next(upcoming, None)
-                    if nxt is not None:
-                        pending.append(pool.submit(batch, nxt))
-                    yield images
-            finally:
-                for future in pending:  # the consumer stopped early: drop what it will not take
-                    future.cancel()
+        yield from self._loader()
 
     def close(self) -> None:
         """Let the worker processes go (they stop when the DataLoader is freed); a later pass starts new ones."""
         self._dataloader = None
-        if self._dataset is not None:
-            self._dataset.files.close()
-            self._dataset = None
         if self.store is not None:
             self.store.close()  # stops prefetching; a later pass starts it again

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -338,34 +337,6 @@ def test_torch_workers_keep_the_order(tiny_shards: Path) -> None:
     assert keys_of(parallel) == keys_of(serial)
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(parallel, serial, strict=True))
     assert keys_of(again) == keys_of(epoch_batches(make(tiny_shards), 1))
-
-
-def test_no_workers_decode_on_a_thread_ahead_of_the_consumer(tiny_shards: Path, monkeypatch) -> None:
-    """``num_workers=0``: a thread of this process decodes ``prefetch`` batches ahead, in order; stopping
-    early drops the batches decoded ahead, and the rest of the epoch comes next."""
-    import threading
-
-    from shards.torch_backend import StepDataset
-
-    decode, threads = StepDataset.__getitem__, []
-
-    def recording(self, request):
-        threads.append(threading.current_thread().name)
-        return decode(self, request)
-
-    monkeypatch.setattr(StepDataset, "__getitem__", recording)
-    whole = epoch_batches(make(tiny_shards, num_workers=0, prefetch=2))
-    assert threads and all(t.startswith("radstream-decode") for t in threads)
-    loader = make(tiny_shards, num_workers=0, prefetch=2)
-    batches = iter(loader)
-    first, deadline = next(batches), time.monotonic() + 10
-    while len(threads) < len(whole) + 3 and time.monotonic() < deadline:
-        time.sleep(0.01)  # the batches after the first are decoded without the consumer asking
-    assert len(threads) == len(whole) + 3  # the first and two ahead (prefetch=2), no more
-    batches.close()
-    rest = list(loader)
-    assert keys_of([first, *rest]) == keys_of(whole)
-    assert all(torch.equal(a["image"], b["image"]) for a, b in zip([first, *rest], whole, strict=True))
 
 
 def test_augmentation_changes_pixels_but_not_shapes(tiny_shards: Path) -> None:
