@@ -38,7 +38,7 @@ def test_tiny_demo_end_to_end(tmp_path: Path, capsys) -> None:
     flat = {name for name in rows if name.startswith(("MAE probe (flattened (", "MAE kNN (flattened ("))}
     assert len(flat) == 2 and all(name.endswith("))") for name in flat)
     assert set(rows) - flat == {
-        "ResNet50",
+        "CNN baseline (resnet18)",
         "ViT",
         "MAE probe (mean)",
         "MAE probe (CLS)",
