@@ -69,7 +69,8 @@ def test_tiny_study_writes_the_tables_and_resumes(tmp_path: Path, capsys) -> Non
         for line in table.splitlines()[3:]
         if "|" in line
     }
-    for row in ("ResNet50", "ViT", "MAE probe (mean)", "MAE fine-tuned"):
+    cnn = next(r for r in rows if r == "ResNet50" or r.startswith("CNN baseline ("))  # named by its network
+    for row in (cnn, "ViT", "MAE probe (mean)", "MAE fine-tuned"):
         assert 0.0 <= float(rows[row].split("±")[0]) <= 1.0, row
     for model in ("vit", "resnet50", "finetune"):
         assert (out / "runs" / model / "f1" / "lr-0.001" / "seed-0" / "results.json").is_file()
