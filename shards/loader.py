@@ -69,7 +69,7 @@ def build_loader(
         check_samples_table(root, store.manifest)
     data = load_split(root, split, fraction)
     if cfg.verify and not store.remote:  # a remote store verifies each shard as it downloads it
-        check_shards(root, data.shards, store.manifest)
+        check_shards(root, data.shards, store.manifest, cfg.remote.cache_dir)
     kwargs = {
         "process_index": process_index,
         "num_processes": num_processes,

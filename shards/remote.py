@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from core.atomic import write_bytes
 from shards.cache import CacheFullError, Cancelled, ShardCache
 from shards.index import verify_index
+from shards.integrity import cache_base
 from shards.layout import MANIFEST, SAMPLES, DatasetError, check_manifest_paths, shard_entries
 from shards.loader_config import RemoteConfig
 from shards.store import ShardStore
@@ -51,9 +52,8 @@ class ChecksumError(RuntimeError):
 
 def cache_folder(url: str, cfg: RemoteConfig) -> Path:
     """The node cache folder of the dataset at ``url`` (its endpoint is part of the identity)."""
-    base = cfg.cache_dir or os.environ.get("RADSTREAM_CACHE") or Path.home() / ".cache" / "radstream"
     identity = url.rstrip("/") + ("|" + (s3_endpoint(cfg) or "") if url.startswith("s3://") else "")
-    return Path(base).expanduser() / hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return cache_base(cfg.cache_dir) / hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 class RemoteStore(ShardStore):

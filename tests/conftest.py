@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Node caches and the records of verified shards (shards.integrity) go to a folder of this test run, not to
+# the user's ~/.cache/radstream; subprocesses inherit it.
+os.environ.setdefault("RADSTREAM_CACHE", tempfile.mkdtemp(prefix="radstream-test-cache-"))
 
 # ../shared/data beside the checkout; a git worktree elsewhere names it with RADSTREAM_TEST_DATA.
 SHARED_DATA = Path(

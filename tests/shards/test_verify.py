@@ -130,3 +130,49 @@ def test_a_shard_is_hashed_once_per_process_until_it_changes(copy: Path, monkeyp
     os.utime(tar, ns=(1, 1))  # another mtime: hashed again
     build_loader(CFG, copy, "train")
     assert reads.count(tar) == 2
+
+
+def test_a_node_keeps_a_record_of_verified_shards_across_processes(
+    copy: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A new process (the memo of this one cleared) does not read shards this node verified unchanged; a
+    touched shard is read again, a corrupt one still stops the loader, and the record follows the cache base."""
+    from shards import integrity
+
+    monkeypatch.setenv("RADSTREAM_CACHE", str(tmp_path / "node-cache"))
+    reads, real_open = [], open
+    monkeypatch.setattr(
+        integrity, "open", lambda p, *a: reads.append(Path(p)) or real_open(p, *a), raising=False
+    )
+    tars = sorted(copy.glob("train/*/*.tar"))
+    build_loader(CFG, copy, "train")
+    assert {t for t in tars if t in reads} == set(tars)  # the first process hashes every train shard
+    assert list((tmp_path / "node-cache" / "verified").glob("*.json"))
+    integrity._SEEN.clear()  # a new process
+    reads.clear()
+    build_loader(CFG, copy, "train")
+    assert not [r for r in reads if r.suffix == ".tar"]
+    integrity._SEEN.clear()
+    os.utime(tars[0], ns=(1, 1))  # changed (a new mtime): read again, alone
+    build_loader(CFG, copy, "train")
+    assert [r for r in reads if r.suffix == ".tar"] == [tars[0]]
+    integrity._SEEN.clear()
+    rel, _ = flip_member(copy, "train/*/*.tar", "jpg")
+    with pytest.raises(DatasetError, match="sha256 differs"):
+        build_loader(CFG, copy, "train")
+
+
+def test_without_a_writable_record_every_process_hashes(copy: Path, tmp_path: Path, monkeypatch) -> None:
+    from shards import integrity
+
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("RADSTREAM_CACHE", str(tmp_path / "a-file"))
+    reads, real_open = [], open
+    monkeypatch.setattr(
+        integrity, "open", lambda p, *a: reads.append(Path(p)) or real_open(p, *a), raising=False
+    )
+    for _ in range(2):
+        integrity._SEEN.clear()
+        build_loader(CFG, copy, "train")
+    tar = sorted(copy.glob("train/*/*.tar"))[0]
+    assert reads.count(tar) == 2
