@@ -3,6 +3,7 @@ table is checksummed and cross-checked, and the loader checks local shards befor
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -176,3 +177,44 @@ def test_without_a_writable_record_every_process_hashes(copy: Path, tmp_path: Pa
         build_loader(CFG, copy, "train")
     tar = sorted(copy.glob("train/*/*.tar"))[0]
     assert reads.count(tar) == 2
+
+
+HASHES_OF_ONE_PROCESS = """
+import json, os, sys, time
+from shards import integrity
+from shards.loader_data import load_split
+from shards.manifest import read_manifest
+
+hashed, real = [], integrity.sha256_of
+
+def slow(path):  # a big shard: long enough that the other process would hash it too, were it not locked out
+    hashed.append(str(path))
+    time.sleep(0.05)
+    return real(path)
+
+integrity.sha256_of = slow
+root, go = sys.argv[1], sys.argv[2]
+shards, manifest = load_split(root, "train").shards, read_manifest(root)
+print("ready", flush=True)
+while not os.path.exists(go):  # both processes start checking at the same moment
+    time.sleep(0.01)
+integrity.check_shards(root, shards, manifest)
+print(json.dumps(hashed))
+"""
+
+
+def test_processes_of_a_node_starting_together_hash_each_shard_once(copy: Path, tmp_path: Path) -> None:
+    """The record is read and written under a file lock: of two processes checking the same shards at the
+    same moment, one hashes them and the other finds them recorded."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RADSTREAM_CACHE": str(tmp_path / "node-cache")}
+    go = tmp_path / "go"
+    command = [sys.executable, "-c", HASHES_OF_ONE_PROCESS, str(copy), str(go)]
+    procs = [
+        subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+    go.touch()
+    hashed = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    train = {str(t) for t in copy.glob("train/*/*.tar")}
+    assert sorted(hashed[0] + hashed[1]) == sorted(train)  # each train shard hashed once, by one of them
