@@ -72,19 +72,16 @@ def optimizer_steps_per_epoch(shards: Path, recipe: Path, fraction: float, world
     schedule itself (bins, the recipe's batch size or token budget, padding, gradient accumulation)."""
     from omegaconf import OmegaConf
 
-    from bucketing.schedule import steps_per_epoch, token_budget_batch_sizes
+    from bucketing.schedule import steps_per_epoch
+    from shards.loader_base import batch_sizes
     from shards.loader_config import LoaderConfig
     from shards.loader_data import load_split
 
     cfg = OmegaConf.load(recipe)
-    loader, default = cfg.get("loader", {}), LoaderConfig()
-    batch = int(loader.get("batch_size", default.batch_size))
-    budget = loader.get("token_budget", default.token_budget)
+    loader = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LoaderConfig), cfg.get("loader", {})))
     counts = load_split(shards, "train", label_fraction=fraction).counts
-    sizes = (dict.fromkeys(counts, batch) if budget is None else
-             token_budget_batch_sizes(list(counts), int(budget), int(loader.get("patch_size", 16)), max_batch=batch))  # fmt: skip
     accumulation = int(cfg.get("optim", {}).get("grad_accum_steps", 1))
-    return max(1, steps_per_epoch(counts, sizes, world_size) // accumulation)
+    return max(1, steps_per_epoch(counts, batch_sizes(list(counts), loader), world_size) // accumulation)
 
 
 def world_size() -> int:

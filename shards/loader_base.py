@@ -117,6 +117,14 @@ class Lookahead:
             self.sent = end
 
 
+def batch_sizes(bins: list[str], cfg: LoaderConfig) -> dict[str, int]:
+    """Images per device batch of each bin: ``cfg.batch_size``, or with a token budget each bin's share of it
+    (capped at ``batch_size``)."""
+    if cfg.token_budget is None:
+        return dict.fromkeys(bins, cfg.batch_size)
+    return token_budget_batch_sizes(bins, cfg.token_budget, cfg.patch_size, max_batch=cfg.batch_size)
+
+
 def to_unit_float(stored: torch.Tensor, max_value: float) -> torch.Tensor:
     """Stored uint8 / uint16 integers → float32 ``stored / max_value`` on the tensor's own device.
 
@@ -156,7 +164,7 @@ class ShardLoader:
         self.device = torch.device(device)
         self.augment = train and cfg.augment.enabled
         self.drop_incomplete = train and cfg.strict
-        self.batch_sizes = self._batch_sizes()
+        self.batch_sizes = batch_sizes(list(data.bins), cfg)
         stats = schedule_stats(data.counts, self.batch_sizes, num_processes, self.drop_incomplete, 1)
         self.padded_samples = int(stats["padded_samples"])
         """Repeats added per epoch (all ranks) to fill the bins' last global batches."""
@@ -175,14 +183,6 @@ class ShardLoader:
         self.consumed: list[tuple[int, int]] = []
         """Stretches of ``epoch`` trained before this one at other world sizes: (world size, batches)."""
         self._plans: tuple[tuple, list[StepPlan]] | None = None
-
-    def _batch_sizes(self) -> dict[str, int]:
-        cfg = self.cfg
-        if cfg.token_budget is None:
-            return dict.fromkeys(self.data.bins, cfg.batch_size)
-        return token_budget_batch_sizes(
-            list(self.data.bins), cfg.token_budget, cfg.patch_size, max_batch=cfg.batch_size
-        )
 
     @property
     def num_samples(self) -> int:

@@ -111,17 +111,18 @@ def test_full_demo_trains_two_seeds_of_each_baseline_and_enough_steps(tmp_path: 
 
 
 def test_optimizer_steps_per_epoch_is_the_loaders_length(tiny_shards: Path, tmp_path: Path) -> None:
-    """The count behind the minimum steps is the real loader's: bins, padding, accumulation."""
+    """The count behind the minimum steps is the real loader's: bins, padding, token budget, accumulation."""
     from radstream.stages import optimizer_steps_per_epoch
     from shards.loader import build_loader
     from shards.loader_config import LoaderConfig
 
-    for batch, accumulation in ((4, 1), (3, 2)):
+    for batch, accumulation, budget in ((4, 1, None), (3, 2, None), (8, 1, 40)):
         recipe = tmp_path / f"r{batch}.yaml"
-        recipe.write_text(f"loader:\n  batch_size: {batch}\noptim:\n  grad_accum_steps: {accumulation}\n")
+        recipe.write_text(f"loader:\n  batch_size: {batch}\n  token_budget: {'null' if budget is None else budget}\n"
+                          f"optim:\n  grad_accum_steps: {accumulation}\n")  # fmt: skip
+        cfg = LoaderConfig(backend="torch", batch_size=batch, token_budget=budget, num_workers=0)
         for world in (1, 2):
-            loader = build_loader(LoaderConfig(backend="torch", batch_size=batch, num_workers=0), tiny_shards,
-                                  "train", train=True, num_processes=world, process_index=0)  # fmt: skip
+            loader = build_loader(cfg, tiny_shards, "train", train=True, num_processes=world, process_index=0)
             assert optimizer_steps_per_epoch(tiny_shards, recipe, None, world) == max(
                 1, len(loader) // accumulation
             )
