@@ -38,11 +38,11 @@ from bucketing.schedule import (
     Step,
     _batch_size_of,
     _check,
-    _num_global_batches,
     _rng,
     bin_order,
     bin_sequence,
     bin_total,
+    interleave,
 )
 
 # The interleaving of a stretch after a resume; apart from the schedule's own streams (0, 1).
@@ -61,20 +61,10 @@ def _stretch(
     drop_incomplete: bool,
 ) -> list[tuple[str, int]]:
     """The (bin, first place of its global batch) of every step of a stretch starting at places ``used``."""
-    names = sorted(used)
-    n_batches = [
-        _num_global_batches(
-            max(bin_total(counts[n]) - used[n], 0),
-            _batch_size_of(batch_size, n) * world_size,
-            drop_incomplete,
-        )
-        for n in names
-    ]
-    labels = np.repeat(np.arange(len(names)), n_batches)
-    order = _rng(seed, epoch, _ELASTIC_STREAM, stretch).permutation(labels)
+    left = {name: max(bin_total(counts[name]) - start, 0) for name, start in used.items()}
+    rng = _rng(seed, epoch, _ELASTIC_STREAM, stretch)
     next_place, steps = dict(used), []
-    for i in order.tolist():
-        name = names[i]
+    for name in interleave(left, batch_size, world_size, drop_incomplete, rng):
         steps.append((name, next_place[name]))
         next_place[name] += _batch_size_of(batch_size, name) * world_size
     return steps

@@ -192,13 +192,26 @@ def bin_sequence(
     remaining samples of the epoch are the rest of each bin order.
     """
     _check(counts, world_size)
-    names = sorted(name for name, shards in counts.items() if bin_total(shards) > 0)
+    totals = {name: bin_total(shards) for name, shards in counts.items() if bin_total(shards) > 0}
+    return interleave(totals, batch_size, world_size, drop_incomplete, _rng(seed, epoch, _INTERLEAVE_STREAM))
+
+
+def interleave(
+    samples: Mapping[str, int],
+    batch_size: BatchSize,
+    world_size: int,
+    drop_incomplete: bool,
+    rng: np.random.Generator,
+) -> list[str]:
+    """The bin of each global batch of ``samples`` (samples per bin name) in one random order drawn from
+    ``rng``: a bin of ``n`` samples gives ``_num_global_batches(n, batch x world_size)`` steps."""
+    names = sorted(samples)
     sizes = [
-        _num_global_batches(bin_total(counts[n]), _batch_size_of(batch_size, n) * world_size, drop_incomplete)
+        _num_global_batches(samples[n], _batch_size_of(batch_size, n) * world_size, drop_incomplete)
         for n in names
     ]
     labels = np.repeat(np.arange(len(names)), sizes)
-    return [names[i] for i in _rng(seed, epoch, _INTERLEAVE_STREAM).permutation(labels)]
+    return [names[i] for i in rng.permutation(labels)]
 
 
 def steps_per_epoch(
