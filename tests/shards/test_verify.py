@@ -31,6 +31,18 @@ def copy(tiny_shards: Path, tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture
+def reads(monkeypatch) -> list[Path]:
+    """The files ``shards.integrity`` opens (to hash them), in order."""
+    from shards import integrity
+
+    opened, real_open = [], open
+    monkeypatch.setattr(
+        integrity, "open", lambda p, *a: opened.append(Path(p)) or real_open(p, *a), raising=False
+    )
+    return opened
+
+
 def rewrite_row(root: Path, column: str, change) -> str:
     """Change ``column`` of the samples table's first row; returns that row's key."""
     table = pq.read_table(root / "samples.parquet")
@@ -116,15 +128,8 @@ def test_flipped_bytes_in_a_jpeg_stop_the_loader_naming_the_shard(copy: Path) ->
     assert len(build_loader(LoaderConfig(backend="torch", num_workers=0, verify=False), copy, "train")) > 0
 
 
-def test_a_shard_is_hashed_once_per_process_until_it_changes(copy: Path, monkeypatch) -> None:
-    from shards import integrity
-
+def test_a_shard_is_hashed_once_per_process_until_it_changes(copy: Path, reads: list[Path]) -> None:
     tar = sorted(copy.glob("train/*/*.tar"))[0]
-    reads = []
-    real_open = open
-    monkeypatch.setattr(
-        integrity, "open", lambda p, *a: reads.append(Path(p)) or real_open(p, *a), raising=False
-    )
     build_loader(CFG, copy, "train")
     build_loader(CFG, copy, "train")
     assert reads.count(tar) == 1
@@ -134,17 +139,13 @@ def test_a_shard_is_hashed_once_per_process_until_it_changes(copy: Path, monkeyp
 
 
 def test_a_node_keeps_a_record_of_verified_shards_across_processes(
-    copy: Path, tmp_path: Path, monkeypatch
+    copy: Path, tmp_path: Path, monkeypatch, reads: list[Path]
 ) -> None:
     """A new process (the memo of this one cleared) does not read shards this node verified unchanged; a
     touched shard is read again, a corrupt one still stops the loader, and the record follows the cache base."""
     from shards import integrity
 
     monkeypatch.setenv("RADSTREAM_CACHE", str(tmp_path / "node-cache"))
-    reads, real_open = [], open
-    monkeypatch.setattr(
-        integrity, "open", lambda p, *a: reads.append(Path(p)) or real_open(p, *a), raising=False
-    )
     tars = sorted(copy.glob("train/*/*.tar"))
     build_loader(CFG, copy, "train")
     assert {t for t in tars if t in reads} == set(tars)  # the first process hashes every train shard
@@ -163,15 +164,13 @@ def test_a_node_keeps_a_record_of_verified_shards_across_processes(
         build_loader(CFG, copy, "train")
 
 
-def test_without_a_writable_record_every_process_hashes(copy: Path, tmp_path: Path, monkeypatch) -> None:
+def test_without_a_writable_record_every_process_hashes(
+    copy: Path, tmp_path: Path, monkeypatch, reads: list[Path]
+) -> None:
     from shards import integrity
 
     (tmp_path / "a-file").write_text("not a folder")
     monkeypatch.setenv("RADSTREAM_CACHE", str(tmp_path / "a-file"))
-    reads, real_open = [], open
-    monkeypatch.setattr(
-        integrity, "open", lambda p, *a: reads.append(Path(p)) or real_open(p, *a), raising=False
-    )
     for _ in range(2):
         integrity._SEEN.clear()
         build_loader(CFG, copy, "train")
