@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from core.config import load_config
+from tests.train.tiny_mae import TINY, tiny_mae
 from train.loop import param_groups
 from train.mae import (
     MAEConfig,
@@ -22,21 +23,6 @@ from train.mae import (
     unpatchify,
 )
 from train.pos_embed import resample_learned, sincos_2d
-
-TINY = MAEConfig(
-    encoder="vit_tiny_patch16_224",
-    embed_dim=32,
-    depth=2,
-    num_heads=2,
-    decoder_dim=32,
-    decoder_depth=1,
-    decoder_heads=2,
-)
-
-
-def tiny(**changes) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_mae(dataclasses.replace(TINY, **changes))
 
 
 def images(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -95,7 +81,7 @@ def test_masking_is_reproducible_from_noise():
 
 
 def test_loss_only_on_masked_patches():
-    model = tiny()
+    model = tiny_mae()
     imgs = images(2, 32, 48)
     out = model(imgs, noise=torch.rand(2, 6))
     target = imgs.clone().requires_grad_(True)
@@ -107,7 +93,7 @@ def test_loss_only_on_masked_patches():
 
 
 def test_forward_output_and_stats():
-    model = tiny()
+    model = tiny_mae()
     out = model(images(2, 64, 96))  # 4x6 = 24 patches
     assert out.pred.shape == (2, 24, 256)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
@@ -130,7 +116,7 @@ def test_background_patches_threshold_and_boxes():
 
 
 def test_border_aware_masking():
-    model = tiny(border_aware=True)
+    model = tiny_mae(border_aware=True)
     imgs = images(2, 64, 96)
     imgs[:, :, :, :64] = 0.0  # left 4 of 6 patch columns are black: 8 foreground patches per image
     imgs[1, :, 16:, :] = 0.0  # image 1: only the top row's 2 foreground patches remain
@@ -155,18 +141,18 @@ def test_border_aware_masking():
 
 
 def test_border_aware_masking_skips_the_background_share_of_tokens():
-    model = tiny(border_aware=True)
+    model = tiny_mae(border_aware=True)
     imgs = images(2, 64, 128)  # 4 x 8 = 32 patches
     imgs[:, :, :, 64:] = 0.0  # right half black: 16 foreground patches each
     out = model(imgs)
     # 75% of the 16 foreground patches hidden: 4 visible (+ CLS), against int(32 * 0.25) = 8 without the mask
     assert out.stats["encoder_tokens"].item() == 4 + 1
-    plain = tiny(border_aware=False)(imgs)
+    plain = tiny_mae(border_aware=False)(imgs)
     assert plain.stats["encoder_tokens"].item() == 8 + 1
 
 
 def test_all_background_image_keeps_one_token():
-    model = tiny(border_aware=True)
+    model = tiny_mae(border_aware=True)
     out = model(torch.zeros(2, 1, 32, 48))
     assert out.stats["encoder_tokens"].item() == 2
     assert out.mask.sum().item() == 0 and out.loss.item() == 0
@@ -197,7 +183,7 @@ def test_sincos_matches_mae_and_handles_any_grid():
 
 
 def test_one_model_many_bin_shapes():
-    model = tiny()
+    model = tiny_mae()
     for h, w in [(32, 48), (48, 32), (64, 64), (224, 288)]:
         out = model(images(2, h, w))
         assert out.pred.shape == (2, (h // 16) * (w // 16), 256)
@@ -207,7 +193,7 @@ def test_one_model_many_bin_shapes():
 
 
 def test_learned_pos_embed_resampled_per_grid():
-    model = tiny(pos_embed="learned")
+    model = tiny_mae(pos_embed="learned")
     table = model.encoder.pos_embed
     assert table.shape == (1, 1 + 14 * 14, 32)
     assert resample_learned(table, (14, 14), (14, 14), 1) is table
@@ -217,7 +203,7 @@ def test_learned_pos_embed_resampled_per_grid():
 
 
 def test_forward_features_and_reconstruct():
-    model = tiny().eval()
+    model = tiny_mae().eval()
     imgs = images(2, 32, 48)
     noise = torch.rand(2, 6)
     recon = model.reconstruct(imgs, noise=noise)
@@ -229,7 +215,7 @@ def test_forward_features_and_reconstruct():
 
 
 def test_norm_pix_loss_and_pixel_mse():
-    model = tiny(norm_pix_loss=True)
+    model = tiny_mae(norm_pix_loss=True)
     imgs = images(2, 32, 48)
     out = model(imgs)
     target = patchify(imgs, 16)
@@ -240,7 +226,7 @@ def test_norm_pix_loss_and_pixel_mse():
     means = model.eval_means(model.eval_sums(imgs, out, torch.ones(2, dtype=torch.bool)))
     assert means["loss"] == pytest.approx(out.loss.item(), rel=1e-5)
     assert means["mse_masked"] is None and means["mse_foreground"] is None
-    plain = tiny()
+    plain = tiny_mae()
     out = plain(imgs)
     means = plain.eval_means(plain.eval_sums(imgs, out, torch.ones(2, dtype=torch.bool)))
     assert means["mse_masked"] == pytest.approx(out.loss.item(), rel=1e-5)
@@ -268,7 +254,7 @@ def test_load_init_from_timm_weights(tmp_path, suffix):
         save_file(vit.state_dict(), str(path))
     else:
         torch.save(vit.state_dict(), path)
-    model = tiny(pos_embed="learned", init=str(path))
+    model = tiny_mae(pos_embed="learned", init=str(path))
     enc = model.encoder.state_dict()
     ref = vit.state_dict()
     assert torch.allclose(
@@ -284,7 +270,7 @@ def test_load_init_sincos_ignores_learned_table(tmp_path):
     vit = _tiny_timm_rgb()
     path = tmp_path / "vit.pth"
     torch.save({"model": vit.state_dict()}, path)  # DeiT/MAE-style wrapper
-    model = tiny()
+    model = tiny_mae()
     missing, unexpected = load_init(model, path)
     assert missing == [] and unexpected == []
     assert torch.equal(model.encoder.state_dict()["norm.weight"], vit.state_dict()["norm.weight"])
@@ -297,13 +283,13 @@ def test_load_init_resamples_other_grid(tmp_path):
     )
     path = tmp_path / "vit384.pth"
     torch.save(vit.state_dict(), path)
-    model = tiny(pos_embed="learned", init=str(path))
+    model = tiny_mae(pos_embed="learned", init=str(path))
     assert model.encoder.pos_embed.shape == (1, 1 + 14 * 14, 32)
     assert torch.equal(model.encoder.pos_embed[0, 0], vit.pos_embed[0, 0])  # CLS row kept
 
 
 def test_load_init_mae_checkpoint_roundtrip(tmp_path):
-    source = tiny(pos_embed="learned")
+    source = tiny_mae(pos_embed="learned")
     path = tmp_path / "mae.pth"
     torch.save({"model": source.state_dict(), "step": 3}, path)
     target = build_mae(dataclasses.replace(TINY, pos_embed="learned"))
@@ -315,11 +301,11 @@ def test_load_init_mae_checkpoint_roundtrip(tmp_path):
 def test_load_init_missing_file(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match="nope.pth.*not found"):
-        tiny(init=str(missing))
+        tiny_mae(init=str(missing))
 
 
 def test_param_groups():
-    model = tiny(pos_embed="learned")
+    model = tiny_mae(pos_embed="learned")
     decay, no_decay = param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     ids = {id(p) for p in no_decay["params"]}
@@ -347,7 +333,7 @@ def test_config_checks_and_overrides():
 
 
 def test_training_steps_reduce_loss():
-    model = tiny()
+    model = tiny_mae()
     imgs = images(4, 32, 48)
     noise = torch.rand(4, 6)
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3)

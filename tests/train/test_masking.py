@@ -9,24 +9,14 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from train.mae import MAEConfig, build_mae
+from tests.train.tiny_mae import TINY, tiny_mae
+from train.mae import build_mae
 from train.mae_step import train_step
 from train.masking import attention_mask, background_patches, patchify, random_masking, visible_counts
 
-TINY = MAEConfig(
-    encoder="vit_tiny_patch16_224",
-    embed_dim=32,
-    depth=2,
-    num_heads=2,
-    decoder_dim=32,
-    decoder_depth=1,
-    decoder_heads=2,
-)
-
 
 def tiny(**changes) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_mae(dataclasses.replace(TINY, **changes)).eval()
+    return tiny_mae(**changes).eval()
 
 
 def with_foreground(n_patches: int, seed: int) -> torch.Tensor:
