@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ingest.privacy import PrivacyConfig
 from ingest.readers import ReadConfig
 from ingest.sources import LABEL_SOURCES
 
@@ -51,6 +52,8 @@ class IngestConfig:
     """Decoding and normalisation of each image."""
     splits: SplitConfig = field(default_factory=SplitConfig)
     """Patient-grouped, class-stratified splits and label fractions."""
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    """Keyed pseudonyms instead of patient ids and source paths (on by default; see ``ingest.privacy``)."""
 
     def __post_init__(self) -> None:
         if self.labels not in LABEL_SOURCES:

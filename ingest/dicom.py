@@ -146,7 +146,7 @@ def _text(ds: Dataset, keyword: str) -> str | None:
 
 
 def header_fields(ds: Dataset) -> dict:
-    """The header facts the pipeline needs: patient_id, rows, cols, bits, photometric, frames.
+    """The header facts the pipeline needs: patient_id, rows, cols, bits, photometric, frames, burned_in.
 
     Raises:
         RejectError: one of these elements is malformed (see :func:`_element`, :func:`_whole_number`).
@@ -158,7 +158,21 @@ def header_fields(ds: Dataset) -> dict:
         "bits": _whole_number(ds, "BitsStored") or _whole_number(ds, "BitsAllocated"),
         "photometric": _text(ds, "PhotometricInterpretation"),
         "frames": _whole_number(ds, "NumberOfFrames") or 1,
+        "burned_in": (_text(ds, "BurnedInAnnotation") or "").upper() == "YES",
     }
+
+
+def check_burned_in(header: dict, keep: bool) -> None:
+    """Reject an image whose header says text is burned into its pixels (a name, a date), unless ``keep``.
+
+    Raises:
+        RejectError: BurnedInAnnotation is YES and not ``keep``.
+    """
+    if header.get("burned_in") and not keep:
+        raise RejectError(
+            "DICOM BurnedInAnnotation is YES: the pixels may show identifying text "
+            "(ingest.read.keep_burned_in=true keeps such images)"
+        )
 
 
 def read_dicom_header(path: str | Path) -> dict:

@@ -72,6 +72,9 @@ class ReadConfig:
     decompression bombs. Pillow refuses more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` (~179 M) by itself."""
     min_side: int = 16
     """Images with a side shorter than this (one patch) are rejected."""
+    keep_burned_in: bool = False
+    """DICOM whose BurnedInAnnotation says YES (text such as a name burned into the pixels) are rejected unless
+    this is true, for archives known to be clean."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.percentile_low < self.percentile_high <= 100.0:
@@ -179,6 +182,7 @@ def _read_dicom(path: Path, cfg: ReadConfig) -> tuple[np.ndarray, Grayscale, dic
     """Raw pixels, grayscale values and meta of a DICOM file."""
     ds = dicom.open_dicom(path)
     header = dicom.header_fields(ds)
+    dicom.check_burned_in(header, cfg.keep_burned_in)
     if not dicom.has_pixel_data(ds):
         raise RejectError("DICOM has no pixel data")
     if not header["rows"] or not header["cols"]:

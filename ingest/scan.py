@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingest.dicom import one_line
+from ingest.dicom import check_burned_in, one_line
 from ingest.errors import RejectError
 from ingest.readers import ReadConfig, pillow_size, read_dicom_header, sniff_format
 
@@ -42,6 +42,7 @@ def scan_header(path: str | Path, cfg: ReadConfig) -> HeaderInfo:
     fmt = sniff_format(path)
     if fmt == "dicom":
         head = read_dicom_header(path)
+        check_burned_in(head, cfg.keep_burned_in)
         info = HeaderInfo("dicom", head["rows"], head["cols"], head["patient_id"])
     else:
         height, width = pillow_size(path, fmt)

@@ -1,6 +1,10 @@
 """The ingest stage: a source (folder tree or CSV manifest) → typed records with label, patient, split and
 label fractions, plus the inputs rejected on the way.
 
+Privacy: each patient id becomes a keyed pseudonym and each source path gets a keyed hash
+(``ingest.privacy``) here, before grouping and splitting, so nothing downstream needs the identifiers; the
+pairs (pseudonym, id) and (hash, path) come back apart, in ``IngestResult.identities``, for the private map.
+
 discover (``ingest.sources``) → header scan without decoding pixels (``ingest.scan``) → patient ids →
 patient-grouped, class-stratified splits and nested label fractions (``ingest.splits``). The result is a pure
 function of the files and the config, so every task of a build array computes the same one. The shard build
@@ -9,13 +13,14 @@ function of the files and the config, so every task of a build array computes th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import Pool
 from pathlib import Path
 
 from core.progress import progress
 from ingest.config import IngestConfig
 from ingest.labels import class_names_for
+from ingest.privacy import Pseudonymizer
 from ingest.readers import ReadConfig
 from ingest.scan import HeaderInfo, scan_one
 from ingest.sources import SourceItem, discover
@@ -31,8 +36,10 @@ class Reject:
     """An input that will not be written, and why (one line)."""
 
     path: str
-    """Relative to the source root (absolute when outside it)."""
+    """Relative to the source root (absolute when outside it); private (see ``source_hash``)."""
     reason: str
+    source_hash: str = ""
+    """The keyed hash of the path: what a published rejects list names."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,8 @@ class IngestRecord:
     label: str | None
     """Class name, None when unlabeled."""
     patient: str
-    """Patient id, prefixed by where it came from (``dicom:``, ``dir:``, ``file:``) unless the manifest gave it."""
+    """The patient's pseudonym (``ingest.privacy``) of its id, prefixed by where that came from (``dicom:``,
+    ``dir:``, ``file:``) unless the manifest gave it; the id itself with privacy off."""
     height: int
     width: int
     format: str
@@ -55,6 +63,8 @@ class IngestRecord:
     """``train``, ``val`` or ``test``."""
     fractions: tuple[float, ...]
     """The nested label fractions of the train split this record belongs to."""
+    source_hash: str = ""
+    """The keyed hash of ``rel``: the sample's name in everything a dataset publishes."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,11 @@ class IngestResult:
     seen: int
     """Inputs discovered: kept + rejected."""
     class_names: tuple[str, ...]
+    identities: dict[str, dict[str, str]] = field(default_factory=dict)
+    """The private map: ``{"patients": {pseudonym: id}, "sources": {hash: path}}`` (never published)."""
+    privacy: dict = field(default_factory=dict)
+    """What the manifest says about it: ``identifiers`` (pseudonymised | kept), ``key_id``,
+    ``source_fingerprint`` (a keyed hash of the sorted source hashes)."""
 
 
 def _rel(resolved: Path, root: Path) -> str:
@@ -130,35 +145,67 @@ def _scan(root: Path, cfg: IngestConfig, workers: int) -> tuple[list[_Scanned], 
     return scanned, rejects, len(found) + len(early)
 
 
+def _pseudonymise(
+    scanned: list[_Scanned], rejects: list[Reject], root: Path, psn: Pseudonymizer
+) -> tuple[list[str], list[Reject], dict[str, dict[str, str]]]:
+    """(each scanned input's pseudonym, the rejects with their path hashes, the private map)."""
+    patients = {s.patient: psn.patient(s.patient) for s in scanned}
+    sources = {psn.path(s.rel): s.rel for s in scanned}
+    hashed = []
+    for r in rejects:
+        rel = _rel(Path(r.path), root) if Path(r.path).is_absolute() else r.path
+        hashed.append(Reject(r.path, r.reason, psn.path(rel)))
+        sources[hashed[-1].source_hash] = r.path
+    identities = {"patients": {v: k for k, v in patients.items()}, "sources": sources}
+    return [patients[s.patient] for s in scanned], hashed, identities
+
+
+def _privacy_summary(psn: Pseudonymizer, sources: dict[str, str]) -> dict:
+    """What the manifest may say about the source and its pseudonyms (no path, no id)."""
+    return {
+        "identifiers": "pseudonymised" if psn.enabled else "kept",
+        "key_id": psn.key_id(),
+        "source_fingerprint": psn.fingerprint("\n".join(sorted(sources))),
+    }
+
+
 def run_ingest(source: str | Path, cfg: IngestConfig, *, seed: int, workers: int = 1) -> IngestResult:
-    """Discover, scan, label, group and split every input of ``source`` (no pixel decoding).
+    """Discover, scan, label, pseudonymise, group and split every input of ``source`` (no pixel decoding).
 
     Raises:
         ValueError: no usable image in the source.
+        ingest.privacy.PrivacyKeyError: the site key cannot be read.
     """
     root = Path(source).resolve()
+    psn = Pseudonymizer.from_config(cfg.privacy)
     scanned, rejects, seen = _scan(root, cfg, workers)
     if not scanned:
         raise ValueError(f"{root}: no usable images found ({len(rejects)} rejected)")
+    patients, rejects, identities = _pseudonymise(scanned, rejects, root, psn)
     labels = [s.label for s in scanned]
     sp = cfg.splits
     counts = tuple(sp.counts) if sp.counts is not None else None
     splits = assign_splits(
         labels,
-        [s.patient for s in scanned],
+        patients,
         seed=seed,
         counts=counts,
         fractions=None if counts else tuple(sp.fractions),
     )
     fracs = label_fractions(labels, splits, fractions=tuple(sp.label_fractions), seed=seed)
     records = []
-    for s, split, frac in zip(scanned, splits, fracs, strict=True):
+    for s, patient, split, frac in zip(scanned, patients, splits, fracs, strict=True):
+        source_hash = psn.path(s.rel)
         if split == "unused":
-            rejects.append(Reject(s.rel, f"outside the requested split counts {list(counts)}"))
+            reason = f"outside the requested split counts {list(counts)}"
+            rejects.append(Reject(s.rel, reason, source_hash))
             continue
         h = s.head
         records.append(
-            IngestRecord(s.path, s.rel, s.label, s.patient, h.height, h.width, h.format, split, tuple(frac))
+            IngestRecord(
+                s.path, s.rel, s.label, patient, h.height, h.width, h.format, split, tuple(frac), source_hash
+            )
         )
     class_names = class_names_for(cfg.labels, [r.label for r in records], drop=tuple(cfg.drop_labels))
-    return IngestResult(tuple(records), tuple(rejects), seen, tuple(class_names))
+    summary = _privacy_summary(psn, identities["sources"])
+    return IngestResult(tuple(records), tuple(rejects), seen, tuple(class_names), identities, summary)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.config import ConfigError
+from core.perms import restrict_umask
 
 log = logging.getLogger("radstream")
 
@@ -37,7 +38,17 @@ def _build_overrides(args: argparse.Namespace) -> list[str]:
     out += [
         f"{key}={getattr(args, name)}" for name, key in flags.items() if getattr(args, name, None) is not None
     ]
-    return out + list(args.overrides)
+    if getattr(args, "keep_identifiers", False):
+        out.append("ingest.privacy.enabled=false")
+    return out + [_privacy_shorthand(o) for o in args.overrides]
+
+
+def _privacy_shorthand(override: str) -> str:
+    """``ingest.privacy=off|on`` (the documented opt-out) as the config's ``ingest.privacy.enabled``."""
+    key, _, value = override.partition("=")
+    if key.strip() == "ingest.privacy" and value.strip().lower() in ("off", "on", "false", "true"):
+        return f"ingest.privacy.enabled={value.strip().lower() in ('on', 'true')}"
+    return override
 
 
 def _load_build_config(args: argparse.Namespace):
@@ -101,9 +112,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         )
         return 0
     manifest = finalize(cfg)
-    _print_summary(manifest, time.perf_counter() - start)
+    _print_summary(manifest, time.perf_counter() - start, cfg.out)
     if remote_out:
-        done = publish(cfg.out, remote_out, workers=max(cfg.workers, 4))
+        done = publish(
+            cfg.out, remote_out, workers=max(cfg.workers, 4), allow_identifiers=args.allow_identifiers
+        )
         print(
             f"published to {remote_out}: {done['uploaded']} files uploaded, {done['skipped']} already there"
         )
@@ -113,7 +126,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from shards.build.publish import publish
 
-    done = publish(args.out, args.url, workers=args.workers)
+    done = publish(args.out, args.url, workers=args.workers, allow_identifiers=args.allow_identifiers)
     print(
         f"published to {args.url}: {done['uploaded']} files uploaded, {done['skipped']} already there, "
         f"{done['bytes'] / 1e6:.1f} MB"
@@ -121,13 +134,19 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(manifest: dict, seconds: float) -> None:
+def _print_summary(manifest: dict, seconds: float, out: str | Path) -> None:
+    from shards.build.private import rejects_summary
+
     c = manifest["counts"]
     total_bytes = sum(s["bytes"] for b in manifest["bins"] for s in b["shards"])
     print(
         f"build-shards: {c['written']} written, {c['rejected']} rejected, {c['duplicates']} duplicates "
         f"(of {c['seen']} seen), {total_bytes / 1e6:.1f} MB in {len(manifest['bins'])} bins, {seconds:.1f} s"
     )
+    for line in rejects_summary(out):
+        print(line)
+    if manifest.get("privacy", {}).get("identifiers") == "kept":
+        print(f"build-shards: {manifest['privacy']['warning']}")
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
@@ -136,7 +155,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
     cfg = load_plan_config(args.out)
     start = time.perf_counter()
-    _print_summary(finalize(cfg), time.perf_counter() - start)
+    _print_summary(finalize(cfg), time.perf_counter() - start, cfg.out)
     return 0
 
 
@@ -208,6 +227,11 @@ def _add_source_options(p) -> None:
     p.add_argument("--strategy", choices=["fixed", "strict", "smart"], help="binning strategy")
     p.add_argument("--workers", type=int, help="worker processes")
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--keep-identifiers",
+        action="store_true",
+        help="write raw patient ids and source paths (= ingest.privacy=off), for data that is public already",
+    )
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -250,6 +274,11 @@ def _add_build_parser(sub) -> None:
         action="store_true",
         help="the source changed since OUT was planned: drop the old build and rebuild it (one task only)",
     )
+    p.add_argument(
+        "--allow-identifiers",
+        action="store_true",
+        help="with an s3:// OUT and --keep-identifiers: publish the identifiers too",
+    )
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. binning.num_bins=6")
     p.set_defaults(func=cmd_build)
 
@@ -264,6 +293,11 @@ def _add_dataset_parsers(sub) -> None:
     p.add_argument("out", help="local finished dataset")
     p.add_argument("url", help="destination, e.g. s3://bucket/prefix (endpoint: $RADSTREAM_S3_ENDPOINT)")
     p.add_argument("--workers", type=int, default=8, help="parallel uploads")
+    p.add_argument(
+        "--allow-identifiers",
+        action="store_true",
+        help="publish a dataset built with identifiers kept (ingest.privacy=off): public data only",
+    )
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("verify-shards", help="re-read every shard and check it against the manifest")
@@ -336,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest:
         args.overrides = [*args.overrides, *rest]
     _setup_logging(args.verbose)
+    restrict_umask()  # datasets, runs, caches: not readable by other users (core.perms)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, OSError, ValueError) as err:  # bad input or config; DatasetError is a ValueError

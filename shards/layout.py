@@ -14,7 +14,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "2.0"
+"""2.0: keys, members and tables name samples by keyed hashes and patients by pseudonyms (no ``source``
+column); a 1.x dataset is refused with a line saying to rebuild it."""
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 SAMPLES = "samples.parquet"
@@ -60,7 +62,14 @@ def inside(root: str | os.PathLike[str], rel: str | os.PathLike[str], what: str 
 
 
 def check_manifest_paths(manifest: dict, where: str | os.PathLike[str]) -> dict:
-    """``manifest`` once every shard path it lists passes :func:`safe_rel` (the message names ``where``)."""
+    """``manifest`` once its format version is this one's and every shard path it lists passes
+    :func:`safe_rel` (the message names ``where``)."""
+    version = str(manifest.get("format_version", FORMAT_VERSION)) if isinstance(manifest, dict) else ""
+    if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+        raise DatasetError(
+            f"{where}: shard format {version}, this radstream reads {FORMAT_VERSION}; rebuild the dataset with "
+            "`radstream build-shards` (format 1.x names samples by file name and carries patient ids)"
+        )
     try:
         for b in manifest.get("bins", ()):
             for s in b.get("shards", ()):

@@ -11,6 +11,10 @@ import pytest
 # Node caches and the records of verified shards (shards.integrity) go to a folder of this test run, not to
 # the user's ~/.cache/radstream; subprocesses inherit it.
 os.environ.setdefault("RADSTREAM_CACHE", tempfile.mkdtemp(prefix="radstream-test-cache-"))
+# The privacy key of every build (ingest.privacy) too: one per test run, made on first use.
+os.environ.setdefault(
+    "RADSTREAM_PRIVACY_KEY_FILE", str(Path(tempfile.mkdtemp(prefix="radstream-test-key-")) / "privacy.key")
+)
 
 # ../shared/data beside the checkout; a git worktree elsewhere names it with RADSTREAM_TEST_DATA.
 SHARED_DATA = Path(

@@ -10,7 +10,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -19,8 +18,10 @@ import pyarrow.parquet as pq
 
 from core.atomic import write_bytes
 from core.config import to_dict
+from core.perms import restrict_umask
 from shards.build.config import BuildConfig
 from shards.build.plan import BuildPlan, get_plan
+from shards.build.private import write_rejects as write_private_rejects
 from shards.index import read_index
 from shards.layout import FORMAT_VERSION, MANIFEST, SAMPLES, SPLITS
 
@@ -64,6 +65,7 @@ def finalize(cfg: BuildConfig) -> dict:
     from shards.codecs import extension
 
     out = Path(cfg.out)
+    restrict_umask()  # the dataset's files: not readable by other users (core.perms)
     plan = get_plan(cfg)
     parts = _load_parts(out, plan)
     shards = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["path"])
@@ -71,8 +73,8 @@ def finalize(cfg: BuildConfig) -> dict:
     rows = _with_offsets(out, rows, shards, extension(cfg.shards.codec))
     rows.sort(key=lambda r: (r["split"], r["bin"], r["shard"], r["position"]))
     early = [dataclasses.asdict(r) for r in plan.rejects]
-    rejects = sorted(early + [r for p in parts for r in p["rejects"]], key=lambda r: r["path"])
-    duplicates = sorted((d for p in parts for d in p["duplicates"]), key=lambda d: d["path"])
+    rejects = sorted(early + [r for p in parts for r in p["rejects"]], key=lambda r: r["source_hash"])
+    duplicates = sorted((d for p in parts for d in p["duplicates"]), key=lambda d: d["source_hash"])
     seen = plan.seen
     if seen != len(rows) + len(rejects) + len(duplicates):
         raise BuildIncomplete(
@@ -85,15 +87,24 @@ def finalize(cfg: BuildConfig) -> dict:
     pq.write_table(table, sink)
     samples = sink.getvalue().to_pybytes()
     write_bytes(out / SAMPLES, samples)
-    lines = [json.dumps(r) for r in rejects] + [
-        json.dumps({"path": d["path"], "reason": f"duplicate of {d['duplicate_of']} (same pixels)"})
-        for d in duplicates
-    ]
-    write_bytes(out / "rejects.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
+    _write_rejects(out, rejects, duplicates, keep_paths=not cfg.ingest.privacy.enabled)
     manifest = _manifest(cfg, plan, rows, shards, rejects, duplicates, cross)
     manifest["samples_sha256"] = hashlib.sha256(samples).hexdigest()  # readers check the table against it
     write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def _write_rejects(out: Path, rejects: list[dict], duplicates: list[dict], keep_paths: bool) -> None:
+    """``rejects.jsonl`` (path hash and reason; the path too with privacy off) and its private twin with the
+    paths (``shards.build.private``)."""
+    full = [{"source_hash": r["source_hash"], "path": r["path"], "reason": r["reason"]} for r in rejects]
+    for d in duplicates:
+        reason = f"duplicate of {d['duplicate_of'] if keep_paths else d['duplicate_of_hash']} (same pixels)"
+        full.append({"source_hash": d["source_hash"], "path": d["path"], "reason": reason})
+    write_private_rejects(out, full)
+    public = full if keep_paths else [{k: r[k] for k in ("source_hash", "reason")} for r in full]
+    lines = [json.dumps(r) for r in public]
+    write_bytes(out / "rejects.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
 
 
 def _cross_part_duplicates(rows: list[dict]) -> list[list[str]]:
@@ -101,7 +112,7 @@ def _cross_part_duplicates(rows: list[dict]) -> list[list[str]]:
     by_sha = defaultdict(list)
     for r in rows:
         if r.get("pixel_sha1"):
-            by_sha[r["pixel_sha1"]].append(r["source"])
+            by_sha[r["pixel_sha1"]].append(r["source_hash"])
     groups = [sorted(v) for v in by_sha.values() if len(v) > 1]
     if groups:
         log.warning(
@@ -135,8 +146,7 @@ def _manifest(cfg, plan, rows, shards, rejects, duplicates, cross) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(sys.argv),
-        "source": str(Path(cfg.source).resolve()),
+        "privacy": _privacy(plan.privacy, cfg),
         "class_names": list(plan.class_names),
         "codec": {
             "name": cfg.shards.codec,
@@ -157,5 +167,29 @@ def _manifest(cfg, plan, rows, shards, rejects, duplicates, cross) -> dict:
         "cross_part_duplicates": cross,
         "seed": cfg.seed,
         "fingerprint": plan.fingerprint,
-        "config": to_dict(cfg),
+        "config": public_config(cfg),
     }
+
+
+def _privacy(summary: dict, cfg: BuildConfig) -> dict:
+    """The manifest's privacy section: how patients and files are named, and (loudly) when they are not."""
+    kept = summary.get("identifiers") == "kept" or not cfg.ingest.privacy.enabled
+    section = {**summary, "identifiers": "kept" if kept else "pseudonymised"}
+    if kept:
+        section["warning"] = (
+            "IDENTIFIERS KEPT: this dataset holds raw patient ids and source paths (ingest.privacy=off); "
+            "publish it only if the data is public already"
+        )
+    return section
+
+
+def public_config(cfg: BuildConfig) -> dict:
+    """The recipe as the manifest carries it: every option, no path (the source, OUT, CSV lists, the key
+    file are the build machine's business; the source is named by ``privacy.source_fingerprint``)."""
+    values = to_dict(cfg)
+    for name in ("source", "out"):
+        values[name] = None
+    for name in ("manifest_csv", "irma_csv"):
+        values["ingest"][name] = "(private)" if values["ingest"][name] else None
+    values["ingest"]["privacy"]["key_file"] = None
+    return values

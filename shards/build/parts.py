@@ -23,9 +23,11 @@ import numpy as np
 from bucketing.bins import Bin, BinningConfig, assign_with_config, fit_geometry
 from bucketing.dataplan import stable_hash
 from core.atomic import write_json
+from core.perms import private_folder, restrict_umask
 from core.progress import progress
 from ingest.dicom import one_line
 from ingest.errors import RejectError
+from ingest.privacy import allowed_header
 from ingest.readers import ReadConfig, decode_image
 from ingest.stage import IngestRecord
 from shards.build.config import BuildConfig, ShardConfig
@@ -58,9 +60,15 @@ def _init_worker(job: _Job) -> None:
 
 
 def sample_key(rel: str) -> str:
-    """A webdataset key for a source path: readable stem + a hash of the full path (unique, no dots)."""
+    """A webdataset key for a source path: readable stem + a hash of the full path (unique, no dots). Used only
+    with privacy off: a file name can carry a patient's name (``ingest.privacy``)."""
     stem = re.sub(r"[^A-Za-z0-9_-]", "_", Path(rel).stem)[:48]
     return f"{stem}_{hashlib.sha1(rel.encode()).hexdigest()[:10]}"
+
+
+def record_key(item: IngestRecord, cfg: BuildConfig) -> str:
+    """The sample's key in tars, indexes and tables: its keyed path hash, or (privacy off) :func:`sample_key`."""
+    return item.source_hash if cfg.ingest.privacy.enabled else sample_key(item.rel)
 
 
 def process_item(item: IngestRecord) -> dict:
@@ -107,15 +115,14 @@ def encode_item(item: IngestRecord) -> dict:
 
 
 def _sample_json(item: IngestRecord, res: dict, plan: BuildPlan, cfg: BuildConfig) -> dict:
-    meta = res["meta"]
+    """The ``.json`` member (and samples row): allow-listed header facts, the pseudonym and the path hash;
+    the path itself only with privacy off."""
+    header = allowed_header({"height": item.height, "width": item.width, **res["meta"]})
+    kept = {"source": item.rel} if not cfg.ingest.privacy.enabled else {}
     return {
-        "source": item.rel,
-        "format": meta.get("format"),
-        "height": int(meta.get("height", item.height)),
-        "width": int(meta.get("width", item.width)),
-        "bits": meta.get("bits"),
-        "photometric": meta.get("photometric"),
-        "frames": meta.get("frames", 1),
+        **kept,
+        "source_hash": item.source_hash,
+        **header,
         "foreground": res["foreground"],
         "foreground_bin": res["foreground_bin"],
         "patient_id": item.patient,
@@ -126,7 +133,7 @@ def _sample_json(item: IngestRecord, res: dict, plan: BuildPlan, cfg: BuildConfi
         "bin": res["bin"],
         "fit": cfg.binning.fit,
         "cropped_to_foreground": cfg.shards.crop_to_foreground,
-        "pixel_sha1": meta.get("pixel_sha1"),
+        "pixel_sha1": res["meta"].get("pixel_sha1"),
     }
 
 
@@ -204,14 +211,18 @@ def build_part(cfg: BuildConfig, plan: BuildPlan, part: int) -> dict:
         zip(items, results, strict=True), total=len(items), desc=f"part {part}", unit="img"
     ):
         if "reject" in res:
-            rejects.append({"path": item.rel, "reason": res["reject"]})
+            rejects.append({"path": item.rel, "source_hash": item.source_hash, "reason": res["reject"]})
             continue
         sha = res["meta"].get("pixel_sha1")
         if sha in seen_pixels:
-            duplicates.append({"path": item.rel, "duplicate_of": seen_pixels[sha]})
+            first = seen_pixels[sha]
+            duplicates.append(
+                {"path": item.rel, "source_hash": item.source_hash, "duplicate_of": first.rel,
+                 "duplicate_of_hash": first.source_hash}  # fmt: skip
+            )
             continue
-        seen_pixels[sha] = item.rel
-        key = sample_key(item.rel)
+        seen_pixels[sha] = item
+        key = record_key(item, cfg)
         meta = _sample_json(item, res, plan, cfg)
         members = {extension(sh.codec): res["data"]}
         if meta["label_index"] >= 0:
@@ -229,8 +240,7 @@ def build_part(cfg: BuildConfig, plan: BuildPlan, part: int) -> dict:
         "duplicates": duplicates,
         "shards": shards,
     }
-    parts_dir = out / "_work" / "parts"
-    parts_dir.mkdir(parents=True, exist_ok=True)
+    parts_dir = private_folder(out / "_work" / "parts")  # rows with paths: the steward's only
     write_json(parts_dir / f"part-{part:04d}.json", record, indent=None)
     return record
 
@@ -259,6 +269,7 @@ def run_build(
     if not 0 <= task_index < num_tasks:
         raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1}")
     out = Path(cfg.out)
+    restrict_umask()  # shards, indexes, tables: not readable by other users (core.perms)
     out.mkdir(parents=True, exist_ok=True)
     plan = get_plan(cfg, force_replan)
     mine = [p for p in range(plan.num_parts) if p % num_tasks == task_index]

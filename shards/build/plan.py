@@ -23,13 +23,15 @@ from bucketing.bins import Bin, plan_bins
 from bucketing.dataplan import assign_parts
 from core.atomic import write_bytes
 from core.config import load_config, to_dict, to_yaml
+from ingest.privacy import Pseudonymizer
 from ingest.stage import IngestRecord, Reject, run_ingest
 from shards.build.config import BuildConfig
+from shards.build.private import private_folder, write_identities
 from shards.layout import MANIFEST, SAMPLES, SPLITS
 
 log = logging.getLogger(__name__)
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 
 
 class SourceChanged(ValueError):
@@ -51,6 +53,8 @@ class BuildPlan:
     seen: int
     num_parts: int
     fingerprint: str
+    privacy: dict = dataclasses.field(default_factory=dict)
+    """The ingest's privacy summary for the manifest (``ingest.stage.IngestResult.privacy``)."""
 
     def part_records(self, part: int) -> list[IngestRecord]:
         """The records of one part, in plan order."""
@@ -58,9 +62,12 @@ class BuildPlan:
 
 
 def plan_fingerprint(cfg: BuildConfig) -> str:
-    """Hash of every config value that changes the plan or the bytes written (not workers)."""
+    """Hash of every config value that changes the plan or the bytes written (not workers), and of the
+    privacy key (another key, other pseudonyms: other splits and bytes)."""
     values = to_dict(cfg)
     values.pop("workers", None)
+    values["ingest"]["privacy"].pop("key_file", None)  # where the key lies does not matter, which key does
+    values["privacy_key_id"] = Pseudonymizer.from_config(cfg.ingest.privacy).key_id()
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -90,6 +97,7 @@ def source_digest(cfg: BuildConfig) -> tuple[int, str]:
 def make_plan(cfg: BuildConfig, source: tuple[int, str]) -> BuildPlan:
     """Ingest the source (no pixel decoding), then plan the bins and cut whole patients into parts."""
     ingested = run_ingest(cfg.source, cfg.ingest, seed=cfg.seed, workers=cfg.workers)
+    write_identities(Path(cfg.out), ingested.identities, cfg.source)
     records = ingested.records
     sizes = np.array([[r.height, r.width] for r in records], dtype=np.int64).reshape(-1, 2)
     parts = assign_parts([r.patient for r in records], cfg.shards.part_size, cfg.seed)
@@ -102,6 +110,7 @@ def make_plan(cfg: BuildConfig, source: tuple[int, str]) -> BuildPlan:
         seen=ingested.seen,
         num_parts=int(parts.max()) + 1 if len(parts) else 0,
         fingerprint=_combined(plan_fingerprint(cfg), source),
+        privacy=ingested.privacy,
     )
 
 
@@ -112,7 +121,7 @@ def _combined(config_fingerprint: str, source: tuple[int, str]) -> str:
 
 def save_plan(plan: BuildPlan, work_dir: Path, cfg: BuildConfig, source: tuple[int, str]) -> None:
     """Write ``plan.json`` (small fields) and ``plan.parquet`` (one row per record), each atomically."""
-    work_dir.mkdir(parents=True, exist_ok=True)
+    private_folder(work_dir)  # paths and ids: the data steward's only
     rows = [
         {**dataclasses.asdict(r), "fractions": list(r.fractions), "part": p}
         for r, p in zip(plan.records, plan.parts, strict=True)
@@ -130,6 +139,7 @@ def save_plan(plan: BuildPlan, work_dir: Path, cfg: BuildConfig, source: tuple[i
         "rejects": [dataclasses.asdict(r) for r in plan.rejects],
         "seen": plan.seen,
         "num_parts": plan.num_parts,
+        "privacy": plan.privacy,
     }
     write_bytes(work_dir / "plan.json", json.dumps(head, indent=1).encode())
 
@@ -157,6 +167,7 @@ def load_plan(work_dir: Path, fingerprint: str) -> BuildPlan | None:
         seen=head["seen"],
         num_parts=head["num_parts"],
         fingerprint=fingerprint,
+        privacy=head.get("privacy", {}),
     )
 
 

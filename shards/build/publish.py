@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+from shards.build.private import find_private_values
 from shards.layout import inside, shard_entries
 from shards.loader_config import RemoteConfig
 from shards.transport import filesystem, with_retries
@@ -79,8 +80,40 @@ def _finished_manifest(out: Path, url: str) -> bytes:
     return (out / "manifest.json").read_bytes()
 
 
+class PrivateDataError(ValueError):
+    """A dataset that would publish identifiers: kept by its build, or found by the scan."""
+
+
+def check_publishable(out: Path, manifest: dict, files: list[str], allow_identifiers: bool) -> None:
+    """Refuse a dataset built with identifiers kept (unless ``allow_identifiers``), and any dataset in which
+    a value of its private map (``OUT/_private``: patient ids, source paths, file names) appears in a file
+    that would be uploaded.
+
+    Raises:
+        PrivateDataError: one line naming the dataset and what was found.
+    """
+    if manifest.get("privacy", {}).get("identifiers") == "kept":
+        if allow_identifiers:
+            log.warning("%s: publishing a dataset that keeps patient ids and source paths", out)
+            return
+        raise PrivateDataError(
+            f"{out}: built with identifiers kept (ingest.privacy=off): its files name patients and source "
+            "paths; publish it only if the data is public already, with --allow-identifiers"
+        )
+    found = find_private_values(out, files)
+    if found:
+        raise PrivateDataError(
+            f"{out}: refusing to publish: {len(found)} files hold patient ids or source paths of its private "
+            f"map, e.g. {found[0]}; rebuild it with privacy on"
+        )
+
+
 def publish(
-    local_out: str | os.PathLike[str], url: str, cfg: RemoteConfig | None = None, workers: int = 8
+    local_out: str | os.PathLike[str],
+    url: str,
+    cfg: RemoteConfig | None = None,
+    workers: int = 8,
+    allow_identifiers: bool = False,
 ) -> dict:
     """Upload a finished local build to ``url`` (``s3://bucket/prefix`` or a local folder).
 
@@ -97,12 +130,17 @@ def publish(
         ValueError: ``url`` is http(s) (read-only).
         FileNotFoundError: the build is not finished or a listed file is missing or of the wrong size.
         RemoteError: the store kept failing.
+        PrivateDataError: identifiers kept without ``allow_identifiers``, or found (see
+            :func:`check_publishable`). Nothing is uploaded then; ``OUT/_private`` is never uploaded.
     """
     from core.progress import progress
 
     cfg, out = cfg or RemoteConfig(), Path(local_out)
     manifest_raw = _finished_manifest(out, url)
-    files = _dataset_files(out, json.loads(manifest_raw))
+    manifest = json.loads(manifest_raw)
+    files = _dataset_files(out, manifest)
+    meta = [name for name in ("samples.parquet", "rejects.jsonl") if (out / name).is_file()]
+    check_publishable(out, manifest, [f[0] for f in files] + meta + ["manifest.json"], allow_identifiers)
     fs, base = filesystem(str(url), cfg)
 
     def retry(call: Callable[[], T], what: str) -> T:
@@ -110,7 +148,6 @@ def publish(
 
     there, old_sha = _remote_state(fs, base, manifest_raw, retry)
     todo = _uploads(files, there, old_sha)
-    meta = [name for name in ("samples.parquet", "rejects.jsonl") if (out / name).is_file()]
 
     def put(rel: str) -> None:
         retry(lambda: fs.put_file(str(out / rel), f"{base}/{rel}"), f"upload {rel} to")

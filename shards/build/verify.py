@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.progress import progress
+from ingest.privacy import HASH_CHARS
+from shards.build.private import source_names
 from shards.codecs import decode, extension
 from shards.index import ShardReader, read_index, verify_index
 from shards.integrity import check_samples_table, sha256_of
@@ -170,4 +173,21 @@ def verify_shards(
     counts = manifest["counts"]
     if counts["seen"] != counts["written"] + counts["rejected"] + counts["duplicates"]:
         rep.problems.append(f"manifest: count invariant broken {counts}")
+    rep.problems = name_sources(rep.problems, source_names(root))
     return rep
+
+
+_SAMPLE_KEY = re.compile(r"\b[0-9a-f]{%d}\b" % HASH_CHARS)
+
+
+def name_sources(problems: list[str], names: dict[str, str]) -> list[str]:
+    """Each problem with the source file of every sample key it mentions, from the private map (samples are
+    named by keyed path hashes, which say nothing to the user by themselves)."""
+    if not names:
+        return problems
+
+    def named(match: re.Match) -> str:
+        key = match.group()
+        return f"{key} ({names[key]})" if key in names else key
+
+    return [_SAMPLE_KEY.sub(named, p) for p in problems]

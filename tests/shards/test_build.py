@@ -24,6 +24,7 @@ from ingest.readers import read_image
 from shards.build.config import BuildConfig
 from shards.build.finalize import BuildIncomplete, finalize
 from shards.build.parts import run_build
+from shards.build.private import source_names
 from shards.build.verify import verify_shards
 from tests.conftest import build_tiny_shards
 
@@ -64,8 +65,9 @@ def test_tiny_build_counts_and_layout(tiny_shards: Path) -> None:
 def test_samples_carry_the_readers_foreground_box(tiny_shards: Path, synth_corpus: Path) -> None:
     # The build finds the box on the stored numbers; read_image on the normalised image: the same box.
     samples = pq.read_table(tiny_shards / "samples.parquet").to_pylist()
+    names = source_names(tiny_shards)  # the private map: path hash -> path
     for s in samples[:: max(1, len(samples) // 12)]:
-        loaded = read_image(synth_corpus / "images" / s["source"])
+        loaded = read_image(synth_corpus / "images" / names[s["source_hash"]])
         assert tuple(s["foreground"]) == loaded.foreground
         assert (s["height"], s["width"]) == loaded.pixels.shape
     assert any(tuple(s["foreground"]) != (0, 0, s["height"], s["width"]) for s in samples)
@@ -189,7 +191,7 @@ def test_bad_inputs_are_rejected_with_reasons(tmp_path: Path) -> None:
     )
     run_build(cfg)
     manifest = finalize(cfg)
-    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "_private" / "rejects.jsonl").read_text().splitlines()]
     reasons = {Path(r["path"]).name: r["reason"] for r in rejects}
     for name, words in expected.items():
         assert name in reasons, f"{name} not rejected: {reasons}"
@@ -205,6 +207,7 @@ import sys
 from core.config import load_config
 from ingest.readers import read_image
 from shards.build.parts import run_build
+from shards.build.private import source_names
 from shards.build.config import BuildConfig
 cfg = load_config(BuildConfig, None, sys.argv[1:])
 run_build(cfg)
@@ -269,7 +272,7 @@ def test_an_unexpected_failure_on_one_file_is_a_reject_not_a_crash(tmp_path: Pat
     run_build(cfg)
     manifest = finalize(cfg)
     assert manifest["counts"]["written"] == 2 and manifest["counts"]["rejected"] == 1
-    reject = json.loads((tmp_path / "out" / "rejects.jsonl").read_text().splitlines()[0])
+    reject = json.loads((tmp_path / "out" / "_private" / "rejects.jsonl").read_text().splitlines()[0])
     assert reject["path"] == "boom.png" and reject["reason"].startswith("unexpected TypeError")
 
 

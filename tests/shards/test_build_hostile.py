@@ -93,7 +93,7 @@ def test_one_bad_entry_never_stops_a_build(tmp_path: Path, monkeypatch) -> None:
     )
     run_build(cfg)
     manifest = finalize(cfg)
-    lines = (out / "rejects.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = (out / "_private" / "rejects.jsonl").read_text(encoding="utf-8").splitlines()
     rejects = {Path(r["path"]).name: r["reason"] for r in map(json.loads, lines)}
     assert sorted(rejects) == sorted(expected)
     for name, reason in expected.items():

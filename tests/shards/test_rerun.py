@@ -17,13 +17,17 @@ from shards.build.config import BuildConfig
 from shards.build.finalize import finalize
 from shards.build.parts import run_build
 from shards.build.plan import SourceChanged
+from shards.build.private import source_names
 from shards.build.verify import verify_shards
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _sources(manifest_dir: Path) -> set[str]:
-    return set(pq.read_table(manifest_dir / "samples.parquet", columns=["source"])["source"].to_pylist())
+    """The source paths of the written samples, through the dataset's private map."""
+    names = source_names(manifest_dir)
+    hashes = pq.read_table(manifest_dir / "samples.parquet", columns=["source_hash"])["source_hash"]
+    return {names[h] for h in hashes.to_pylist()}
 
 
 def test_a_changed_source_is_refused_then_rebuilt_with_force_replan(

@@ -141,7 +141,7 @@ def _tar_samples(root: Path) -> dict[str, dict[str, bytes]]:
 
 
 def _sample_rows(root: Path) -> dict[str, dict]:
-    cols = ["key", "source", "split", "bin", "label", "fractions"]
+    cols = ["key", "source_hash", "split", "bin", "label", "fractions"]
     return {row.pop("key"): row for row in pq.read_table(root / "samples.parquet", columns=cols).to_pylist()}
 
 
