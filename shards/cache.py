@@ -11,6 +11,10 @@ Bookkeeping lives in hidden names: ``root/.locks/<rel>.lock`` (one lock file per
 deleting a lock file races with its next user), ``root/.cache.lock`` (serializes size accounting and
 eviction) and ``<dir>/.<name>.partial`` (a download in progress).
 
+Access: the folder is its owner's only (0700, files 0600), since shards hold images of patients; a cache
+shared by the users of a group is opened to that group on purpose (``remote.cache_group``: the folder gets
+the group, setgid, 2770, and files 0660).
+
 Locks are ``flock`` locks, which belong to an open file description, so they work between threads of one
 process as well as between processes (POSIX ``fcntl`` record locks would not):
 
@@ -110,17 +114,19 @@ def _lock(fd: int, operation: int, cancel: threading.Event | None) -> None:
 
 @contextlib.contextmanager
 def flocked(
-    path: Path, operation: int = fcntl.LOCK_EX, cancel: threading.Event | None = None
+    path: Path, operation: int = fcntl.LOCK_EX, cancel: threading.Event | None = None, mode: int = 0o600
 ) -> Iterator[int]:
-    """Hold an ``flock`` on ``path`` (created if missing) for the block; yields the descriptor.
+    """Hold an ``flock`` on ``path`` (created if missing, with ``mode``) for the block; yields the descriptor.
 
     Raises:
         Cancelled: ``cancel`` was set before the lock was taken (a blocking flock cannot be interrupted, and
             the holder may be another process that keeps it for long).
     """
     with _HELD_LOCK:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), mode)
         _HELD.add(fd)
+        if os.fstat(fd).st_uid == os.getuid():
+            os.fchmod(fd, mode)  # the umask may have taken the group's bits
     try:
         _lock(fd, operation, cancel)
         yield fd
@@ -160,20 +166,52 @@ class ShardCache:
         max_bytes: bound on the bytes of all files in it (None: until the disk is full, then LRU eviction).
     """
 
-    def __init__(self, root: str | os.PathLike[str], max_bytes: int | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], max_bytes: int | None = None, group: str | None = None
+    ) -> None:
         if max_bytes is not None and max_bytes < 1:
             raise ValueError(f"max_cache_bytes must be >= 1 or None, got {max_bytes}")
         self.root = Path(root)
         self.max_bytes = max_bytes
-        (self.root / LOCKS).mkdir(parents=True, exist_ok=True)
+        self.group = group
+        self.file_mode = 0o660 if group else 0o600
+        self._dir_mode = 0o2770 if group else 0o700
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._restrict_root()
+        self.makedirs(self.root / LOCKS)
         self._clock = 0
         self._clock_lock = threading.Lock()
 
+    def _restrict_root(self) -> None:
+        """The cache folder's owner only, or the named group (where this user owns the folder)."""
+        if self.root.stat().st_uid != os.getuid():
+            return
+        if self.group:
+            import grp
+
+            try:
+                gid = grp.getgrnam(self.group).gr_gid
+            except KeyError:
+                raise ValueError(f"remote.cache_group {self.group!r}: no such group on this machine") from None
+            os.chown(self.root, -1, gid)
+        self.root.chmod(self._dir_mode)
+
+    def makedirs(self, folder: Path) -> None:
+        """Create ``folder`` (inside the cache) and its missing parents with the cache's folder mode."""
+        missing = []
+        while not folder.is_dir() and folder != self.root:
+            missing.append(folder)
+            folder = folder.parent
+        for sub in reversed(missing):
+            sub.mkdir(exist_ok=True)
+            with contextlib.suppress(PermissionError):  # made by a group member at the same moment
+                sub.chmod(self._dir_mode)
+
     def __getstate__(self) -> dict:
-        return {"root": self.root, "max_bytes": self.max_bytes}
+        return {"root": self.root, "max_bytes": self.max_bytes, "group": self.group}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["root"], state["max_bytes"])
+        self.__init__(state["root"], state["max_bytes"], state.get("group"))
 
     def path(self, rel: str) -> Path:
         """Where the file ``rel`` lives in the cache; a path that would leave the cache (``..``, absolute, a
@@ -188,7 +226,7 @@ class ShardCache:
     def lock_path(self, rel: str) -> Path:
         """The lock file guarding downloads of ``rel``."""
         path = self.root / LOCKS / f"{safe_rel(rel, 'cached file')}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.makedirs(path.parent)
         return path
 
     def download_lock(
@@ -196,11 +234,11 @@ class ShardCache:
     ) -> contextlib.AbstractContextManager[int]:
         """Exclusive lock for downloading ``rel``; blocks while another thread or process downloads it, or
         until ``cancel`` is set (then raises :class:`Cancelled`)."""
-        return flocked(self.lock_path(rel), cancel=cancel)
+        return flocked(self.lock_path(rel), cancel=cancel, mode=self.file_mode)
 
     def cache_lock(self) -> contextlib.AbstractContextManager[int]:
         """Exclusive lock over accounting and eviction of the whole folder."""
-        return flocked(self.root / CACHE_LOCK)
+        return flocked(self.root / CACHE_LOCK, mode=self.file_mode)
 
     def touch(self, path: Path) -> None:
         """Mark ``path`` as just used (mtime from a clock that never repeats in this process)."""
@@ -267,11 +305,11 @@ class ShardCache:
                     ) from again
         return partial
 
-    @staticmethod
-    def _create(partial: Path, size: int) -> None:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    def _create(self, partial: Path, size: int) -> None:
+        self.makedirs(partial.parent)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
+            os.fchmod(fd, self.file_mode)  # whatever the umask: group-readable only in a group cache
             _allocate(fd, size)
         finally:
             os.close(fd)

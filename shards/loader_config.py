@@ -17,6 +17,9 @@ class RemoteConfig:
     max_cache_bytes: int | None = None
     """Bound on the bytes one dataset's cache folder holds; least recently used shards are evicted to stay
     under it. None: no bound, shards are evicted only when the disk is full."""
+    cache_group: str | None = None
+    """A group whose members share this node cache (folders 2770 with that group, files 0660). None: the
+    cache is its owner's only (0700 / 0600), since shards hold images of patients."""
     prefetch: int = 4
     """Download threads fetching ahead of the schedule."""
     prefetch_shards: int = 8

@@ -63,7 +63,7 @@ class RemoteStore(ShardStore):
 
     def __init__(self, url: str, cfg: RemoteConfig) -> None:
         self.url, self.cfg = url.rstrip("/"), cfg
-        self.cache = ShardCache(cache_folder(url, cfg), cfg.max_cache_bytes)
+        self.cache = ShardCache(cache_folder(url, cfg), cfg.max_cache_bytes, cfg.cache_group)
         self.root = self.cache.root
         self._reset()
         self.manifest = self._sync_metadata()
@@ -145,7 +145,7 @@ class RemoteStore(ShardStore):
             if rows != written:
                 raise DatasetError(f"{self.url}/samples.parquet has {rows} rows, the manifest says {written}")
             for path, content in ((samples, data), (cached, raw)):  # manifest last: it marks "complete"
-                write_bytes(path, content)
+                write_bytes(path, content).chmod(self.cache.file_mode)
         return manifest
 
     def _invalidate(self, old: dict, new: dict) -> None:

@@ -192,9 +192,9 @@ def data_section(manifest: dict, shards_root: str) -> str:
     counts = manifest.get("counts", {})
     lines = [
         "## Training data\n",
-        f"- shard dataset: `{shards_root}` (manifest fingerprint `{manifest.get('fingerprint')}`, "
-        f"created {manifest.get('created')}, codec {manifest.get('codec', {}).get('name')})",
-        f"- source: `{manifest.get('source')}`: {counts.get('written')} images written, "
+        f"- shard dataset: manifest fingerprint `{manifest.get('fingerprint')}` "
+        f"(created {manifest.get('created')}, codec {manifest.get('codec', {}).get('name')})",
+        f"- source: {_source_text(manifest.get('privacy', {}))}: {counts.get('written')} images written, "
         f"{counts.get('rejected')} rejected, {counts.get('duplicates')} duplicates",
         f"- binning: {manifest.get('binning', {}).get('strategy')}, {len(bins)} bins\n",
         "Images per split and bin:\n",
@@ -203,6 +203,14 @@ def data_section(manifest: dict, shards_root: str) -> str:
         class_table(manifest, shards_root),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _source_text(privacy: dict) -> str:
+    """The source as the card may name it: its keyed fingerprint, never a path (``ingest.privacy``)."""
+    text = f"fingerprint `{privacy.get('source_fingerprint')}`"
+    if privacy.get("identifiers") == "kept":
+        return f"{text}, **identifiers kept** (patient ids and file paths in the shards: public data only)"
+    return f"{text}, patients pseudonymised (key id `{privacy.get('key_id')}`)"
 
 
 def class_table(manifest: dict, shards_root: str) -> str:
@@ -227,9 +235,24 @@ def class_table(manifest: dict, shards_root: str) -> str:
 
 
 def recipe_section(run_dir: Path) -> str:
-    """The run's resolved config, as it was saved with the run."""
-    text = (run_dir / "config.yaml").read_text().rstrip()
+    """The run's resolved config, with every local path replaced (a card travels; the dataset is named by its
+    fingerprint above)."""
+    import yaml
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    text = yaml.safe_dump(_without_paths(config), sort_keys=False).rstrip()
     return f"## Training procedure\n\nThe run's resolved config (`config.yaml`):\n\n```yaml\n{text}\n```\n"
+
+
+def _without_paths(value):
+    """``value`` with each absolute local path (a string starting with ``/`` or ``~``) as ``<local path>``."""
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    if isinstance(value, str) and value.startswith(("/", "~")):
+        return "<local path>"
+    return value
 
 
 def curve_section(run_dir: Path) -> str:

@@ -108,7 +108,9 @@ def stage_main(
     import argparse
 
     from core.config import ConfigError, load_config
+    from core.perms import restrict_umask
 
+    restrict_umask()  # runs, embeddings, node caches: not readable by other users (core.perms)
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for flag in flags:
         parser.add_argument(flag.name, dest=flag.key, required=flag.required, help=flag.help)

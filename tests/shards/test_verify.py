@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from shards.build.private import source_names
 from shards.build.verify import verify_shards
 from shards.index import read_index
 from shards.layout import DatasetError
@@ -107,9 +108,11 @@ def test_a_shard_the_manifest_does_not_list_is_not_read(copy: Path) -> None:
 
 def test_a_corrupt_json_member_names_shard_and_sample_and_verify_goes_on(copy: Path) -> None:
     first, key = flip_member(copy, "train/*/*.tar", "json")
-    second, _ = flip_member(copy, "val/*/*.tar", "jpg", sample=1)
+    second, _ = flip_member(copy, "val/*/*.tar", "jpg")
     report = verify_shards(copy)
-    assert f"{first}: sample {key} has an unreadable .json member" in "\n".join(report.problems)
+    # The sample is named by its key and, through the dataset's private map, by its source file.
+    named = f"{first}: sample {key} ({source_names(copy)[key]}) has an unreadable .json member"
+    assert named in "\n".join(report.problems)
     assert any(p.startswith(f"{second}: sha256") for p in report.problems)  # the later shard is checked too
     assert report.shards == sum(1 for _ in copy.glob("*/*/*.tar"))
     run = subprocess.run(
@@ -117,7 +120,9 @@ def test_a_corrupt_json_member_names_shard_and_sample_and_verify_goes_on(copy: P
         capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip
     assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert f"{first}: sample {key} has an unreadable .json member" in run.stdout
+    assert named in run.stdout
+    shutil.rmtree(copy / "_private")  # where the map is absent (a published copy): the key alone
+    assert f"{first}: sample {key} has an unreadable .json member" in "\n".join(verify_shards(copy).problems)
 
 
 def test_flipped_bytes_in_a_jpeg_stop_the_loader_naming_the_shard(copy: Path) -> None:

@@ -216,6 +216,9 @@ def test_model_card_describes_the_run_and_its_results(trained_run, tiny_shards, 
     assert "library_name: timm" in front and "license: other" in front and "datasets: []" in front
     manifest = json.loads((tiny_shards / "manifest.json").read_text())
     assert f"`{manifest['fingerprint']}`" in card
+    # The dataset and its source are named by fingerprints, never by a path.
+    assert f"fingerprint `{manifest['privacy']['source_fingerprint']}`, patients pseudonymised" in card
+    assert str(tiny_shards) not in card and str(trained_run) not in card
     for b in manifest["bins"]:
         c = b["counts"]
         assert f"| {b['name']} | {c.get('train', 0)} | {c.get('val', 0)} | {c.get('test', 0)} |" in card
