@@ -40,14 +40,12 @@ def synth_corpus(tmp_path_factory) -> Path:
     return root
 
 
-def build_tiny_shards(source: Path, out: Path, *overrides: str) -> Path:
-    """Build a finalized shard dataset from ``source`` (a synth corpus) with test-sized settings."""
+def tiny_build_config(source: Path, out: Path, *overrides: str):
+    """The build config of :func:`build_tiny_shards` (a synth corpus, test-sized settings)."""
     from core.config import load_config
     from shards.build.config import BuildConfig
-    from shards.build.finalize import finalize
-    from shards.build.parts import run_build
 
-    cfg = load_config(
+    return load_config(
         BuildConfig,
         None,
         [
@@ -62,6 +60,14 @@ def build_tiny_shards(source: Path, out: Path, *overrides: str) -> Path:
             *overrides,
         ],
     )
+
+
+def build_tiny_shards(source: Path, out: Path, *overrides: str) -> Path:
+    """Build a finalized shard dataset from ``source`` (a synth corpus) with test-sized settings."""
+    from shards.build.finalize import finalize
+    from shards.build.parts import run_build
+
+    cfg = tiny_build_config(source, out, *overrides)
     run_build(cfg)
     finalize(cfg)
     return out
