@@ -88,7 +88,9 @@ def load_key(cfg: PrivacyConfig) -> bytes:
     except OSError as err:
         raise PrivacyKeyError(f"{path}: privacy key file unreadable ({err.strerror or err})") from None
     if len(key) < MIN_KEY_BYTES:
-        raise PrivacyKeyError(f"{path}: privacy key file holds {len(key)} bytes, at least {MIN_KEY_BYTES} needed")
+        raise PrivacyKeyError(
+            f"{path}: privacy key file holds {len(key)} bytes, at least {MIN_KEY_BYTES} needed"
+        )
     if path.stat().st_mode & 0o077:
         log.warning("privacy: %s is readable by other users; chmod 600 it", path)
     return key

@@ -192,7 +192,9 @@ class ShardCache:
             try:
                 gid = grp.getgrnam(self.group).gr_gid
             except KeyError:
-                raise ValueError(f"remote.cache_group {self.group!r}: no such group on this machine") from None
+                raise ValueError(
+                    f"remote.cache_group {self.group!r}: no such group on this machine"
+                ) from None
             os.chown(self.root, -1, gid)
         self.root.chmod(self._dir_mode)
 

@@ -217,8 +217,12 @@ def build_part(cfg: BuildConfig, plan: BuildPlan, part: int) -> dict:
         if sha in seen_pixels:
             first = seen_pixels[sha]
             duplicates.append(
-                {"path": item.rel, "source_hash": item.source_hash, "duplicate_of": first.rel,
-                 "duplicate_of_hash": first.source_hash}  # fmt: skip
+                {
+                    "path": item.rel,
+                    "source_hash": item.source_hash,
+                    "duplicate_of": first.rel,
+                    "duplicate_of_hash": first.source_hash,
+                }  # fmt: skip
             )
             continue
         seen_pixels[sha] = item

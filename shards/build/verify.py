@@ -177,7 +177,7 @@ def verify_shards(
     return rep
 
 
-_SAMPLE_KEY = re.compile(r"\b[0-9a-f]{%d}\b" % HASH_CHARS)
+_SAMPLE_KEY = re.compile(rf"\b[0-9a-f]{{{HASH_CHARS}}}\b")
 
 
 def name_sources(problems: list[str], names: dict[str, str]) -> list[str]:

@@ -191,7 +191,10 @@ def test_bad_inputs_are_rejected_with_reasons(tmp_path: Path) -> None:
     )
     run_build(cfg)
     manifest = finalize(cfg)
-    rejects = [json.loads(line) for line in (tmp_path / "out" / "_private" / "rejects.jsonl").read_text().splitlines()]
+    rejects = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "_private" / "rejects.jsonl").read_text().splitlines()
+    ]
     reasons = {Path(r["path"]).name: r["reason"] for r in rejects}
     for name, words in expected.items():
         assert name in reasons, f"{name} not rejected: {reasons}"

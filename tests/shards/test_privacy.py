@@ -33,7 +33,11 @@ def test_pseudonyms_are_keyed_stable_and_carry_nothing_of_the_id() -> None:
     one, same, other = Pseudonymizer(b"k" * 32), Pseudonymizer(b"k" * 32), Pseudonymizer(b"j" * 32)
     pid = "dicom:MRN12345678"
     assert one.patient(pid) == same.patient(pid) != other.patient(pid)
-    assert one.patient(pid).startswith("psn-") and "MRN" not in one.patient(pid) and "1234" not in one.patient(pid)
+    assert (
+        one.patient(pid).startswith("psn-")
+        and "MRN" not in one.patient(pid)
+        and "1234" not in one.patient(pid)
+    )
     assert one.path("a/b.dcm") != one.path("a/c.dcm") and one.path("a/b.dcm") != other.path("a/b.dcm")
     assert one.key_id() == same.key_id() != other.key_id()
     kept = Pseudonymizer(None)
@@ -79,7 +83,9 @@ def _rows(root: Path) -> dict[str, tuple]:
 
 def _private_modes(root: Path) -> list[str]:
     """Every file and folder under ``root`` that another user could read or enter."""
-    return [f"{p}: {oct(p.stat().st_mode & 0o777)}" for p in [root, *root.rglob("*")] if p.stat().st_mode & 0o077]
+    return [
+        f"{p}: {oct(p.stat().st_mode & 0o777)}" for p in [root, *root.rglob("*")] if p.stat().st_mode & 0o077
+    ]
 
 
 def test_one_key_one_set_of_pseudonyms_and_splits_across_builds_and_array_parts(
@@ -107,13 +113,18 @@ def test_one_key_one_set_of_pseudonyms_and_splits_across_builds_and_array_parts(
 def test_the_node_cache_is_private_or_its_named_groups(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
-        for group, dir_mode, file_mode in ((None, 0o700, 0o600), (grp.getgrgid(os.getgid()).gr_name, 0o2770, 0o660)):
+        for group, dir_mode, file_mode in (
+            (None, 0o700, 0o600),
+            (grp.getgrgid(os.getgid()).gr_name, 0o2770, 0o660),
+        ):
             cache = ShardCache(tmp_path / f"cache-{dir_mode:o}", group=group)
             partial = cache.reserve("train/32x32/a.tar", 10)
             partial.write_bytes(b"x" * 10)
             path = cache.commit(partial, "train/32x32/a.tar")
             assert cache.root.stat().st_mode & 0o7777 == dir_mode
-            assert path.stat().st_mode & 0o777 == file_mode and path.parent.stat().st_mode & 0o7777 == dir_mode
+            assert (
+                path.stat().st_mode & 0o777 == file_mode and path.parent.stat().st_mode & 0o7777 == dir_mode
+            )
             with cache.download_lock("train/32x32/a.tar"):
                 assert cache.lock_path("train/32x32/a.tar").stat().st_mode & 0o777 == file_mode
     finally:
@@ -136,7 +147,9 @@ def _build(archive: Path, out: Path, *overrides: str) -> dict:
     return finalize(cfg)
 
 
-def test_publish_refuses_kept_identifiers_and_any_private_value_it_finds(archive: Path, tmp_path: Path) -> None:
+def test_publish_refuses_kept_identifiers_and_any_private_value_it_finds(
+    archive: Path, tmp_path: Path
+) -> None:
     kept = _build(archive, tmp_path / "kept", "ingest.privacy.enabled=false")
     assert kept["privacy"]["identifiers"] == "kept" and "IDENTIFIERS KEPT" in kept["privacy"]["warning"]
     with pytest.raises(PrivateDataError, match=r"built with identifiers kept .* --allow-identifiers"):
@@ -166,4 +179,3 @@ def test_a_format_1_dataset_is_refused_in_one_line(tiny_shards: Path, tmp_path: 
     (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": "1.0"}))
     with pytest.raises(DatasetError, match=r"shard format 1\.0, this radstream reads 2\.0; rebuild"):
         load_manifest(old)
-
