@@ -179,3 +179,26 @@ def test_a_format_1_dataset_is_refused_in_one_line(tiny_shards: Path, tmp_path: 
     (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": "1.0"}))
     with pytest.raises(DatasetError, match=r"shard format 1\.0, this radstream reads 2\.0; rebuild"):
         load_manifest(old)
+
+
+def test_the_opt_out_flags_and_shorthand_turn_privacy_off(tmp_path: Path) -> None:
+    from radstream.cli import _build_overrides, make_parser
+
+    def enabled(*argv: str) -> bool:
+        args = make_parser().parse_args(["build-shards", str(tmp_path), str(tmp_path / "out"), *argv])
+        return load_config(BuildConfig, None, _build_overrides(args)).ingest.privacy.enabled
+
+    assert enabled() and enabled("ingest.privacy=on")
+    assert not enabled("--keep-identifiers") and not enabled("ingest.privacy=off")
+    assert not enabled("ingest.privacy.enabled=false")
+
+
+def test_the_rejects_summary_names_files_through_the_private_map(archive: Path, tmp_path: Path) -> None:
+    from shards.build.private import rejects_summary
+
+    _build(archive, tmp_path / "out")
+    text = "\n".join(rejects_summary(tmp_path / "out"))
+    assert f"{PATIENTS[0][0]}_{PATIENTS[0][1]}_003.dcm: DICOM BurnedInAnnotation is YES" in text
+    assert "1 x DICOM BurnedInAnnotation is YES" in text
+    published = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert [sorted(r) for r in published] == [["reason", "source_hash"]]  # the public list: no path
