@@ -8,11 +8,13 @@ plus pictures. Accelerate puts the training stages on the GPU when there is one 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.atomic import write_text
 from radstream.stages import Protocol, header, run_stages
 
 RECIPES = {
@@ -65,6 +67,20 @@ TINY = DemoSize(
 """The tests' demo: every stage, a minute's worth; one seed per trained model (the probes keep 2)."""
 
 
+DEMO_KEY = hashlib.sha256(b"radstream demo: synthetic patients only").hexdigest()
+"""The demo's privacy key: a constant, so that its synthetic patients get the same pseudonyms (and so the same
+splits and tables) on every machine. Never use it for real data: anyone can compute pseudonyms under it."""
+
+
+def demo_key(out: Path) -> Path:
+    """``OUT/demo-privacy.key`` holding :data:`DEMO_KEY` (0600), written where missing."""
+    path = out / "demo-privacy.key"
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(path, DEMO_KEY + "\n").chmod(0o600)
+    return path
+
+
 def run_demo(out: str | Path, size: DemoSize = DemoSize(), seed: int = 0, workers: int = 2) -> int:
     """Run every demo stage into ``out``; finished stages are reused on a rerun."""
     from ingest.synth import synthesize
@@ -75,7 +91,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), seed: int = 0, worker
     src = out / "synth"
     synthesize(src, n=size.images, seed=seed, max_side=size.max_side, workers=workers)
     build = [f"ingest.manifest_csv={src / 'manifest.csv'}", "ingest.labels=irma",
-             f"binning.max_tokens={size.max_tokens}"]  # fmt: skip
+             f"binning.max_tokens={size.max_tokens}", f"ingest.privacy.key_file={demo_key(out)}"]  # fmt: skip
     tables = run_stages(out, src, size.protocol(), build_overrides=build, seed=seed, workers=workers,
                         prefix="demo", first=2)  # fmt: skip
     from radstream.pictures import baseline_curves
