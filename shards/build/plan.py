@@ -23,10 +23,11 @@ from bucketing.bins import Bin, plan_bins
 from bucketing.dataplan import assign_parts
 from core.atomic import write_bytes
 from core.config import load_config, to_dict, to_yaml
+from core.perms import private_folder
 from ingest.privacy import Pseudonymizer
 from ingest.stage import IngestRecord, Reject, run_ingest
 from shards.build.config import BuildConfig
-from shards.build.private import private_folder, write_identities
+from shards.build.private import write_identities
 from shards.layout import MANIFEST, SAMPLES, SPLITS
 
 log = logging.getLogger(__name__)
