@@ -194,6 +194,7 @@ def get_plan(cfg: BuildConfig, force_replan: bool = False) -> BuildPlan:
                 f"{cfg.source}: the source changed since {out} was planned ({then} files then, {source[0]} now, "
                 "or files modified); build into a new OUT, or rerun with --force-replan to rebuild this one"
             )
+        _check_same_key(old, cfg, force_replan)
         _drop_old_build(out)
     plan = make_plan(cfg, source)
     save_plan(plan, work_dir, cfg, source)
@@ -206,6 +207,23 @@ def get_plan(cfg: BuildConfig, force_replan: bool = False) -> BuildPlan:
         len(plan.rejects),
     )
     return plan
+
+
+def _check_same_key(old: dict, cfg: BuildConfig, force_replan: bool) -> None:
+    """A task with another privacy key than the one ``OUT`` was planned with must not drop the build (the
+    usual cause: tasks of an array that do not see the same key file).
+
+    Raises:
+        ValueError: another key, and not ``force_replan``.
+    """
+    theirs = old.get("privacy", {}).get("key_id")
+    mine = Pseudonymizer.from_config(cfg.ingest.privacy).key_id()
+    if theirs and mine and theirs != mine and not force_replan:
+        raise ValueError(
+            f"{cfg.out} was planned under another privacy key (id {theirs}, this task's is {mine}): give every "
+            "task the same key file (ingest.privacy.key_file or $RADSTREAM_PRIVACY_KEY_FILE on shared storage), "
+            "or rerun with --force-replan to rebuild under this key"
+        )
 
 
 def _saved_head(work_dir: Path) -> dict | None:

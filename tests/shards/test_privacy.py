@@ -202,3 +202,21 @@ def test_the_rejects_summary_names_files_through_the_private_map(archive: Path, 
     assert "1 x DICOM BurnedInAnnotation is YES" in text
     published = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert [sorted(r) for r in published] == [["reason", "source_hash"]]  # the public list: no path
+
+
+def test_a_task_with_another_key_stops_instead_of_rebuilding(archive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _build(archive, out)
+    before = sorted(p.name for p in out.rglob("*.tar"))
+    with pytest.raises(ValueError, match=r"planned under another privacy key .* same key file"):
+        _build(archive, out, f"ingest.privacy.key_file={tmp_path / 'another.key'}")
+    assert sorted(p.name for p in out.rglob("*.tar")) == before and (out / "manifest.json").is_file()
+
+
+def test_a_key_file_others_can_read_is_named_in_a_warning(tmp_path: Path, caplog) -> None:
+    key = tmp_path / "open.key"
+    key.write_text("0123456789abcdef0123456789abcdef\n")
+    key.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="ingest.privacy"):
+        load_key(PrivacyConfig(key_file=str(key)))
+    assert f"privacy: {key} is readable by other users; chmod 600 it" in caplog.text
