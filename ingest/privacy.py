@@ -133,6 +133,13 @@ class Pseudonymizer:
             return self._mac("fingerprint", text)
         return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:HASH_CHARS]
 
+    def pixels(self, sha1: str | None) -> str | None:
+        """A published duplicate key of an image's pixels: keyed with privacy on (a plain hash would let anyone
+        holding an identified copy of the image find its sample), the pixel sha1 itself with privacy off."""
+        if sha1 is None or not self.enabled:
+            return sha1
+        return self._mac("pixels", sha1)
+
     def key_id(self) -> str | None:
         """Names the key without revealing it (None with privacy off): builds under one key share it."""
         return self._mac("key-id", "radstream") if self.enabled else None

@@ -111,8 +111,8 @@ def _cross_part_duplicates(rows: list[dict]) -> list[list[str]]:
     """Same pixels in two parts (parts are deduplicated alone): reported, not silently dropped."""
     by_sha = defaultdict(list)
     for r in rows:
-        if r.get("pixel_sha1"):
-            by_sha[r["pixel_sha1"]].append(r["source_hash"])
+        if r.get("pixel_hash"):
+            by_sha[r["pixel_hash"]].append(r["source_hash"])
     groups = [sorted(v) for v in by_sha.values() if len(v) > 1]
     if groups:
         log.warning(

@@ -27,7 +27,7 @@ from core.perms import private_folder, restrict_umask
 from core.progress import progress
 from ingest.dicom import one_line
 from ingest.errors import RejectError
-from ingest.privacy import allowed_header
+from ingest.privacy import Pseudonymizer, allowed_header
 from ingest.readers import ReadConfig, decode_image
 from ingest.stage import IngestRecord
 from shards.build.config import BuildConfig, ShardConfig
@@ -114,7 +114,9 @@ def encode_item(item: IngestRecord) -> dict:
     }
 
 
-def _sample_json(item: IngestRecord, res: dict, plan: BuildPlan, cfg: BuildConfig) -> dict:
+def _sample_json(
+    item: IngestRecord, res: dict, plan: BuildPlan, cfg: BuildConfig, psn: Pseudonymizer
+) -> dict:
     """The ``.json`` member (and samples row): allow-listed header facts, the pseudonym and the path hash;
     the path itself only with privacy off."""
     header = allowed_header({"height": item.height, "width": item.width, **res["meta"]})
@@ -133,7 +135,7 @@ def _sample_json(item: IngestRecord, res: dict, plan: BuildPlan, cfg: BuildConfi
         "bin": res["bin"],
         "fit": cfg.binning.fit,
         "cropped_to_foreground": cfg.shards.crop_to_foreground,
-        "pixel_sha1": res["meta"].get("pixel_sha1"),
+        "pixel_hash": psn.pixels(res["meta"].get("pixel_sha1")),
     }
 
 
@@ -205,6 +207,7 @@ def build_part(cfg: BuildConfig, plan: BuildPlan, part: int) -> dict:
     sh = cfg.shards
     job = _Job(cfg.ingest.read, tuple(plan.bins), cfg.binning, sh.codec, sh.quality, sh.crop_to_foreground)
     writers: dict[tuple[str, str], ShardWriter] = {}
+    psn = Pseudonymizer.from_config(cfg.ingest.privacy)
     rows, rejects, duplicates, seen_pixels = [], [], [], {}
     results = _results(items, job, cfg.workers)
     for item, res in progress(
@@ -227,7 +230,7 @@ def build_part(cfg: BuildConfig, plan: BuildPlan, part: int) -> dict:
             continue
         seen_pixels[sha] = item
         key = record_key(item, cfg)
-        meta = _sample_json(item, res, plan, cfg)
+        meta = _sample_json(item, res, plan, cfg, psn)
         members = {extension(sh.codec): res["data"]}
         if meta["label_index"] >= 0:
             members["cls"] = str(meta["label_index"]).encode()

@@ -40,8 +40,11 @@ def test_pseudonyms_are_keyed_stable_and_carry_nothing_of_the_id() -> None:
     )
     assert one.path("a/b.dcm") != one.path("a/c.dcm") and one.path("a/b.dcm") != other.path("a/b.dcm")
     assert one.key_id() == same.key_id() != other.key_id()
+    sha1 = "ab" * 20
+    assert one.pixels(sha1) == same.pixels(sha1) != sha1 and one.pixels(sha1) != other.pixels(sha1)
     kept = Pseudonymizer(None)
     assert kept.patient(pid) == pid and kept.key_id() is None and not kept.enabled
+    assert kept.pixels(sha1) == sha1
 
 
 def test_the_key_file_is_made_once_with_mode_0600_and_a_message(tmp_path: Path, caplog) -> None:

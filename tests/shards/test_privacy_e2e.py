@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.config import load_config
+from ingest.readers import ReadConfig, read_image
 from shards.build.config import BuildConfig
 from shards.build.finalize import finalize
 from shards.build.parts import run_build
@@ -107,6 +108,9 @@ def published(tmp_path_factory) -> Published:
     tmp = tmp_path_factory.mktemp("hospital")
     archive, out = tmp / "archive", tmp / "dataset"
     secrets, owner = write_archive(archive)
+    # and each image's pixel sha1: a plain hash would link a sample to an identified copy of its image
+    keep = ReadConfig(keep_burned_in=True)
+    secrets = secrets + [read_image(archive / rel, keep).meta["pixel_sha1"] for rel in owner]
     cfg = load_config(
         BuildConfig,
         None,
