@@ -8,8 +8,10 @@ encoder width.
 Any ``H × W`` that is a multiple of the patch size runs (non-square grids too): positional embeddings are made
 per grid (fixed sin-cos, or timm's learned table resampled). Border-aware masking never shows pure-background
 patches to the encoder and leaves them out of the loss; every image keeps the mask ratio of its own
-foreground, so images of one batch see different numbers of tokens: their rows are padded to the widest and a
-key-padding mask keeps the padding out of attention (measured against packing in ``benchmarks/masking.py``).
+foreground, so images of one batch see different numbers of tokens: their rows are padded to the largest keep
+count of the bin's grid (a static shape: one compiled graph per bin, no device sync) and a key-padding mask
+keeps the padding out of attention (measured against packing in ``benchmarks/masking.py``, the padding's cost
+in ``benchmarks/padding.py``).
 """
 
 from __future__ import annotations
@@ -211,11 +213,12 @@ class MAE(nn.Module):
         keep_bias: torch.Tensor | None,
         noise: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """imgs: [N, C, H, W] -> latent [N, 1+K, D] (rows padded to the widest visible set), mask [N, L]
+        """imgs: [N, C, H, W] -> latent [N, 1+K, D] (rows padded to ``keep_width(L, r)``), mask [N, L]
         (1 = hidden), ids_restore [N, L]."""
         x, cls = self._embed_patches(imgs)
         x, mask, ids_restore = random_masking(x, mask_ratio, noise=noise, keep_bias=keep_bias)
-        attn_mask = attention_mask(visible_counts(mask), x.shape[1])
+        # without keep_bias every image keeps exactly K patches: no padding, no mask (known without a sync)
+        attn_mask = None if keep_bias is None else attention_mask(visible_counts(mask), x.shape[1])
         return self._encode(x, cls, attn_mask), mask, ids_restore
 
     def forward_decoder(

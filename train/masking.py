@@ -2,7 +2,10 @@
 too), the attention mask of a padded batch of visible tokens, background patches, and masked patch errors.
 
 Shapes: ``N`` batch, ``C`` channels, ``p`` patch size, ``(h, w)`` the patch grid, ``L = h*w`` patches, ``D``
-token width, ``K`` the widest visible set of the batch.
+token width, ``K = keep_width(L, r)`` the widest visible set any image of the grid can have.
+
+No function here reads a tensor's value on the host: every shape follows from the input shapes and the mask
+ratio, so a compiled MAE step has one graph per bin shape, static, without a graph break or a device sync.
 """
 
 from __future__ import annotations
@@ -44,6 +47,16 @@ def unpatchify(x: torch.Tensor, p: int, grid_hw: tuple[int, int]) -> torch.Tenso
     return x.reshape(n, c, h * p, w * p)
 
 
+def keep_width(length: int, mask_ratio: float) -> int:
+    """K: the visible slots of a grid of ``length`` patches, ``max(1, int(L * (1 - r)))``.
+
+    No image keeps more (an image keeps ``int(F * (1 - r))`` of its ``F <= L`` keepable patches), so rows
+    padded to K fit every batch of the bin. Padding to the batch's own widest row instead would need that
+    value on the host (a device sync and, under ``torch.compile``, a graph break and a new graph per length).
+    """
+    return max(1, int(length * (1 - mask_ratio)))
+
+
 def random_masking(
     x: torch.Tensor,
     mask_ratio: float,
@@ -63,9 +76,10 @@ def random_masking(
 
     Image i keeps ``max(1, int(F_i * (1 - mask_ratio)))`` patches, F_i being its keepable (finite-bias)
     patches, L without ``keep_bias``: the standard MAE. Its visible patches fill the first slots of its row of
-    ``x_visible``; the row is padded to the batch's widest K with hidden patches, which ``attention_mask``
-    keeps out of attention (``visible_counts`` reads each row's length from ``mask``). Only an image with no
-    keepable patch shows one background patch. The widest K is read on the host (one sync).
+    ``x_visible``; the row is padded to ``K = keep_width(L, mask_ratio)`` (the grid's largest keep count,
+    not the batch's: a static shape) with hidden patches, which ``attention_mask`` keeps out of attention
+    (``visible_counts`` reads each row's length from ``mask``). Only an image with no keepable patch shows one
+    background patch. Nothing is read back to the host.
     """
     n, length, dim = x.shape
     if noise is None:
@@ -76,7 +90,7 @@ def random_masking(
         noise = noise + keep_bias
     # float64 and truncation: the same count as Python's int(F * (1 - r))
     len_keep = (keepable.double() * (1 - mask_ratio)).long().clamp_min(1)  # [N]
-    widest = int(len_keep.max())
+    widest = keep_width(length, mask_ratio)  # >= every len_keep: keepable <= length
 
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small is keep, large is remove
     ids_restore = torch.argsort(ids_shuffle, dim=1)
@@ -94,18 +108,17 @@ def visible_counts(mask: torch.Tensor) -> torch.Tensor:
     return (mask == 0).sum(dim=1)
 
 
-def attention_mask(counts: torch.Tensor, width: int) -> torch.Tensor | None:
-    """Key-padding mask [N, 1, 1, 1+width] bool (True = attend) for CLS + padded visible tokens; None when no
-    row is padded, so an unpadded batch runs exactly the unmasked attention.
+def attention_mask(counts: torch.Tensor, width: int) -> torch.Tensor:
+    """Key-padding mask [N, 1, 1, 1+width] bool (True = attend) for CLS + padded visible tokens.
 
+    Always a mask, even when no row happens to be padded: asking would read ``counts`` on the host. Callers
+    that know statically that no row is padded (masking without ``keep_bias``) pass no mask at all.
     Boolean, not additive: it stays valid whatever dtype autocast gives the attention.
 
     Args:
         counts: [N] visible patches per image (``visible_counts``).
         width: K, the padded number of visible slots.
     """
-    if bool((counts == width).all()):
-        return None
     slots = torch.arange(width, device=counts.device)
     attend = slots[None, :] < counts[:, None]  # [N, K]
     attend = torch.cat([torch.ones_like(attend[:, :1]), attend], dim=1)  # CLS always attends

@@ -127,7 +127,7 @@ def test_border_aware_masking():
     assert (out.mask[bg] == 0).all()  # background is never scored
     # each image keeps its own share: int(8 * 0.25) = 2 and max(1, int(2 * 0.25)) = 1, CLS added
     assert out.stats["encoder_tokens"].item() == ((2 + 1) + (1 + 1)) / 2
-    assert out.stats["encoder_slots"].item() == 3  # the widest row + CLS
+    assert out.stats["encoder_slots"].item() == 7  # keep_width(24, 0.75) = 6 slots for any batch + CLS
     assert out.mask.sum(dim=1).tolist() == [6, 1]  # the rest of each image's foreground is scored
     # background is never visible: the visible set is the foreground minus the scored patches
     keep_bias = torch.zeros(2, 24).masked_fill(bg, float("inf"))

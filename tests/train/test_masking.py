@@ -39,7 +39,9 @@ def test_every_image_keeps_its_own_ratio():
     visible, hidden, _ = random_masking(torch.randn(3, 64, 4), 0.75, keep_bias=keep_bias)
     # int(F * (1 - r)) of each image's foreground, at least one
     assert visible_counts(hidden).tolist() == [1, 5, 16]
-    assert visible.shape == (3, 16, 4)  # padded to the widest
+    assert visible.shape == (3, 16, 4)  # padded to keep_width(64, 0.75), whatever the batch's widest
+    narrow, _, _ = random_masking(torch.randn(2, 64, 4), 0.75, keep_bias=keep_bias[:2])
+    assert narrow.shape == (2, 16, 4)  # widest row 5: still the grid's static width
     assert ((hidden == 0) & bg).sum() == 0  # every visible patch is foreground
     out = tiny(border_aware=True)(imgs, noise=torch.rand(3, 64))
     assert out.mask.sum(dim=1).tolist() == [1, 15, 48]  # the rest of the foreground is scored
@@ -80,7 +82,7 @@ def test_without_background_border_aware_is_the_standard_mae():
     plain, aware = tiny(), tiny(border_aware=True)
     a, b = plain(imgs, noise=noise), aware(imgs, noise=noise)
     assert torch.equal(a.loss, b.loss) and torch.equal(a.pred, b.pred) and torch.equal(a.mask, b.mask)
-    assert attention_mask(torch.tensor([6, 6, 6]), 6) is None  # no padding, no mask
+    assert attention_mask(torch.tensor([6, 6, 6]), 6).all()  # no padding: the mask lets every slot attend
     # the decoder's unshuffle is models_mae.py's: visible tokens, then mask tokens, gathered by ids_restore
     latent, hidden, ids_restore = plain.forward_encoder(imgs, 0.75, None, noise)
     x = plain.decoder_embed(latent)
