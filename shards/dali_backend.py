@@ -6,8 +6,8 @@ backend, exact mid-epoch resume). Instead the main process reads the image membe
 samples by offset (cheap: one ``pread`` each) and feeds them, a few steps ahead, to one DALI pipeline, where
 the heavy part runs on ``num_workers`` threads: decode (``device="mixed"``, i.e. nvJPEG / nvJPEG2000 on the
 GPU, when the training device is CUDA; CPU operators otherwise) and the training crop and flip. The stored
-integers then reach torch without a copy (DLPack on the GPU, the array interface on the CPU), and
-``ShardLoader`` makes them float on the device.
+integers then reach torch without a copy (DLPack on the GPU, the array interface on the CPU), and the
+consumer's step makes them float on the device (``shards.images.unit_float``).
 
 One pipeline serves every bin: a batch holds one bin, and the output shape of the resize is a per-sample
 input, so a run with hundreds of strict bins still has one thread pool and one set of buffers (per-bin

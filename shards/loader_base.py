@@ -11,7 +11,8 @@ yield the same keys, labels and crops for the same (config, epoch, rank).
 
 A batch is a dict::
 
-    image       float32 [B, 1, H, W] in [0, 1], on the training device (H x W = the bin's shape)
+    image       the stored integers, uint8 or uint16 [B, 1, H, W], on the training device (H x W = the bin's
+                shape); ``shards.images.unit_float`` makes them float32 [0, 1] where they are consumed
     label       int64 [B]; -1 for unlabeled samples
     key         list[str], the samples' keys
     bin         str, the bin's name "HxW"
@@ -56,7 +57,6 @@ from bucketing.schedule import (
     steps_per_epoch,
     token_budget_batch_sizes,
 )
-from shards.codecs import bit_depth
 from shards.loader_config import LoaderConfig
 from shards.loader_data import SplitSamples
 from shards.store import ShardStore
@@ -125,19 +125,6 @@ def batch_sizes(bins: list[str], cfg: LoaderConfig) -> dict[str, int]:
     return token_budget_batch_sizes(bins, cfg.token_budget, cfg.patch_size, max_batch=cfg.batch_size)
 
 
-def to_unit_float(stored: torch.Tensor, max_value: float) -> torch.Tensor:
-    """Stored uint8 / uint16 integers → float32 ``stored / max_value`` on the tensor's own device.
-
-    ``torch.uint16`` has only "barebones" support in eager mode (views and copies; CUDA has no arithmetic
-    kernels for it), so its bits are reinterpreted as int16 and widened through int32, whose arithmetic every
-    backend has. The divisor is a tensor on the same device: CUDA turns division by a Python number into a
-    multiplication by its reciprocal, one rounding off numpy's quotient (``codecs.to_float01``).
-    """
-    if stored.dtype == torch.uint16:
-        stored = stored.view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
-    return torch.div(stored, torch.full((), max_value, dtype=torch.float32, device=stored.device))
-
-
 class ShardLoader:
     """The loader of one rank; backends subclass it and implement ``_images`` (and ``close``).
 
@@ -177,7 +164,6 @@ class ShardLoader:
                 stats["real_samples"],
                 data.split,
             )
-        self._max_value = float(2 ** bit_depth(data.codec) - 1)
         self.epoch = 0
         self.step = 0
         self.consumed: list[tuple[int, int]] = []
@@ -327,7 +313,7 @@ class ShardLoader:
             boxes = transform_boxes(boxes, plan.crops, plan.flips, b.height, b.width)
         to = {"device": self.device, "non_blocking": True}
         return {
-            "image": self._to_float(image),
+            "image": image.to(**to),  # integers cross to the device (from pinned memory with torch workers)
             "label": torch.from_numpy(b.label[plan.rows]).to(**to),
             "key": b.keys[plan.rows].tolist(),
             "bin": plan.bin,
@@ -335,18 +321,10 @@ class ShardLoader:
             "valid": torch.from_numpy(plan.valid).to(**to),
         }
 
-    def _to_float(self, stored: torch.Tensor) -> torch.Tensor:
-        """Stored integers → float [0, 1] on the device, in one pass (exactly ``codecs.to_float01``)."""
-        if self.device.type == "cpu" and stored.device.type == "cpu":
-            # numpy's ufunc runs on this thread alone; torch would wake its OpenMP pool, whose spinning
-            # threads take the cores from the decoding workers (a 4x slowdown measured on 2 cores).
-            return torch.from_numpy(np.divide(stored.numpy(), np.float32(self._max_value), dtype=np.float32))
-        return to_unit_float(stored.to(self.device, non_blocking=True), self._max_value)
-
     def _images(self, plans: list[StepPlan]) -> Iterator[torch.Tensor]:
         """The stored integers [B, 1, H, W] (uint8 or uint16, on the CPU or already on the device) of
         ``plans``, in order (a generator). Integers, not floats: a quarter of the bytes to move, and the
-        conversion runs once, vectorized, on the training device."""
+        conversion runs inside the consumer's step, on the training device (``shards.images``)."""
         raise NotImplementedError
 
     def close(self) -> None:

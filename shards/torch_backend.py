@@ -4,8 +4,8 @@ The DataLoader runs with ``batch_size=None`` over a sampler of *step requests* (
 each request is one finished batch, so a worker decodes all of its images (Pillow via ``shards.codecs``),
 applies the crop and flip with ``torchvision.transforms.v2.functional`` (in uint8 / uint16, as DALI does)
 and returns them as one integer tensor: a quarter of the bytes of floats through the worker queue and to
-the GPU; ``ShardLoader`` makes them float on the training device. Workers are persistent; a new epoch only
-swaps the requests the sampler hands out. Batches come in the sampler's order whatever the number of
+the GPU (from pinned memory); the consumer's step makes them float on the training device
+(``shards.images.unit_float``). Workers are persistent; a new epoch only swaps the requests the sampler hands out. Batches come in the sampler's order whatever the number of
 workers (the DataLoader keeps it)."""
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ from shards.loader_config import LoaderConfig
 from train.mae import MAEConfig
 
 PRECISIONS = ("no", "fp16", "bf16")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+"""torch.compile backends a run may name: inductor generates kernels; aot_eager and eager trace the same
+graphs without code generation (the CPU tests count graphs and breaks with them in seconds)."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,10 @@ class RunConfig:
     mixed_precision: str = "no"
     """"no", "fp16" or "bf16"; passed to ``Accelerator``."""
     compile: bool = False
-    """Compile the model with torch.compile (inductor) through Accelerate."""
+    """Compile the model with torch.compile through Accelerate: static shapes, one graph per bin shape (and
+    per train / eval mode), see ``train.loop.dynamo_plugin``."""
+    compile_backend: str = "inductor"
+    """torch.compile's backend, one of COMPILE_BACKENDS."""
     cpu: bool = False
     """Force the CPU even where a GPU is present (tests, CPU runs; several processes use gloo)."""
     log_every: int = 10
@@ -97,6 +103,10 @@ class RunConfig:
             raise ValueError("run.patience and run.min_delta must be >= 0")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"run.mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(
+                f"run.compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}"
+            )
         if self.log_every < 1 or self.grid_images < 0:
             raise ValueError("run.log_every must be >= 1 and run.grid_images >= 0")
 

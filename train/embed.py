@@ -36,6 +36,7 @@ from omegaconf import MISSING, OmegaConf
 
 from core.config import to_dict
 from core.progress import progress
+from shards.images import unit_float
 from shards.loader_config import LoaderConfig
 from train import embed_store
 from train.embed_store import SplitRows, StagingWriter
@@ -238,12 +239,28 @@ def embed_batches(
         labels = batch["label"].cpu().numpy()[valid]
         if not np.array_equal(labels, rows.labels[idx]):
             raise ValueError(f"loader labels differ from the samples table (batch of {keys[0]!r})")
-        images = batch["image"][torch.from_numpy(valid).to(batch["image"].device)]
-        with autocast():
-            tokens = model.forward_features(images)
-        feats = aggregate_tokens(tokens, model.grid(images), pool_grid)
+        feats = batch_features(model, batch, pool_grid, autocast)
         writer.add(idx, {k: v.cpu().numpy() for k, v in feats.items()})
     writer.flush(finished=True)
+
+
+def batch_features(
+    model: MAE,
+    batch: dict,
+    pool_grid: tuple[int, int] | None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> dict[str, torch.Tensor]:
+    """The aggregated embeddings (``aggregate_tokens``) of a loader batch's valid images.
+
+    The encoder runs on the whole batch and the padding repeats are dropped from its output, not from its
+    input: every batch of a bin then has the bin's one shape (one compiled graph per bin, no shape that
+    depends on how many repeats a batch holds).
+    """
+    images = unit_float(batch["image"])
+    with autocast():
+        tokens = model.forward_features(images)
+    valid = batch["valid"].bool().to(tokens.device)
+    return aggregate_tokens(tokens[valid], model.grid(images), pool_grid)
 
 
 def store_meta(cfg: EmbedConfig, model: MAE, config: dict, folder: Path) -> dict:

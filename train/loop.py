@@ -33,8 +33,28 @@ def build_accelerator(run: RunConfig, run_dir: str, grad_accum_steps: int = 1) -
         gradient_accumulation_steps=grad_accum_steps,
         log_with="tensorboard" if run.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=run_dir, logging_dir=run_dir),
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if run.compile else None,
+        dynamo_plugin=dynamo_plugin(run),
     )
+
+
+def dynamo_plugin(run: RunConfig) -> TorchDynamoPlugin | None:
+    """How a run compiles (None: eager): ``run.compile_backend`` with static shapes (``dynamic=False``).
+
+    Every bin has its own fixed batch shape and the MAE pads visible tokens to the bin's static width, so each
+    bin compiles one graph per train / eval mode. Dynamo's default would turn the image dimensions dynamic at
+    the second shape: slower kernels, and no CUDA graphs (``mode="reduce-overhead"`` needs static shapes).
+    """
+    if not run.compile:
+        return None
+    return TorchDynamoPlugin(backend=run.compile_backend, dynamic=False)
+
+
+def allow_graphs(graphs: int) -> None:
+    """Let dynamo keep ``graphs`` compiled graphs per function instead of its default of 8, past which it
+    silently runs that function eagerly: a run needs one per bin shape and mode (``dynamo_plugin``)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), graphs))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

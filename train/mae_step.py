@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 
+from shards.images import unit_float
 from train.loop import StepStats, accumulate_step, global_mean
 from train.mae import EVAL_SUMS, MAE, background_patches
 from train.visualize import masked_images
@@ -42,13 +43,14 @@ def key_noise(seed: int, keys: Sequence[str], length: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def batch_background(model: MAE, batch: dict) -> torch.Tensor | None:
+def batch_background(model: MAE, batch: dict, imgs: torch.Tensor | None = None) -> torch.Tensor | None:
     """[B, L] pure-background patches of a batch (pixels and the loader's foreground boxes), when the model
-    masks border-aware; else None."""
+    masks border-aware; else None. ``imgs``: the batch's float images when already converted."""
     if not model.cfg.border_aware:
         return None
+    imgs = unit_float(batch["image"]) if imgs is None else imgs
     boxes = batch.get("foreground")
-    return background_patches(batch["image"], model.patch_size, model.cfg.border_threshold, boxes=boxes)
+    return background_patches(imgs, model.patch_size, model.cfg.border_threshold, boxes=boxes)
 
 
 @dataclass
@@ -97,8 +99,8 @@ def train_step(
     stats = MAEStepStats(loss=torch.zeros(()))
 
     def loss_of(micro: int, batch: dict) -> torch.Tensor:
-        imgs = batch["image"]
-        background = batch_background(mae, batch)
+        imgs = unit_float(batch["image"])  # the stored integers become [0, 1] floats here, on the device
+        background = batch_background(mae, batch, imgs)
         length = imgs.shape[-2] * imgs.shape[-1] // mae.patch_size**2
         noise = step_noise(seed, step, micro, accelerator.process_index, (imgs.shape[0], length))
         out = model(imgs, background=background, noise=noise.to(imgs.device), valid=batch["valid"].bool())
@@ -151,10 +153,10 @@ def evaluate(
     sums = torch.zeros(len(EVAL_SUMS), dtype=torch.float64, device=accelerator.device)
     samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for batch in loader:
-        imgs, valid = batch["image"], batch["valid"].bool()
+        imgs, valid = unit_float(batch["image"]), batch["valid"].bool()
         length = imgs.shape[-2] * imgs.shape[-1] // mae.patch_size**2
         noise = key_noise(seed, batch["key"], length).to(imgs.device)
-        out = model(imgs, background=batch_background(mae, batch), noise=noise)
+        out = model(imgs, background=batch_background(mae, batch, imgs), noise=noise)
         sums += mae.eval_sums(imgs, out, valid)
         imgs, pred, mask = imgs[valid], out.pred[valid], out.mask[valid]
         if len(samples) < keep and len(imgs):

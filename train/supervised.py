@@ -37,6 +37,7 @@ from omegaconf import MISSING
 from torch import nn
 
 from core.config import to_dict
+from shards.images import unit_float
 from shards.loader import ShardLoader
 from shards.loader_config import LoaderConfig
 from shards.manifest import read_manifest
@@ -157,7 +158,7 @@ def evaluate_classifier(accelerator: Accelerator, model: nn.Module, loader, num_
     loader.set_epoch(0)
     counts = torch.zeros(num_classes * num_classes, dtype=torch.long, device=accelerator.device)
     for batch in loader:
-        pred = model(batch["image"]).argmax(dim=-1)
+        pred = model(unit_float(batch["image"])).argmax(dim=-1)
         keep = batch["valid"].bool() & (batch["label"] >= 0)
         counts += torch.bincount(batch["label"][keep] * num_classes + pred[keep], minlength=num_classes**2)
     model.train(was_training)
@@ -179,7 +180,8 @@ def train_step(
     def loss_of(micro: int, batch: dict) -> torch.Tensor:
         stats.images += batch["image"].shape[0]
         stats.keys.extend(batch["key"])
-        return masked_loss(accelerator, model(batch["image"]), batch, optim.label_smoothing)
+        logits = model(unit_float(batch["image"]))  # stored integers → [0, 1] floats on the device
+        return masked_loss(accelerator, logits, batch, optim.label_smoothing)
 
     stats.loss, stats.grad_norm = accumulate_step(
         accelerator, model, optimizer, batches, loss_of, step=step, grad_clip=optim.grad_clip

@@ -43,6 +43,7 @@ from train.loop import (
     Schedule,
     StepStats,
     agree_after_step,
+    allow_graphs,
     build_accelerator,
     build_optimizer,
     param_groups,
@@ -203,6 +204,8 @@ def _setup(task: TrainTask, accelerator: Accelerator, stop: StopSignal) -> Sessi
     model = task.build_model()
     loaders = [_loader(cfg, accelerator, split) for split in ("train", "val")]
     task.mean_batch_size = loaders[0].mean_batch_size
+    if cfg.run.compile:  # one static graph per bin and mode (train, evaluation); 8 more for test-only bins
+        allow_graphs(2 * len(set(loaders[0].data.bins) | set(loaders[1].data.bins)) + 8)
     schedule = task.schedule(len(loaders[0]), accelerator.num_processes)
     cuda = accelerator.device.type == "cuda"
     optimizer = build_optimizer(task.param_groups(model), cfg.optim.betas, schedule.peak_lr, fused=cuda)

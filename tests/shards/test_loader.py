@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from shards import codecs
+from shards.images import to_unit_float, unit_float
 from shards.index import read_member
 from shards.loader import build_loader, dali_available
-from shards.loader_base import to_unit_float
 from shards.loader_config import AugmentConfig, LoaderConfig
 from shards.loader_data import load_split
 from shards.manifest import read_samples
@@ -80,8 +80,10 @@ def test_batch_contents(tiny_shards: Path, backend: str, train: bool) -> None:
         height, width = (int(v) for v in batch["bin"].split("x"))
         n = len(batch["key"])
         assert n == loader.batch_sizes[batch["bin"]]
-        assert batch["image"].shape == (n, 1, height, width) and batch["image"].dtype == torch.float32
-        assert float(batch["image"].min()) >= 0.0 and float(batch["image"].max()) <= 1.0
+        # the stored integers cross over; unit_float makes them [0, 1] floats in the consumer's step
+        assert batch["image"].shape == (n, 1, height, width) and batch["image"].dtype == torch.uint8
+        image = unit_float(batch["image"])
+        assert image.dtype == torch.float32 and float(image.min()) >= 0.0 and float(image.max()) <= 1.0
         assert batch["label"].dtype == torch.int64 and batch["foreground"].shape == (n, 4)
         assert batch["foreground"].dtype == torch.int64 and batch["valid"].dtype == torch.bool
         assert batch["label"].tolist() == [table[k]["label_index"] for k in batch["key"]]
@@ -301,10 +303,13 @@ def test_eval_yields_stored_pixels(tiny_shards: Path, codec_shards, backend: str
     root = tiny_shards if codec == "jpg" else codec_shards[codec]
     table = samples(root, "val")
     for batch in make(root, backend, "val", train=False, batch_size=3):
-        for key, image in zip(batch["key"], batch["image"], strict=True):
+        floats = unit_float(batch["image"])
+        for key, image, f in zip(batch["key"], batch["image"], floats, strict=True):
             row = table[key]
             stored = codecs.decode(read_member(root / row["shard"], row["offset"], row["size"]), codec)
-            np.testing.assert_allclose(image[0].numpy(), codecs.to_float01(stored), atol=1e-6)
+            np.testing.assert_array_equal(image[0].numpy(), stored)  # the stored integers, as they are
+            # after conversion: exactly the codec's floats, so both backends give every consumer the same
+            np.testing.assert_array_equal(f[0].numpy(), codecs.to_float01(stored))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -326,7 +331,7 @@ def test_backends_apply_the_same_augmentation(tiny_shards: Path) -> None:
     for a, b in zip(make(tiny_shards, "torch", seed=5), make(tiny_shards, "dali", seed=5), strict=True):
         assert a["key"] == b["key"] and torch.equal(a["foreground"], b["foreground"])
         # Same crop windows and flips; the two resize kernels differ only in rounding at the edges.
-        assert float((a["image"] - b["image"]).abs().mean()) < 0.02
+        assert float((unit_float(a["image"]) - unit_float(b["image"])).abs().mean()) < 0.02
 
 
 def test_torch_workers_keep_the_order(tiny_shards: Path) -> None:
@@ -373,9 +378,10 @@ def test_dali_gpu_decodes_on_the_device(tiny_shards: Path) -> None:
     for a, b in zip(cpu, gpu, strict=True):
         assert b["image"].device.type == "cuda" and b["label"].device.type == "cuda"
         # nvJPEG and libjpeg-turbo may round differently.
-        assert float((a["image"] - b["image"].cpu()).abs().max()) <= 3 / 255
+        assert float((unit_float(a["image"]) - unit_float(b["image"]).cpu()).abs().max()) <= 3 / 255
     train = list(build_loader(cfg, tiny_shards, "train", device="cuda"))
-    assert all(b["image"].is_cuda and float(b["image"].max()) <= 1.0 for b in train)
+    assert all(b["image"].is_cuda and b["image"].dtype == torch.uint8 for b in train)
+    assert all(float(unit_float(b["image"]).max()) <= 1.0 for b in train)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -408,3 +414,9 @@ def test_to_unit_float_is_numpys_quotient(dtype) -> None:
     out = to_unit_float(torch.from_numpy(stored), float(top))
     assert out.dtype == torch.float32
     np.testing.assert_array_equal(out.numpy(), np.divide(stored, np.float32(top), dtype=np.float32))
+    # the consumers' helper: the same quotient on the CPU path (numpy) as on the device path (torch)
+    np.testing.assert_array_equal(unit_float(torch.from_numpy(stored)).numpy(), out.numpy())
+    floats = torch.rand(2, 3)
+    assert unit_float(floats) is floats  # float batches (the benchmarks' synthetic ones) pass as they are
+    with pytest.raises(TypeError, match="uint8 or uint16"):
+        unit_float(torch.zeros(2, dtype=torch.int32))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from core.config import load_config, to_yaml
+from shards.images import unit_float
 from shards.loader import build_loader
 from shards.loader_config import LoaderConfig
 from shards.manifest import read_samples
@@ -250,7 +251,8 @@ def test_embed_run_matches_the_samples_table_and_the_encoder(tmp_path, tiny_shar
     )
     batch = next(iter(loader))
     with torch.no_grad():
-        feats = aggregate_tokens(model.forward_features(batch["image"]), model.grid(batch["image"]), (4, 4))
+        images = unit_float(batch["image"])
+        feats = aggregate_tokens(model.forward_features(images), model.grid(images), (4, 4))
     back = embed_store.read_split(cfg.out, "val")
     rows = [back.keys.index(k) for k in batch["key"]]
     for name, value in feats.items():

@@ -16,6 +16,7 @@ import torch
 import train.pretrain as pretrain
 from core.config import load_config, to_yaml
 from radstream.cli import main as cli_main
+from shards.images import unit_float
 from shards.loader import build_loader
 from shards.loader_config import LoaderConfig
 from train.config import PretrainConfig
@@ -115,7 +116,7 @@ def images_per_bin(shards: Path) -> dict[str, np.ndarray]:
     with loader:
         for batch in loader:
             h, w = batch["image"].shape[-2:]
-            out.setdefault(f"{h}x{w}", batch["image"][batch["valid"].bool()].numpy())
+            out.setdefault(f"{h}x{w}", unit_float(batch["image"])[batch["valid"].bool()].numpy())
     return out
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 import train.pretrain as pretrain
 import train.trainer as trainer
 from core.config import ConfigError, load_config
+from shards.images import unit_float
 from train.checkpoint import latest_checkpoint
 from train.config import PretrainConfig
 from train.loop import NonFiniteLossError, lr_at, make_schedule
@@ -199,7 +200,7 @@ def test_non_finite_loss_names_step_and_keys(tiny_shards, tmp_path, monkeypatch)
         def __iter__(self):
             for i, batch in enumerate(self.loader):
                 if i == 2:
-                    batch["image"] = batch["image"] * float("nan")
+                    batch["image"] = unit_float(batch["image"]) * float("nan")
                     seen.append(batch["key"])
                 yield batch
 
