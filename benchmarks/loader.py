@@ -3,8 +3,10 @@
 On one synthetic shard dataset (built in a temp dir from ``ingest.synth`` unless ``--shards`` is given) it
 measures, with the same number of workers everywhere:
 
-- ``decode`` mode (evaluation loaders: decode → float [0, 1] batches): the DALI CPU backend, the torch
-  fallback, and a torchvision ``ImageFolder`` + ``DataLoader`` reading the same images exported as loose files;
+- ``decode`` mode (evaluation loaders: decode → batches of the stored integers, which the training step makes
+  float on the device): the DALI CPU backend, the torch fallback, and a torchvision ``ImageFolder`` +
+  ``DataLoader`` reading the same images exported as loose files (floats, as its loader makes them); and the
+  two backends again converting each batch to float [0, 1] on the host, as the loader did before issue 24;
 - ``train`` mode (decode, random resized crop, flip): the same three (ImageFolder crops to 224x224);
 - the decode floor: the bare decoder (Pillow, and DALI's CPU decoder) on the same bytes in a tight loop on one
   core, times the cores the loaders use (``--workers``; the machine's cores when fewer);
@@ -38,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from bucketing.schedule import schedule_stats, token_budget_batch_sizes  # noqa: E402
 from shards.codecs import bit_depth, extension  # noqa: E402
+from shards.images import unit_float  # noqa: E402
 from shards.loader import build_loader, dali_available  # noqa: E402
 from shards.loader_config import LoaderConfig  # noqa: E402
 from shards.loader_data import load_split  # noqa: E402
@@ -107,20 +110,26 @@ def best_rates(runs: dict[str, Callable[[], int]], seconds: float, repeats: int)
     return best
 
 
-def consume(batches: Iterable) -> int:
+def consume(batches: Iterable, to_float: bool = False) -> int:
+    """Images in ``batches``; ``to_float``: also make each batch's stored integers float [0, 1] on the host, as
+    the loader did before issue 24 (now the training step does it, on the device)."""
     n = 0
     for batch in batches:
         images = batch["image"] if isinstance(batch, dict) else batch[0]
+        if to_float:
+            images = unit_float(images)
         n += len(images)
     return n
 
 
-def shard_loader_epoch(root: Path, backend: str, train: bool, args) -> Callable[[], int]:
+def shard_loader_epoch(
+    root: Path, backend: str, train: bool, args, to_float: bool = False
+) -> Callable[[], int]:
     cfg = LoaderConfig(
         backend=backend, batch_size=args.batch_size, num_workers=args.workers, prefetch=args.prefetch
     )
     loader = build_loader(cfg, root, "train", train=train)
-    return lambda: consume(loader)
+    return lambda: consume(loader, to_float)
 
 
 def image_folder_epoch(folder: Path, train: bool, bits: int, args) -> Callable[[], int]:
@@ -224,6 +233,7 @@ def schedule_rows(root: Path, batch_size: int, patch_size: int, budget: int) -> 
     return rows
 
 
+HOST_FLOAT = " + host float"
 SCHEDULE_HEADER = ["world size", "schedule", "steps/epoch", "padding", "skipped (strict)", "tokens/step",
                    "tokens/step cv"]  # fmt: skip
 
@@ -250,10 +260,20 @@ def report(measured: dict[tuple[str, str], float], cores: int, load_before: floa
         ratios.append([mode, best, f"{ours[best] / floor:.2f}", vs_parallel, f"{ours[best] / folder:.2f}"])
     header = ["mode", "best backend", "best / decode floor (≥ 0.85)", "best / bare parallel decode",
               "best / ImageFolder (≥ 1.2)"]  # fmt: skip
+    hosted = [
+        [name, f"{measured[('decode', name)]:,.0f}", f"{measured[('decode', name)] / floor:.2f}",
+         f"{ips:,.0f}", f"{ips / floor:.2f}"]
+        for (mode, host), ips in measured.items() if mode == "decode-host-float"
+        for name in [host.replace(HOST_FLOAT, "")]
+    ]  # fmt: skip
+    effect = table(["decode mode", "stored integers (now), images/s", "/ decode floor",
+                    "+ float on the host (before), images/s", "/ decode floor"], hosted)  # fmt: skip
     return (
         table(["loader", "mode", "images/s"], rows)
         + f"\n\nload average (1 min) {load_before:.1f} before, {load_after:.1f} after the measurements\n\n"
         + table(header, ratios)
+        + "\n\n"
+        + effect
         + "\n"
     )
 
@@ -342,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
             if dali_available():
                 runs[f"{mode}|DALI CPU backend"] = shard_loader_epoch(root, "dali", train, args)
             runs[f"{mode}|torch backend"] = shard_loader_epoch(root, "torch", train, args)
+            if not train:  # the same loaders converting on the host, as before issue 24
+                for name, backend in (("DALI CPU backend", "dali"), ("torch backend", "torch")):
+                    if backend == "torch" or dali_available():
+                        key = f"decode-host-float|{name}{HOST_FLOAT}"
+                        runs[key] = shard_loader_epoch(root, backend, False, args, to_float=True)
             runs[f"{mode}|ImageFolder + DataLoader"] = image_folder_epoch(tmp / "folder", train, bits, args)
         load_before = os.getloadavg()[0]
         measured = {tuple(k.split("|")): v for k, v in best_rates(runs, args.seconds, args.repeats).items()}

@@ -16,6 +16,12 @@ on a GPU of known peak, peak memory, and the compute saved against ``fixed``.
 
     python benchmarks/train_step.py                       # CPU, a small ViT
     python benchmarks/train_step.py --device cuda --model vit_base_patch16_224 --batch 256 --bf16 --compile
+
+``--eager-vs-compiled`` instead times the demo's MAE (``configs/demo/pretrain.yaml``: smart bins, border-aware)
+eager and compiled (inductor, static shapes: one graph per bin) on the same batches in one run, and prints
+the ratio with dynamo's graph and graph-break counts:
+
+    python benchmarks/train_step.py --eager-vs-compiled --batch 8 --images 64
 """
 
 from __future__ import annotations
@@ -40,8 +46,9 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bucketing.bins import assign_bins, plan_smart  # noqa: E402
 from bucketing.geometry import Bin, fit_geometry  # noqa: E402
-from train.config import OptimConfig  # noqa: E402
-from train.loop import build_optimizer, param_groups  # noqa: E402
+from core.config import load_config  # noqa: E402
+from train.config import OptimConfig, PretrainConfig  # noqa: E402
+from train.loop import allow_graphs, build_optimizer, param_groups  # noqa: E402
 from train.mae import MAEConfig, background_patches, build_mae  # noqa: E402
 from train.mae_step import batch_background, step_noise, train_step  # noqa: E402
 
@@ -151,14 +158,20 @@ class Mode:
     """Peak memory over the passes (CUDA allocated; peak RSS of the process on a CPU)."""
 
 
-def prepare_mode(accelerator: Accelerator, cfg: MAEConfig, batches: list[dict]) -> Mode:
-    """Model and optimizer for a mode (the same initial weights for all), its FLOPs, one warm-up pass."""
+def prepare_mode(
+    accelerator: Accelerator, cfg: MAEConfig, batches: list[dict], compile_: bool = False
+) -> Mode:
+    """Model and optimizer for a mode (the same initial weights for all), its FLOPs, one warm-up pass;
+    ``compile_``: the model compiled as a run compiles it (inductor, static shapes), whatever the accelerator."""
     torch.manual_seed(0)
     model = build_mae(cfg).to(accelerator.device)
     flops = sum(step_flops(model, b, 0) for b in batches)
     optim = OptimConfig()
     optimizer = build_optimizer(param_groups(model, optim.weight_decay), optim.betas, lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if compile_:
+        allow_graphs(2 * len({b["bin"] for b in batches}))
+        model = torch.compile(model, backend="inductor", dynamic=False)
     mode = Mode(model, optimizer, batches, flops, border_aware=cfg.border_aware)
     time_pass(accelerator, mode)  # warm-up: compiles every shape once
     mode.passes.clear()
@@ -242,6 +255,37 @@ def _pct(value: float, base: float) -> str:
     return f"{100 * (value / base - 1):+.1f}%"
 
 
+def eager_vs_compiled(args, accelerator: Accelerator) -> str:
+    """The demo's MAE eager and compiled on the same smart-bin batches, timed interleaved; the table and the
+    compiled / eager ratio, with dynamo's counts (graphs: one per bin; breaks: none)."""
+    from torch._dynamo.utils import counters
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo" / "pretrain.yaml"
+    cfg = load_config(PretrainConfig, demo, ["shards=.", "run_dir=."]).model
+    images = synthetic_radiographs(args.images or 8 * args.batch, seed=0)
+    batches = make_batches(images, "smart", args.batch, accelerator.device)
+    counters.clear()
+    start = time.perf_counter()
+    modes = {"eager": prepare_mode(accelerator, cfg, batches)}
+    modes["compiled"] = prepare_mode(accelerator, cfg, batches, compile_=True)
+    compile_s = time.perf_counter() - start
+    for _ in range(args.repeats):
+        for mode in modes.values():
+            time_pass(accelerator, mode)
+    rows = {name: summarize(mode, accelerator.device) for name, mode in modes.items()}
+    lines = ["| MAE step | images/s | ms/step | bins |", "|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['images_per_s']:.1f} | {1e3 * min(modes[name].passes) / len(batches):.1f} "
+                     f"| {' '.join(r['bins'])} |")  # fmt: skip
+    breaks = sum(counters["graph_break"].values())
+    lines.append(
+        f"compiled / eager images/s: {rows['compiled']['images_per_s'] / rows['eager']['images_per_s']:.2f}x; "
+        f"{counters['stats']['unique_graphs']} graphs for {len(rows['eager']['bins'])} bins, {breaks} graph "
+        f"breaks; setup and compilation {compile_s:.0f} s"
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -260,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument(
+        "--eager-vs-compiled", action="store_true", help="the demo's MAE eager and compiled, one run"
+    )
+    p.add_argument(
         "--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)"
     )
     args = p.parse_args(argv)
@@ -273,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
                     **({"embed_dim": 192, "depth": 4, "num_heads": 3} if args.tiny else {}))  # fmt: skip
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if args.bf16 else "no",
                               dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.compile else None)  # fmt: skip
+    if args.eager_vs_compiled:
+        print(
+            f"device {accelerator.device}, demo MAE (configs/demo/pretrain.yaml), inductor, static shapes, batch {args.batch}, bf16 {args.bf16}"
+        )
+        print(eager_vs_compiled(args, accelerator))
+        return 0
     images = synthetic_radiographs(args.images or 8 * args.batch, seed=0)
     modes = {}
     for name, (binning, border) in MODES.items():

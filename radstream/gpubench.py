@@ -151,7 +151,7 @@ class MaeSize:
     steps: int
     """Timed steps per mode."""
     compiled_smart: bool
-    """Also time smart bins + border-aware masking compiled (data-dependent shapes: long to compile)."""
+    """Also time smart bins + border-aware masking compiled (one static graph per bin: a compile each)."""
     model: dict = field(default_factory=dict)
     """MAEConfig overrides (the CPU tests shrink the model)."""
     compile_backend: str = "inductor"
@@ -182,11 +182,18 @@ def mae_mode(
     name: str, batches: list[Batch], *, compiled: bool, size: MaeSize, peak: float | None
 ) -> tuple[dict, list[dict]]:
     """One row of the MAE table: throughput, FLOPs, MFU, attention kernel, peak memory (and the profile)."""
+    from torch._dynamo.utils import counters
+
+    from train.loop import allow_graphs
+
     device, steps = batches[0].images.device, size.steps
     border = batches[0].background is not None
     model, optimizer = mae_model(border, size.model, device)
     flops = sum(step_flops(lambda b=b: mae_step(model, optimizer, b)) for b in batches) / len(batches)
-    run = torch.compile(model, backend=size.compile_backend) if compiled else model
+    counters.clear()
+    allow_graphs(len(batches))
+    # as a run compiles (train.loop.dynamo_plugin): static shapes, one graph per bin
+    run = torch.compile(model, backend=size.compile_backend, dynamic=False) if compiled else model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = timed(
@@ -204,6 +211,7 @@ def mae_mode(
         "foreground_tokens_per_s": foreground / seconds if border else None,
         "gflops_per_image": per_image / 1e9, "mfu": mfu(per_image, images / seconds, peak),
         "attention": attention_backend(names), "peak_mem_gib": peak_memory_gib(device),
+        "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
     }  # fmt: skip
     return row, top_kernels(kernels)
 

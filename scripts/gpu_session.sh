@@ -2,6 +2,7 @@
 # On the GPU machine (docs/gpu.md), from the repository root:
 #   bash scripts/gpu_session.sh stash .dali/pK     keep one carried DALI piece in /tmp across warm calls
 #   bash scripts/gpu_session.sh run [--quick]      stash the last piece, install all wheels, run gpu-check to $OUT
+# PYTHON=... picks the interpreter (default python3). Without CUDA it stops after the imports, in one line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STASH=/tmp/radstream-dali
@@ -11,19 +12,33 @@ case "${1:-}" in
 stash)
     shift; stash "$@" ;;
 run)
-    shift; stash .dali/p*
-    if (cd "$STASH" && cat dali.tar.part* > dali.tar && sha256sum -c "$OLDPWD/.whl/dali.tar.sha256"); then
-        tar -xf "$STASH/dali.tar" -C "$STASH" && wheels=("$STASH"/wheels/*.whl)
+    # Everything issue 24 prepared, end to end: gpu-check's parts (pytest -m gpu incl. the compiled bf16 MAE
+    # over bins on CUDA; the compiled MAE ViT-B/16 at 224 and on smart bins with graph and break counts;
+    # DALI "mixed" decoding; 200 steps of pretraining on the DALI loader with its data wait).
+    shift; PY=${PYTHON:-python3}
+    if [ -d .whl ]; then
+        stash .dali/p*
+        if (cd "$STASH" && cat dali.tar.part* > dali.tar && sha256sum -c "$OLDPWD/.whl/dali.tar.sha256"); then
+            tar -xf "$STASH/dali.tar" -C "$STASH" && wheels=("$STASH"/wheels/*.whl)
+        else
+            echo "gpu_session: DALI pieces missing or broken (the machine went back between calls?); running without DALI"
+            wheels=()
+        fi
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl "${wheels[@]}" \
+            || { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+                 .whl/*.whl "${wheels[@]}" && export PYTHONPATH=/tmp/site; }
     else
-        echo "gpu_session: DALI pieces missing or broken (the machine went back between calls?); running without DALI"
-        wheels=()
+        echo "gpu_session: no .whl/ here (make device-wheels); using the Python environment as it is"
     fi
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl "${wheels[@]}" \
-        || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-             .whl/*.whl "${wheels[@]}" && export PYTHONPATH=/tmp/site; }
-    python3 -c "import nvidia.dali as d, torch; print('dali', d.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-    timeout 560 python3 -m radstream.cli gpu-check --out "${OUT:-gpu_check}" "$@" ;;
+    "$PY" -c "import torch; import radstream.gpubench" || { echo "gpu_session: torch or the project does not import with $PY"; exit 1; }
+    if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+        echo "gpu_session: stops here, the rest needs CUDA (torch.cuda.is_available() is False with $PY); nothing measured"
+        exit 0
+    fi
+    "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+    "$PY" -c "import nvidia.dali as d; print('dali', d.__version__)" 2>/dev/null || echo "gpu_session: no DALI: its parts are skipped"
+    timeout 560 "$PY" -m radstream.cli gpu-check --out "${OUT:-gpu_check}" "$@" ;;
 *)
     echo "usage: $0 stash DIR... | run [--quick]" >&2; exit 2 ;;
 esac

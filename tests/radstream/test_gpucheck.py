@@ -180,6 +180,9 @@ def test_mae_benchmark_runs_every_mode_on_a_tiny_model(tmp_path):
         < rows["fixed 224, eager"]["gflops_per_image"]
     )
     assert "profile" in result
+    # compiled as a run compiles: one static graph for the one 224 shape, no graph break
+    assert (rows["fixed 224, compiled"]["graphs"], rows["fixed 224, compiled"]["graph_breaks"]) == (1, 0)
+    assert rows["fixed 224, eager"]["graphs"] == 0
 
 
 @pytest.mark.skipif(not dali_available(), reason="no nvidia.dali")

@@ -202,3 +202,26 @@ def test_mae_step_recompile_under_inductor() -> None:
         got.backward()
         assert torch.allclose(got, model(imgs, noise=noise).loss, rtol=1e-4, atol=1e-6)
     assert counters["stats"]["unique_graphs"] == 2 and no_graph_break(), dict(counters["graph_break"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mae_step_recompile_on_cuda_bf16_from_stored_integers() -> None:
+    """The GPU path of a step: uint8 images on the device, converted there, bf16 autocast, inductor with
+    static shapes over two bins and varying foregrounds: two graphs, no break, finite losses."""
+    model = tiny_mae(border_aware=True, border_threshold=0.02).cuda()
+    run = torch.compile(model, backend="inductor", dynamic=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    gen = torch.Generator("cuda").manual_seed(0)
+    for step in range(6):
+        h, w = ((64, 96), (96, 64))[step % 2]
+        stored = torch.randint(10, 256, (8, 1, h, w), device="cuda", dtype=torch.uint8, generator=gen)
+        stored[: step % 4, :, :16] = 0  # a different number of black patch rows per step
+        imgs = unit_float(stored)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = run(imgs, noise=torch.rand(8, h * w // 256, device="cuda", generator=gen)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        assert torch.isfinite(loss)
+    assert counters["stats"]["unique_graphs"] == 2 and no_graph_break(), dict(counters["graph_break"])
