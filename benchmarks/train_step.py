@@ -119,6 +119,7 @@ def make_batches(images: list[Radiograph], mode: str, batch: int, device: torch.
                 "image": torch.stack([f[0] for f in fitted]).to(device),
                 "foreground": torch.tensor([f[1] for f in fitted], device=device),
                 "key": [str(i) for i in members[start : start + per_batch]],
+                "valid": torch.ones(per_batch, dtype=torch.bool, device=device),
                 "bin": bin_.name,
             })  # fmt: skip
     np.random.default_rng(0).shuffle(batches)  # bins interleaved, as the loader's schedule does
