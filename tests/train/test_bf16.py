@@ -2,8 +2,9 @@
 recipe, the supervised ViT and fine-tuning train a few steps with losses close to fp32, the key-padding mask
 reaches attention as a boolean, and a checkpoint written in bf16 resumes exactly.
 
-Tolerance: bfloat16 keeps 8 significant bits (relative rounding 2^-9 ≈ 0.2%); through a few blocks and three
-optimizer steps the losses stay within ``LOSS_RTOL`` = 3% of fp32's (measured: under 1%).
+Tolerance: bfloat16 keeps 8 significant bits (relative rounding 2^-9 ≈ 0.2% per operation); over three
+optimizer steps of the tiny models the losses stay within ``LOSS_RTOL`` = 1% of fp32's (measured at most
+0.03%: MAE 0.008%, supervised ViT 0.03%, fine-tuning 0.004%).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from train.supervised import SupervisedOptimConfig
 from train.supervised import train_step as supervised_step
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "debug.yaml"
-LOSS_RTOL = 0.03
+LOSS_RTOL = 0.01
 STEPS = 3
 
 
