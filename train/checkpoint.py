@@ -1,4 +1,5 @@
-"""Checkpoints of a run: ``run_dir/checkpoints/step-N/`` plus a ``latest`` file naming the newest.
+"""Writing the checkpoints of a run: ``run_dir/checkpoints/step-N/`` plus a ``latest`` file naming the newest
+(``train.run_layout`` finds them).
 
 A checkpoint holds Accelerate's state (model, optimizer, grad scaler, the accelerator's step counter and the
 RNG states of python, numpy, torch and cuda, one file per rank), ``loop_state.json`` (epoch, step, loader
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -24,48 +24,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from train.run_layout import CONFIG, LATEST, LOOP_STATE, META, WEIGHTS, checkpoints_dir, list_checkpoints
+
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-LOOP_STATE = "loop_state.json"
-CONFIG = "config.yaml"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
-
-
-def checkpoints_dir(run_dir: str | os.PathLike[str]) -> Path:
-    """The folder holding a run's checkpoints."""
-    return Path(run_dir) / CHECKPOINTS
-
-
-def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """Complete checkpoints (``step-N`` folders with a loop state), oldest first."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [
-        (int(m[1]), p)
-        for p in root.iterdir()
-        if (m := _STEP_DIR.match(p.name)) and (p / LOOP_STATE).is_file()
-    ]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
-    """The checkpoint to resume from: the one ``latest`` names, else (``latest`` missing or naming a folder
-    that is gone) the newest complete one; None when there is none."""
-    root = checkpoints_dir(run_dir)
-    pointer = root / LATEST
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if _STEP_DIR.match(named.name) and (named / LOOP_STATE).is_file():
-            return named
-        logger.warning(
-            "%s names %r, which is not a complete checkpoint; using the newest one", pointer, named.name
-        )
-    complete = list_checkpoints(run_dir)
-    return complete[-1] if complete else None
 
 
 def save_checkpoint(
@@ -136,7 +99,7 @@ def save_weights(
     accelerator.save_model(model, tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "meta.json").write_text(json.dumps(meta))
+        (tmp / META).write_text(json.dumps(meta))
         _fsync_tree(tmp)
         _replace_dir(tmp, final)
     accelerator.wait_for_everyone()
@@ -146,7 +109,7 @@ def save_weights(
 def load_weights(accelerator: Accelerator, model: torch.nn.Module, folder: str | os.PathLike[str]) -> bool:
     """Load ``folder/model.safetensors`` (from ``save_weights``) into the model; False when there is none or
     the model is sharded by FSDP (a full state dict does not load into it here)."""
-    path = Path(folder) / "model.safetensors"
+    path = Path(folder) / WEIGHTS
     if not path.is_file():
         return False
     if accelerator.distributed_type == DistributedType.FSDP:

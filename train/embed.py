@@ -41,11 +41,12 @@ from shards.loader_config import LoaderConfig
 from train import embed_store
 from train.embed_store import SplitRows, StagingWriter
 from train.mae import MAE, MAEConfig, load_init
+from train.run_layout import CONFIG, WEIGHTS, resolve_weights
 from train.stage import EXIT_OK, Flag, stage_main
 
 logger = logging.getLogger(__name__)
 
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
+_WEIGHT_FILES = (WEIGHTS, "pytorch_model.bin", "model.pt", "model.pth")
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ class EmbedConfig:
     """``train.embed``: which encoder, which data, where the embeddings go."""
 
     checkpoint: str = MISSING
-    """An MAE checkpoint: ``RUN/checkpoints/latest`` (the pointer file), a ``step-N`` folder, a run folder (its
-    latest checkpoint) or ``RUN/best`` (the weights of the best validation loss, as the study used)."""
+    """An MAE run folder (the weights of the run: ``best/``, else its latest checkpoint; ``train.run_layout``),
+    ``RUN/best``, a ``step-N`` folder or ``RUN/checkpoints/latest`` (the pointer file)."""
     shards: str = MISSING
     """Root of a finalized shard dataset."""
     out: str = MISSING
@@ -142,27 +143,17 @@ def flattened_grid(pool_grid: str, bins: Sequence[dict], patch: int) -> tuple[tu
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """The weights folder ``path`` names and the config.yaml that describes its model.
-
-    Accepts ``RUN/checkpoints/latest`` (the pointer file), a ``step-N`` folder (config inside), a run folder
-    (its latest checkpoint) or ``RUN/best`` (the best-validation weights; config from the run folder).
+    """The weights folder ``path`` names (``train.run_layout.resolve_weights``: a run folder's best weights,
+    else its latest checkpoint; ``RUN/best``, a ``step-N`` folder or the ``latest`` pointer as named) and the
+    config.yaml that describes its model.
 
     Raises:
         FileNotFoundError: nothing usable at ``path``.
     """
-    from train.checkpoint import latest_checkpoint
-
-    path = Path(path)
-    if path.is_file():  # the `latest` pointer: a file holding the step folder's name
-        path = path.parent / path.read_text().strip()
-    elif path.is_dir() and (path / "checkpoints").is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"{path}: run folder without a complete checkpoint")
-        path = found
-    config = next((c for c in (path / "config.yaml", path.parent / "config.yaml") if c.is_file()), None)
+    path = resolve_weights(path).folder
+    config = next((c for c in (path / CONFIG, path.parent / CONFIG) if c.is_file()), None)
     if not path.is_dir() or config is None:
-        raise FileNotFoundError(f"{path}: not a checkpoint folder (need model weights and a config.yaml)")
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (need model weights and a {CONFIG})")
     return path, config
 
 

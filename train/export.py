@@ -41,19 +41,17 @@ import torch
 from omegaconf import OmegaConf
 
 from core.atomic import write_bytes, write_text
-from train.checkpoint import CHECKPOINTS, CONFIG, latest_checkpoint
 from train.embed import load_encoder
 from train.mae import MAE
 from train.model_card import Source, render_card
 from train.pos_embed import resample_learned, sincos_2d
+from train.run_layout import BEST, CHECKPOINTS, CONFIG, META, WEIGHTS, resolve_weights
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS = "model.safetensors"
 CONFIG_JSON = "config.json"
 BIN_TABLES = "pos_embed_bins.safetensors"
 CARD = "README.md"
-BEST = "best"
 FORMATS = ("timm", "hf")
 
 
@@ -71,7 +69,8 @@ class BinShape:
 
 
 def find_source(run_dir: str | Path) -> Source:
-    """The weights to export: ``RUN/best``, else the latest checkpoint (with a warning).
+    """The weights to export: the weights of the run (``train.run_layout.resolve_weights``: ``RUN/best``, else
+    the latest checkpoint, with a warning).
 
     Raises:
         FileNotFoundError: ``run_dir`` is not a pretraining run, or holds no weights.
@@ -84,17 +83,15 @@ def find_source(run_dir: str | Path) -> Source:
         raise ValueError(
             f"{run_dir / CONFIG}: not an MAE pretraining run (no model.encoder / model.mask_ratio)"
         )
-    best = run_dir / BEST
-    if (best / WEIGHTS).is_file():
-        meta = json.loads((best / "meta.json").read_text()) if (best / "meta.json").is_file() else {}
-        return Source(run_dir, best, "best", meta)
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
+    weights = resolve_weights(run_dir)
+    if weights.label == "given":  # a run folder without best/ or checkpoints/
         raise FileNotFoundError(f"{run_dir}: no {BEST}/{WEIGHTS} and no complete checkpoint to export")
-    logger.warning(
-        "%s: no %s/%s (no validation epoch yet); exporting %s", run_dir, BEST, WEIGHTS, latest.name
-    )
-    return Source(run_dir, run_dir, "latest", json.loads((latest / "loop_state.json").read_text()))
+    if weights.label == "best":
+        meta = json.loads((weights.folder / META).read_text()) if (weights.folder / META).is_file() else {}
+        return Source(run_dir, weights.folder, "best", meta)
+    logger.warning("%s: no %s/%s (no validation epoch yet); exporting %s", run_dir, BEST, WEIGHTS,
+                   weights.folder.name)  # fmt: skip
+    return Source(run_dir, run_dir, "latest", json.loads((weights.folder / "loop_state.json").read_text()))
 
 
 def bin_shapes(manifest: dict, patch_size: int) -> list[BinShape]:

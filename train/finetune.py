@@ -3,8 +3,8 @@
     accelerate launch -m train.finetune --config configs/finetune/vit.yaml shards=OUT run_dir=RUN \\
         model.init=runs/mae optim.lr=1e-3 loader.label_fraction=0.01 run.seed=1
 
-The MAE paper's headline evaluation. ``model.init`` is where the encoder comes from: an MAE run folder (its
-``best/`` weights, else its latest checkpoint), its ``best/`` folder, a checkpoint folder, or a folder written
+The MAE paper's headline evaluation. ``model.init`` is where the encoder comes from: an MAE run folder (the weights of the run,
+``train.run_layout.resolve_weights``: ``best/``, else its latest checkpoint), its ``best/`` folder, a checkpoint folder, or a folder written
 by ``radstream export`` (``model.safetensors`` + ``config.json``). The network is that encoder, with its own
 positions for every bin shape (sin-cos or its learned table resampled, as in pretraining), mean-pooled patch
 tokens (or the CLS token), a LayerNorm and a linear head; the decoder is dropped.
@@ -48,6 +48,7 @@ from train import trainer
 from train.config import CheckpointConfig, RunConfig
 from train.mae import MAE, MAEConfig
 from train.provenance import manifest_bins, vit_dims
+from train.run_layout import WEIGHTS
 from train.stage import stage_main
 from train.supervised import SupervisedOptimConfig, SupervisedTask, dataset_classes
 from train.trainer import Session
@@ -138,8 +139,8 @@ class FinetuneConfig:
 
 
 def load_pretrained(source: str | Path) -> tuple[MAE, Path]:
-    """The MAE of ``source`` with its weights (an exported encoder folder, or what ``train.embed`` reads), and
-    the folder its weights came from (``RUN/best`` for a run folder that has one).
+    """The MAE of ``source`` with its weights (an exported encoder folder, or the weights of a run as
+    ``train.run_layout.resolve_weights`` finds them), and the folder its weights came from.
 
     Raises:
         FileNotFoundError: nothing usable at ``source``.
@@ -148,8 +149,6 @@ def load_pretrained(source: str | Path) -> tuple[MAE, Path]:
     source = Path(source)
     if (source / EXPORT_CONFIG).is_file():
         return _load_export(source), source
-    if (source / "best" / "model.safetensors").is_file():  # a run folder: its best validation epoch
-        source = source / "best"
     from train.embed import load_encoder
 
     model, _, folder = load_encoder(source)
@@ -172,7 +171,7 @@ def _load_export(folder: Path) -> MAE:
         )
     )  # fmt: skip
     # a sin-cos encoder computes its positions per grid: the exported table (one grid) is not needed
-    load_adapted(mae.encoder, read_state_dict(folder / "model.safetensors"), folder)
+    load_adapted(mae.encoder, read_state_dict(folder / WEIGHTS), folder)
     return mae
 
 

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from core.atomic import write_text
 from train.probe_config import ProbeData
+from train.run_layout import KNN_RESULTS
 
-RESULTS_FILE = "knn_results.json"
+RESULTS_FILE = KNN_RESULTS
 
 
 def knn_predict(

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from train.run_layout import BEST, CHECKPOINTS, CONFIG, METRICS, PROBE_RESULTS, RESULTS, SUMMARY
+
 
 @dataclass(frozen=True)
 class Source:
@@ -33,7 +35,7 @@ class Source:
 
 logger = logging.getLogger(__name__)
 
-RESULT_FILES = ("probe_results.json", "results.json")
+RESULT_FILES = (PROBE_RESULTS, RESULTS)
 """Result files searched for (``train.probe``; supervised and fine-tuning runs)."""
 SEARCH_DEPTH = 4
 """Folder levels searched below the run's parent when no ``--results`` is given (a run inside a large folder
@@ -114,7 +116,7 @@ def model_section(config: dict, source: Source) -> str:
     """Architecture, input and positions, and which weights these are."""
     rs, args = config["radstream"], config["model_args"]
     meta = source.meta
-    if source.label == "best":
+    if source.label == BEST:
         weights = f"best validation loss ({_num(meta.get('val_loss'))} at epoch {meta.get('epoch')}, step {meta.get('step')})"
     else:
         weights = f"latest checkpoint (step {meta.get('step')}): the run had no best/ weights yet"
@@ -239,7 +241,7 @@ def recipe_section(run_dir: Path) -> str:
     fingerprint above)."""
     import yaml
 
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = yaml.safe_load((run_dir / CONFIG).read_text())
     text = yaml.safe_dump(_without_paths(config), sort_keys=False).rstrip()
     return f"## Training procedure\n\nThe run's resolved config (`config.yaml`):\n\n```yaml\n{text}\n```\n"
 
@@ -257,10 +259,10 @@ def _without_paths(value):
 
 def curve_section(run_dir: Path) -> str:
     """Epochs, steps, best and final validation loss, final training loss (metrics.jsonl, summary.json)."""
-    lines = _jsonl(run_dir / "metrics.jsonl")
+    lines = _jsonl(run_dir / METRICS)
     val = [r for r in lines if r.get("split") == "val" and "loss" in r]
     train = [r for r in lines if r.get("split") == "train" and "loss" in r]
-    summary = _json(run_dir / "summary.json")
+    summary = _json(run_dir / SUMMARY)
     if not val and not train:
         return "## Training curve\n\nNo metrics.jsonl in the run.\n"
     best = min(val, key=lambda r: r["loss"]) if val else None
@@ -284,7 +286,7 @@ def curve_section(run_dir: Path) -> str:
 
 def evaluation_section(run_dir: Path, folder: Path, results: Sequence[str | Path] | None) -> str:
     """Test MSE of the run, then the probe / fine-tuning results of these weights."""
-    summary = _json(run_dir / "summary.json")
+    summary = _json(run_dir / SUMMARY)
     rows = [(label, _num(summary[k])) for k, label in TEST_MSE_LABELS.items() if summary.get(k) is not None]
     rows += [
         (k, _num(v)) for k, v in summary.items() if k.startswith("test_mse") and k not in TEST_MSE_LABELS
@@ -366,7 +368,7 @@ def _walk(root: Path, depth: int | None) -> Iterable[Path]:
     base = len(root.parts)
     for current, dirs, files in os.walk(root):
         level = len(Path(current).parts) - base
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "checkpoints")
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != CHECKPOINTS)
         if depth is not None and level >= depth:
             dirs[:] = []
         found += [Path(current) / f for f in sorted(files) if f in RESULT_FILES]

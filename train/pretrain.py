@@ -30,6 +30,7 @@ from train.config import PretrainConfig
 from train.loop import Schedule, make_schedule
 from train.mae import build_mae
 from train.mae_step import evaluate, train_step
+from train.run_layout import SUMMARY
 from train.stage import stage_main
 from train.trainer import Session, TrainTask, Validation
 from train.visualize import save_reconstruction_grid
@@ -42,7 +43,7 @@ class MAETask(TrainTask):
     test MSE. Its own hook: a reconstruction grid of ``run.grid_images`` validation images each epoch (only
     this task has reconstructions to show)."""
 
-    results_name = "summary.json"
+    results_name = SUMMARY
 
     def build_model(self):
         return build_mae(self.cfg.model)

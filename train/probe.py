@@ -39,6 +39,7 @@ from train.metrics import (
 )
 from train.probe_config import ProbeConfig, ProbeData
 from train.probe_grid import Group, HeadGrid, predict, train_grids
+from train.run_layout import CONFIG, PROBE_RESULTS
 from train.stage import EXIT_OK, Flag, stage_main
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ def write_results(out: Path, scored: dict, data: ProbeData, cfg: ProbeConfig, st
         "chosen": scored["chosen"],
         "heads": scored["heads"],
     }
-    write_text(out / "probe_results.json", json.dumps(results, indent=1))
+    write_text(out / PROBE_RESULTS, json.dumps(results, indent=1))
     fields = list(scored["heads"][0])
     lines = [",".join(fields)] + [",".join(str(h[f]) for f in fields) for h in scored["heads"]]
     write_text(out / "probe_results.csv", "\n".join(lines) + "\n")
@@ -214,7 +215,7 @@ def write_results(out: Path, scored: dict, data: ProbeData, cfg: ProbeConfig, st
         title = f"probe {agg}, {fraction:.0%} of labels: test acc {accuracy(cm):.3f} (seeds summed)"
         plot_confusion(cm, data.class_names, out / f"confusion_{agg}_{fraction:.0%}.png", title)
     torch.save(scored["weights"], out / "chosen_heads.pt")
-    write_text(out / "config.yaml", to_yaml(cfg))
+    write_text(out / CONFIG, to_yaml(cfg))
     return results
 
 

@@ -33,6 +33,7 @@ from train.metrics import mean_std
 from train.provenance import architecture_text, differences
 from train.report_files import fmt_lr, read_result, refuse_twice, result_files, to_csv
 from train.report_mae import MAE_TITLE, PretrainRecord, collect_pretrain, pretrain_csv, pretrain_markdown
+from train.run_layout import RESULT_FILES, RESULTS
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def collect(run_dirs: Iterable[str | Path]) -> list[RunRecord]:
         ValueError: an unreadable result file, or the same (model, fraction, lr, seed) found twice.
     """
     records: list[RunRecord] = []
-    for path in result_files(run_dirs, ("probe_results.json", "results.json", "knn_results.json")):
+    for path in result_files(run_dirs, RESULT_FILES):
         data = read_result(path)
         if data.get("kind") == "probe":
             records += _probe_records(path, data)
@@ -237,7 +238,7 @@ def _find(selections: Sequence[Selection], model: str, fraction: float) -> Selec
 def majority_rate(run_dirs: Iterable[str | Path]) -> float | None:
     """The test split's majority-class rate (the accuracy of always answering the largest class), from the
     confusion matrix of a supervised results.json; None without one."""
-    for path in result_files(run_dirs, ("results.json",)):
+    for path in result_files(run_dirs, (RESULTS,)):
         cm = np.asarray(read_result(path).get("confusion") or [], dtype=float)
         if cm.size and cm.sum() > 0:
             return float(cm.sum(axis=1).max() / cm.sum())
@@ -252,7 +253,7 @@ def prior_rates(run_dirs: Iterable[str | Path]) -> dict[float, float]:
     With all labels it is the test split's majority-class rate; a fraction that holds one image per class
     shows no prior at all, and its rate is the mean class share (chance, 1 / classes, when balanced)."""
     rates: dict[float, float] = {}
-    for path in result_files(run_dirs, ("results.json",)):
+    for path in result_files(run_dirs, (RESULTS,)):
         data = read_result(path)
         cm, counts = np.asarray(data.get("confusion") or [], float), data.get("train_class_counts")
         if not counts or not cm.size or cm.sum() <= 0 or len(counts) != len(cm):

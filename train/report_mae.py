@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from shards.manifest import read_manifest
 from train.provenance import architecture_text, differences, encoder_dims, init_name, manifest_bins
 from train.report_files import fmt_lr, read_result, refuse_twice, result_files, to_csv
+from train.run_layout import CONFIG, SUMMARY
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def _pretrain_record(path: Path, data: dict) -> PretrainRecord | None:
     if not {"best_val_loss", "test_mse", "epochs_completed", "peak_lr"} <= data.keys():
         logger.debug("%s: not an MAE pretraining summary, skipped", path)
         return None
-    config = path.parent / "config.yaml"
+    config = path.parent / CONFIG
     cfg = OmegaConf.load(config) if config.is_file() else OmegaConf.create()
     base_lr = OmegaConf.select(cfg, "optim.base_lr")
     if base_lr is None:  # no config beside it: back from the absolute rate, peak = base x batch / 256
@@ -112,7 +113,7 @@ def collect_pretrain(run_dirs: Iterable[str | Path]) -> list[PretrainRecord]:
     """
     records = [
         r
-        for path in result_files(run_dirs, ("summary.json",))
+        for path in result_files(run_dirs, (SUMMARY,))
         if (r := _pretrain_record(path, read_result(path))) is not None
     ]
     refuse_twice(records, lambda r: (r.base_lr, r.seed), "MAE base lr {0} seed {1}")

@@ -47,6 +47,7 @@ from train.config import CheckpointConfig, RunConfig
 from train.loop import Schedule, StepStats, accumulate_step, global_mean, optimizer_steps
 from train.metrics import accuracy, balanced_accuracy, per_class_recall
 from train.provenance import classifier_architecture, init_name, manifest_bins
+from train.run_layout import RESULTS
 from train.stage import stage_main
 from train.trainer import Session, TrainTask, Validation
 
@@ -199,7 +200,7 @@ class SupervisedTask(TrainTask):
     """A supervised baseline as a trainer task: cross-entropy on the labelled samples, validation accuracy
     (early stopping), test accuracy, balanced accuracy, per-class recall and confusion in results.json."""
 
-    results_name = "results.json"
+    results_name = RESULTS
     class_names: list[str]
     """The dataset's classes, read from its manifest by ``build_model``."""
     bins: list[str]

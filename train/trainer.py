@@ -35,7 +35,7 @@ from core.atomic import write_json, write_text
 from core.config import to_dict, to_yaml
 from core.progress import progress
 from shards.loader import ShardLoader, build_loader
-from train.checkpoint import latest_checkpoint, load_checkpoint, load_weights, save_checkpoint, save_weights
+from train.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
 from train.loop import (
     EarlyStopping,
     LoopState,
@@ -50,12 +50,10 @@ from train.loop import (
     set_lr,
     training_over,
 )
+from train.run_layout import CONFIG, METRICS, RESULTS, best_dir, latest_checkpoint
 from train.stage import EXIT_OK, EXIT_REQUEUE, StopSignal, clear_stopped, mark_stopped
 
 logger = logging.getLogger(__name__)
-
-BEST_DIR = "best"
-"""run_dir/best/model.safetensors: the weights of the best validation epoch (the task model's state dict)."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,7 @@ class TrainTask:
     ``grad_accum_steps``.
     """
 
-    results_name = "results.json"
+    results_name = RESULTS
     """The file in run_dir the task's ``test`` results go to; its "steps" marks the run finished."""
     mean_batch_size: float = 0.0
     """Images per device batch averaged over an epoch (the train loader's), set by the trainer before
@@ -159,7 +157,7 @@ class Session:
             **metrics,
             "time": time.time(),
         }
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        with open(self.run_dir / METRICS, "a") as f:
             f.write(json.dumps(line) + "\n")
         scalars = {f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
         self.accelerator.log(scalars, step=self.state.step)
@@ -217,7 +215,7 @@ def _setup(task: TrainTask, accelerator: Accelerator, stop: StopSignal) -> Sessi
     _resume(s)
     if s.main:
         s.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(s.run_dir / "config.yaml", s.config_yaml)
+        write_text(s.run_dir / CONFIG, s.config_yaml)
     clear_stopped(accelerator, s.run_dir)
     if cfg.run.tensorboard:
         accelerator.init_trackers("tensorboard", config=_flat_hparams(to_dict(cfg)))
@@ -253,7 +251,7 @@ def _resume(s: Session) -> None:
             s.state.images, s.schedule.lr_step(s.state.images),
         )  # fmt: skip
     s.last_saved = s.state.step
-    if (path / "config.yaml").read_text() != s.config_yaml:
+    if (path / CONFIG).read_text() != s.config_yaml:
         logger.warning("resuming with a config that differs from the checkpoint's (%s/config.yaml)", path)
     logger.info("resumed from %s: epoch %d, step %d", path, s.state.epoch, s.state.step)
 
@@ -340,7 +338,7 @@ def _end_epoch(s: Session) -> None:
     sign = 1.0 if v.lower_is_better else -1.0  # EarlyStopping minimises
     if s.early.update(sign * v.value, st.epoch):
         meta = {"epoch": st.epoch, "step": st.step, f"val_{v.name}": v.value}
-        save_weights(s.accelerator, s.model, s.run_dir / BEST_DIR, meta)
+        save_weights(s.accelerator, s.model, best_dir(s.run_dir), meta)
     s.log("val", {**v.metrics, f"best_{v.name}": sign * s.early.best, "bad_epochs": s.early.bad_epochs})
     st.epoch, st.epoch_step = st.epoch + 1, 0
     s.train_loader.set_epoch(st.epoch)
@@ -365,7 +363,7 @@ def _checkpoint(s: Session) -> None:
 def _finish(s: Session, reason: str) -> None:
     """Final checkpoint, the test split (best weights by default), the task's results file."""
     _checkpoint(s)
-    best = s.cfg.run.test_on_best and load_weights(s.accelerator, s.model, s.run_dir / BEST_DIR)
+    best = s.cfg.run.test_on_best and load_weights(s.accelerator, s.model, best_dir(s.run_dir))
     loader = s.loader("test")
     try:
         metrics, results = s.task.test(s, loader, reason, "best" if best else "last")

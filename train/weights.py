@@ -19,6 +19,7 @@ from torch import nn
 
 from train.pos_embed import resample_learned
 from train.provenance import TIMM_PREFIX
+from train.run_layout import WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def resolve_timm_tag(tag: str) -> Path:
     if not repo:
         raise FileNotFoundError(f"model.init {TIMM_PREFIX}{tag}: not a timm pretrained tag with hub weights")
     cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    for name in (WEIGHTS, "pytorch_model.bin"):
         found = try_to_load_from_cache(repo, name, cache_dir=cache)
         if isinstance(found, str):
             return Path(found)

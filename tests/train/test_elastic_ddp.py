@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from shards.manifest import read_samples
-from train.checkpoint import latest_checkpoint
+from train.run_layout import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("ddp_elastic_script.py")

@@ -18,9 +18,9 @@ import train.pretrain as pretrain
 import train.trainer as trainer
 from core.config import ConfigError, load_config
 from shards.images import unit_float
-from train.checkpoint import latest_checkpoint
 from train.config import PretrainConfig
 from train.loop import NonFiniteLossError, lr_at, make_schedule
+from train.run_layout import latest_checkpoint
 from train.visualize import masked_images, reconstruction_grid
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "pretrain"

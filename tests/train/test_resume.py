@@ -16,8 +16,9 @@ from accelerate import Accelerator
 import train.pretrain as pretrain
 from core.config import load_config
 from tests.train.stopping import sigterm_after_first_step
-from train.checkpoint import LATEST, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import PretrainConfig
+from train.run_layout import LATEST, latest_checkpoint, list_checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "pretrain" / "debug.yaml"

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 import train.supervised as supervised
 from core.config import ConfigError, load_config
 from tests.train.stopping import sigterm_after_first_step
-from train.checkpoint import latest_checkpoint, list_checkpoints
 from train.classifier import build_classifier
+from train.run_layout import latest_checkpoint, list_checkpoints
 from train.supervised import ClassifierConfig, SupervisedConfig, run
 from train.weights import adapt_state
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import train.trainer as trainer
-from train.checkpoint import list_checkpoints
 from train.config import CheckpointConfig, RunConfig
 from train.loop import Schedule, StepStats, accumulate_step, optimizer_steps
+from train.run_layout import list_checkpoints
 
 TRAIN = Path(__file__).resolve().parents[2] / "train"
 
