@@ -28,7 +28,7 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Seque
     Args:
         cls: the stage's config dataclass.
         recipe: optional YAML file; its keys must exist in ``cls``.
-        overrides: dotted ``key=value`` strings applied last, e.g. ``optim.base_lr=1e-3``.
+        overrides: dotted ``key=value`` strings applied last, e.g. ``optim.lr=1e-3``.
 
     Returns:
         An instance of ``cls`` with every value resolved.

@@ -89,8 +89,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from shards.build.finalize import finalize
-    from shards.build.parts import run_build
+    from shards.build.parts import build_dataset
     from shards.build.publish import publish
     from shards.transport import is_remote
 
@@ -105,13 +104,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     _check_out_folder(Path(args.out))
     cfg = _load_build_config(args)
     start = time.perf_counter()
-    run_build(cfg, task_index=args.task_index, num_tasks=args.num_tasks, force_replan=args.force_replan)
-    if args.num_tasks > 1 and not args.finalize:
+    manifest = build_dataset(cfg, args.task_index, args.num_tasks, force_replan=args.force_replan,
+                             finalize_now=args.finalize)  # fmt: skip
+    if manifest is None:
         print(
             f"build-shards: task {args.task_index} of {args.num_tasks} done; run `radstream finalize-shards` after all"
         )
         return 0
-    manifest = finalize(cfg)
     _print_summary(manifest, time.perf_counter() - start, cfg.out)
     if remote_out:
         done = publish(

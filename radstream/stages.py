@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.progress import progress
+from train.run_layout import lr_dir
+from train.sweep import STUDY_LR_GRID
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = (0.01, 0.1, 1.0)
-STUDY_LRS = (1e-05, 1.9e-05, 3.6e-05, 6.7e-05, 0.00013, 0.00024, 0.00045, 0.00084, 0.0016, 0.003)
-"""The study's 10 learning rates of every trained model (AdamW), the same as slurm/sweep_lr.sbatch's."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Protocol:
 
     recipes: dict[str, str]
     """Recipe per stage: pretrain, probe, vit, resnet50, finetune (paths relative to the checkout)."""
-    lrs: tuple[float, ...] | None = STUDY_LRS
+    lrs: tuple[float, ...] | None = STUDY_LR_GRID
     """The LR grid of the supervised and fine-tuning runs; None: each recipe's one rate."""
     seeds: int = 3
     """Seeds of every probe regime."""
@@ -67,21 +67,26 @@ class Protocol:
         return [f"run.patience={self.patience}"] + ([f"run.epochs={epochs}"] if epochs else [])
 
 
-def optimizer_steps_per_epoch(shards: Path, recipe: Path, fraction: float, world_size: int) -> int:
-    """Optimizer steps of one training epoch of ``recipe`` on the ``fraction`` of the train split, from the
-    schedule itself (bins, the recipe's batch size or token budget, padding, gradient accumulation)."""
-    from omegaconf import OmegaConf
+def optimizer_steps_per_epoch(
+    shards: Path, model: TrainedModel, recipe: Path, fraction: float, world_size: int
+) -> int:
+    """Optimizer steps of one training epoch of ``model``'s run on the ``fraction`` of the train split, from
+    its config as the stage loads it (``load_config``'s checks: recipe, overrides, defaults) and the schedule
+    itself (bins, batch size or token budget, padding, gradient accumulation)."""
+    import importlib
 
     from bucketing.schedule import steps_per_epoch
+    from core.config import load_config
     from shards.loader_base import batch_sizes
-    from shards.loader_config import LoaderConfig
     from shards.loader_data import load_split
+    from train.loop import optimizer_steps
 
-    cfg = OmegaConf.load(recipe)
-    loader = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(LoaderConfig), cfg.get("loader", {})))
+    labels = "null" if fraction is None else fraction
+    overrides = [f"shards={shards}", "run_dir=unused", f"loader.label_fraction={labels}", *model.overrides]
+    cfg = load_config(importlib.import_module(model.module).STAGE_CONFIG, recipe, overrides)
     counts = load_split(shards, "train", label_fraction=fraction).counts
-    accumulation = int(cfg.get("optim", {}).get("grad_accum_steps", 1))
-    return max(1, steps_per_epoch(counts, batch_sizes(list(counts), loader), world_size) // accumulation)
+    batches = steps_per_epoch(counts, batch_sizes(list(counts), cfg.loader), world_size)
+    return optimizer_steps(batches, cfg.optim.grad_accum_steps)
 
 
 def world_size() -> int:
@@ -133,8 +138,7 @@ def stage_shards(out: Path, source: Path, build_overrides: Sequence[str], worker
     from core.config import load_config
     from radstream.pictures import bin_pictures
     from shards.build.config import BuildConfig
-    from shards.build.finalize import finalize
-    from shards.build.parts import run_build
+    from shards.build.parts import build_dataset
     from shards.build.verify import verify_shards
 
     shards = out / "shards"
@@ -142,8 +146,7 @@ def stage_shards(out: Path, source: Path, build_overrides: Sequence[str], worker
         overrides = [f"source={source}", f"out={shards}", f"workers={workers}", f"seed={seed}",
                      "binning.strategy=smart", *build_overrides]  # fmt: skip
         cfg = load_config(BuildConfig, None, overrides)
-        run_build(cfg)
-        finalize(cfg)
+        build_dataset(cfg)
     report = verify_shards(shards)
     if not report.ok:
         raise RuntimeError(f"shard verification failed: {report.problems[:3]}")
@@ -201,11 +204,11 @@ def stage_grid(out: Path, shards: Path, model: TrainedModel, protocol: Protocol,
     world = world_size()
 
     def steps(fraction: float) -> int:
-        return optimizer_steps_per_epoch(shards, protocol.recipe(model.name), fraction, world)
+        return optimizer_steps_per_epoch(shards, model, protocol.recipe(model.name), fraction, world)
 
     with progress(total=len(runs), desc=model.name, unit="run") as bar:
         for fraction, lr, seed in runs:
-            run_dir = root / f"f{fraction:g}" / (f"lr-{lr:g}" if lr else "lr-recipe") / f"seed-{seed}"
+            run_dir = root / f"f{fraction:g}" / (lr_dir(lr) if lr else "lr-recipe") / f"seed-{seed}"
             if not (run_dir / "results.json").is_file():
                 args = ["--config", str(protocol.recipe(model.name)), f"shards={shards}", f"run_dir={run_dir}",
                         f"loader.label_fraction={fraction}", f"run.seed={seed}",

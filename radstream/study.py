@@ -15,7 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from radstream.stages import STUDY_LRS, Protocol, run_stages
+from radstream.stages import Protocol, run_stages
+from train.sweep import STUDY_LR_GRID
 
 FULL = Protocol(
     {
@@ -25,7 +26,7 @@ FULL = Protocol(
         "resnet50": "configs/supervised/resnet50.yaml",
         "finetune": "configs/finetune/vit.yaml",
     },
-    lrs=STUDY_LRS,
+    lrs=STUDY_LR_GRID,
     seeds=3,
     train_seeds=3,
     patience=10,

@@ -9,7 +9,7 @@
 # task unchanged; each task adds run_dir=SWEEP_DIR/lr-<rate> and the rate. sbatch reads SBATCH_PARTITION,
 # SBATCH_ACCOUNT, SBATCH_TIMELIMIT, SBATCH_GPUS_PER_NODE, ... from the environment itself (the report job gets
 # no GPUs); this script adds:
-#   RADSTREAM_LRS             the rates (default: sweep_lr.sbatch's 10 log-spaced values)
+#   RADSTREAM_LRS             the rates (default: the study's ten, train.sweep.STUDY_LR_GRID)
 #   RADSTREAM_MODULE          train.supervised (default), train.finetune or train.pretrain; RADSTREAM_LR_KEY:
 #                             the config key
 #   RADSTREAM_NODES           nodes per task (--nodes; default 1)

@@ -64,12 +64,9 @@ def tiny_build_config(source: Path, out: Path, *overrides: str):
 
 def build_tiny_shards(source: Path, out: Path, *overrides: str) -> Path:
     """Build a finalized shard dataset from ``source`` (a synth corpus) with test-sized settings."""
-    from shards.build.finalize import finalize
-    from shards.build.parts import run_build
+    from shards.build.parts import build_dataset
 
-    cfg = tiny_build_config(source, out, *overrides)
-    run_build(cfg)
-    finalize(cfg)
+    build_dataset(tiny_build_config(source, out, *overrides))
     return out
 
 

@@ -1,19 +1,22 @@
-"""Configuration of MAE pretraining (``accelerate launch -m train.pretrain``).
+"""The configuration every training run shares, and MAE pretraining's (``accelerate launch -m train.pretrain``).
 
-One frozen dataclass per component, nested in ``PretrainConfig``. Values derived from the config (the absolute
-learning rate, the global batch, the warmup in steps) are computed at run time by ``train.loop`` and never
-written back here. ``RunConfig`` and ``CheckpointConfig`` are shared by every task of ``train.trainer``
-(``train.supervised`` nests them too).
+One frozen dataclass per component. ``BaseRunConfig`` (data, run folder, loader, run, checkpoints) is the base
+of every task's config (``PretrainConfig`` here, ``train.supervised``'s and ``train.finetune``'s), and
+``OptimConfig`` (AdamW, the LR rule, the schedule, the sweep) its optimizer's. Values derived from the config
+(the absolute learning rate, the global batch, the warmup in steps) are computed at run time by
+``train.loop.make_schedule`` and never written back here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import MISSING
 
 from shards.loader_config import LoaderConfig
 from train.mae import MAEConfig
+from train.sweep import STUDY_LR_GRID
 
 PRECISIONS = ("no", "fp16", "bf16")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -21,43 +24,81 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 graphs without code generation (the CPU tests count graphs and breaks with them in seconds)."""
 
 
+LR_RULES = ("absolute", "per_256")
+SCHEDULES = ("cosine", "constant")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay, stepped per optimizer step."""
+    """AdamW with linear warmup then cosine decay (or a constant rate), stepped per optimizer step; every
+    task's optimizer (a task's config may subclass it for its own loss settings and defaults)."""
 
-    base_lr: float = 1.5e-4
-    """Learning rate per 256 images: the absolute rate is ``base_lr x global batch / 256`` (MAE's rule), with
-    global batch = ``loader.batch_size x processes x grad_accum_steps``."""
+    lr: float = 1e-4
+    """The learning rate, read by ``lr_rule``."""
+    lr_rule: str = "absolute"
+    """How ``lr`` becomes the peak rate: "absolute" (``lr`` itself) or "per_256" (``lr x global batch / 256``,
+    MAE's rule, with global batch = images per device batch x processes x ``grad_accum_steps``)."""
+    lr_grid: Any = None
+    """Rates to sweep in this one command: a list, or "study" (the study's ten, ``train.sweep.STUDY_LR_GRID``);
+    each trains into ``run_dir/lr-<rate>`` (replacing ``lr``, read by the same ``lr_rule``), one after
+    another, each resumed when restarted; ``radstream report run_dir`` then picks the rate on validation.
+    None: the one ``lr``."""
     weight_decay: float = 0.05
-    """AdamW decoupled weight decay on weight matrices (none on norms, biases, position/CLS/mask tokens)."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW decoupled weight decay on weight matrices (none on norms, biases, position/CLS/mask tokens:
+    ``train.loop.no_weight_decay``)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW (beta1, beta2)."""
-    warmup_epochs: float = 5.0
-    """Linear warmup length in epochs (converted to steps with the steps per epoch); see ``warmup_steps``."""
+    schedule: str = "cosine"
+    """"cosine" (linear warmup, then cosine to ``min_lr`` over run.epochs) or "constant" (warmup, then flat)."""
+    warmup_epochs: float = 0.0
+    """Linear warmup length in epochs (converted to steps with the steps per epoch); see ``warmup_steps``.
+    The warmup never exceeds the run's total steps."""
     warmup_steps: int | None = None
     """Linear warmup length in optimizer steps; overrides ``warmup_epochs`` when given."""
     min_lr: float = 0.0
     """The absolute learning rate the cosine decays to at the last step."""
     grad_clip: float | None = None
-    """Clip the global gradient norm to this value (None: no clipping, as MAE)."""
+    """Clip the global gradient norm to this value (None: no clipping)."""
     grad_accum_steps: int = 1
     """Loader batches accumulated into one optimizer step."""
 
     def __post_init__(self) -> None:
-        if self.base_lr < 0 or self.min_lr < 0:
-            raise ValueError(
-                f"optim.base_lr and optim.min_lr must be >= 0, got {self.base_lr}, {self.min_lr}"
-            )
+        if self.lr < 0 or self.min_lr < 0:
+            raise ValueError(f"optim.lr and optim.min_lr must be >= 0, got {self.lr}, {self.min_lr}")
+        if self.lr_rule not in LR_RULES:
+            raise ValueError(f"optim.lr_rule must be one of {LR_RULES}, got {self.lr_rule!r}")
+        self.rates()  # checks lr_grid
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optim.betas must be two values in [0, 1), got {self.betas}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.warmup_epochs < 0 or (self.warmup_steps is not None and self.warmup_steps < 0):
             raise ValueError("optim.warmup_epochs and optim.warmup_steps must be >= 0")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"optim.grad_clip must be > 0 or None, got {self.grad_clip}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+    def peak_lr(self, global_batch: float) -> float:
+        """The absolute rate after the warmup, for ``global_batch`` images per optimizer step."""
+        return self.lr * global_batch / 256 if self.lr_rule == "per_256" else self.lr
+
+    def rates(self) -> list[float] | None:
+        """The rates of ``lr_grid`` (None: no sweep).
+
+        Raises:
+            ValueError: a grid that is neither "study" nor a non-empty list of rates > 0.
+        """
+        grid = self.lr_grid
+        if grid is None:
+            return None
+        if grid == "study":
+            return list(STUDY_LR_GRID)
+        if isinstance(grid, str) or not grid or not all(isinstance(r, (int, float)) and r > 0 for r in grid):
+            raise ValueError(f'optim.lr_grid must be a list of rates > 0, "study" or null, got {grid}')
+        return [float(r) for r in grid]
 
 
 @dataclass(frozen=True)
@@ -70,10 +111,11 @@ class RunConfig:
     """Stop after this many optimizer steps in total (checkpoint, test, summary) without changing the LR
     schedule; for smoke tests and time-boxed jobs. None: run all epochs."""
     patience: int = 10
-    """Early stopping: stop after this many epochs without a better validation loss (the study's 10);
-    0 disables it."""
+    """Early stopping: stop after this many epochs without a better validation score (the study's 10): the
+    task's own score, the loss for MAE pretraining, the accuracy for classifiers and fine-tuning; 0 disables
+    it."""
     min_delta: float = 0.0
-    """A validation loss counts as better only when below the best by more than this."""
+    """A validation score counts as better only when better than the best by more than this."""
     seed: int = 0
     """Seed of the model initialisation and of the MAE masks (a pure function of seed, step and rank)."""
     mixed_precision: str = "no"
@@ -87,8 +129,6 @@ class RunConfig:
     """Force the CPU even where a GPU is present (tests, CPU runs; several processes use gloo)."""
     log_every: int = 10
     """Optimizer steps between metric lines in metrics.jsonl and TensorBoard."""
-    grid_images: int = 8
-    """Fixed validation images shown in the reconstruction grid written to samples/ every epoch (0: none)."""
     tensorboard: bool = True
     """Log metrics to TensorBoard through Accelerate's tracker (run_dir/tensorboard)."""
     test_on_best: bool = True
@@ -107,8 +147,21 @@ class RunConfig:
             raise ValueError(
                 f"run.compile_backend must be one of {COMPILE_BACKENDS}, got {self.compile_backend!r}"
             )
-        if self.log_every < 1 or self.grid_images < 0:
-            raise ValueError("run.log_every must be >= 1 and run.grid_images >= 0")
+        if self.log_every < 1:
+            raise ValueError(f"run.log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass(frozen=True)
+class MAERunConfig(RunConfig):
+    """The run of MAE pretraining: a ``RunConfig`` and the reconstruction grid only this task draws."""
+
+    grid_images: int = 8
+    """Fixed validation images shown in the reconstruction grid written to samples/ every epoch (0: none)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.grid_images < 0:
+            raise ValueError(f"run.grid_images must be >= 0, got {self.grid_images}")
 
 
 @dataclass(frozen=True)
@@ -129,20 +182,18 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
-    """MAE pretraining: data, model, optimizer, run and checkpoints."""
+class BaseRunConfig:
+    """What every training run of ``train.trainer`` has: its data, its folder, the loader, the run and its
+    checkpoints. A task's config subclasses it and adds ``model`` and ``optim`` (an ``OptimConfig``)."""
 
     shards: str = MISSING
     """Root of a finalized shard dataset (holds manifest.json); required."""
     run_dir: str = MISSING
-    """Output directory: config.yaml, metrics.jsonl, checkpoints/, samples/, tensorboard/, summary.json.
-    A run started again with the same run_dir resumes from checkpoints/latest."""
-    model: MAEConfig = field(default_factory=MAEConfig)
-    """The MAE (encoder, decoder, masking; border-aware masking is ``model.border_aware``)."""
+    """Output directory (``train.run_layout``): config.yaml, metrics.jsonl, checkpoints/, best/, the results
+    file. A run started again with the same run_dir resumes from checkpoints/latest."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
-    """The streaming loader, built per rank."""
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    """Optimizer and LR schedule."""
+    """The streaming loader, built per rank; ``loader.label_fraction`` is a classifier's regime (None = all
+    labels, 0.01 = the study's 1%)."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run length, precision, devices, logging, early stopping."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -152,6 +203,30 @@ class PretrainConfig:
         for name in ("shards", "run_dir"):
             if not getattr(self, name) or getattr(self, name) == MISSING:
                 raise ValueError(f"{name} is required (e.g. {name}=/path)")
+
+    @property
+    def fraction(self) -> float:
+        """The label fraction of the training set this run uses."""
+        return 1.0 if self.loader.label_fraction is None else float(self.loader.label_fraction)
+
+
+@dataclass(frozen=True)
+class PretrainConfig(BaseRunConfig):
+    """MAE pretraining: data, model, optimizer, run and checkpoints."""
+
+    model: MAEConfig = field(default_factory=MAEConfig)
+    """The MAE (encoder, decoder, masking; border-aware masking is ``model.border_aware``)."""
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            lr=1.5e-4, lr_rule="per_256", betas=[0.9, 0.95], warmup_epochs=5.0
+        )
+    )
+    """Optimizer and LR schedule; by default MAE's: 1.5e-4 per 256 images, betas (0.9, 0.95), 5 warmup epochs."""
+    run: MAERunConfig = field(default_factory=MAERunConfig)
+    """Run length, precision, devices, logging, early stopping (on the validation loss), reconstruction grids."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.loader.patch_size != self._encoder_patch():
             raise ValueError(
                 f"loader.patch_size {self.loader.patch_size} differs from the encoder's patch size "

@@ -1,18 +1,20 @@
 """End-to-end fine-tuning of a pretrained MAE encoder on the labelled shard dataset, under Accelerate.
 
     accelerate launch -m train.finetune --config configs/finetune/vit.yaml shards=OUT run_dir=RUN \\
-        model.init=runs/mae optim.lr=1e-3 loader.label_fraction=0.01 run.seed=1
+        model.init=runs/mae optim.lr_grid=study loader.label_fraction=0.01 run.seed=1
 
-The MAE paper's headline evaluation. ``model.init`` is where the encoder comes from: an MAE run folder (the weights of the run,
-``train.run_layout.resolve_weights``: ``best/``, else its latest checkpoint), its ``best/`` folder, a checkpoint folder, or a folder written
-by ``radstream export`` (``model.safetensors`` + ``config.json``). The network is that encoder, with its own
-positions for every bin shape (sin-cos or its learned table resampled, as in pretraining), mean-pooled patch
-tokens (or the CLS token), a LayerNorm and a linear head; the decoder is dropped.
+The MAE paper's headline evaluation. ``model.init`` is where the encoder comes from: an MAE run folder (the
+weights of the run, ``train.run_layout.resolve_weights``: ``best/``, else its latest checkpoint), its ``best/``
+folder, a checkpoint folder, or a folder written by ``radstream export`` (``model.safetensors`` +
+``config.json``). The network is that encoder, with its own positions for every bin shape (sin-cos or its
+learned table resampled, as in pretraining), mean-pooled patch tokens (or the CLS token), a LayerNorm and a
+linear head; the decoder is dropped.
 
-The recipe is the reference MAE fine-tuning's (facebookresearch/mae ``main_finetune.py``) by default: AdamW
-with layer-wise LR decay 0.75, weight decay 0.05 (none on norms, biases, position and CLS tokens), warmup then
-cosine, drop path 0.1, label smoothing 0.1. Mixup and cutmix are not used (the reference uses them on ImageNet;
-they blend radiographs of different body regions into images no scanner makes).
+The recipe is the reference MAE fine-tuning's for ViT-B (facebookresearch/mae ``main_finetune.py`` with its
+README's ViT-B flags) by default: AdamW at 5e-4 per 256 images (``optim.lr_rule: per_256``), layer-wise LR
+decay 0.65, weight decay 0.05 (none on norms, biases, position and CLS tokens), 5 warmup epochs then cosine to
+1e-6, drop path 0.1, label smoothing 0.1, the mean of the patch tokens. Mixup and cutmix are not used (the
+reference uses them on ImageNet; they blend radiographs of different body regions into images no scanner makes).
 
 Layer-wise LR decay: with ``D`` blocks, the patch embedding, position table and CLS token are layer 0, block
 ``i`` (0-based) is layer ``i + 1`` and everything after the blocks (final norm, pooling norm, head) is layer
@@ -22,9 +24,9 @@ the full rate, the last block ``decay`` times it, the embeddings ``decay ** (D +
 It is the supervised task of ``train.supervised`` with another network and its parameter groups: the same
 loss, validation accuracy (early stopping), test scores and ``results.json`` (row ``mae_finetune`` of
 ``radstream report``; ``checkpoint`` names the weights folder it started from, which the model card of
-``radstream export`` looks for). One run is one (learning rate, label
-fraction, seed), swept like the baselines (``slurm/submit_sweep.sh`` with ``RADSTREAM_MODULE=train.finetune``).
-Resume, stop signals and exit codes as ``train.supervised``.
+``radstream export`` looks for). One run is one (learning rate, label fraction, seed); ``optim.lr_grid`` sweeps
+the rates in one command (``train.sweep``), ``slurm/submit_sweep.sh`` with ``RADSTREAM_MODULE=train.finetune``
+one rate per task. Resume, stop signals and exit codes as every stage (``train.stage``).
 """
 
 from __future__ import annotations
@@ -42,15 +44,16 @@ from timm.layers import DropPath
 from torch import nn
 
 from shards.loader import ShardLoader
-from shards.loader_config import LoaderConfig
 from shards.manifest import read_manifest
 from train import trainer
-from train.config import CheckpointConfig, RunConfig
+from train.config import BaseRunConfig, CheckpointConfig
+from train.loop import no_weight_decay
 from train.mae import MAE, MAEConfig
 from train.provenance import manifest_bins, vit_dims
 from train.run_layout import WEIGHTS
 from train.stage import stage_main
 from train.supervised import SupervisedOptimConfig, SupervisedTask, dataset_classes
+from train.sweep import run_sweep
 from train.trainer import Session
 from train.weights import load_adapted, read_state_dict
 
@@ -82,22 +85,22 @@ class FinetuneModelConfig:
 
 @dataclass(frozen=True)
 class FinetuneOptimConfig(SupervisedOptimConfig):
-    """AdamW with layer-wise LR decay; an absolute learning rate per run (the grid is swept by running
-    several). Defaults: the reference MAE fine-tuning recipe."""
+    """AdamW with layer-wise LR decay. Defaults: the reference MAE fine-tuning recipe for ViT-B
+    (``main_finetune.py`` with the fine-tuning README's ViT-B flags)."""
 
-    lr: float = 1e-3
-    """Peak learning rate of the head (the reference: 5e-4 per 256 images for ViT-B, 1e-3 for ViT-L/H)."""
-    weight_decay: float = 0.05
-    """Decoupled weight decay (not on biases, norms, position and CLS tokens)."""
+    lr: float = 5e-4
+    """Peak learning rate of the head per 256 images (the reference's base LR for ViT-B; 1e-3 for ViT-L/H)."""
+    lr_rule: str = "per_256"
+    """The reference's rule: the peak rate is ``lr x global batch / 256``."""
     warmup_epochs: float = 5.0
     """Linear warmup length in epochs."""
     min_lr: float = 1e-6
     """Where the cosine ends."""
     label_smoothing: float = 0.1
     """Cross-entropy label smoothing."""
-    layer_decay: float = 0.75
+    layer_decay: float = 0.65
     """Layer-wise LR decay: a parameter of layer ``l`` of ``D + 1`` trains at ``lr x layer_decay ** (D + 1 - l)``
-    (1: no decay)."""
+    (1: no decay). The reference's ViT-B value (0.75 is its ViT-L/H value)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,33 +109,19 @@ class FinetuneOptimConfig(SupervisedOptimConfig):
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    """``train.finetune``: one fine-tuning run."""
+class FinetuneConfig(BaseRunConfig):
+    """``train.finetune``: one fine-tuning run (or one per rate of ``optim.lr_grid``)."""
 
-    shards: str = MISSING
-    """Root of a finalized, labelled shard dataset."""
-    run_dir: str = MISSING
-    """Output: config.yaml, metrics.jsonl, checkpoints/, best/, results.json (resumed when it exists)."""
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
-    """The loader; ``loader.label_fraction`` is the regime (None = all labels, 0.01 = the study's 1%)."""
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    """Epochs, early stopping patience (on validation accuracy), seed, precision, devices, logging."""
+    """Early stopping (``run.patience``) watches the validation accuracy."""
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_steps=0, keep_last=1))
     """Checkpoint cadence and retention; by default one checkpoint, at epoch ends (a sweep has many runs)."""
 
     def __post_init__(self) -> None:
-        for name in ("shards", "run_dir"):
-            if not getattr(self, name) or getattr(self, name) == MISSING:
-                raise ValueError(f"{name} is required (e.g. {name}=/path)")
+        super().__post_init__()
         if not self.model.init or self.model.init == MISSING:
             raise ValueError("model.init is required: an MAE run, checkpoint or exported encoder folder")
-
-    @property
-    def fraction(self) -> float:
-        """The label fraction of the training set this run uses."""
-        return 1.0 if self.loader.label_fraction is None else float(self.loader.label_fraction)
 
 
 # --------------------------------------------------------------------------------------- the encoder
@@ -242,13 +231,13 @@ def layer_scale(layer: int, depth: int, decay: float) -> float:
 
 def layer_decay_groups(model: EncoderClassifier, weight_decay: float, decay: float) -> list[dict]:
     """AdamW groups per (layer, decayed or not), each with its ``lr_scale`` (``train.loop.set_lr`` applies
-    it); no weight decay on norms, biases, position and CLS tokens."""
+    it); no weight decay as every task (``train.loop.no_weight_decay``)."""
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         layer = layer_id(name, model.depth)
-        no_decay = param.ndim <= 1 or name.endswith(("pos_embed", "cls_token"))
+        no_decay = no_weight_decay(name, param)
         group = groups.setdefault(
             (layer, no_decay),
             {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
@@ -299,9 +288,14 @@ class FinetuneTask(SupervisedTask):
         return metrics, results
 
 
+STAGE_CONFIG = FinetuneConfig
+"""The config this stage loads (``radstream.stages`` loads it the same way to count a run's steps)."""
+
+
 def run(cfg: FinetuneConfig) -> int:
-    """Train (or resume) the run of ``cfg`` to its end; returns the exit code (0, or 124 when stopped)."""
-    return trainer.run(FinetuneTask(cfg))
+    """Train (or resume) the run of ``cfg`` to its end, or every rate of ``optim.lr_grid`` into its own
+    ``run_dir/lr-<rate>`` (``train.sweep``); returns the exit code (0, or the first non-zero one)."""
+    return run_sweep(cfg, lambda one: trainer.run(FinetuneTask(one)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -310,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv,
         prog="accelerate launch -m train.finetune",
         description=__doc__.split("\n")[0],
-        config_cls=FinetuneConfig,
+        config_cls=STAGE_CONFIG,
         run=run,
         example_recipe="configs/finetune/vit.yaml",
         example_override="model.init=runs/mae",

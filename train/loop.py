@@ -57,14 +57,23 @@ def allow_graphs(graphs: int) -> None:
     setattr(config, name, max(getattr(config, name), graphs))
 
 
+NO_DECAY_TOKENS = ("pos_embed", "cls_token", "mask_token")
+"""Learned tokens and tables that weight decay would pull towards zero for no benefit (timm, MAE)."""
+
+
+def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Whether AdamW leaves ``param`` undecayed: norms and biases (1-d) and the learned tokens and position
+    tables (the last part of the name is one of ``NO_DECAY_TOKENS``), for every task alike."""
+    return param.ndim <= 1 or name.rpartition(".")[2] in NO_DECAY_TOKENS
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices only; none on norms, biases, position/CLS/mask tokens."""
+    """AdamW groups: weight decay on matrices only (``no_weight_decay``)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        skip = param.ndim <= 1 or any(t in name for t in ("pos_embed", "cls_token", "mask_token"))
-        (no_decay if skip else decay).append(param)
+        (no_decay if no_weight_decay(name, param) else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -91,13 +100,13 @@ class Schedule:
     """Images per optimizer step, all processes: mean device batch x processes x grad_accum_steps (the mean
     over the epoch's steps: ``batch_size`` without a token budget, the bins' real mean with one)."""
     peak_lr: float
-    """Absolute learning rate after the warmup (MAE: base_lr x global_batch / 256; supervised: optim.lr)."""
+    """Absolute learning rate after the warmup (``OptimConfig.peak_lr``: per 256 images or absolute)."""
     steps_per_epoch: int
     """Optimizer steps per epoch (the loader's batches // grad_accum_steps)."""
     total_steps: int
     """Optimizer steps over all epochs: the length of the cosine schedule."""
     warmup_steps: int
-    """Linear warmup steps."""
+    """Linear warmup steps (never more than ``total_steps``)."""
     min_lr: float = 0.0
     """Where the cosine ends."""
     constant: bool = False
@@ -119,14 +128,14 @@ class Schedule:
 def make_schedule(
     optim: OptimConfig, epochs: int, batch_size: float, loader_batches: int, num_processes: int
 ) -> Schedule:
-    """The run's step counts and absolute LR.
+    """The run's step counts and absolute LR: the one schedule builder of every task.
 
     Args:
-        optim: optimizer settings (base LR, warmup, accumulation).
+        optim: optimizer settings (LR and its rule, schedule, warmup, accumulation).
         epochs: training epochs.
         batch_size: images per device batch, averaged over the epoch's steps (the train loader's
             ``mean_batch_size``: with a token budget the real mean, not the ``batch_size`` cap), so that the
-            peak LR (base_lr x global batch / 256) follows the batch the optimizer really sees.
+            peak LR of the per-256 rule follows the batch the optimizer really sees.
         loader_batches: the train loader's batches per epoch (equal on every rank).
         num_processes: the world size.
 
@@ -140,8 +149,10 @@ def make_schedule(
     warmup = (
         optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_epochs * steps_per_epoch)
     )
-    peak_lr = optim.base_lr * global_batch / 256
-    return Schedule(global_batch, peak_lr, steps_per_epoch, total, min(warmup, total), optim.min_lr)
+    return Schedule(
+        global_batch, optim.peak_lr(global_batch), steps_per_epoch, total, min(warmup, total), optim.min_lr,
+        constant=optim.schedule == "constant",
+    )  # fmt: skip
 
 
 def optimizer_steps(loader_batches: int, accum: int) -> int:

@@ -12,10 +12,8 @@ norm_pix_loss, whose prediction has no pixel values without the hidden patch's o
 The MAE task of ``train.trainer``, which owns the loop. Restarting the same command resumes exactly from
 ``checkpoints/latest`` (mid-epoch included).
 
-Exit codes: 0 finished (all epochs, early stopping or ``run.max_steps``), 1 non-finite loss, 2 bad config,
-3 bad input (``shards=`` not a dataset, a missing or corrupt shard, an unwritable ``run_dir``; one line), 124 stopped by SIGTERM/SIGUSR1 after finishing the current step and writing a checkpoint (the SLURM script
-requeues the job on 124; every rank agrees on the signal, so none hangs). ``accelerate launch`` (torchrun)
-itself exits 1 when its workers exit 124, so a stop also leaves ``run_dir/stopped.json`` for job scripts.
+It ends with all epochs, early stopping or ``run.max_steps``; stop signals, the requeue marker
+(``run_dir/stopped.json``) and exit codes are ``train.stage``'s, the same for every stage.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from collections.abc import Sequence
 from shards.loader import ShardLoader
 from train import trainer
 from train.config import PretrainConfig
-from train.loop import Schedule, make_schedule
 from train.mae import build_mae
 from train.mae_step import evaluate, train_step
 from train.run_layout import SUMMARY
@@ -47,10 +44,6 @@ class MAETask(TrainTask):
 
     def build_model(self):
         return build_mae(self.cfg.model)
-
-    def schedule(self, loader_batches: int, num_processes: int) -> Schedule:
-        cfg = self.cfg
-        return make_schedule(cfg.optim, cfg.run.epochs, self.mean_batch_size, loader_batches, num_processes)
 
     def step(self, s: Session, batches: list[dict]):
         cfg = self.cfg
@@ -88,6 +81,10 @@ class MAETask(TrainTask):
         return test, summary
 
 
+STAGE_CONFIG = PretrainConfig
+"""The config this stage loads (``radstream.stages`` loads it the same way to count a run's steps)."""
+
+
 def run(cfg: PretrainConfig) -> int:
     """Train (or resume) the run of ``cfg`` to its end; returns the exit code (0, or 124 when stopped)."""
     return trainer.run(MAETask(cfg))
@@ -99,10 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv,
         prog="accelerate launch -m train.pretrain",
         description=__doc__.split("\n")[0],
-        config_cls=PretrainConfig,
+        config_cls=STAGE_CONFIG,
         run=run,
         example_recipe="configs/pretrain/debug.yaml",
-        example_override="optim.base_lr=1e-3",
+        example_override="optim.lr=1e-3",
     )
 
 

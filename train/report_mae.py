@@ -38,7 +38,7 @@ class PretrainRecord:
     run: str
     """The run folder's name (``lr-<rate>`` in a sweep)."""
     base_lr: float
-    """``optim.base_lr``: the rate per 256 images, the one a sweep varies."""
+    """The rate per 256 images (``optim.lr`` under ``optim.lr_rule: per_256``), the one a sweep varies."""
     peak_lr: float
     """The absolute rate it trained with (base_lr x global batch / 256)."""
     seed: int
@@ -69,8 +69,9 @@ def _pretrain_record(path: Path, data: dict) -> PretrainRecord | None:
         return None
     config = path.parent / CONFIG
     cfg = OmegaConf.load(config) if config.is_file() else OmegaConf.create()
-    base_lr = OmegaConf.select(cfg, "optim.base_lr")
-    if base_lr is None:  # no config beside it: back from the absolute rate, peak = base x batch / 256
+    per_256 = OmegaConf.select(cfg, "optim.lr_rule") == "per_256"
+    base_lr = OmegaConf.select(cfg, "optim.lr") if per_256 else OmegaConf.select(cfg, "optim.base_lr")
+    if base_lr is None:  # an absolute rate, or no config: back from the peak rate, peak = base x batch / 256
         base_lr = float(f"{data['peak_lr'] * 256 / data['global_batch']:.6g}")
     best = data["best_val_loss"]
     arch, init = _encoder_provenance(cfg)

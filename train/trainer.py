@@ -1,9 +1,10 @@
 """The one trainer: session, resume, cadence, logging, trackers, early stopping, stop signals, checkpoints and
 the results file, for every training task.
 
-A task (``train.pretrain``'s MAE, ``train.supervised``'s classifier; later fine-tuning) is a small
-``TrainTask``: it builds its model and parameter groups, derives its LR schedule, runs one optimizer step,
-validates and tests. The trainer does the rest, the same way for all:
+A task (``train.pretrain``'s MAE, ``train.supervised``'s classifier, ``train.finetune``'s encoder with a head)
+is a small ``TrainTask``: it builds its model and parameter groups, runs one optimizer step, validates and
+tests; its config is a ``train.config.BaseRunConfig`` with an ``OptimConfig``, from which the trainer derives
+the LR schedule the same way for every task. The trainer does the rest, the same way for all:
 
 - setup: seed, model, the train/val loaders of this rank, schedule, AdamW, ``accelerator.prepare``; the resolved
   config in ``run_dir/config.yaml``; TensorBoard when ``run.tensorboard``.
@@ -46,6 +47,7 @@ from train.loop import (
     allow_graphs,
     build_accelerator,
     build_optimizer,
+    make_schedule,
     param_groups,
     set_lr,
     training_over,
@@ -72,9 +74,8 @@ class Validation:
 class TrainTask:
     """What one kind of training supplies to the trainer; subclass it and override the hooks.
 
-    Its config has ``shards``, ``run_dir``, ``loader``, ``run`` (``RunConfig``), ``checkpoint``
-    (``CheckpointConfig``) and an ``optim`` with ``weight_decay``, ``betas``, ``grad_clip`` and
-    ``grad_accum_steps``.
+    Its config is a ``train.config.BaseRunConfig`` (``shards``, ``run_dir``, ``loader``, ``run``,
+    ``checkpoint``) with an ``optim`` that is a ``train.config.OptimConfig``.
     """
 
     results_name = RESULTS
@@ -95,8 +96,10 @@ class TrainTask:
         return param_groups(model, self.cfg.optim.weight_decay)
 
     def schedule(self, loader_batches: int, num_processes: int) -> Schedule:
-        """Step counts and learning rates from the train loader's batches per epoch and the world size."""
-        raise NotImplementedError
+        """Step counts and learning rates from the train loader's batches per epoch and the world size (every
+        task: ``train.loop.make_schedule`` of its ``optim``)."""
+        cfg = self.cfg
+        return make_schedule(cfg.optim, cfg.run.epochs, self.mean_batch_size, loader_batches, num_processes)
 
     def step(self, s: Session, batches: list[dict]) -> StepStats:
         """One optimizer step over ``batches`` (``grad_accum_steps`` micro-batches) at ``s.state.step``."""

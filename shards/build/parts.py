@@ -303,3 +303,26 @@ def run_build(
         )
         built.append(part)
     return built
+
+
+def build_dataset(
+    cfg: BuildConfig,
+    task_index: int = 0,
+    num_tasks: int = 1,
+    *,
+    force_replan: bool = False,
+    finalize_now: bool = True,
+) -> dict | None:
+    """Build this task's parts, then finalize the dataset (manifest, samples table): the one sequence of
+    ``radstream build-shards`` and the study's shards stage. One task of several finalizes only with
+    ``finalize_now`` (the others leave it to ``radstream finalize-shards``, run once all have ended).
+
+    Returns:
+        The manifest, or None when this task left finalizing to ``finalize-shards``.
+    """
+    from shards.build.finalize import finalize
+
+    run_build(cfg, task_index, num_tasks, force_replan)
+    if num_tasks > 1 and not finalize_now:
+        return None
+    return finalize(cfg)

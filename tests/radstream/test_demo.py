@@ -111,11 +111,14 @@ def test_full_demo_trains_two_seeds_of_each_baseline_and_enough_steps(tmp_path: 
 
 
 def test_optimizer_steps_per_epoch_is_the_loaders_length(tiny_shards: Path, tmp_path: Path) -> None:
-    """The count behind the minimum steps is the real loader's: bins, padding, token budget, accumulation."""
-    from radstream.stages import optimizer_steps_per_epoch
+    """The count behind the minimum steps is the real loader's: bins, padding, token budget, accumulation; the
+    recipe is loaded as the stage loads it (a key the stage does not know is refused, not ignored)."""
+    from core.config import ConfigError
+    from radstream.stages import TrainedModel, optimizer_steps_per_epoch
     from shards.loader import build_loader
     from shards.loader_config import LoaderConfig
 
+    cnn = TrainedModel("cnn", "train.supervised")
     for batch, accumulation, budget in ((4, 1, None), (3, 2, None), (8, 1, 40)):
         recipe = tmp_path / f"r{batch}.yaml"
         recipe.write_text(f"loader:\n  batch_size: {batch}\n  token_budget: {'null' if budget is None else budget}\n"
@@ -123,6 +126,8 @@ def test_optimizer_steps_per_epoch_is_the_loaders_length(tiny_shards: Path, tmp_
         cfg = LoaderConfig(backend="torch", batch_size=batch, token_budget=budget, num_workers=0)
         for world in (1, 2):
             loader = build_loader(cfg, tiny_shards, "train", train=True, num_processes=world, process_index=0)
-            assert optimizer_steps_per_epoch(tiny_shards, recipe, None, world) == max(
-                1, len(loader) // accumulation
-            )
+            steps = optimizer_steps_per_epoch(tiny_shards, cnn, recipe, None, world)
+            assert steps == max(1, len(loader) // accumulation)
+    recipe.write_text("optim:\n  grad_accum: 2\n")  # a misspelt key
+    with pytest.raises(ConfigError, match="grad_accum"):
+        optimizer_steps_per_epoch(tiny_shards, cnn, recipe, 1.0, 1)

@@ -11,8 +11,8 @@ import pytest
 
 from radstream import stages
 from radstream.cli import main
-from radstream.stages import STUDY_LRS
 from radstream.study import FULL, make_protocol
+from train.sweep import STUDY_LR_GRID
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ def test_full_protocol_is_the_studys() -> None:
     assert FULL.fractions == (0.01, 0.1, 1.0)
     printed = subprocess.run(["bash", str(REPO / "slurm" / "sweep_lr.sbatch"), "--print-lrs"], check=True,
                              capture_output=True, text=True).stdout.split()  # fmt: skip
-    assert tuple(map(float, printed)) == STUDY_LRS  # one grid for the study command and the SLURM sweeps
+    assert tuple(map(float, printed)) == STUDY_LR_GRID  # one grid for the study command and the SLURM sweeps
     tiny = make_protocol("tiny", lrs=[1e-3, 2e-3], seeds=2, fractions=[1.0])
     assert tiny.lrs == (1e-3, 2e-3) and tiny.seeds == tiny.train_seeds == 2 and tiny.fractions == (1.0,)
 

@@ -107,7 +107,7 @@ def test_sweep_runs_one_task_per_rate_then_the_report(slurm_cluster, tmp_path):
     for task, lr in enumerate(["1e-4", "3e-4", "1e-3"]):
         lines = (calls / f"accelerate-{task}.args").read_text().splitlines()
         assert lines[lines.index("-m") :] == [
-            "-m", "train.pretrain", *args, f"optim.base_lr={lr}", f"run_dir={sweep}/lr-{lr}", "run.cpu=true"
+            "-m", "train.pretrain", *args, f"optim.lr={lr}", f"run_dir={sweep}/lr-{lr}", "run.cpu=true"
         ]  # fmt: skip
     assert (calls / "radstream.args").read_text().splitlines() == [
         "report",

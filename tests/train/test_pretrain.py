@@ -59,13 +59,13 @@ def test_lr_at_warmup_then_cosine():
 
 
 def test_schedule_scales_lr_by_global_batch(tmp_path):
-    cfg = debug_config(tmp_path, tmp_path, "loader.batch_size=16", "optim.base_lr=1e-3", "optim.grad_accum_steps=2",
+    cfg = debug_config(tmp_path, tmp_path, "loader.batch_size=16", "optim.lr=1e-3", "optim.grad_accum_steps=2",
                        "optim.warmup_steps=null", "optim.warmup_epochs=1.5", "run.epochs=3")  # fmt: skip
     sched = make_schedule(cfg.optim, cfg.run.epochs, cfg.loader.batch_size, loader_batches=9, num_processes=4)
     assert sched.global_batch == 16 * 4 * 2
     assert sched.peak_lr == pytest.approx(1e-3 * 128 / 256)
     assert (sched.steps_per_epoch, sched.total_steps, sched.warmup_steps) == (4, 12, 6)
-    assert cfg.optim.base_lr == 1e-3  # derived values are never written back
+    assert cfg.optim.lr == 1e-3  # derived values are never written back
 
 
 def test_lr_schedule_follows_the_images_trained_across_world_sizes(tmp_path):
@@ -80,7 +80,7 @@ def test_lr_schedule_follows_the_images_trained_across_world_sizes(tmp_path):
     assert new.lr(new.lr_step(images) - 1) / new.peak_lr == pytest.approx(old.lr(6) / old.peak_lr)
     later = 25 * old.global_batch
     assert new.lr(new.lr_step(later)) / new.peak_lr == pytest.approx(old.lr(25) / old.peak_lr, abs=0.03)
-    assert new.peak_lr == pytest.approx(old.peak_lr / 2)  # base_lr x global batch / 256
+    assert new.peak_lr == pytest.approx(old.peak_lr / 2)  # lr x global batch / 256 (lr_rule per_256)
 
 
 def test_config_errors(tmp_path):
@@ -171,7 +171,7 @@ def test_restart_after_finish_does_nothing(tiny_shards, tmp_path):
 
 def test_early_stopping_with_zero_lr(tiny_shards, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = debug_config(tiny_shards, run_dir, "optim.base_lr=0", "run.patience=1", "run.epochs=6",
+    cfg = debug_config(tiny_shards, run_dir, "optim.lr=0", "run.patience=1", "run.epochs=6",
                        "run.grid_images=0", "run.log_every=100")  # fmt: skip
     assert pretrain.run(cfg) == 0
     val = read_metrics(run_dir, "val")
@@ -273,7 +273,7 @@ def test_token_budget_lr_follows_the_real_mean_batch(tiny_shards, tmp_path):
     from shards.loader import build_loader
 
     run_dir = tmp_path / "run"
-    overrides = ("loader.batch_size=8", "loader.token_budget=48", "optim.base_lr=1e-3", "run.epochs=1",
+    overrides = ("loader.batch_size=8", "loader.token_budget=48", "optim.lr=1e-3", "run.epochs=1",
                  "run.grid_images=0")  # fmt: skip
     cfg = debug_config(tiny_shards, run_dir, *overrides)
     loader = build_loader(cfg.loader, tiny_shards, "train")

@@ -194,7 +194,7 @@ def write_mae_run(
     """A finished train.pretrain run folder: its resolved config.yaml and summary.json (global batch 16)."""
     run_dir.mkdir(parents=True)
     if config:
-        overrides = [f"shards={run_dir}", f"run_dir={run_dir}", f"optim.base_lr={base_lr}", f"run.seed={seed}"]  # fmt: skip
+        overrides = [f"shards={run_dir}", f"run_dir={run_dir}", f"optim.lr={base_lr}", "optim.lr_rule=per_256", f"run.seed={seed}"]  # fmt: skip
         (run_dir / "config.yaml").write_text(to_yaml(load_config(PretrainConfig, RECIPE, overrides)))
     summary = {
         "stopped": "early_stop" if val is not None else "max_steps", "epochs_completed": epochs, "steps": 7 * epochs,

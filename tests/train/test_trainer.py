@@ -128,7 +128,7 @@ class FakeConfig:
     loader: dict = field(default_factory=dict)
     optim: FakeOptim = field(default_factory=FakeOptim)
     run: RunConfig = field(
-        default_factory=lambda: RunConfig(epochs=2, cpu=True, log_every=1, grid_images=0, tensorboard=False)
+        default_factory=lambda: RunConfig(epochs=2, cpu=True, log_every=1, tensorboard=False)
     )
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every_steps=0, keep_last=1))
 
