@@ -101,27 +101,6 @@ def scale_to_unit(arr: np.ndarray, zero: float, one: float) -> np.ndarray:
     return out if exact32 else out.astype(np.float32)
 
 
-def minmax_normalize(
-    arr: np.ndarray, percentile_low: float = 0.0, percentile_high: float = 100.0
-) -> np.ndarray:
-    """Map ``arr`` linearly onto [0, 1]: its low bound to 0, its high bound to 1, values outside clipped.
-
-    See :func:`minmax_bounds` for the bounds.
-
-    Args:
-        arr: pixel values, any real dtype, any shape.
-        percentile_low: lower percentile in [0, 100).
-        percentile_high: upper percentile in (percentile_low, 100].
-
-    Returns:
-        float32 array of ``arr``'s shape with values in [0, 1].
-
-    Raises:
-        RejectError: the image is constant, or holds NaN or infinite values.
-    """
-    return scale_to_unit(arr, *minmax_bounds(arr, percentile_low, percentile_high))
-
-
 def _line_ranges(box: np.ndarray, axis: int, zero: float, one: float) -> np.ndarray:
     """Value range of every row (axis=1) or column (axis=0) of ``box`` after ``scale_to_unit``."""
     # The map is monotonic, so a line's range after it follows from the line's own min and max: two

@@ -21,7 +21,7 @@ RECIPES = {
     "pretrain": "configs/demo/pretrain.yaml",
     "probe": "configs/demo/probe.yaml",
     "vit": "configs/demo/supervised_vit.yaml",
-    "resnet50": "configs/demo/supervised_cnn.yaml",
+    "cnn": "configs/demo/supervised_cnn.yaml",
     "finetune": "configs/demo/finetune.yaml",
 }
 """The demo's recipes: small models that learn something in CPU minutes."""
@@ -53,8 +53,8 @@ class DemoSize:
     def protocol(self) -> Protocol:
         """The demo's protocol: its recipes, each one LR, the seeds, early stopping after 10."""
         epochs = {"pretrain": self.pretrain_epochs, "vit": self.supervised_epochs[0],
-                  "resnet50": self.supervised_epochs[1], "finetune": self.finetune_epochs}  # fmt: skip
-        min_steps = {"vit": self.supervised_min_steps[0], "resnet50": self.supervised_min_steps[1],
+                  "cnn": self.supervised_epochs[1], "finetune": self.finetune_epochs}  # fmt: skip
+        min_steps = {"vit": self.supervised_min_steps[0], "cnn": self.supervised_min_steps[1],
                      "finetune": self.finetune_min_steps}  # fmt: skip
         return Protocol(RECIPES, lrs=None, seeds=self.seeds, train_seeds=self.train_seeds, epochs=epochs,
                         min_steps=min_steps)  # fmt: skip
@@ -97,7 +97,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), seed: int = 0, worker
     from radstream.pictures import baseline_curves
     from train.report import majority_rate, prior_rates
 
-    runs = [out / "runs" / name for name in ("vit", "resnet50")]
+    runs = [out / "runs" / name for name in ("vit", "cnn")]
     baseline_curves(
         out / "runs", out / "pictures" / "baseline_curves.png", majority_rate(runs), prior_rates(runs)
     )

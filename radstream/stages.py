@@ -35,7 +35,7 @@ class Protocol:
     """Which recipes, and how much of the study's protocol: learning rates, seeds, epochs, fractions."""
 
     recipes: dict[str, str]
-    """Recipe per stage: pretrain, probe, vit, resnet50, finetune (paths relative to the checkout)."""
+    """Recipe per stage: pretrain, probe, vit, cnn, finetune (paths relative to the checkout)."""
     lrs: tuple[float, ...] | None = STUDY_LR_GRID
     """The LR grid of the supervised and fine-tuning runs; None: each recipe's one rate."""
     seeds: int = 3
@@ -46,7 +46,7 @@ class Protocol:
     """Early stopping of every trained model (epochs without a better validation score)."""
     fractions: tuple[float, ...] = FRACTIONS
     epochs: dict[str, int] | None = None
-    """Epochs per stage (pretrain, vit, resnet50, finetune); None or a missing stage: the recipe's."""
+    """Epochs per stage (pretrain, vit, cnn, finetune); None or a missing stage: the recipe's."""
     max_tokens: int | None = None
     """Token cap of the smart bins (None: the build's default)."""
     min_steps: dict[str, int] | None = None
@@ -253,7 +253,7 @@ def run_stages(
     probe_dir = stage_probe(out, shards, mae_run, protocol, prefix)
     trained = (
         TrainedModel("vit", "train.supervised"),
-        TrainedModel("resnet50", "train.supervised"),
+        TrainedModel("cnn", "train.supervised"),
         TrainedModel("finetune", "train.finetune", (f"model.init={mae_run}",)),
     )
     header(prefix, first + 3, total, "supervised baselines (ViT, CNN), MAE fine-tuning")

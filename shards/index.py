@@ -104,20 +104,6 @@ def read_index(idx_path: str | os.PathLike[str]) -> list[IndexEntry]:
             raise ValueError(f"{idx_path}: {err}") from None
 
 
-def read_member(tar_path: str | os.PathLike[str], offset: int, size: int) -> bytes:
-    """Read ``size`` bytes at ``offset`` of a tar (one member's data, offsets from the index).
-
-    Raises:
-        ValueError: the file ends before ``offset + size``.
-    """
-    with open(tar_path, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise ValueError(f"{tar_path}: wanted {size} bytes at offset {offset}, file has {len(data)}")
-    return data
-
-
 class ShardReader:
     """Random access to the samples of one shard, by position in its index.
 

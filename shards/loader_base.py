@@ -171,11 +171,6 @@ class ShardLoader:
         self._plans: tuple[tuple, list[StepPlan]] | None = None
 
     @property
-    def num_samples(self) -> int:
-        """Samples in the split (after the label-fraction filter), all ranks together."""
-        return sum(self.data.counts.values())
-
-    @property
     def mean_batch_size(self) -> float:
         """Images per device batch averaged over an epoch's steps: ``batch_size`` unless a token budget gives
         each bin its own size (then the real mean, which the LR scaling follows, not the cap)."""

@@ -11,7 +11,9 @@ from torch import nn
 
 from train.weights import load_adapted, read_state_dict
 
-KINDS = ("vit", "resnet50")
+KINDS = ("vit", "cnn")
+RENAMED_KINDS = {"resnet50": "cnn"}
+"""Kinds of earlier versions: ``resnet50`` named the row, not the network (it held resnet18 in the demo)."""
 
 
 @dataclass(frozen=True)
@@ -19,9 +21,10 @@ class ClassifierConfig:
     """The network."""
 
     kind: str = "vit"
-    """Which baseline this is, the row of the result tables: "vit" or "resnet50"."""
+    """Which baseline this is, the row of the result tables: "vit" or "cnn" (the network is ``arch``)."""
     arch: str = "vit_base_patch16_224"
-    """timm model name (created with pretrained=False, in_chans=1), e.g. resnet50, or resnet10t for tests."""
+    """timm model name (created with pretrained=False, in_chans=1): a ViT for "vit"; resnet50 (the study's),
+    resnet18 (the demo's) or resnet10t (tests) for "cnn"."""
     embed_dim: int | None = None
     """ViT only: override the width (with depth and num_heads: a tiny debug ViT)."""
     depth: int | None = None
@@ -35,6 +38,11 @@ class ClassifierConfig:
     random initialisation."""
 
     def __post_init__(self) -> None:
+        if self.kind in RENAMED_KINDS:
+            raise ValueError(
+                f"model.kind {self.kind!r} is now {RENAMED_KINDS[self.kind]!r} (the network is model.arch, "
+                f"e.g. model.kind=cnn model.arch=resnet50)"
+            )
         if self.kind not in KINDS:
             raise ValueError(f"model.kind must be one of {KINDS}, got {self.kind!r}")
         if not timm.is_model(self.arch):

@@ -352,18 +352,6 @@ class MAE(nn.Module):
         mixed = torch.where(mask.bool()[..., None], self.pred_pixels(imgs, pred).to(patches.dtype), patches)
         return unpatchify(mixed, self.patch_size, self.grid(imgs))
 
-    @torch.no_grad()
-    def reconstruct(
-        self,
-        imgs: torch.Tensor,
-        mask_ratio: float | None = None,
-        background: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Image-space reconstruction [N, C, H, W] with the visible (and background) patches pasted back."""
-        out = self(imgs, mask_ratio=mask_ratio, background=background, noise=noise)
-        return self.to_image(imgs, out.pred, out.mask)
-
 
 def _init_mae_weights(module: nn.Module) -> None:
     """MAE's init: xavier-uniform linears, zero biases, unit layer norms."""

@@ -21,7 +21,8 @@ STUDY_BINS = ("224x224",)
 STUDY_ARCH = {
     "vit": {"width": 768, "depth": 12, "patch": 16},
     "mae": {"width": 768, "depth": 12, "patch": 16},
-    "resnet50": {"name": "resnet50"},
+    "cnn": {"name": "resnet50"},
+    "resnet50": {"name": "resnet50"},  # the CNN's kind in result files of earlier versions
 }
 """The study's networks, per row kind (``mae``: the encoder behind the probe and kNN rows)."""
 STUDY_INIT = "ImageNet"

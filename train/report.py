@@ -38,7 +38,7 @@ from train.run_layout import RESULT_FILES, RESULTS
 logger = logging.getLogger(__name__)
 
 MODELS = (
-    ("resnet50", "ResNet50"),
+    ("cnn", "CNN baseline"),
     ("vit", "ViT"),
     ("probe_flattened", "MAE probe (flattened)"),
     ("probe_mean", "MAE probe (mean)"),
@@ -59,18 +59,22 @@ REGIMES = (
 )
 """Tables: (label fraction, title)."""
 STUDY = {
-    ("resnet50", 1.0): 0.9912,
+    ("cnn", 1.0): 0.9912,
     ("vit", 1.0): 0.9685,
     ("probe_flattened", 1.0): 0.9604,
     ("probe_mean", 1.0): 0.9688,
     ("probe_cls", 1.0): 0.9692,
-    ("resnet50", 0.01): 0.4408,
+    ("cnn", 0.01): 0.4408,
     ("vit", 0.01): 0.7908,
     ("probe_flattened", 0.01): 0.8300,
     ("probe_mean", 0.01): 0.8312,
     ("probe_cls", 0.01): 0.8458,
 }
-"""The reference study's test top-1 accuracy (IRMA, 8 classes; ARCHITECTURE.md §1)."""
+"""The reference study's test top-1 accuracy (IRMA, 8 classes; ARCHITECTURE.md §1; its CNN is a ResNet50)."""
+NAMED_ROWS = ("cnn",)
+"""Rows whose label names the network that ran (``arch``: any timm CNN), e.g. "CNN baseline (resnet18)"."""
+RENAMED_MODELS = {"resnet50": "cnn"}
+"""Row ids of result files written by earlier versions."""
 HEADER = ("Model", "Top-1 (ours)", "Top-1 (study)", "Chosen LR", "Seeds", "Architecture", "Init")
 """Columns of every accuracy table in results.md."""
 
@@ -83,7 +87,7 @@ class RunRecord:
     """One trained model (a probe head or a supervised run): what LR selection and the tables need."""
 
     model: str
-    """Row id: one of ``MODELS`` (``resnet50``, ``vit``, ``probe_<aggregation>``, ``mae_finetune``)."""
+    """Row id: one of ``MODELS`` (``cnn``, ``vit``, ``probe_<aggregation>``, ``mae_finetune``)."""
     fraction: float
     seed: int
     lr: float
@@ -136,7 +140,8 @@ def _knn_records(path: Path, data: dict) -> list[RunRecord]:
 
 def _supervised_record(path: Path, data: dict) -> RunRecord:
     return RunRecord(
-        data["model"], round(float(data["fraction"]), 6), int(data["seed"]), float(data["lr"]),
+        RENAMED_MODELS.get(data["model"], data["model"]), round(float(data["fraction"]), 6), int(data["seed"]),
+        float(data["lr"]),
         float(data["val_acc"]), float(data["test_acc"]), str(data.get("arch", data["model"])), str(path),
         **_provenance(data),
     )  # fmt: skip
@@ -321,10 +326,10 @@ def _accuracy_tables(selections: Sequence[Selection], priors: dict[float, float]
 
 def _row_label(label: str, sel: Selection) -> str:
     """The row's label naming what its flattened aggregation is, e.g. "MAE probe (flattened (14×14))", and
-    the network of the CNN row when it is not the study's ResNet50, e.g. "CNN baseline (resnet18)"."""
+    the network of a ``NAMED_ROWS`` row, e.g. "CNN baseline (resnet18)"."""
     named = sel.arch.split(", ")[-1]
-    if sel.model == "resnet50" and sel.arch not in ("resnet50", "?", ""):
-        return f"CNN baseline ({sel.arch})"
+    if sel.model in NAMED_ROWS and sel.arch not in ("?", ""):
+        return f"{label} ({sel.arch})"
     return f"{label.split(' (')[0]} ({named})" if named.startswith("flattened (") else label
 
 
@@ -361,7 +366,7 @@ def plot_fractions(selections: Sequence[Selection], path: str | Path) -> None:
         color = f"C{i}"
         ax.errorbar([p.fraction for p in points], [p.test_acc_mean for p in points],
                     yerr=[p.test_acc_std for p in points], marker="o", capsize=3, color=color,
-                    label=labels.get(model, model))  # fmt: skip
+                    label=_row_label(labels.get(model, model), points[0]))  # fmt: skip
         study = sorted((f, acc) for (m, f), acc in STUDY.items() if m == model)
         xs, ys = [f for f, _ in study], [a for _, a in study]
         ax.plot(xs, ys, linestyle="none", marker="o", mfc="none", color=color)

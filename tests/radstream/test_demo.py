@@ -95,7 +95,7 @@ def test_full_demo_trains_two_seeds_of_each_baseline_and_enough_steps(tmp_path: 
     monkeypatch.setattr("shards.loader_data.load_split", lambda root, split, label_fraction: SimpleNamespace(
         counts=dict(zip(bins, per_bin[label_fraction], strict=True))))  # fmt: skip
     protocol = demo.DemoSize().protocol()
-    for name in ("vit", "resnet50"):
+    for name in ("vit", "cnn"):
         stages.stage_grid(
             tmp_path, tmp_path / "shards", stages.TrainedModel(name, "train.supervised"), protocol, "t"
         )
@@ -103,11 +103,9 @@ def test_full_demo_trains_two_seeds_of_each_baseline_and_enough_steps(tmp_path: 
     assert len(runs) == 2 * 3 * 2  # (model, fraction) × 2 seeds
     epochs = {(c["run_dir"].split("/runs/")[1].split("/")[0], c["loader.label_fraction"], c["run.seed"]):
               int(c["run.epochs"]) for c in calls}  # fmt: skip
-    assert (
-        epochs[("vit", "1.0", "0")] == 12 and epochs[("resnet50", "1.0", "0")] == 3
-    )  # the protocol's epochs
+    assert epochs[("vit", "1.0", "0")] == 12 and epochs[("cnn", "1.0", "0")] == 3  # the protocol's epochs
     assert epochs[("vit", "0.01", "0")] == 25  # 100 steps at 4 an epoch
-    assert epochs[("resnet50", "0.01", "0")] == epochs[("resnet50", "0.1", "1")] == 20  # 80 steps, 4 an epoch
+    assert epochs[("cnn", "0.01", "0")] == epochs[("cnn", "0.1", "1")] == 20  # 80 steps, 4 an epoch
 
 
 def test_optimizer_steps_per_epoch_is_the_loaders_length(tiny_shards: Path, tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ def test_tiny_study_writes_the_tables_and_resumes(tmp_path: Path, capsys) -> Non
     cnn = next(r for r in rows if r == "ResNet50" or r.startswith("CNN baseline ("))  # named by its network
     for row in (cnn, "ViT", "MAE probe (mean)", "MAE fine-tuned"):
         assert 0.0 <= float(rows[row].split("±")[0]) <= 1.0, row
-    for model in ("vit", "resnet50", "finetune"):
+    for model in ("vit", "cnn", "finetune"):
         assert (out / "runs" / model / "f1" / "lr-0.001" / "seed-0" / "results.json").is_file()
     card = (out / "encoder" / "README.md").read_text()  # the model card lists the fine-tuning of its weights
     assert "fine-tuned (mae_finetune" in card and (out / "encoder" / "model.safetensors").is_file()

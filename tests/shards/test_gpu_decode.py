@@ -13,11 +13,11 @@ import torch
 
 from shards import codecs
 from shards.images import to_unit_float, unit_float
-from shards.index import read_member
 from shards.loader import build_loader, dali_available
 from shards.loader_config import LoaderConfig
 from shards.manifest import read_samples
 from tests.conftest import build_tiny_shards
+from tests.shards.tar_member import read_member
 
 pytestmark = [
     pytest.mark.gpu,

@@ -202,13 +202,12 @@ def test_learned_pos_embed_resampled_per_grid():
     assert table.grad is not None and table.grad.abs().sum() > 0
 
 
-def test_forward_features_and_reconstruct():
+def test_reconstruction_pastes_the_visible_patches_back():
     model = tiny_mae().eval()
     imgs = images(2, 32, 48)
-    noise = torch.rand(2, 6)
-    recon = model.reconstruct(imgs, noise=noise)
+    out = model(imgs, noise=torch.rand(2, 6))
+    recon = model.to_image(imgs, out.pred, out.mask)
     assert recon.shape == imgs.shape
-    out = model(imgs, noise=noise)
     visible = patchify(imgs, 16)[out.mask == 0]
     assert torch.equal(patchify(recon, 16)[out.mask == 0], visible)
     assert torch.allclose(patchify(recon, 16)[out.mask == 1], out.pred[out.mask == 1])

@@ -87,7 +87,7 @@ def write_runs(root: Path) -> None:
                     )
     (root / "probe").mkdir(parents=True)
     (root / "probe" / "probe_results.json").write_text(json.dumps({"kind": "probe", "heads": heads}))
-    for model, arch in (("vit", "vit_base_patch16_224"), ("resnet50", "resnet50")):
+    for model, arch in (("vit", "vit_base_patch16_224"), ("cnn", "resnet50")):
         for fraction in (0.01, 1.0):
             for seed in range(2):
                 for lr in LRS:
@@ -140,7 +140,7 @@ def test_report_has_the_study_rows_and_columns(tmp_path: Path) -> None:
     assert args.func(args) == 0
     tables = parse_tables((out / "results.md").read_text())
     assert list(tables) == ["Table 1: full data", "Table 2: 1% of the labels", "Table 3: 10% of the labels"]
-    labels = [label for _, label in MODELS]
+    labels = [f"{label} (resnet50)" if model == "cnn" else label for model, label in MODELS]  # the CNN's network
     for fraction, title in ((1.0, "Table 1: full data"), (0.01, "Table 2: 1% of the labels")):
         header, *rows = tables[title]
         assert tuple(header) == HEADER
@@ -157,7 +157,7 @@ def test_report_has_the_study_rows_and_columns(tmp_path: Path) -> None:
         assert rows[5][0] == "MAE fine-tuned" and rows[5][1] == "0.8950 ± 0.0071" and rows[5][2] == "—"
         assert rows[5][3] == "0.001" and rows[5][4] == "2"  # its own sweep's best LR; the study has no figure
     ten = tables["Table 3: 10% of the labels"]
-    assert ten[1][1] == "—" and ten[3][2] == "—"  # no ResNet50 runs at 10%, and no study figure
+    assert ten[1][1] == "—" and ten[3][2] == "—"  # no ViT runs at 10%, and no study figure
     assert ten[6][:2] == ["MAE fine-tuned", "0.8950 ± 0.0071"]  # fine-tuning has a row in every table
     csv_rows = (out / "results.csv").read_text().splitlines()
     assert csv_rows[0].startswith("fraction,model,label,arch,test_acc_mean")
@@ -329,25 +329,23 @@ def test_one_seed_has_no_spread_and_every_row_names_its_network(tmp_path: Path) 
     assert ",0.600000,,0.500000," in vit_row  # no std for one seed
 
 
-def test_cnn_row_names_a_network_other_than_resnet50(tmp_path: Path) -> None:
-    """The CNN row holds the study's ResNet50; another network there (the demo's resnet18) is named in the
-    row itself and flagged, so the row never reads "ResNet50" for something else."""
-    for arch in ("resnet18", "resnet50"):
+def test_cnn_row_names_its_network(tmp_path: Path) -> None:
+    """The CNN row (``model.kind: cnn``) names the network that ran, the study's resnet50 or the demo's resnet18,
+    and flags one that is not the study's; a result file of an earlier version (row id "resnet50") is the
+    same row."""
+    for arch, model, kind in (("resnet18", "cnn", "cnn"), ("resnet50", "resnet50", "resnet50")):
         (tmp_path / arch).mkdir()
         (tmp_path / arch / "results.json").write_text(json.dumps({
-            "kind": "supervised", "model": "resnet50", "arch": arch, "fraction": 1.0 if arch == "resnet18" else 0.01,
+            "kind": "supervised", "model": model, "arch": arch, "fraction": 1.0 if arch == "resnet18" else 0.01,
             "seed": 0, "lr": 1e-3, "val_acc": 0.5, "test_acc": 0.6, "init": "scratch",
-            "architecture": {"kind": "resnet50", "name": arch, "bins": ["224x224"]}}))  # fmt: skip
+            "architecture": {"kind": kind, "name": arch, "bins": ["224x224"]}}))  # fmt: skip
     write_report([tmp_path], tmp_path / "out")
     text = (tmp_path / "out" / "results.md").read_text()
     tables = parse_tables(text)
-    assert [r[0] for r in tables["Table 1: full data"] if r[0].startswith(("CNN", "ResNet"))] == [
-        "CNN baseline (resnet18)"
-    ]
-    assert [r[0] for r in tables["Table 2: 1% of the labels"] if r[0].startswith(("CNN", "ResNet"))] == [
-        "ResNet50"
-    ]
-    assert "name resnet18 (study: resnet50)" in text
+    cnn_rows = {t: [r[0] for r in rows if r[0].startswith(("CNN", "ResNet"))] for t, rows in tables.items()}
+    assert cnn_rows["Table 1: full data"] == ["CNN baseline (resnet18)"]
+    assert cnn_rows["Table 2: 1% of the labels"] == ["CNN baseline (resnet50)"]
+    assert "name resnet18 (study: resnet50)" in text and "name resnet50 (study" not in text
 
 
 def test_init_names() -> None:

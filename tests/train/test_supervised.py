@@ -85,7 +85,7 @@ def test_resnet_smoke_run_on_one_percent_from_local_weights(tmp_path: Path, tiny
     )
     assert run(cfg) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["model"] == "resnet50" and results["arch"] == "resnet10t"
+    assert results["model"] == "cnn" and results["arch"] == "resnet10t"
     assert results["fraction"] == 0.01 and results["stopped"] in ("max_steps", "done")
     from shards.loader_data import load_split  # the prior it could learn: the 1% subset's labels, per class
 
@@ -115,9 +115,7 @@ def test_init_adapts_channels_and_drops_the_head(tmp_path: Path) -> None:
     rgb = timm.create_model("resnet10t", pretrained=False)
     path = tmp_path / "w.pth"
     torch.save({"state_dict": rgb.state_dict()}, path)
-    model = build_classifier(
-        ClassifierConfig(kind="resnet50", arch="resnet10t", init=str(path)), num_classes=5
-    )
+    model = build_classifier(ClassifierConfig(kind="cnn", arch="resnet10t", init=str(path)), num_classes=5)
     stem = rgb.state_dict()["conv1.0.weight"]
     torch.testing.assert_close(model.state_dict()["conv1.0.weight"], stem.sum(dim=1, keepdim=True))
     torch.testing.assert_close(
@@ -125,9 +123,7 @@ def test_init_adapts_channels_and_drops_the_head(tmp_path: Path) -> None:
     )
     assert model.fc.weight.shape == (5, rgb.fc.weight.shape[1])
     with pytest.raises(FileNotFoundError, match="local files only"):
-        build_classifier(
-            ClassifierConfig(kind="resnet50", arch="resnet10t", init=str(tmp_path / "no.pth")), 5
-        )
+        build_classifier(ClassifierConfig(kind="cnn", arch="resnet10t", init=str(tmp_path / "no.pth")), 5)
     vit = ClassifierConfig(
         kind="vit", arch="vit_tiny_patch16_224", embed_dim=32, depth=1, num_heads=2, init=str(path)
     )
@@ -146,11 +142,11 @@ def test_init_from_a_timm_tag_in_the_local_hf_cache_only(tmp_path: Path, monkeyp
     (snapshot.parents[1] / "refs" / "main").write_text("abc123")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cfg = ClassifierConfig(kind="resnet50", arch="resnet10t", init="timm:resnet10t.c3_in1k")
+    cfg = ClassifierConfig(kind="cnn", arch="resnet10t", init="timm:resnet10t.c3_in1k")
     model = build_classifier(cfg, num_classes=5)
     stem = rgb.state_dict()["conv1.0.weight"]
     torch.testing.assert_close(model.state_dict()["conv1.0.weight"], stem.sum(dim=1, keepdim=True))
-    missing = ClassifierConfig(kind="resnet50", arch="resnet50", init="timm:resnet50.a1_in1k")
+    missing = ClassifierConfig(kind="cnn", arch="resnet50", init="timm:resnet50.a1_in1k")
     with pytest.raises(
         FileNotFoundError, match="timm/resnet50.a1_in1k is not in the local Hugging Face cache"
     ):
