@@ -140,7 +140,9 @@ def test_report_has_the_study_rows_and_columns(tmp_path: Path) -> None:
     assert args.func(args) == 0
     tables = parse_tables((out / "results.md").read_text())
     assert list(tables) == ["Table 1: full data", "Table 2: 1% of the labels", "Table 3: 10% of the labels"]
-    labels = [f"{label} (resnet50)" if model == "cnn" else label for model, label in MODELS]  # the CNN's network
+    labels = [
+        f"{label} (resnet50)" if model == "cnn" else label for model, label in MODELS
+    ]  # the CNN's network
     for fraction, title in ((1.0, "Table 1: full data"), (0.01, "Table 2: 1% of the labels")):
         header, *rows = tables[title]
         assert tuple(header) == HEADER
