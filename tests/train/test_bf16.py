@@ -19,12 +19,13 @@ from core.config import load_config
 from shards.images import unit_float
 from shards.loader import build_loader
 from tests.train.tiny_mae import tiny_mae
-from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from train.checkpoint import load_checkpoint, save_checkpoint
 from train.classifier import ClassifierConfig, build_classifier
 from train.config import PretrainConfig, RunConfig
 from train.finetune import EncoderClassifier
 from train.loop import build_accelerator, build_optimizer, param_groups
 from train.mae_step import train_step as mae_step
+from train.run_layout import latest_checkpoint
 from train.supervised import SupervisedOptimConfig
 from train.supervised import train_step as supervised_step
 
