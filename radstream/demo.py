@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.atomic import write_text
-from radstream.stages import Protocol, header, run_stages
+from radstream.stages import StudyProtocol, header, run_stages
 
 RECIPES = {
     "pretrain": "configs/demo/pretrain.yaml",
@@ -50,13 +50,13 @@ class DemoSize:
     train_seeds: int = 2
     """Seeds of every trained model (baselines, fine-tuning): at least 2, so every row has a spread."""
 
-    def protocol(self) -> Protocol:
+    def protocol(self) -> StudyProtocol:
         """The demo's protocol: its recipes, each one LR, the seeds, early stopping after 10."""
         epochs = {"pretrain": self.pretrain_epochs, "vit": self.supervised_epochs[0],
                   "cnn": self.supervised_epochs[1], "finetune": self.finetune_epochs}  # fmt: skip
         min_steps = {"vit": self.supervised_min_steps[0], "cnn": self.supervised_min_steps[1],
                      "finetune": self.finetune_min_steps}  # fmt: skip
-        return Protocol(RECIPES, lrs=None, seeds=self.seeds, train_seeds=self.train_seeds, epochs=epochs,
+        return StudyProtocol(RECIPES, lrs=None, seeds=self.seeds, train_seeds=self.train_seeds, epochs=epochs,
                         min_steps=min_steps)  # fmt: skip
 
 

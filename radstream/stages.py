@@ -31,7 +31,7 @@ FRACTIONS = (0.01, 0.1, 1.0)
 
 
 @dataclass(frozen=True)
-class Protocol:
+class StudyProtocol:
     """Which recipes, and how much of the study's protocol: learning rates, seeds, epochs, fractions."""
 
     recipes: dict[str, str]
@@ -155,7 +155,7 @@ def stage_shards(out: Path, source: Path, build_overrides: Sequence[str], worker
     return shards
 
 
-def stage_pretrain(out: Path, shards: Path, protocol: Protocol, seed: int, prefix: str) -> Path:
+def stage_pretrain(out: Path, shards: Path, protocol: StudyProtocol, seed: int, prefix: str) -> Path:
     """MAE pretraining (reused when summary.json exists); loss curves and reconstruction grids."""
     from radstream.pictures import loss_curves
 
@@ -171,11 +171,12 @@ def stage_pretrain(out: Path, shards: Path, protocol: Protocol, seed: int, prefi
     return run_dir
 
 
-def stage_probe(out: Path, shards: Path, mae_run: Path, protocol: Protocol, prefix: str) -> Path:
-    """Embeddings of the best MAE weights, then the probe grid (reused when probe_results.json exists)."""
+def stage_probe(out: Path, shards: Path, mae_run: Path, protocol: StudyProtocol, prefix: str) -> Path:
+    """Embeddings of the MAE run's weights (its best/: ``train.run_layout.resolve_weights``), then the probe
+    grid (reused when probe_results.json exists)."""
     emb, probe_dir = out / "embeddings.zarr", out / "runs" / "probe"
     if not (probe_dir / "probe_results.json").is_file():
-        args = ["--checkpoint", str(mae_run / "best"), "--shards", str(shards), "--out", str(emb),
+        args = ["--checkpoint", str(mae_run), "--shards", str(shards), "--out", str(emb),
                 "loader.backend=torch"]  # fmt: skip
         run_stage("train.embed", args, out / "logs" / "embed.log", prefix)
         seeds = "[" + ",".join(map(str, range(protocol.seeds))) + "]"
@@ -195,7 +196,7 @@ class TrainedModel:
     overrides: tuple[str, ...] = ()
 
 
-def stage_grid(out: Path, shards: Path, model: TrainedModel, protocol: Protocol, prefix: str) -> Path:
+def stage_grid(out: Path, shards: Path, model: TrainedModel, protocol: StudyProtocol, prefix: str) -> Path:
     """Every (fraction, LR, seed) run of ``model``; finished runs (results.json) are skipped."""
     root = out / "runs" / model.name
     counted = model.name in (protocol.min_steps or {})
@@ -237,7 +238,7 @@ def stage_report(out: Path, runs: list[Path], mae_run: Path) -> str:
 
 
 def run_stages(
-    out: Path, source: Path, protocol: Protocol, *, build_overrides: Sequence[str], seed: int, workers: int,
+    out: Path, source: Path, protocol: StudyProtocol, *, build_overrides: Sequence[str], seed: int, workers: int,
     prefix: str, first: int = 1,
 ) -> str:  # fmt: skip
     """Shards, pretraining, probes, the three trained rows and the report into ``out`` (stage headers

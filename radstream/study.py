@@ -15,10 +15,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from radstream.stages import Protocol, run_stages
+from radstream.stages import StudyProtocol, run_stages
 from train.sweep import STUDY_LR_GRID
 
-FULL = Protocol(
+FULL = StudyProtocol(
     {
         "pretrain": "configs/pretrain/vit_b16_224.yaml",
         "probe": "configs/probe/default.yaml",
@@ -32,7 +32,7 @@ FULL = Protocol(
     patience=10,
 )
 """The study's protocol with the study's models."""
-TINY = Protocol(
+TINY = StudyProtocol(
     {
         "pretrain": "configs/pretrain/debug.yaml",
         "probe": "configs/probe/debug.yaml",
@@ -56,7 +56,7 @@ def make_protocol(
     lrs: Sequence[float] | None = None,
     seeds: int | None = None,
     fractions: Sequence[float] | None = None,
-) -> Protocol:
+) -> StudyProtocol:
     """The named protocol with the given learning rates, seeds (probes and trained models) and fractions."""
     protocol = PROTOCOLS[name]
     changes: dict = {}
@@ -70,7 +70,7 @@ def make_protocol(
 
 
 def run_study(
-    source: str | Path, out: str | Path, protocol: Protocol, *, build_overrides: Sequence[str] = (), seed: int = 0,
+    source: str | Path, out: str | Path, protocol: StudyProtocol, *, build_overrides: Sequence[str] = (), seed: int = 0,
     workers: int = 4,
 ) -> int:  # fmt: skip
     """Every stage of the study on ``source`` into ``out``; finished stages and runs are reused."""
