@@ -85,6 +85,7 @@ def test_full_demo_trains_two_seeds_of_each_baseline_and_enough_steps(tmp_path: 
 
     import radstream.demo as demo
     import radstream.stages as stages
+    import train.supervised  # noqa: F401 (the stage loads its config: imported before load_split is patched)
 
     calls = []
     monkeypatch.setattr(stages, "run_stage", lambda stage, args, log, prefix: calls.append(
