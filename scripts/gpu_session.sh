@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # On the GPU machine (docs/gpu.md), from the repository root:
-#   bash scripts/gpu_session.sh stash .dali/pK     keep one carried DALI piece in /tmp across warm calls
+#   bash scripts/gpu_session.sh stash .dali/pK     keep one carried DALI piece across warm calls (private stash)
 #   bash scripts/gpu_session.sh run [--quick]      stash the last piece, install all wheels, run gpu-check to $OUT
 # PYTHON=... picks the interpreter (default python3). Without CUDA it stops after the imports, in one line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STASH=/tmp/radstream-dali
-mkdir -p "$STASH"
+# Nothing under a fixed /tmp name: on a shared host another user could create it first and plant files (or
+# modules on PYTHONPATH). The stash must outlive one call, so it lives in our own cache folder, mode 700.
+STASH=${RADSTREAM_DALI_STASH:-${XDG_CACHE_HOME:-$HOME/.cache}/radstream/dali-stash}
+(umask 077 && mkdir -p "$STASH")
+if [ -L "$STASH" ] || [ ! -O "$STASH" ]; then
+    echo "gpu_session: $STASH is a link or not owned by $(id -un); refusing to use it" >&2; exit 2
+fi
+chmod 700 "$STASH"
 stash() { for d in "$@"; do [ -d "$d" ] && cp "$d"/* "$STASH"/; done; ls -l "$STASH"; }
 case "${1:-}" in
 stash)
@@ -25,8 +31,8 @@ run)
             wheels=()
         fi
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl "${wheels[@]}" \
-            || { "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-                 .whl/*.whl "${wheels[@]}" && export PYTHONPATH=/tmp/site; }
+            || { site=$(mktemp -d) && "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                 --upgrade --target "$site" .whl/*.whl "${wheels[@]}" && export PYTHONPATH=$site; }
     else
         echo "gpu_session: no .whl/ here (make device-wheels); using the Python environment as it is"
     fi
