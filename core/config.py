@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -48,6 +49,8 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Seque
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
     except OmegaConfBaseException as err:
         raise ConfigError(f"{recipe}: {_first_line(err)}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(_yaml_problem(recipe, err)) from None
     for override in overrides:  # one at a time, so an error names the override, not the recipe
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
@@ -61,6 +64,14 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Seque
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(str(err)) from None
+
+
+def _yaml_problem(recipe: str | Path | None, err: yaml.YAMLError) -> str:
+    """A YAML syntax error as ``file:line: problem`` (PyYAML's own message spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{recipe}:{mark.line + 1}" if mark is not None else str(recipe)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{where}: YAML syntax error: {problem}"
 
 
 def _first_line(err: OmegaConfBaseException) -> str:

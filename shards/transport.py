@@ -59,9 +59,10 @@ def _transient_types() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass  # no HTTP filesystem installed: its errors cannot occur
     try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
         from botocore.exceptions import HTTPClientError
 
-        types.append(HTTPClientError)
+        types += [HTTPClientError, BotoConnectionError]  # the second: an endpoint that cannot be reached
     except ImportError:
         pass
     return tuple(types)

@@ -15,6 +15,7 @@ from accelerate import Accelerator
 
 from core.atomic import write_json
 from shards.layout import DatasetError
+from shards.transport import RemoteError
 from train.loop import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
@@ -22,8 +23,15 @@ logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_NON_FINITE, EXIT_BAD_CONFIG, EXIT_BAD_INPUT, EXIT_REQUEUE = 0, 1, 2, 3, 124
 """Exit codes of the stages: done, non-finite loss, bad config, bad input (a dataset or folder that cannot be
 used: missing, not a dataset, corrupt, unwritable), stopped by a signal (requeue)."""
-USER_ERRORS = (DatasetError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
-"""Mistakes in what a user pointed the stage at: reported in one line, no traceback."""
+USER_ERRORS = (
+    DatasetError,
+    RemoteError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    PermissionError,
+)
+"""Mistakes in what a user pointed the stage at (a host that cannot be reached too): one line, no traceback."""
 STOPPED = "stopped.json"
 """Written when a signal stopped the run (requeue it); removed when the run starts again."""
 

@@ -110,3 +110,31 @@ def test_build_shards_onto_a_file_or_under_one(synth_corpus: Path, tmp_path: Pat
     for out in (tmp_path / "file", tmp_path / "file" / "out"):
         one_error(run("radstream.cli", "build-shards", src, str(out)), 2, str(out), "choose another OUT")
     one_error(run("radstream.cli", "verify-shards", str(tmp_path / "nope")), 2, "no such dataset folder")
+
+
+def test_a_yaml_syntax_error_names_the_recipe_and_line(tmp_path: Path, caplog, capsys) -> None:
+    """PyYAML's error is not OmegaConf's: without its own branch it escaped as a 37-line traceback."""
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("seed: 1\nbinning: {strategy: fixed\nworkers: 2\n")
+    from train.pretrain import main
+
+    with caplog.at_level(logging.INFO):
+        assert main(["--config", str(recipe), f"shards={tmp_path}", f"run_dir={tmp_path / 'run'}"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"{recipe}:3: YAML syntax error" in errors[0], errors
+    from radstream.cli import main as cli
+
+    assert cli(["build-shards", str(tmp_path), str(tmp_path / "out"), "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"build-shards: error: {recipe}:3: YAML syntax error" in err, err
+
+
+def test_an_unreachable_host_is_one_line_naming_it(tmp_path: Path, caplog) -> None:
+    """Nothing listens on port 9 (discard) of this machine: a refused connection, retried, then one line."""
+    fast = [
+        "loader.remote.retries=2",
+        "loader.remote.backoff_s=0",
+        f"loader.remote.cache_dir={tmp_path / 'c'}",
+    ]
+    url = "http://127.0.0.1:9/ds"
+    pretrain_here(caplog, url, tmp_path / "run", 3, f"GET {url}/manifest.json", "failed 2 times", extra=fast)
