@@ -60,7 +60,8 @@ def discover(
     """List the input files with their labels.
 
     Args:
-        source: a folder tree (every regular, non-hidden file below it, sorted by relative path) or a CSV
+        source: a folder tree (every regular, non-hidden file below it, sorted by relative path; hidden ones
+            are early rejects) or a CSV
             manifest file. With ``manifest_csv`` it is the root that folder labels are taken relative to.
         manifest_csv: a comma-separated manifest with a header; ``path`` (relative to the CSV's folder, or
             absolute) is required, ``label``, ``irma_code`` and ``patient_id`` are optional. Rows keep their order.
@@ -136,28 +137,37 @@ def _warn_rare_labels(items: list[SourceItem]) -> None:
         )
 
 
+HIDDEN_FILE = "hidden file (its name or a folder above it starts with '.'), not read"
+"""The reject reason of a file the walk does not read because it is hidden (``.DS_Store``, ``.reviewed/x.png``)."""
+
+
 def _walk(root: str) -> tuple[list[str], list[dict]]:
     """The regular, non-hidden files below ``root`` (absolute, sorted by relative path) and the early rejects.
 
-    Every other entry is counted as a reject rather than skipped silently or allowed to stop the walk: a
-    folder that cannot be listed (with its contents), a link whose target is missing or loops, a link to a
-    folder (not followed: a link cycle would never end), a device or pipe (never opened: reading a pipe
-    blocks), and a name that is not valid UTF-8 (no table or tar could name it).
+    Every other entry is counted as a reject rather than skipped silently or allowed to stop the walk, so that
+    ``seen`` counts every regular file under ``root``: a hidden file (named ``.x`` or inside a ``.folder``,
+    which is walked too), a folder that cannot be listed (with its contents), a link whose target is missing or
+    loops, a link to a folder (not followed: a link cycle would never end), a device or pipe (never opened:
+    reading a pipe blocks), and a name that is not valid UTF-8 (no table or tar could name it).
     """
     found: list[str] = []
     rejects: list[dict] = []
-    stack = [""]
+    stack = [("", False)]
     while stack:
-        rel_dir = stack.pop()
+        rel_dir, hidden_dir = stack.pop()
         folder = os.path.join(root, rel_dir)
         try:
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    if entry.name.startswith("."):
-                        continue
                     rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                    hidden = hidden_dir or entry.name.startswith(".")
                     try:
-                        (stack if _is_folder(entry) else found).append(rel)
+                        if _is_folder(entry):
+                            stack.append((rel, hidden))
+                        elif hidden:
+                            rejects.append({"path": _printable(entry.path), "reason": HIDDEN_FILE})
+                        else:
+                            found.append(rel)
                     except RejectError as err:
                         rejects.append({"path": _printable(entry.path), "reason": str(err)})
         except OSError as err:

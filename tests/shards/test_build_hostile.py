@@ -50,7 +50,12 @@ def _hostile_tree(src: Path) -> dict[str, str]:
     Image.fromarray(rng.integers(1, 256, (40, 48), dtype=np.uint8)).save(src / "sub" / "full.png")
     _png_with_short_stream(src / "sub" / "full.png", src / "short.png", drop_rows=10)
     (src / "sub" / "full.png").unlink()
+    (src / ".x.png").write_bytes((src / "good_a.png").read_bytes())  # hidden: counted and rejected, not read
+    (src / ".reviewed").mkdir()
+    (src / ".reviewed" / "y.png").write_bytes((src / "good_b.png").read_bytes())
     return {
+        ".x.png": "hidden file",
+        "y.png": "hidden file",
         "a_loop": "symlink loop",
         "b_loop": "symlink loop",
         "dangling.png": "dangling link",
