@@ -105,7 +105,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     cfg = _load_build_config(args)
     start = time.perf_counter()
     manifest = build_dataset(cfg, args.task_index, args.num_tasks, force_replan=args.force_replan,
-                             finalize_now=args.finalize)  # fmt: skip
+                             verify_source=args.verify_source, finalize_now=args.finalize)  # fmt: skip
     if manifest is None:
         print(
             f"build-shards: task {args.task_index} of {args.num_tasks} done; run `radstream finalize-shards` after all"
@@ -217,9 +217,15 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
 def _add_source_options(p) -> None:
     """The options of build-shards that say what the source holds and how it is built (study shares them)."""
     p.add_argument(
-        "source", help="folder of DICOM/PNG/JPEG/TIFF files (or the root a --manifest-csv is relative to)"
+        "source",
+        help="folder of DICOM/PNG/JPEG/TIFF files, or a CSV manifest; with --manifest-csv, the folder that "
+        "sample names and folder labels are relative to",
     )
-    p.add_argument("--manifest-csv", help="CSV manifest: path[,label][,irma_code][,patient_id]")
+    p.add_argument(
+        "--manifest-csv",
+        help="CSV manifest: path[,label][,irma_code][,patient_id]; a relative path is read from the CSV's own "
+        "folder (not from SOURCE)",
+    )
     p.add_argument("--labels", choices=["none", "folder", "csv", "irma"], help="label source")
     p.add_argument("--irma-csv", help="IRMA code list (image_id;irma_code)")
     p.add_argument("--codec", help="jpg | png | png16 | jp2")
@@ -271,7 +277,14 @@ def _add_build_parser(sub) -> None:
     p.add_argument(
         "--force-replan",
         action="store_true",
-        help="the source changed since OUT was planned: drop the old build and rebuild it (one task only)",
+        help="the source or the options changed since OUT was planned: drop the old build (finished or not) "
+        "and rebuild it (one task only)",
+    )
+    p.add_argument(
+        "--verify-source",
+        action="store_true",
+        help="also hash every source file's bytes, to see files rewritten in place with the same size and "
+        "modification time (the default check compares names, sizes and mtimes only)",
     )
     p.add_argument(
         "--allow-identifiers",

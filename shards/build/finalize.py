@@ -21,7 +21,7 @@ from core.config import to_dict
 from core.perms import restrict_umask
 from shards.build.config import BuildConfig
 from shards.build.plan import BuildPlan, get_plan
-from shards.build.private import write_rejects as write_private_rejects
+from shards.build.private import write_reject_lists
 from shards.index import read_index
 from shards.layout import FORMAT_VERSION, MANIFEST, SAMPLES, SPLITS
 
@@ -101,10 +101,7 @@ def _write_rejects(out: Path, rejects: list[dict], duplicates: list[dict], keep_
     for d in duplicates:
         reason = f"duplicate of {d['duplicate_of'] if keep_paths else d['duplicate_of_hash']} (same pixels)"
         full.append({"source_hash": d["source_hash"], "path": d["path"], "reason": reason})
-    write_private_rejects(out, full)
-    public = full if keep_paths else [{k: r[k] for k in ("source_hash", "reason")} for r in full]
-    lines = [json.dumps(r) for r in public]
-    write_bytes(out / "rejects.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
+    write_reject_lists(out, full, keep_paths)
 
 
 def _cross_part_duplicates(rows: list[dict]) -> list[list[str]]:

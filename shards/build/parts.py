@@ -33,6 +33,7 @@ from ingest.stage import IngestRecord
 from shards.build.config import BuildConfig, ShardConfig
 from shards.build.plan import BuildPlan, get_plan
 from shards.build.resample import render_in_bin
+from shards.build.source import check_out_outside_source
 from shards.build.writer import ShardWriter
 from shards.codecs import encode, extension
 
@@ -265,20 +266,27 @@ def part_done(out: Path, part: int, fingerprint: str) -> bool:
 
 
 def run_build(
-    cfg: BuildConfig, task_index: int = 0, num_tasks: int = 1, force_replan: bool = False
+    cfg: BuildConfig,
+    task_index: int = 0,
+    num_tasks: int = 1,
+    force_replan: bool = False,
+    verify_source: bool = False,
 ) -> list[int]:
     """Build this task's parts (skipping finished ones); returns the parts built now.
 
     Raises:
-        SourceChanged: ``OUT`` was planned from the same config over another source, and not ``force_replan``
-            (see ``shards.build.plan.get_plan``).
+        SourceChanged: ``OUT`` was planned from the same config over another source (with ``verify_source``,
+            also same-size same-mtime bytes), and not ``force_replan`` (see ``shards.build.plan.get_plan``).
+        PlanChanged: ``OUT`` is a finished dataset built with other options, and not ``force_replan``.
+        ValueError: ``OUT`` lies inside the source folder.
     """
     if not 0 <= task_index < num_tasks:
         raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1}")
+    check_out_outside_source(cfg)
     out = Path(cfg.out)
     restrict_umask()  # shards, indexes, tables: not readable by other users (core.perms)
     out.mkdir(parents=True, exist_ok=True)
-    plan = get_plan(cfg, force_replan)
+    plan = get_plan(cfg, force_replan, verify_source)
     mine = [p for p in range(plan.num_parts) if p % num_tasks == task_index]
     if not mine:
         log.warning(
@@ -311,6 +319,7 @@ def build_dataset(
     num_tasks: int = 1,
     *,
     force_replan: bool = False,
+    verify_source: bool = False,
     finalize_now: bool = True,
 ) -> dict | None:
     """Build this task's parts, then finalize the dataset (manifest, samples table): the one sequence of
@@ -322,7 +331,7 @@ def build_dataset(
     """
     from shards.build.finalize import finalize
 
-    run_build(cfg, task_index, num_tasks, force_replan)
+    run_build(cfg, task_index, num_tasks, force_replan, verify_source)
     if num_tasks > 1 and not finalize_now:
         return None
     return finalize(cfg)

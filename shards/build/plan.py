@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +24,10 @@ from core.atomic import write_bytes
 from core.config import load_config, to_dict, to_yaml
 from core.perms import private_folder
 from ingest.privacy import Pseudonymizer
-from ingest.stage import IngestRecord, Reject, run_ingest
+from ingest.stage import IngestRecord, NoUsableImages, Reject, run_ingest
 from shards.build.config import BuildConfig
-from shards.build.private import write_identities
+from shards.build.private import write_identities, write_reject_lists
+from shards.build.source import config_differences, content_digest, source_digest
 from shards.layout import MANIFEST, SAMPLES, SPLITS
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,10 @@ PLAN_VERSION = 3
 
 class SourceChanged(ValueError):
     """The source differs from the one ``OUT`` was planned from (files added, removed or modified)."""
+
+
+class PlanChanged(ValueError):
+    """``OUT`` holds a finished dataset built with other options: a rerun would delete it."""
 
 
 @dataclass(frozen=True)
@@ -72,32 +76,20 @@ def plan_fingerprint(cfg: BuildConfig) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def source_digest(cfg: BuildConfig) -> tuple[int, str]:
-    """(number of files, hash of their paths, sizes and mtimes) under the source folder, plus the CSV files the
-    config names: any file added, removed or rewritten changes the hash. One ``stat`` per file (a link to a
-    file counts as its target, as the scan reads it; links to folders are not followed, as by the scan)."""
-    digest, count = hashlib.sha256(), 0
-    root = Path(cfg.source)
-    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda err: digest.update(str(err).encode())):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = Path(dirpath) / name
-            try:
-                st = path.stat() if path.exists() else path.lstat()  # a dangling link: its own entry
-                line = f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n"
-            except OSError as err:
-                line = f"{path.relative_to(root)}\0{err.errno}\n"
-            digest.update(line.encode("utf-8", "surrogateescape"))
-            count += 1
-    for extra in (cfg.ingest.manifest_csv, cfg.ingest.irma_csv):
-        if extra and Path(extra).is_file():
-            digest.update(Path(extra).read_bytes())
-    return count, digest.hexdigest()[:16]
-
-
 def make_plan(cfg: BuildConfig, source: tuple[int, str]) -> BuildPlan:
-    """Ingest the source (no pixel decoding), then plan the bins and cut whole patients into parts."""
-    ingested = run_ingest(cfg.source, cfg.ingest, seed=cfg.seed, workers=cfg.workers)
+    """Ingest the source (no pixel decoding), then plan the bins and cut whole patients into parts.
+
+    Raises:
+        ValueError: no usable image; ``OUT/rejects.jsonl`` lists why each input was rejected (its private twin
+            the paths, ``shards.build.private``), and the error its first lines.
+    """
+    try:
+        ingested = run_ingest(cfg.source, cfg.ingest, seed=cfg.seed, workers=cfg.workers)
+    except NoUsableImages as err:
+        full = [dataclasses.asdict(r) for r in sorted(err.rejects, key=lambda r: r.path)]
+        listed = write_reject_lists(Path(cfg.out), full, keep_paths=not cfg.ingest.privacy.enabled)
+        first = "; ".join(f"{r.path}: {r.reason}" for r in err.rejects[:3])
+        raise ValueError(f"{err}; all listed in {listed}, the first: {first}") from None
     write_identities(Path(cfg.out), ingested.identities, cfg.source)
     records = ingested.records
     sizes = np.array([[r.height, r.width] for r in records], dtype=np.int64).reshape(-1, 2)
@@ -120,7 +112,9 @@ def _combined(config_fingerprint: str, source: tuple[int, str]) -> str:
     return hashlib.sha256(f"{config_fingerprint}|{source[1]}".encode()).hexdigest()[:16]
 
 
-def save_plan(plan: BuildPlan, work_dir: Path, cfg: BuildConfig, source: tuple[int, str]) -> None:
+def save_plan(
+    plan: BuildPlan, work_dir: Path, cfg: BuildConfig, source: tuple[int, str], content: str | None = None
+) -> None:
     """Write ``plan.json`` (small fields) and ``plan.parquet`` (one row per record), each atomically."""
     private_folder(work_dir)  # paths and ids: the data steward's only
     rows = [
@@ -134,7 +128,7 @@ def save_plan(plan: BuildPlan, work_dir: Path, cfg: BuildConfig, source: tuple[i
         "version": PLAN_VERSION,
         "fingerprint": plan.fingerprint,
         "config_fingerprint": plan_fingerprint(cfg),
-        "source": {"files": source[0], "digest": source[1]},
+        "source": {"files": source[0], "digest": source[1], "content": content},
         "class_names": list(plan.class_names),
         "bins": [b.name for b in plan.bins],
         "rejects": [dataclasses.asdict(r) for r in plan.rejects],
@@ -172,32 +166,32 @@ def load_plan(work_dir: Path, fingerprint: str) -> BuildPlan | None:
     )
 
 
-def get_plan(cfg: BuildConfig, force_replan: bool = False) -> BuildPlan:
+def get_plan(cfg: BuildConfig, force_replan: bool = False, verify_source: bool = False) -> BuildPlan:
     """Load the plan from ``OUT/_work`` or make and save it.
 
-    A plan made from the same config but another source (files added, removed or modified since) is refused
-    with :class:`SourceChanged`, unless ``force_replan``: then, as after a config change, the old build is
-    dropped (manifest first, so no reader takes it for finished) and every part is built again.
+    A plan made from the same config but another source (files added, removed or modified since; with
+    ``verify_source`` also bytes rewritten in place) is refused with :class:`SourceChanged`, and a finished
+    dataset made with other options with :class:`PlanChanged`, unless ``force_replan``: then the old build is
+    dropped (manifest first, so no reader takes it for finished) and every part is built again. An unfinished
+    build of another config is replaced without asking (nothing of value is lost).
     """
     out = Path(cfg.out)
     work_dir = out / "_work"
     source = source_digest(cfg)
+    content = content_digest(cfg) if verify_source else None
     plan = load_plan(work_dir, _combined(plan_fingerprint(cfg), source))
+    if plan is not None and content is not None:
+        plan = _check_content(plan, cfg, content, force_replan)
     if plan is not None:
         return plan
     old = _saved_head(work_dir)
     if old is not None:
-        same_config = old.get("config_fingerprint") == plan_fingerprint(cfg)
-        if same_config and not force_replan:
-            then = old.get("source", {}).get("files", "?")
-            raise SourceChanged(
-                f"{cfg.source}: the source changed since {out} was planned ({then} files then, {source[0]} now, "
-                "or files modified); build into a new OUT, or rerun with --force-replan to rebuild this one"
-            )
+        if not force_replan:
+            _refuse_replacing(cfg, old, source)
         _check_same_key(old, cfg, force_replan)
         _drop_old_build(out)
     plan = make_plan(cfg, source)
-    save_plan(plan, work_dir, cfg, source)
+    save_plan(plan, work_dir, cfg, source, content)
     write_bytes(work_dir / "config.yaml", to_yaml(cfg).encode())
     log.info(
         "plan: %d images in %d parts, %d bins, %d rejected early",
@@ -223,6 +217,53 @@ def _check_same_key(old: dict, cfg: BuildConfig, force_replan: bool) -> None:
             f"{cfg.out} was planned under another privacy key (id {theirs}, this task's is {mine}): give every "
             "task the same key file (ingest.privacy.key_file or $RADSTREAM_PRIVACY_KEY_FILE on shared storage), "
             "or rerun with --force-replan to rebuild under this key"
+        )
+
+
+def _check_content(plan: BuildPlan, cfg: BuildConfig, content: str, force_replan: bool) -> BuildPlan | None:
+    """``--verify-source`` on a plan whose stat digest matches: the plan if the bytes match too (or were not
+    recorded: then they are recorded now), None to replan under ``force_replan``, else :class:`SourceChanged`."""
+    work_dir = Path(cfg.out) / "_work"
+    head = _saved_head(work_dir) or {}
+    saved = head.get("source", {}).get("content")
+    if saved == content:
+        return plan
+    if saved is None:
+        log.warning(
+            "%s was planned without --verify-source: the bytes of its source are recorded now, and later runs "
+            "with --verify-source compare against them (a rewrite before now cannot be seen)",
+            cfg.out,
+        )
+        head["source"]["content"] = content
+        write_bytes(work_dir / "plan.json", json.dumps(head, indent=1).encode())
+        return plan
+    if force_replan:
+        return None
+    raise SourceChanged(
+        f"{cfg.source}: the bytes of the source changed since {cfg.out} was planned (same names, sizes and "
+        "modification times: a file was rewritten in place); build into a new OUT, or rerun with "
+        "--force-replan to rebuild this one"
+    )
+
+
+def _refuse_replacing(cfg: BuildConfig, old: dict, source: tuple[int, str]) -> None:
+    """Raise unless the build in OUT may be dropped: its source changed (:class:`SourceChanged`), or it is a
+    finished dataset made with other options (:class:`PlanChanged`, naming them)."""
+    out = Path(cfg.out)
+    if old.get("config_fingerprint") == plan_fingerprint(cfg):
+        then = old.get("source", {}).get("files", "?")
+        raise SourceChanged(
+            f"{cfg.source}: the source changed since {out} was planned ({then} files then, {source[0]} now, "
+            "or files modified); build into a new OUT, or rerun with --force-replan to rebuild this one"
+        )
+    if (out / MANIFEST).is_file():
+        try:
+            before = load_plan_config(out)
+        except (OSError, ValueError):
+            before = None
+        raise PlanChanged(
+            f"{out}: a finished dataset built with other options ({config_differences(before, cfg)}); "
+            "build into a new OUT, or rerun with --force-replan to replace it"
         )
 
 

@@ -50,6 +50,16 @@ def write_rejects(out: Path, rejects: list[dict]) -> None:
     _write(out, REJECTS, rejects)
 
 
+def write_reject_lists(out: Path, rejects: list[dict], keep_paths: bool) -> Path:
+    """Both rejects lists of ``rejects`` (``{"source_hash", "path", "reason"}`` each): this private one, and
+    ``OUT/rejects.jsonl`` (path hash and reason; the path too with ``keep_paths``, privacy off). Returns the
+    public list's path."""
+    write_rejects(out, rejects)
+    public = rejects if keep_paths else [{k: r[k] for k in ("source_hash", "reason")} for r in rejects]
+    lines = [json.dumps(r) for r in public]
+    return write_bytes(out / "rejects.jsonl", ("\n".join(lines) + "\n" if lines else "").encode())
+
+
 def _lines(path: Path) -> list[dict]:
     try:
         text = path.read_text("utf-8", "surrogateescape")

@@ -16,7 +16,7 @@ from core.config import load_config
 from shards.build.config import BuildConfig
 from shards.build.finalize import finalize
 from shards.build.parts import run_build
-from shards.build.plan import SourceChanged
+from shards.build.plan import PlanChanged, SourceChanged
 from shards.build.private import source_names
 from shards.build.verify import verify_shards
 
@@ -71,3 +71,90 @@ def test_a_changed_source_is_refused_then_rebuilt_with_force_replan(
     assert str(removed.relative_to(source)) not in _sources(out)
     assert {f"{f.parent.name}/new_{f.name}" for f in added} <= _sources(out)
     assert verify_shards(out).ok
+
+
+def _small_source(synth_corpus: Path, source: Path, n: int = 8) -> list[Path]:
+    files = sorted((synth_corpus / "images").rglob("*.png"))[:n]
+    for f in files:
+        (source / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, source / f.parent.name / f.name)
+    return sorted(source.rglob("*.png"))
+
+
+def _cfg(source: Path, out: Path, *extra: str) -> BuildConfig:
+    return load_config(BuildConfig, None, [f"source={source}", f"out={out}", "shards.part_size=100", *extra])
+
+
+def test_a_finished_dataset_is_not_replaced_by_a_rerun_with_other_options(
+    synth_corpus: Path, tmp_path: Path
+) -> None:
+    source, out = tmp_path / "src", tmp_path / "out"
+    _small_source(synth_corpus, source)
+    run_build(_cfg(source, out, "ingest.labels=folder"))
+    before = finalize(_cfg(source, out, "ingest.labels=folder"))
+    with pytest.raises(PlanChanged, match=r"ingest\.labels: 'folder' then, 'none' now.*--force-replan"):
+        run_build(_cfg(source, out))  # labels back to their default
+    assert json.loads((out / "manifest.json").read_text()) == before
+    assert verify_shards(out).ok
+    run_build(_cfg(source, out), force_replan=True)
+    assert finalize(_cfg(source, out))["class_names"] == []
+
+
+def test_an_unfinished_build_of_other_options_is_replaced(synth_corpus: Path, tmp_path: Path) -> None:
+    source, out = tmp_path / "src", tmp_path / "out"
+    _small_source(synth_corpus, source, n=4)
+    run_build(_cfg(source, out, "ingest.labels=folder"))  # never finalized: nothing of value yet
+    run_build(_cfg(source, out))
+    assert finalize(_cfg(source, out))["counts"]["written"] == 4
+
+
+def test_verify_source_sees_bytes_rewritten_with_the_same_size_and_mtime(
+    synth_corpus: Path, tmp_path: Path
+) -> None:
+    source, out = tmp_path / "src", tmp_path / "out"
+    files = _small_source(synth_corpus, source, n=4)
+    cfg = _cfg(source, out)
+    run_build(cfg, verify_source=True)
+    finalize(cfg)
+    victim, donor = files[0], files[1]
+    st = victim.stat()
+    data = donor.read_bytes()[: st.st_size].ljust(st.st_size, b"\0")
+    victim.write_bytes(data)  # what a PACS tool that restores timestamps does
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert run_build(cfg) == []  # the default check cannot see it (README says so)
+    with pytest.raises(SourceChanged, match="rewritten in place"):
+        run_build(cfg, verify_source=True)
+    assert run_build(cfg, verify_source=True, force_replan=True) == [0]
+
+
+def test_out_inside_source_is_refused_at_once(synth_corpus: Path, tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    _small_source(synth_corpus, source, n=2)
+    for out in (source / "shards", source):
+        with pytest.raises(ValueError, match="OUT lies inside SOURCE"):
+            run_build(_cfg(source, out))
+    assert not (source / "shards").exists()
+
+
+def test_a_manifest_whose_rows_all_miss_writes_its_rejects(
+    synth_corpus: Path, tmp_path: Path, capsys
+) -> None:
+    """Relative manifest paths are read from the CSV's folder (as --help says): rows written relative to
+    SOURCE by a CSV kept elsewhere all miss, and the rejects list says so."""
+    from radstream.cli import main as cli
+
+    source, out = tmp_path / "src", tmp_path / "out"
+    files = _small_source(synth_corpus, source, n=3)
+    csv = tmp_path / "lists" / "manifest.csv"
+    csv.parent.mkdir()
+    csv.write_text("path\n" + "".join(f"{f.relative_to(source)}\n" for f in files))
+    assert cli(["build-shards", str(source), str(out), "--manifest-csv", str(csv)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no usable images found (3 rejected)" in err, err
+    assert f"{out / 'rejects.jsonl'}" in err and "file not found (manifest line 2)" in err
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in rejects] == sorted(str(csv.parent / f.relative_to(source)) for f in files)
+    from radstream.cli import make_parser
+
+    text = " ".join(make_parser()._subparsers._group_actions[0].choices["build-shards"].format_help().split())
+    assert "read from the CSV's own folder" in text
