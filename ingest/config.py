@@ -37,7 +37,8 @@ class IngestConfig:
     """Where the images come from and how they are labelled, grouped and read."""
 
     manifest_csv: str | None = None
-    """A CSV manifest (columns: path, and optionally label, irma_code, patient_id) instead of a folder scan."""
+    """A CSV manifest (columns: path, and optionally label, irma_code, patient_id) instead of a folder scan; a
+    relative `path` is read from the CSV's own folder."""
     labels: str = "none"
     """Label source: none (unlabeled, pretraining only), folder (first folder level), csv (manifest `label`
     column) or irma (IRMA code → body region, from the manifest's `irma_code` column or `irma_csv`)."""

@@ -42,6 +42,14 @@ class Reject:
     """The keyed hash of the path: what a published rejects list names."""
 
 
+class NoUsableImages(ValueError):
+    """Every input was rejected. Carries the rejects, so that the build can still write them for the user."""
+
+    def __init__(self, message: str, rejects: list[Reject]) -> None:
+        super().__init__(message)
+        self.rejects = rejects
+
+
 @dataclass(frozen=True)
 class IngestRecord:
     """One kept input, with everything the build needs except its pixels."""
@@ -173,14 +181,16 @@ def run_ingest(source: str | Path, cfg: IngestConfig, *, seed: int, workers: int
     """Discover, scan, label, pseudonymise, group and split every input of ``source`` (no pixel decoding).
 
     Raises:
-        ValueError: no usable image in the source.
+        NoUsableImages: no usable image in the source (a ValueError holding the rejects, with their path
+            hashes).
         ingest.privacy.PrivacyKeyError: the site key cannot be read.
     """
     root = Path(source).resolve()
     psn = Pseudonymizer.from_config(cfg.privacy)
     scanned, rejects, seen = _scan(root, cfg, workers)
     if not scanned:
-        raise ValueError(f"{root}: no usable images found ({len(rejects)} rejected)")
+        _, hashed, _ = _pseudonymise([], rejects, root, psn)
+        raise NoUsableImages(f"{root}: no usable images found ({len(rejects)} rejected)", hashed)
     patients, rejects, identities = _pseudonymise(scanned, rejects, root, psn)
     labels = [s.label for s in scanned]
     sp = cfg.splits

@@ -43,7 +43,9 @@ class BuildConfig:
     """`radstream build-shards`: the whole offline build."""
 
     source: str = ""
-    """Folder tree of DICOM / PNG / JPEG / TIFF files (recursive), or the folder a manifest's paths are relative to."""
+    """Folder tree of DICOM / PNG / JPEG / TIFF files (recursive), or a CSV manifest. With
+    `ingest.manifest_csv`, the folder that sample names and folder labels are relative to (the manifest's own
+    relative paths are read from the CSV's folder)."""
     out: str = ""
     """Output dataset folder."""
     ingest: IngestConfig = field(default_factory=IngestConfig)
