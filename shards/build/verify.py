@@ -11,6 +11,7 @@ from pathlib import Path
 
 from core.progress import progress
 from ingest.privacy import HASH_CHARS
+from shards.build.crosscheck import rows_by_shard, shard_row_problems
 from shards.build.private import source_names
 from shards.codecs import decode, extension
 from shards.index import ShardReader, read_index, verify_index
@@ -41,17 +42,20 @@ class VerifyReport:
         )
 
 
-def _check_shard(root: Path, shard: dict, bin_: dict, codec: str, decode_share: float, rng, rep) -> list:
-    """Check one shard, appending its problems to ``rep``; returns its index entries (empty if unreadable)."""
+def _check_shard(
+    root: Path, shard: dict, bin_: dict, codec: str, decode_share: float, rng, rep, rows: dict
+) -> list:
+    """Check one shard (and its samples ``rows`` against their members), appending its problems to ``rep``;
+    returns its index entries (empty if unreadable)."""
     try:
-        return _check_shard_files(root, shard, bin_, codec, decode_share, rng, rep)
+        return _check_shard_files(root, shard, bin_, codec, decode_share, rng, rep, rows)
     except (OSError, ValueError, tarfile.TarError) as err:  # one broken shard must not hide the others
         rep.problems.append(f"{shard['path']}: unreadable ({str(err).splitlines()[0]})")
         return []
 
 
 def _check_shard_files(
-    root: Path, shard: dict, bin_: dict, codec: str, decode_share: float, rng, rep
+    root: Path, shard: dict, bin_: dict, codec: str, decode_share: float, rng, rep, rows: dict
 ) -> list:
     tar = inside(root, shard["path"], "shard")
     idx = tar.with_suffix(".idx")
@@ -75,6 +79,7 @@ def _check_shard_files(
             if rng.random() >= decode_share:
                 continue
             _check_sample(reader, pos, entry, ext, codec, bin_, shard["path"], rep)
+        rep.problems.extend(shard_row_problems(reader, rows, [e.key for e in entries]))
     return entries
 
 
@@ -152,7 +157,8 @@ def verify_shards(
 ) -> VerifyReport:
     """Check every shard: bytes, sha256 and sample count against the manifest, the ``.idx`` against the tar,
     and that images decode to their bin's shape (all of them, or a ``quick_share`` sample with ``quick``);
-    then the samples table (sha256, every row against the tars). Every problem is listed, naming the shard
+    then the samples table (sha256, every row against the tars' indexes and against its sample's ``.json`` and
+    ``.cls`` members: labels, patients, splits). Every problem is listed, naming the shard
     and the sample; a broken shard does not stop the check of the others."""
     root = Path(root)
     manifest = read_manifest(root)
@@ -160,11 +166,11 @@ def verify_shards(
     rng = random.Random(seed)
     rep = VerifyReport()
     todo = [(s, b) for b in manifest["bins"] for s in b["shards"]]
-    entries = {}
+    entries, rows = {}, rows_by_shard(root)
     for shard, bin_ in progress(todo, desc="verify", unit="shard"):
         rep.shards += 1
         entries[shard["path"]] = _check_shard(
-            root, shard, bin_, codec, quick_share if quick else 1.0, rng, rep
+            root, shard, bin_, codec, quick_share if quick else 1.0, rng, rep, rows.get(shard["path"], {})
         )
     _check_samples(root, manifest, todo, entries, rep)
     written = manifest["counts"]["written"]

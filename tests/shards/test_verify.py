@@ -222,3 +222,32 @@ def test_processes_of_a_node_starting_together_hash_each_shard_once(copy: Path, 
     assert all(p.returncode == 0 for p in procs)
     train = {str(t) for t in copy.glob("train/*/*.tar")}
     assert sorted(hashed[0] + hashed[1]) == sorted(train)  # each train shard hashed once, by one of them
+
+
+def test_labels_and_patients_in_the_table_are_checked_against_each_samples_members(copy: Path) -> None:
+    """An edit of the table and of its checksum in the manifest passes every check of the table itself; the
+    tars (checked against their own sha256) still say what each sample is."""
+    import hashlib
+
+    table = pq.read_table(copy / "samples.parquet")
+    labelled = next(i for i, v in enumerate(table["label_index"].to_pylist()) if v >= 0)
+    names = json.loads((copy / "manifest.json").read_text())["class_names"]
+    old = table["label"][labelled].as_py()
+    other = next(n for n in names if n != old)
+    edits = {"label": other, "label_index": names.index(other), "patient_id": "someone else"}
+    for column, value in edits.items():
+        values = table[column].to_pylist()
+        values[labelled] = value
+        field = table.schema.field(column)
+        table = table.set_column(table.schema.get_field_index(column), field, pa.array(values, field.type))
+    pq.write_table(table, copy / "samples.parquet")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["samples_sha256"] = hashlib.sha256((copy / "samples.parquet").read_bytes()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    report = verify_shards(copy, quick=True)
+    assert len(report.problems) == 1 and report.problems[0].startswith(f"samples.parquet row {labelled} ")
+    line = report.problems[0]
+    assert f"label {other!r}, its .json member says {old!r}" in line
+    assert f"label_index {names.index(other)}, its .json member says {names.index(old)}" in line
+    assert f"label_index {names.index(other)}, its .cls member says {names.index(old)}" in line
+    assert "patient_id 'someone else', its .json member says" in line
