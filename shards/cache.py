@@ -1,22 +1,24 @@
-"""A node-local folder of downloaded shards, shared by every process on the node: a plain store.
+"""A node-local folder of downloaded shards, shared by every process on the node; the one owner of "fetch a
+file into the cache".
 
-It knows where files live, their locks, space reservation and least-recently-used eviction; it never talks to
-the network nor calls back into its user. ``shards.remote.RemoteStore`` owns the protocol (what to fetch,
-from where, how it is verified) and drives this: ``download_lock`` → ``reserve`` → write the partial →
-``commit``; ``open_shared`` to read; ``evict`` when the dataset changed.
+Its user (``shards.remote.RemoteStore``) knows only the remote side: for each file a :class:`Fetch` says how
+many bytes to expect, how to download them into a given local file, and how to tell a good file from a bad one.
+``ShardCache.fetch`` / ``ShardCache.open`` do the rest in one call: download lock → is a cached copy still
+intact? → reserve the space → download into the partial → verify → commit (atomic rename, stamp) → open with a
+shared lock. The protocol is tested without a server (a ``Fetch`` of local bytes).
 
 Layout: the files keep their dataset-relative paths under ``root`` (``root/<split>/<bin>/<name>.tar`` beside
 its ``.idx``, plus ``manifest.json`` and ``samples.parquet``), so ``root`` reads like a local shard dataset.
 Bookkeeping lives in hidden names: ``root/.locks/<rel>.lock`` (one lock file per cached file, never deleted:
-deleting a lock file races with its next user), ``root/.cache.lock`` (serializes size accounting and
-eviction) and ``<dir>/.<name>.partial`` (a download in progress).
+deleting a lock file races with its next user), ``root/.stamps/<rel>.json`` (what a file was when it was
+committed), ``root/.cache.lock`` (serializes size accounting and eviction) and ``<dir>/.<name>.partial`` (a
+download in progress).
 
 Access: the folder is its owner's only (0700, files 0600), since shards hold images of patients; a cache
 shared by the users of a group is opened to that group on purpose (``remote.cache_group``: the folder gets
 the group, setgid, 2770, and files 0660).
 
-Locks are ``flock`` locks, which belong to an open file description, so they work between threads of one
-process as well as between processes (POSIX ``fcntl`` record locks would not):
+Locks (``shards.locks``):
 
 - download: exclusive lock on the file's lock file. The holder checks the final name again, downloads into
   the partial, renames it into place (atomic), so waiters find a whole file when they get the lock.
@@ -25,10 +27,15 @@ process as well as between processes (POSIX ``fcntl`` record locks would not):
   reader that opened the name just before it was unlinked notices (its descriptor's inode is not the name's
   any more) and fetches the shard again.
 
-Least recently used: every open stamps the tar's mtime with a strictly increasing clock, and eviction goes
-in mtime order; a tar's ``.idx`` goes with it. Space is reserved before a download starts (the partial is
-allocated to its full size), so concurrent downloads cannot overshoot the bound together, and a full disk
-shows up before any byte is fetched.
+Cached files are re-checked like a local dataset's shards: a file whose size, mtime and inode are still those
+of its stamp (``shards.cache_stamps``: taken at commit, with the sha256 of the download) is trusted; one that
+changed is hashed again and fetched again when it is no longer what was downloaded. A change that keeps size,
+mtime and inode is not seen.
+
+Least recently used: every open stamps the tar's access time with a strictly increasing clock (its mtime
+stays the commit's, for the stamp), and eviction goes in that order; a tar's ``.idx`` goes with it. Space is
+reserved before a download starts (the partial is allocated to its full size), so concurrent downloads cannot
+overshoot the bound together, and a full disk shows up before any byte is fetched.
 """
 
 from __future__ import annotations
@@ -36,26 +43,58 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards.cache_stamps import STAMPS, Stamps
 from shards.layout import inside, safe_rel
+from shards.locks import Cancelled, flocked, try_exclusive
 
 log = logging.getLogger(__name__)
+
+__all__ = ["CacheFullError", "Cancelled", "ChecksumError", "Fetch", "ShardCache"]
 
 LOCKS = ".locks"
 CACHE_LOCK = ".cache.lock"
 PARTIAL_SUFFIX = ".partial"
+CHECKSUM_ATTEMPTS = 2  # a corrupt download is fetched once more before giving up
+OPEN_ATTEMPTS = 3  # a file evicted between its download and our open is fetched again, this many times
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 
 
 class CacheFullError(RuntimeError):
     """The cache cannot make room for a file: the size bound or the disk is full of files in use."""
+
+
+class ChecksumError(RuntimeError):
+    """A downloaded file does not match what the dataset says, even after fetching it again."""
+
+
+def _no_problems(sha256: str, path: Path) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """What the cache needs to know of one remote file, and nothing of the network."""
+
+    size: Callable[[], int]
+    """Its size in bytes (asked only when a download is needed: a small file's may need a request)."""
+    download: Callable[[Path], str]
+    """Write the file into the given (pre-allocated) local path; returns the sha256 of what it wrote."""
+    problems: Callable[[str, Path], list[str]] = field(default=_no_problems)
+    """``problems(sha256, path)``: what is wrong with a downloaded or cached file (empty: good)."""
+    sha256: str | None = None
+    """The sha256 the file must have, when known before downloading (a shard's, from the manifest): a cached
+    copy stamped with another is not taken even when unchanged."""
+    source: str = ""
+    """Where it comes from, for messages."""
 
 
 def _allocate(fd: int, size: int) -> None:
@@ -68,86 +107,9 @@ def _allocate(fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 
 
-# Lock descriptors open in this process. A forked child (a DataLoader worker) inherits them, and an flock is
-# released only when every descriptor of its open file description is closed: a child that kept the copy
-# would keep a download lock its parent let go, and deadlock on it. So a child closes its copies at once.
-_HELD: set[int] = set()
-_HELD_LOCK = threading.Lock()
-
-
-def _close_inherited_locks() -> None:
-    global _HELD_LOCK
-    _HELD_LOCK = threading.Lock()  # the parent's may have been taken by a thread that does not exist here
-    for fd in _HELD:
-        os.close(fd)
-    _HELD.clear()
-
-
-os.register_at_fork(
-    before=lambda: _HELD_LOCK.acquire(),
-    after_in_parent=lambda: _HELD_LOCK.release(),
-    after_in_child=_close_inherited_locks,
-)
-
-
-class Cancelled(Exception):
-    """A lock wait given up because its ``cancel`` event was set (the waiter's store is closing)."""
-
-
-_CANCEL_POLL_S = 0.05  # how often a cancellable lock wait checks its event
-
-
-def _lock(fd: int, operation: int, cancel: threading.Event | None) -> None:
-    """``flock(fd, operation)``; with ``cancel``, polled so that setting the event ends the wait."""
-    if cancel is None or operation & fcntl.LOCK_NB:
-        fcntl.flock(fd, operation)
-        return
-    while True:
-        if cancel.is_set():
-            raise Cancelled("lock wait cancelled")
-        try:
-            fcntl.flock(fd, operation | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            cancel.wait(_CANCEL_POLL_S)
-
-
-@contextlib.contextmanager
-def flocked(
-    path: Path, operation: int = fcntl.LOCK_EX, cancel: threading.Event | None = None, mode: int = 0o600
-) -> Iterator[int]:
-    """Hold an ``flock`` on ``path`` (created if missing, with ``mode``) for the block; yields the descriptor.
-
-    Raises:
-        Cancelled: ``cancel`` was set before the lock was taken (a blocking flock cannot be interrupted, and
-            the holder may be another process that keeps it for long).
-    """
-    with _HELD_LOCK:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), mode)
-        _HELD.add(fd)
-        if os.fstat(fd).st_uid == os.getuid():
-            os.fchmod(fd, mode)  # the umask may have taken the group's bits
-    try:
-        _lock(fd, operation, cancel)
-        yield fd
-    finally:
-        with _HELD_LOCK:
-            _HELD.discard(fd)
-            os.close(fd)  # closing the last descriptor of the description releases the lock
-
-
-def _try_exclusive(path: Path) -> int | None:
-    """An open descriptor of ``path`` holding an exclusive lock, or None when it is locked or gone."""
-    try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 @dataclass
@@ -155,11 +117,11 @@ class _Entry:
     rel: str
     bytes: int
     """The tar plus its index."""
-    mtime_ns: int
+    used_ns: int
 
 
 class ShardCache:
-    """The cache folder of one dataset: locks, space reservation, LRU eviction; no network here.
+    """The cache folder of one dataset: fetch-verify-commit of each file, locks, space, LRU eviction.
 
     Args:
         root: the folder (created if missing).
@@ -181,6 +143,7 @@ class ShardCache:
         self.makedirs(self.root / LOCKS)
         self._clock = 0
         self._clock_lock = threading.Lock()
+        self.stamps = Stamps(self.root, self.makedirs, self.file_mode)
 
     def _restrict_root(self) -> None:
         """The cache folder's owner only, or the named group (where this user owns the folder)."""
@@ -242,12 +205,43 @@ class ShardCache:
         """Exclusive lock over accounting and eviction of the whole folder."""
         return flocked(self.root / CACHE_LOCK, mode=self.file_mode)
 
-    def touch(self, path: Path) -> None:
-        """Mark ``path`` as just used (mtime from a clock that never repeats in this process)."""
+    def touch(self, fd: int) -> None:
+        """Mark the open file ``fd`` as just used: its access time from a clock that never repeats in this
+        process (its mtime stays the commit's: the stamp compares it)."""
         with self._clock_lock:
             self._clock = max(time.time_ns(), self._clock + 1)
             now = self._clock
-        os.utime(path, ns=(now, now))
+        os.utime(fd, ns=(now, os.fstat(fd).st_mtime_ns))
+
+    def fetch(self, rel: str, spec: Fetch, cancel: threading.Event | None = None) -> Path:
+        """The cached file of ``rel``, as it was downloaded: fetched (by one thread of one process of the
+        node), verified and committed when it is missing, or when it changed since and no longer hashes to
+        what was downloaded. ``cancel`` set ends a wait for the download lock (raising :class:`Cancelled`).
+
+        Raises:
+            ChecksumError: still wrong after ``CHECKSUM_ATTEMPTS`` downloads (names ``spec.source``).
+            CacheFullError: no room for the file.
+        """
+        path = self.path(rel)
+        if self.stamps.unchanged(rel, path, spec.sha256):
+            return path
+        with self.download_lock(rel, cancel):
+            if self.stamps.unchanged(rel, path, spec.sha256) or self._still_good(rel, path, spec):
+                return path  # fetched by another thread or process while we waited, or touched but intact
+            return self._fill(rel, spec)
+
+    def open(self, rel: str, spec: Fetch, cancel: threading.Event | None = None) -> int:
+        """:meth:`fetch`, then a read-only descriptor holding a shared lock: the file cannot be evicted
+        until the caller closes it."""
+        for _ in range(OPEN_ATTEMPTS):
+            self.fetch(rel, spec, cancel)
+            fd = self.open_shared(rel)
+            if fd is not None:
+                return fd
+        raise RuntimeError(
+            f"{rel} was evicted right after each of {OPEN_ATTEMPTS} downloads: the cache at "
+            f"{self.root} is too small for the shards being read at once"
+        )
 
     def open_shared(self, rel: str) -> int | None:
         """Open the cached ``rel`` with a shared lock (it cannot be evicted until the descriptor is closed).
@@ -264,11 +258,58 @@ class ShardCache:
             fcntl.flock(fd, fcntl.LOCK_SH)
             if os.fstat(fd).st_ino != os.stat(path).st_ino:  # evicted (and maybe refetched) while we waited
                 raise FileNotFoundError(path)
-            self.touch(path)
+            self.touch(fd)
         except FileNotFoundError:
             os.close(fd)
             return None
         return fd
+
+    def _still_good(self, rel: str, path: Path, spec: Fetch) -> bool:
+        """A present file whose stat no longer matches its stamp (or that has none): hashed; kept and stamped
+        anew when it is what was downloaded and passes ``spec.problems``. Call holding the download lock."""
+        if not path.exists():
+            return False
+        sha, stamp = _sha256(path), self.stamps.read(rel)
+        found = [f"sha256 {sha}, downloaded as {stamp[3]}"] if stamp is not None and stamp[3] != sha else []
+        found = found or spec.problems(sha, path)
+        if not found:
+            self.stamps.write(rel, path, sha)
+            return True
+        log.warning(
+            "%s: the cached copy changed since it was downloaded (%s); fetching it again",
+            spec.source,
+            found[0],
+        )
+        return False
+
+    def _fill(self, rel: str, spec: Fetch) -> Path:
+        """Reserve, download into the partial, verify, commit; a file that fails its check is downloaded again
+        (``CHECKSUM_ATTEMPTS`` in all). Call holding the download lock."""
+        for attempt in range(1, CHECKSUM_ATTEMPTS + 1):
+            partial = self.reserve(rel, spec.size())
+            try:
+                sha = spec.download(partial)
+                found = spec.problems(sha, partial)
+            except OSError as err:
+                partial.unlink(missing_ok=True)
+                if err.errno == errno.ENOSPC:  # a filesystem that could not reserve the space up front
+                    raise CacheFullError(
+                        f"no space left on the cache disk at {self.root} while writing {spec.source}; "
+                        "free space or set remote.max_cache_bytes below the disk's size"
+                    ) from err
+                raise
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            if not found:
+                return self.commit(partial, rel, sha)
+            partial.unlink(missing_ok=True)
+            log.warning(
+                "%s is corrupt (%s); download %d of %d", spec.source, found[0], attempt, CHECKSUM_ATTEMPTS
+            )
+        raise ChecksumError(
+            f"{spec.source}: corrupt after {CHECKSUM_ATTEMPTS} downloads: {'; '.join(found[:3])}"
+        )
 
     def reserve(self, rel: str, size: int) -> Path:
         """Make room for ``size`` bytes (evicting unused tars, least recently used first) and allocate the
@@ -316,11 +357,17 @@ class ShardCache:
         finally:
             os.close(fd)
 
-    def commit(self, partial: Path, rel: str) -> Path:
-        """Move a finished, verified partial into place (atomic) and mark it used."""
+    def commit(self, partial: Path, rel: str, sha256: str) -> Path:
+        """Move a finished, verified partial into place (atomic), stamp it with the ``sha256`` taken while it
+        was downloaded, and mark it used."""
         path = self.path(rel)
         os.replace(partial, path)
-        self.touch(path)
+        self.stamps.write(rel, path, sha256)
+        fd = os.open(path, _OPEN_FLAGS)
+        try:
+            self.touch(fd)
+        finally:
+            os.close(fd)
         return path
 
     def usage(self) -> tuple[int, list[_Entry]]:
@@ -328,7 +375,7 @@ class ShardCache:
         total, tars, sizes = 0, [], {}
         for dirpath, dirnames, filenames in os.walk(self.root):
             if Path(dirpath) == self.root:
-                dirnames[:] = [d for d in dirnames if d != LOCKS]
+                dirnames[:] = [d for d in dirnames if d not in (LOCKS, STAMPS)]
             for name in filenames:
                 path = Path(dirpath) / name
                 try:
@@ -340,7 +387,7 @@ class ShardCache:
                 total += st.st_size
                 sizes[path] = st.st_size
                 if name.endswith(".tar") and not name.startswith("."):
-                    tars.append(_Entry(str(path.relative_to(self.root)), st.st_size, st.st_mtime_ns))
+                    tars.append(_Entry(str(path.relative_to(self.root)), st.st_size, st.st_atime_ns))
         for entry in tars:
             entry.bytes += sizes.get(self.path(entry.rel).with_suffix(".idx"), 0)
         return total, tars
@@ -350,7 +397,7 @@ class ShardCache:
         rel = str(partial.relative_to(self.root).with_name(partial.name[1 : -len(PARTIAL_SUFFIX)]))
         lock = self.lock_path(rel)
         lock.touch(exist_ok=True)  # a download that died before its lock file existed is stale too
-        fd = _try_exclusive(lock)
+        fd = try_exclusive(lock)
         if fd is None:
             return False
         try:
@@ -364,7 +411,7 @@ class ShardCache:
         """Evict unused tars, oldest first, until the cache holds at most ``limit`` bytes."""
         total, entries = self.usage()
         busy = 0
-        for entry in sorted(entries, key=lambda e: (e.mtime_ns, e.rel)):
+        for entry in sorted(entries, key=lambda e: (e.used_ns, e.rel)):
             if total <= limit:
                 return
             if entry.rel == rel:
@@ -383,12 +430,14 @@ class ShardCache:
     def evict(self, rel: str) -> bool:
         """Remove a cached tar and its ``.idx`` unless a reader holds it; returns whether it was removed."""
         path = self.path(rel)
-        fd = _try_exclusive(path)
+        fd = try_exclusive(path)
         if fd is None:
             return False
         try:
             path.unlink(missing_ok=True)
             path.with_suffix(".idx").unlink(missing_ok=True)
+            for gone in (rel, str(Path(rel).with_suffix(".idx"))):
+                self.stamps.drop(gone)
         finally:
             os.close(fd)
         log.debug("evicted %s from %s", rel, self.root)

@@ -1,11 +1,11 @@
 """Shard datasets on object storage (``s3://``) or a web server (``http(s)://``), read through a node cache.
 
 ``open_dataset(url)`` gives a :class:`~shards.store.ShardStore`: the manifest, the samples table and, per
-shard, ``local_path(rel)`` / ``open(rel)``. :class:`RemoteStore` owns the protocol of reading a remote
-dataset: it fetches each file once per node into the node cache, verifies it before it becomes visible,
-prefetches on a thread pool and refreshes the cached manifest and samples table when the server's changed.
-The cache (``shards.cache``) is a plain tool it uses: where the files live on disk, locks, space and eviction.
-A local folder goes through the same interface without any copy.
+shard, ``local_path(rel)`` / ``open(rel)``. :class:`RemoteStore` knows the remote side: what each file is
+(its size, how to download it, how to tell it is right: a :class:`~shards.cache.Fetch`), prefetching on a
+thread pool, and refreshing the cached manifest and samples table when the server's changed. Fetching into
+the node cache (locks, space, download, verify, commit, re-checking a cached file) is one call of the cache
+(``shards.cache.ShardCache.fetch`` / ``open``). A local folder goes through the same interface without a copy.
 
 Verification: a tar must match the manifest's sha256 (one more download on a mismatch, then
 :class:`ChecksumError`); the manifest has no hash for the ``.idx``, so an index is checked against its
@@ -17,14 +17,13 @@ Verification: a tar must match the manifest's sha256 (one more download on a mis
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.atomic import write_bytes
-from shards.cache import CacheFullError, Cancelled, ShardCache
+from shards.cache import Cancelled, ChecksumError, Fetch, ShardCache
 from shards.index import verify_index
 from shards.integrity import cache_base
 from shards.layout import MANIFEST, SAMPLES, DatasetError, check_manifest_paths, shard_entries
@@ -42,12 +41,7 @@ from shards.transport import filesystem, is_remote, s3_endpoint, with_retries
 
 log = logging.getLogger(__name__)
 
-_OPEN_ATTEMPTS = 3  # a shard evicted between its download and our open is fetched again, this many times
-CHECKSUM_ATTEMPTS = 2  # a corrupt download is fetched once more before giving up
-
-
-class ChecksumError(RuntimeError):
-    """A downloaded file does not match what the manifest says, even after fetching it again."""
+__all__ = ["ChecksumError", "RemoteStore", "cache_folder", "open_dataset", "resolve_dataset"]
 
 
 def cache_folder(url: str, cfg: RemoteConfig) -> Path:
@@ -163,82 +157,47 @@ class RemoteStore(ShardStore):
         log.info("dataset at %s changed since it was cached; stale shards dropped", self.url)
 
     def _ensure(self, rel: str, cancel: threading.Event | None = None) -> Path:
-        """The cached file of ``rel``, downloaded (by one thread of one process) and verified if missing.
-        With ``cancel`` (a prefetch), setting it ends a wait for the download lock or a chunked download
-        early, raising :class:`~shards.cache.Cancelled`."""
-        path = self.cache.path(rel)
-        if path.exists():
-            return path
-        with self.cache.download_lock(rel, cancel):
-            if path.exists():  # another thread or process fetched it while we waited
-                return path
-            tar = rel[: -len(".idx")] + ".tar" if rel.endswith(".idx") else None
-            if tar in self._shards:
-                return self._fetch_index(rel, tar)
-            entry = self._shards.get(rel)
-            if entry is None:
-                return self._fetch_small(rel, lambda *_: [])
-            expected = entry["sha256"]
-            return self._fill(
-                rel,
-                entry["bytes"],
-                lambda p: self._download(rel, p, entry["bytes"], cancel),
-                lambda digest, _: (
+        """The cached, verified file of ``rel`` (see ``ShardCache.fetch``). With ``cancel`` (a prefetch),
+        setting it ends a wait for the download lock or a chunked download early, raising
+        :class:`~shards.cache.Cancelled`."""
+        return self.cache.fetch(rel, self._spec(rel, cancel), cancel)
+
+    def _spec(self, rel: str, cancel: threading.Event | None = None) -> Fetch:
+        """How to fetch ``rel`` and how to tell it is right: a tar against the manifest's sha256 (in ranged
+        chunks), an index against its tar, anything else (small) as it comes."""
+        source = f"{self.url}/{rel}"
+        entry = self._shards.get(rel)
+        if entry is not None:
+            expected, size = entry["sha256"], entry["bytes"]
+            return Fetch(
+                size=lambda: size,
+                download=lambda partial: self._download(rel, partial, size, cancel),
+                problems=lambda digest, _: (
                     [] if digest == expected else [f"sha256 {digest}, the manifest says {expected}"]
                 ),
-                f"{self.url}/{rel}",
+                sha256=expected,
+                source=source,
             )
+        body: list[bytes] = []  # a small file's size is known once it is fetched: one GET serves both
 
-    def _fill(
-        self,
-        rel: str,
-        size: int,
-        fetch: Callable[[Path], str],
-        problems: Callable[[str, Path], list[str]],
-        source: str,
-    ) -> Path:
-        """Put ``rel`` into the cache: reserve ``size`` bytes, ``fetch`` into the partial (returns its sha256),
-        check it (``problems(sha256, partial)``: empty when good), commit. Call holding the download lock.
+        def size() -> int:
+            body[:] = [self._get(rel)]
+            return len(body[0])
 
-        Raises:
-            ChecksumError: still wrong after ``CHECKSUM_ATTEMPTS`` fetches (names ``source``).
-            CacheFullError: no room for the file.
-        """
-        for attempt in range(1, CHECKSUM_ATTEMPTS + 1):
-            partial = self.cache.reserve(rel, size)
-            try:
-                found = problems(fetch(partial), partial)
-            except OSError as err:
-                partial.unlink(missing_ok=True)
-                if err.errno == errno.ENOSPC:  # a filesystem that could not reserve the space up front
-                    raise CacheFullError(
-                        f"no space left on the cache disk at {self.root} while writing {source}; "
-                        "free space or set remote.max_cache_bytes below the disk's size"
-                    ) from err
-                raise
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
-            if not found:
-                return self.cache.commit(partial, rel)
-            partial.unlink(missing_ok=True)
-            log.warning("%s is corrupt (%s); download %d of %d", source, found[0], attempt, CHECKSUM_ATTEMPTS)
-        raise ChecksumError(f"{source}: corrupt after {CHECKSUM_ATTEMPTS} downloads: {'; '.join(found[:3])}")
+        tar = rel[: -len(".idx")] + ".tar" if rel.endswith(".idx") else None
+        checks = {"problems": lambda _, path: self._index_problems(tar, path)} if tar in self._shards else {}
+        return Fetch(
+            size=size,
+            download=lambda partial: self._write(partial, body.pop() if body else self._get(rel)),
+            source=source,
+            **checks,
+        )
 
-    def _fetch_small(self, rel: str, problems: Callable[[str, Path], list[str]]) -> Path:
-        """Fetch a file small enough for memory (an index, metadata); a second try downloads it again."""
-        first = [self._get(rel)]
-
-        def fetch(partial: Path) -> str:
-            return self._write(partial, first.pop() if first else self._get(rel))
-
-        return self._fill(rel, len(first[0]), fetch, problems, f"{self.url}/{rel}")
-
-    def _fetch_index(self, rel: str, tar: str) -> Path:
-        """Fetch a shard's .idx and check it against its (verified) tar, which stays held meanwhile."""
+    def _index_problems(self, tar: str, idx: Path) -> list[str]:
+        """A shard's .idx against its (verified) tar, which stays held meanwhile."""
         fd = self.open(tar)
         try:
-            return self._fetch_small(rel, lambda _, partial: verify_index(self.cache.path(tar), partial))
+            return verify_index(self.cache.path(tar), idx)
         finally:
             os.close(fd)
 
@@ -275,15 +234,7 @@ class RemoteStore(ShardStore):
         until the caller closes it. Fetches the file first if needed (blocking)."""
         rel = self.rel(rel)
         self._check_pid()
-        for _ in range(_OPEN_ATTEMPTS):
-            self._ensure(rel)
-            fd = self.cache.open_shared(rel)
-            if fd is not None:
-                return fd
-        raise RuntimeError(
-            f"{rel} was evicted right after each of {_OPEN_ATTEMPTS} downloads: the cache at "
-            f"{self.root} is too small for the shards being read at once"
-        )
+        return self.cache.open(rel, self._spec(rel))
 
     def local_path(self, rel: str | os.PathLike[str]) -> Path:
         """The cached file of ``rel``, fetched and verified if needed. A shard (or, for an .idx, its tar) stays

@@ -562,3 +562,22 @@ def test_a_shard_outside_the_dataset_is_neither_fetched_nor_evicted(http, tmp_pa
     with pytest.raises(UnsafePathError):
         open_dataset(http.url, cache_dir=str(tmp_path / "c"), **FAST)
     assert victim.read_bytes() == b"unrelated"
+
+
+def test_a_cached_shard_changed_on_disk_is_fetched_again(
+    http, tiny_shards: Path, tmp_path: Path, caplog
+) -> None:
+    """32 flipped bytes inside a cached tar: the next store finds its stamp (size, mtime, inode) broken,
+    hashes it, and downloads the shard again instead of serving the damaged bytes."""
+    with open_dataset(http.url, cache_dir=str(tmp_path), **FAST) as store:
+        rel = tars(store.manifest)[0]
+        cached = store.local_path(rel)
+    data = bytearray(cached.read_bytes())
+    data[600:632] = bytes(b ^ 0xFF for b in data[600:632])
+    cached.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"), open_dataset(http.url, cache_dir=str(tmp_path), **FAST) as again:
+        assert again.local_path(rel).read_bytes() == (tiny_shards / rel).read_bytes()
+        fd = again.open(rel)
+        os.close(fd)
+    assert http.served[f"/{rel}"] == 2
+    assert any("changed since it was downloaded" in r.getMessage() for r in caplog.records)
