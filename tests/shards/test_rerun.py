@@ -152,8 +152,11 @@ def test_a_manifest_whose_rows_all_miss_writes_its_rejects(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no usable images found (3 rejected)" in err, err
     assert f"{out / 'rejects.jsonl'}" in err and "file not found (manifest line 2)" in err
-    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
-    assert [r["path"] for r in rejects] == sorted(str(csv.parent / f.relative_to(source)) for f in files)
+    public = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert len(public) == 3 and all(set(r) == {"source_hash", "reason"} for r in public)  # no path published
+    private = [json.loads(line) for line in (out / "_private" / "rejects.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in private] == sorted(str(csv.parent / f.relative_to(source)) for f in files)
+    assert [r["source_hash"] for r in private] == [r["source_hash"] for r in public]
     from radstream.cli import make_parser
 
     text = " ".join(make_parser()._subparsers._group_actions[0].choices["build-shards"].format_help().split())
