@@ -357,12 +357,12 @@ class ShardCache:
         finally:
             os.close(fd)
 
-    def commit(self, partial: Path, rel: str, sha256: str) -> Path:
+    def commit(self, partial: Path, rel: str, sha256: str | None = None) -> Path:
         """Move a finished, verified partial into place (atomic), stamp it with the ``sha256`` taken while it
-        was downloaded, and mark it used."""
+        was downloaded (hashed here when not given), and mark it used."""
         path = self.path(rel)
         os.replace(partial, path)
-        self.stamps.write(rel, path, sha256)
+        self.stamps.write(rel, path, sha256 or _sha256(path))
         fd = os.open(path, _OPEN_FLAGS)
         try:
             self.touch(fd)

@@ -186,9 +186,9 @@ def get_plan(cfg: BuildConfig, force_replan: bool = False, verify_source: bool =
         return plan
     old = _saved_head(work_dir)
     if old is not None:
+        _check_same_key(old, cfg, force_replan)  # first: the most specific reason
         if not force_replan:
             _refuse_replacing(cfg, old, source)
-        _check_same_key(old, cfg, force_replan)
         _drop_old_build(out)
     plan = make_plan(cfg, source)
     save_plan(plan, work_dir, cfg, source, content)

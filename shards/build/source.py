@@ -18,8 +18,9 @@ from pathlib import Path
 from core.config import to_dict
 from shards.build.config import BuildConfig
 
-UNPLANNED_KEYS = ("workers",)
-"""Config keys that change neither the plan nor a byte written."""
+UNPLANNED_KEYS = ("workers", "ingest.privacy.key_file")
+"""Config keys that change neither the plan nor a byte written (``plan.plan_fingerprint`` leaves them out;
+which privacy key is used counts, where its file lies does not)."""
 
 
 def _files(root: Path) -> Iterator[tuple[Path, os.stat_result | OSError]]:

@@ -110,3 +110,13 @@ def test_eviction_goes_by_last_use_and_keeps_the_commit_mtime(tmp_path: Path) ->
     assert cache.path("a.tar").stat().st_mtime_ns == mtime
     cache.fetch("d.tar", Source().fetch())
     assert [cache.path(n).exists() for n in ("a.tar", "b.tar", "c.tar", "d.tar")] == [True, False, True, True]
+
+
+def test_stamps_follow_the_cache_modes(tmp_path: Path) -> None:
+    import grp
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    cache = ShardCache(tmp_path / "shared", group=group)
+    cache.fetch("train/a.tar", Source().fetch())
+    stamp = cache.stamps.path("train/a.tar")
+    assert stamp.stat().st_mode & 0o777 == 0o660 and stamp.parent.stat().st_mode & 0o7777 == 0o2770
