@@ -91,6 +91,14 @@ def no_graph_break() -> bool:
     return not counters["graph_break"]
 
 
+def test_compile_options_are_static_and_checked() -> None:
+    assert dynamo_plugin(RunConfig()) is None  # eager unless run.compile
+    plugin = dynamo_plugin(RunConfig(compile=True, compile_backend="aot_eager"))
+    assert (plugin.backend.value.lower(), plugin.dynamic) == ("aot_eager", False)
+    with pytest.raises(ValueError, match="run.compile_backend must be one of"):
+        RunConfig(compile_backend="fast")
+
+
 def test_mae_step_recompile_one_static_graph_per_bin(tiny_shards: Path) -> None:
     loader = debug_loader(tiny_shards)
     bins = {p.bin for p in loader.epoch_plans(0)}
