@@ -18,7 +18,7 @@ Access: the folder is its owner's only (0700, files 0600), since shards hold ima
 shared by the users of a group is opened to that group on purpose (``remote.cache_group``: the folder gets
 the group, setgid, 2770, and files 0660).
 
-Locks (``shards.locks``):
+Locks (``shards.cache_files``):
 
 - download: exclusive lock on the file's lock file. The holder checks the final name again, downloads into
   the partial, renames it into place (atomic), so waiters find a whole file when they get the lock.
@@ -52,9 +52,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards.cache_files import Cancelled, flocked, make_folders, restrict_folder, try_exclusive
 from shards.cache_stamps import STAMPS, Stamps
 from shards.layout import inside, safe_rel
-from shards.locks import Cancelled, flocked, try_exclusive
 
 log = logging.getLogger(__name__)
 
@@ -139,38 +139,15 @@ class ShardCache:
         self.file_mode = 0o660 if group else 0o600
         self._dir_mode = 0o2770 if group else 0o700
         self.root.mkdir(parents=True, exist_ok=True)
-        self._restrict_root()
+        restrict_folder(self.root, group, self._dir_mode)
         self.makedirs(self.root / LOCKS)
         self._clock = 0
         self._clock_lock = threading.Lock()
         self.stamps = Stamps(self.root, self.makedirs, self.file_mode)
 
-    def _restrict_root(self) -> None:
-        """The cache folder's owner only, or the named group (where this user owns the folder)."""
-        if self.root.stat().st_uid != os.getuid():
-            return
-        if self.group:
-            import grp
-
-            try:
-                gid = grp.getgrnam(self.group).gr_gid
-            except KeyError:
-                raise ValueError(
-                    f"remote.cache_group {self.group!r}: no such group on this machine"
-                ) from None
-            os.chown(self.root, -1, gid)
-        self.root.chmod(self._dir_mode)
-
     def makedirs(self, folder: Path) -> None:
         """Create ``folder`` (inside the cache) and its missing parents with the cache's folder mode."""
-        missing = []
-        while not folder.is_dir() and folder != self.root:
-            missing.append(folder)
-            folder = folder.parent
-        for sub in reversed(missing):
-            sub.mkdir(exist_ok=True)
-            with contextlib.suppress(PermissionError):  # made by a group member at the same moment
-                sub.chmod(self._dir_mode)
+        make_folders(self.root, folder, self._dir_mode)
 
     def __getstate__(self) -> dict:
         return {"root": self.root, "max_bytes": self.max_bytes, "group": self.group}

@@ -1,4 +1,5 @@
-"""``flock`` locks for the node cache, safe across threads, processes and forks.
+"""The node cache's files as the operating system sees them: ``flock`` locks, safe across threads, processes
+and forks, and the modes of its folders (its owner's only, or a named group's).
 
 ``flock`` locks belong to an open file description, so they work between threads of one process as well as
 between processes (POSIX ``fcntl`` record locks would not). A wait can be cancelled (a closing store must not
@@ -96,3 +97,34 @@ def try_exclusive(path: Path) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def restrict_folder(root: Path, group: str | None, dir_mode: int) -> None:
+    """The cache folder ``root`` its owner's only, or the named ``group``'s (where this user owns it).
+
+    Raises:
+        ValueError: no such group on this machine.
+    """
+    if root.stat().st_uid != os.getuid():
+        return
+    if group:
+        import grp
+
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError(f"remote.cache_group {group!r}: no such group on this machine") from None
+        os.chown(root, -1, gid)
+    root.chmod(dir_mode)
+
+
+def make_folders(root: Path, folder: Path, dir_mode: int) -> None:
+    """Create ``folder`` (inside ``root``) and its missing parents with ``dir_mode``."""
+    missing = []
+    while not folder.is_dir() and folder != root:
+        missing.append(folder)
+        folder = folder.parent
+    for sub in reversed(missing):
+        sub.mkdir(exist_ok=True)
+        with contextlib.suppress(PermissionError):  # made by a group member at the same moment
+            sub.chmod(dir_mode)
