@@ -53,3 +53,17 @@ def test_one_no_weight_decay_rule_for_every_task():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
     decay, no_decay = param_groups(model, 0.05)
     assert [p.ndim for p in decay["params"]] == [2] and len(no_decay["params"]) == 3
+
+
+def test_finetuning_trains_every_rate_of_its_grid(monkeypatch):
+    """``train.finetune`` sweeps ``optim.lr_grid`` as the baselines do (it inherited the field and ignored it)."""
+    import train.finetune as finetune
+
+    ran = []
+    monkeypatch.setattr(finetune.trainer, "run", lambda task: ran.append(task.cfg) or 0)
+    cfg = load_config(FinetuneConfig, None, [*BASE, "model.init=m", "optim.lr_grid=[1e-4,5e-4]"])
+    assert finetune.run(cfg) == 0
+    assert [(c.run_dir, c.optim.lr, c.optim.lr_rule) for c in ran] == [
+        ("runs/x/lr-0.0001", 1e-4, "per_256"),
+        ("runs/x/lr-0.0005", 5e-4, "per_256"),
+    ]
