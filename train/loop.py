@@ -213,49 +213,62 @@ def accumulate_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: Sequence[dict],
-    loss_of: Callable[[int, dict], torch.Tensor],
+    loss_of: Callable[[int, dict], tuple[torch.Tensor, torch.Tensor]],
     *,
     step: int,
     grad_clip: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One optimizer step over ``batches`` (``grad_accum_steps`` micro-batches) with ``accelerator.accumulate``:
-    ``loss_of(micro, batch)`` is the forward pass of one micro-batch.
+    ``loss_of(micro, batch)`` is the forward pass of one micro-batch and returns (the SUM of its per-sample or
+    per-patch losses on this rank, with its graph; their count).
+
+    The step's gradient is that of the mean over every counted sample (or patch) of all its micro-batches on
+    all ranks: the sums are backpropagated and the gradients divided by the step's global count once, before
+    clipping. A mean per micro-batch (accelerate divides each micro-batch's loss by the step count) would be
+    a mean of means: a 224² and a 512² micro-batch of one step would weigh their patches 5:1.
 
     Returns:
-        (the micro-batches' mean loss, detached; the gradient norm before clipping, or None).
+        (this rank's mean loss over the step's counted samples, detached; the gradient norm before
+        clipping, or None).
 
     Raises:
         RuntimeError: the accelerator's accumulation counter is out of step with ``len(batches)``.
     """
-    losses, grad_norm = [], None
+    total, count, grad_norm = torch.zeros(()), torch.zeros(()), None
     for micro, batch in enumerate(batches):
         with accelerator.accumulate(model):
-            loss = loss_of(micro, batch)
-            accelerator.backward(loss)
+            local_sum, local_count = loss_of(micro, batch)
+            accelerator.backward(local_sum)
+            total = total.to(local_sum.device) + local_sum.detach().float()
+            count = count.to(local_sum.device) + local_count.detach().float()
             if accelerator.sync_gradients != (micro == len(batches) - 1):
                 raise RuntimeError(f"gradient accumulation out of step at step {step}, micro-batch {micro}")
-            if accelerator.sync_gradients and grad_clip is not None:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+            if accelerator.sync_gradients:
+                divide_gradients(accelerator, model, count, len(batches))
+                if grad_clip is not None:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    return torch.stack(losses).mean(), grad_norm
+    return total / count.clamp_min(1.0), grad_norm
 
 
-def global_mean(accelerator: Accelerator, local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:
-    """This rank's share of a mean over the samples of ALL ranks, as the loss to backpropagate under DDP.
+def divide_gradients(
+    accelerator: Accelerator, model: torch.nn.Module, count: torch.Tensor, micro: int
+) -> None:
+    """Turn the accumulated gradient of the micro-batches' loss sums into that of the step's global mean.
 
-    DDP averages gradients over ranks, so ``local_sum x world / global_count`` gives every real sample the
-    same weight whatever the ranks hold: a rank holding only padding (at 1% labels on 8 GPUs) adds nothing
-    and does not shrink the others' update, and the LR chosen does not depend on the world size. A mean over
-    each rank's own samples would instead weigh a rank's samples by 1 / its count and count an empty rank as 0.
-
-    Args:
-        local_sum: 0-d sum of the per-sample (or per-patch) losses on this rank, with its graph.
-        local_count: 0-d number of samples (or patches) in ``local_sum``; all-reduced (one small collective).
+    Accelerate divided every micro-batch's loss by ``micro`` and DDP averages gradients over the ranks, so
+    the gradient holds sum / (micro x world): multiplying by micro x world / global count leaves the mean over
+    all counted samples of the step (one small all-reduce of ``count``, this rank's). A rank holding only
+    padding (at 1% labels on 8 GPUs) adds nothing and does not shrink the others' update, and the LR chosen
+    does not depend on the world size or on how a step's images are cut into micro-batches.
     """
-    count = accelerator.reduce(local_count.detach().float().reshape(1), reduction="sum").reshape(())
-    return local_sum * accelerator.num_processes / count.clamp_min(1.0)
+    world = accelerator.num_processes
+    total = accelerator.reduce(count.reshape(1), reduction="sum").reshape(()) if world > 1 else count
+    scale = micro * world / total.clamp_min(1.0)
+    for param in model.parameters():
+        if param.grad is not None:
+            param.grad.mul_(scale.to(param.grad.device, param.grad.dtype))
 
 
 def agree(accelerator: Accelerator, *flags: bool | torch.Tensor) -> list[bool]:

@@ -110,7 +110,7 @@ class MAEOutput:
     Attributes:
         loss: scalar float32, MSE over the scored patches of the valid images.
         loss_count: detached scalar, the number of those patches (``loss``'s denominator; for a mean over
-            all ranks, ``train.loop.global_mean``).
+            all ranks, ``train.loop.accumulate_step``).
         pred: ``[N, L, p*p*C]`` predicted patches (normalised per patch when norm_pix_loss).
         mask: ``[N, L]`` float, 1 = scored: hidden from the encoder and not background (MAE's mask when
             there is no background).

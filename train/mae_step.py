@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 
 from shards.images import unit_float
-from train.loop import StepStats, accumulate_step, global_mean
+from train.loop import StepStats, accumulate_step
 from train.mae import EVAL_SUMS, MAE, background_patches
 from train.visualize import masked_images
 
@@ -98,7 +98,7 @@ def train_step(
     mae = accelerator.unwrap_model(model)
     stats = MAEStepStats(loss=torch.zeros(()))
 
-    def loss_of(micro: int, batch: dict) -> torch.Tensor:
+    def loss_of(micro: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         imgs = unit_float(batch["image"])  # the stored integers become [0, 1] floats here, on the device
         background = batch_background(mae, batch, imgs)
         length = imgs.shape[-2] * imgs.shape[-1] // mae.patch_size**2
@@ -111,8 +111,8 @@ def train_step(
         if background is not None:
             stats.skipped_tokens = stats.skipped_tokens + background.sum()
         stats.keys.extend(batch["key"])
-        # the mean over the masked patches of all ranks, not of this rank's own (see global_mean)
-        return global_mean(accelerator, out.loss * out.loss_count.clamp_min(1.0), out.loss_count)
+        # the sum over this rank's scored patches: accumulate_step divides by the step's global count
+        return out.loss * out.loss_count.clamp_min(1.0), out.loss_count
 
     stats.loss, stats.grad_norm = accumulate_step(
         accelerator, model, optimizer, batches, loss_of, step=step, grad_clip=grad_clip

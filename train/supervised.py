@@ -42,7 +42,7 @@ from shards.manifest import read_manifest
 from train import trainer
 from train.classifier import ClassifierConfig, build_classifier
 from train.config import BaseRunConfig, CheckpointConfig, OptimConfig
-from train.loop import StepStats, accumulate_step, global_mean
+from train.loop import StepStats, accumulate_step
 from train.metrics import accuracy, balanced_accuracy, per_class_recall
 from train.provenance import classifier_architecture, init_name, manifest_bins
 from train.run_layout import RESULTS
@@ -91,15 +91,16 @@ def dataset_classes(shards: str) -> list[str]:
 
 
 def masked_loss(
-    accelerator: Accelerator, logits: torch.Tensor, batch: dict, label_smoothing: float
-) -> torch.Tensor:
-    """Cross-entropy over the real, labelled samples of all ranks (padding repeats and -1 labels excluded),
-    normalised by their global count (``train.loop.global_mean``): this rank's share of the global mean."""
+    logits: torch.Tensor, batch: dict, label_smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the summed cross-entropy of the batch's real, labelled samples, their count): padding repeats and -1
+    labels excluded; ``train.loop.accumulate_step`` divides by the step's count over all micro-batches and
+    ranks."""
     keep = (batch["valid"].bool() & (batch["label"] >= 0)).float()
     ce = F.cross_entropy(
         logits.float(), batch["label"].clamp_min(0), reduction="none", label_smoothing=label_smoothing
     )
-    return global_mean(accelerator, (ce * keep).sum(), keep.sum())
+    return (ce * keep).sum(), keep.sum()
 
 
 @torch.no_grad()
@@ -129,11 +130,11 @@ def train_step(
     """One optimizer step of the masked cross-entropy over ``batches`` (``grad_accum_steps`` micro-batches)."""
     stats = StepStats(loss=torch.zeros(()))
 
-    def loss_of(micro: int, batch: dict) -> torch.Tensor:
+    def loss_of(micro: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         stats.images += batch["image"].shape[0]
         stats.keys.extend(batch["key"])
         logits = model(unit_float(batch["image"]))  # stored integers → [0, 1] floats on the device
-        return masked_loss(accelerator, logits, batch, optim.label_smoothing)
+        return masked_loss(logits, batch, optim.label_smoothing)
 
     stats.loss, stats.grad_norm = accumulate_step(
         accelerator, model, optimizer, batches, loss_of, step=step, grad_clip=optim.grad_clip

@@ -3,7 +3,7 @@
     accelerate launch --multi_gpu --num_processes 2 ... tests/train/ddp_loss_script.py OUT
 
 Rank 0 holds four real samples, rank 1 only padding repeats (``valid`` False). Every rank writes
-``OUT/rank-<i>.json``: the gradient of the supervised ``masked_loss`` and the MAE weights' change after one
+``OUT/rank-<i>.json``: the gradient of the supervised ``masked_loss`` (one SGD step at LR 1) and the MAE weights' change after one
 ``train.mae_step.train_step`` with SGD at LR 1 (= minus the gradient). Run as one process (no launcher) it
 steps on rank 0's samples alone: the reference the two ranks must match.
 """
@@ -30,12 +30,17 @@ def batch(real: bool) -> dict:
 
 
 def supervised_grad(accelerator: Accelerator, data: dict) -> list[float]:
+    from train.loop import accumulate_step
     from train.supervised import masked_loss
 
     set_seed(0)
-    model = accelerator.prepare(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 3)))
-    accelerator.backward(masked_loss(accelerator, model(data["image"]), data, 0.0))
-    return torch.cat([p.grad.flatten() for p in model.parameters()]).tolist()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 3))
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    accumulate_step(accelerator, model, optimizer, [data], lambda _, b: masked_loss(model(b["image"]), b, 0.0),
+                    step=0, grad_clip=None)  # fmt: skip
+    after = torch.cat([p.detach().flatten() for p in accelerator.unwrap_model(model).parameters()])
+    return (before - after).tolist()
 
 
 def mae_update(accelerator: Accelerator, data: dict) -> list[float]:

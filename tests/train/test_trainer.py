@@ -112,6 +112,35 @@ class FakeLoader:
         pass
 
 
+def sum_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The squared errors of a batch summed, and their count (what ``accumulate_step`` wants)."""
+    return F.mse_loss(model(batch["x"]), batch["y"], reduction="sum"), torch.tensor(float(len(batch["x"])))
+
+
+def test_two_unequal_micro_batches_step_as_one_batch_of_both() -> None:
+    """Accumulation normalises by the step's count over its micro-batches: 2 + 6 samples accumulated give
+    the update of one batch of the 8 (a mean of the two micro-batch means would weigh the 2 three times)."""
+    from accelerate import Accelerator
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, generator=gen)
+    both = {"x": x, "y": x.sum(dim=1, keepdim=True) + torch.randn(8, 1, generator=gen)}
+    parts = [{k: v[:2] for k, v in both.items()}, {k: v[2:] for k, v in both.items()}]
+    weights = []
+    for batches in ([both], parts):
+        reset_accelerate()
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=len(batches))
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        loss, _ = accumulate_step(accelerator, model, optimizer, batches, lambda _, b, m=model: sum_loss(m, b),
+                                  step=0, grad_clip=None)  # fmt: skip
+        weights.append((torch.cat([p.detach().flatten() for p in model.parameters()]), float(loss)))
+    reset_accelerate()
+    torch.testing.assert_close(weights[1][0], weights[0][0], rtol=1e-6, atol=1e-7)
+    assert weights[1][1] == pytest.approx(weights[0][1], rel=1e-6)
+
+
 @dataclass(frozen=True)
 class FakeOptim:
     lr: float = 0.05
@@ -148,7 +177,7 @@ class FakeTask(trainer.TrainTask):
     def step(self, s: trainer.Session, batches: list[dict]) -> StepStats:
         stats = StepStats(loss=torch.zeros(()), images=2 * len(batches))
         stats.loss, stats.grad_norm = accumulate_step(
-            s.accelerator, s.model, s.optimizer, batches, lambda _, b: F.mse_loss(s.model(b["x"]), b["y"]),
+            s.accelerator, s.model, s.optimizer, batches, lambda _, b: sum_loss(s.model, b),
             step=s.state.step, grad_clip=self.cfg.optim.grad_clip,
         )  # fmt: skip
         return stats
