@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from core.subsets import nested_levels
+
 SPLITS = ("train", "val", "test", "unused")
 """Split names; "unused" holds what is left over when split sizes are given as counts."""
 
@@ -68,47 +70,43 @@ def label_fractions(
     *,
     fractions: Sequence[float] = (0.01, 0.1, 1.0),
     seed: int,
+    patients: Sequence[str] | None = None,
 ) -> list[tuple[float, ...]]:
-    """The nested label fractions of the training set that each item belongs to.
+    """The nested label fractions of the training set that each item belongs to (the build's subset, subset 0
+    of a study; ``core.subsets`` draws every other seed's the same way).
 
     The subset of fraction f holds round(f × labelled train images) images (at least one per class),
-    stratified by class; smaller subsets are contained in larger ones. Unlabeled train images belong to the
-    1.0 set only.
+    stratified by class and drawn by whole patients (within the largest patient's image count of the
+    quota); smaller subsets are contained in larger ones. Unlabeled train images belong to the 1.0 set only.
 
     Args:
         labels: class name per item, None for unlabeled.
         splits: split name per item, as from ``assign_splits``.
         fractions: the label fractions, each in (0, 1].
-        seed: seed of the random choice within each class.
+        seed: seed of the random choice of patients within each class.
+        patients: patient id per item (None: every item its own patient).
 
     Returns:
         Per item the ascending tuple of fractions it belongs to; () for items outside train.
 
     Raises:
-        ValueError: a fraction outside (0, 1], or labels and splits of different length.
+        ValueError: a fraction outside (0, 1], or labels, splits and patients of different length.
     """
-    if len(splits) != len(labels):
+    if len(splits) != len(labels) or (patients is not None and len(patients) != len(labels)):
         raise ValueError(f"{len(labels)} labels but {len(splits)} splits")
     levels = sorted(set(float(f) for f in fractions))
     if not levels or levels[0] <= 0.0 or levels[-1] > 1.0:
         raise ValueError(f"label fractions must lie in (0, 1], got {tuple(fractions)}")
     train = [i for i, split in enumerate(splits) if split == "train"]
-    labelled = np.array([i for i in train if labels[i] is not None], dtype=np.int64)
-    classes, class_of = np.unique(np.array([labels[i] for i in labelled], dtype=str), return_inverse=True)
-    rank = _rank_within_class(class_of, len(classes), seed)
-    per_class = np.bincount(class_of, minlength=len(classes))
-    alloc = _nested_allocations(per_class, levels)
-
-    # Nested subsets: an item belongs to every fraction from the smallest one whose quota covers its rank.
-    first_level = np.full(len(labelled), len(levels), dtype=np.int64)
-    for i in reversed(range(len(levels))):
-        first_level[rank < alloc[i][class_of]] = i
+    labelled = [i for i in train if labels[i] is not None]
+    who = [patients[i] if patients is not None else f"item:{i}" for i in labelled]
+    first_level = nested_levels([labels[i] for i in labelled], who, levels, seed)
     suffixes = [tuple(levels[i:]) for i in range(len(levels) + 1)]
     unlabeled_level = len(levels) - 1 if levels[-1] == 1.0 else len(levels)
     out: list[tuple[float, ...]] = [()] * len(labels)
     for i in train:
         out[i] = suffixes[unlabeled_level]
-    for i, level in zip(labelled.tolist(), first_level.tolist(), strict=True):
+    for i, level in zip(labelled, first_level.tolist(), strict=True):
         out[i] = suffixes[level]
     return out
 
@@ -175,33 +173,3 @@ def _deal(sizes: list[int], targets: list[int]) -> list[int]:
         credit[best] -= size * total
         out.append(best)
     return out
-
-
-def _rank_within_class(class_of: np.ndarray, n_classes: int, seed: int) -> np.ndarray:
-    """A random rank for each item among the items of its class (0 = chosen first)."""
-    random_order = np.random.default_rng(seed).permutation(len(class_of))
-    by_class = random_order[np.argsort(class_of[random_order], kind="stable")]
-    start = np.concatenate(([0], np.cumsum(np.bincount(class_of, minlength=n_classes))[:-1]))
-    rank = np.empty(len(class_of), dtype=np.int64)
-    rank[by_class] = np.arange(len(class_of)) - start[class_of[by_class]]
-    return rank
-
-
-def _nested_allocations(per_class: np.ndarray, levels: list[float]) -> list[np.ndarray]:
-    """Images per class for each fraction: one per class, the rest by Webster's divisor method.
-
-    A divisor method hands out seats in one fixed priority order, so a larger total only adds seats: the
-    allocations are nested. The total is round(f × n) but at least one image per class.
-    """
-    n_labelled = int(per_class.sum())
-    n_classes = len(per_class)
-    extra = per_class - 1  # seats beyond the first one of every class
-    seat_class = np.repeat(np.arange(n_classes), extra)
-    held = 1 + np.arange(len(seat_class)) - np.repeat(np.cumsum(extra) - extra, extra)
-    priority = per_class[seat_class] / (held + 0.5)
-    seat_order = seat_class[np.argsort(-priority, kind="stable")]
-    alloc = []
-    for f in levels:
-        total = min(max(math.floor(f * n_labelled + 0.5), n_classes), n_labelled)
-        alloc.append(1 + np.bincount(seat_order[: total - n_classes], minlength=n_classes))
-    return alloc

@@ -202,7 +202,9 @@ def run_ingest(source: str | Path, cfg: IngestConfig, *, seed: int, workers: int
         counts=counts,
         fractions=None if counts else tuple(sp.fractions),
     )
-    fracs = label_fractions(labels, splits, fractions=tuple(sp.label_fractions), seed=seed)
+    fracs = label_fractions(
+        labels, splits, fractions=tuple(sp.label_fractions), seed=seed, patients=[s.patient for s in scanned]
+    )
     records = []
     for s, patient, split, frac in zip(scanned, patients, splits, fracs, strict=True):
         source_hash = psn.path(s.rel)

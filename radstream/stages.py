@@ -213,7 +213,7 @@ def stage_grid(out: Path, shards: Path, model: TrainedModel, protocol: StudyProt
             if not (run_dir / "results.json").is_file():
                 args = ["--config", str(protocol.recipe(model.name)), f"shards={shards}", f"run_dir={run_dir}",
                         f"loader.label_fraction={fraction}", f"run.seed={seed}",
-                        *protocol.overrides(model.name, steps(fraction) if counted else None),
+                        *protocol.overrides(model.name, steps(fraction, seed) if counted else None),
                         *model.overrides, *([f"optim.lr={lr}"] if lr else [])]  # fmt: skip
                 log_file = out / "logs" / model.name / f"f{fraction:g}-lr{lr or 'recipe'}-seed{seed}.log"
                 run_stage(model.module, args, log_file, prefix)

@@ -67,7 +67,8 @@ def build_loader(
     root, store = resolve_dataset(root, cfg.remote)
     if cfg.verify:
         check_samples_table(root, store.manifest)
-    data = load_split(root, split, fraction)
+    subset = cfg.label_subset if cfg.label_subset is not None else run_seed
+    data = load_split(root, split, fraction, subset)
     if cfg.verify and not store.remote:  # a remote store verifies each shard as it downloads it
         check_shards(root, data.shards, store.manifest, cfg.remote.cache_dir)
     kwargs = {

@@ -118,6 +118,10 @@ class LoaderConfig:
     label_fraction: float | None = None
     """Keep only the train samples in this label fraction (one of the dataset's ``label_fractions``, e.g.
     0.01 for the 1% regime). Ignored for the val and test splits, which are always used whole."""
+    label_subset: int | None = None
+    """Which labelled subset of ``label_fraction`` (``shards.subsets``): 0 the build's, k >= 1 its own
+    patient-grouped, class-stratified draw; None: the run's seed, so seed k of a study trains on subset k
+    (as its probes and kNN do) and the spread over seeds covers which images carry labels."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -136,6 +140,8 @@ class LoaderConfig:
             raise ValueError(
                 f"loader.seed and loader.shuffle_block must be >= 0, got {self.seed}, {self.shuffle_block}"
             )
+        if self.label_subset is not None and self.label_subset < 0:
+            raise ValueError(f"loader.label_subset must be >= 0 or None, got {self.label_subset}")
         if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
             raise ValueError(
                 f"loader.label_fraction must lie in (0, 1] or be None, got {self.label_fraction}"

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from shards.layout import DatasetError, inside, load_manifest, load_samples, shard_entries
 from shards.store import ShardStore
+from shards.subsets import subset_mask
 
 _MAX_OPEN_SHARDS = 64  # file descriptors kept open per process
 
@@ -77,16 +78,6 @@ class SplitSamples:
         return {name: b.shard_counts for name, b in self.bins.items()}
 
 
-def _fraction_mask(fractions, fraction: float) -> np.ndarray:
-    """Rows whose list of label fractions contains ``fraction`` (compared with a float tolerance)."""
-    lists = fractions.combine_chunks()
-    flat = lists.flatten().to_numpy(zero_copy_only=False)
-    parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
-    keep = np.zeros(len(lists), dtype=bool)
-    keep[parents[np.isclose(flat, fraction, rtol=0, atol=1e-9)]] = True
-    return keep
-
-
 def _boxes(column, root: Path) -> np.ndarray:
     """The foreground_bin list column as int64 [N, 4] (without a Python object per row)."""
     lists = column.combine_chunks()
@@ -95,13 +86,16 @@ def _boxes(column, root: Path) -> np.ndarray:
     return lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, 4)
 
 
-def load_split(root: str | os.PathLike[str], split: str, label_fraction: float | None = None) -> SplitSamples:
+def load_split(
+    root: str | os.PathLike[str], split: str, label_fraction: float | None = None, label_subset: int = 0
+) -> SplitSamples:
     """Read the manifest and the split's rows of the samples table.
 
     Args:
         root: the shard dataset folder (holding ``manifest.json`` and ``samples.parquet``).
         split: ``train``, ``val`` or ``test``.
-        label_fraction: keep only rows whose ``fractions`` contain it (None: all rows).
+        label_fraction: keep only the rows of this label fraction (None: all rows).
+        label_subset: which seed's subset of it (``shards.subsets``): 0 the build's, k >= 1 drawn again.
 
     Raises:
         ValueError: no sample left, or a bin the manifest does not know.
@@ -109,9 +103,11 @@ def load_split(root: str | os.PathLike[str], split: str, label_fraction: float |
     root = Path(root)
     manifest = load_manifest(root)
     columns = ["key", "split", "bin", "shard", "offset", "size", "label_index", "fractions", "foreground_bin"]
+    if label_fraction is not None and label_subset:
+        columns.append("patient_id")
     table = load_samples(root, split, columns=columns)
     if label_fraction is not None:
-        table = table.filter(_fraction_mask(table["fractions"], label_fraction))
+        table = table.filter(subset_mask(table, manifest, label_fraction, label_subset))
     if table.num_rows == 0:
         known = manifest.get("label_fraction_sizes", {})
         why = f" in label fraction {label_fraction} (the dataset has {known})" if label_fraction else ""

@@ -62,21 +62,22 @@ def knn_predict(
 def evaluate_knn(
     data: ProbeData,
     aggregations: Sequence[str],
-    subsets: Mapping[float, np.ndarray],
+    subsets: Mapping[tuple[float, int], np.ndarray],
     k: int,
     temperature: float,
 ) -> list[dict]:
-    """Validation and test accuracy of the kNN per (aggregation, label fraction).
+    """Validation and test accuracy of the kNN per (aggregation, label fraction, seed).
 
     Args:
         data: the embeddings. aggregations: which of them.
-        subsets: label fraction -> its labelled training rows (the bank; the probe heads' training subset).
+        subsets: (label fraction, seed) -> the labelled training rows of that seed's subset (the bank; the
+            probe heads' training subset of that seed).
         k, temperature: as ``knn_predict``.
     """
     num_classes = len(data.class_names)
     records = []
     for agg in aggregations:
-        for fraction, rows in subsets.items():
+        for (fraction, seed), rows in subsets.items():
             index = torch.from_numpy(np.asarray(rows)).to(data.labels["train"].device)
             bank_x, bank_y = data.features["train"][agg][index], data.labels["train"][index]
             acc = {}
@@ -84,7 +85,7 @@ def evaluate_knn(
                 pred = knn_predict(bank_x, bank_y, data.features[split][agg], num_classes, k, temperature)
                 acc[split] = float((pred == data.labels[split]).double().mean())
             records.append({
-                "model": f"knn_{agg}", "aggregation": agg, "fraction": fraction, "k": k,
+                "model": f"knn_{agg}", "aggregation": agg, "fraction": fraction, "seed": seed, "k": k,
                 "temperature": temperature, "train_rows": len(index), "val_acc": acc["val"],
                 "test_acc": acc["test"],
             })  # fmt: skip

@@ -59,7 +59,7 @@ def load_probe_data(cfg: ProbeConfig, device: torch.device) -> ProbeData:
     from train.embed_store import read_attrs, read_split
 
     attrs = read_attrs(cfg.embeddings)
-    features, labels, fractions = {}, {}, None
+    features, labels, fractions, keys = {}, {}, None, None
     for split in ("train", "val", "test"):
         part = read_split(cfg.embeddings, split, cfg.aggregations)
         keep = part.labels >= 0
@@ -68,29 +68,67 @@ def load_probe_data(cfg: ProbeConfig, device: torch.device) -> ProbeData:
         features[split] = {a: torch.from_numpy(v[keep]).to(device) for a, v in part.features.items()}
         labels[split] = torch.from_numpy(part.labels[keep]).to(device)
         if split == "train":
-            fractions = part.fractions[keep]
+            fractions, keys = part.fractions[keep], np.asarray(part.keys, dtype=object)[keep]
     class_names = list(attrs.get("class_names") or [])
     if not class_names:
         class_names = [str(i) for i in range(int(max(int(y.max()) for y in labels.values())) + 1)]
-    return ProbeData(features, labels, fractions, [float(f) for f in attrs["label_fractions"]], class_names)
+    levels = [float(f) for f in attrs["label_fractions"]]
+    patients = train_patients(attrs.get("shards"), keys)
+    return ProbeData(features, labels, fractions, levels, class_names, keys, patients)
+
+
+def train_patients(shards: str | None, keys: np.ndarray) -> np.ndarray | None:
+    """The patient id of every training key, from the samples table of the embeddings' shard dataset (None
+    when it is not there, or does not hold every key)."""
+    if not shards or not (Path(shards) / "samples.parquet").is_file():
+        return None
+    from shards.layout import load_samples
+
+    table = load_samples(shards, "train", columns=["key", "patient_id"])
+    patient_of = dict(zip(table["key"].to_pylist(), table["patient_id"].to_pylist(), strict=True))
+    if not all(k in patient_of for k in keys):
+        return None
+    return np.asarray([patient_of[k] for k in keys], dtype=object)
 
 
 def make_groups(data: ProbeData, cfg: ProbeConfig) -> list[Group]:
-    """One data group per (label fraction, seed), fractions outermost.
+    """One data group per (label fraction, seed), fractions outermost; seed k trains on labelled subset k
+    of the fraction (``shards.subsets``: 0 the build's, k >= 1 drawn again by patient and class), as every
+    other model of seed k.
 
     Raises:
-        ValueError: a fraction the store does not have, or one without labelled training rows.
+        ValueError: a fraction the store does not have, one without labelled training rows, or a seed >= 1
+            whose subset cannot be drawn (the shard dataset is gone).
     """
     groups = []
     for fraction in cfg.label_fractions:
         match = [j for j, level in enumerate(data.levels) if abs(level - fraction) < 1e-9]
         if not match:
             raise ValueError(f"label fraction {fraction} is not in the embedding store (has {data.levels})")
-        rows = np.flatnonzero(data.train_fractions[:, match[0]])
-        if len(rows) < 2:
-            raise ValueError(f"label fraction {fraction} has {len(rows)} labelled training rows; need >= 2")
-        groups += [Group(float(fraction), int(seed), rows) for seed in cfg.seeds]
+        for seed in cfg.seeds:
+            rows = subset_rows(data, match[0], int(seed))
+            if len(rows) < 2:
+                raise ValueError(
+                    f"label fraction {fraction} has {len(rows)} labelled training rows; need >= 2"
+                )
+            groups.append(Group(float(fraction), int(seed), rows))
     return groups
+
+
+def subset_rows(data: ProbeData, level: int, seed: int) -> np.ndarray:
+    """The training rows of subset ``seed`` of fraction ``data.levels[level]`` (``shards.subsets``)."""
+    if seed == 0 or data.levels[level] >= 1.0:
+        return np.flatnonzero(data.train_fractions[:, level])
+    if data.train_patients is None or data.train_keys is None:
+        raise ValueError(
+            f"probe seed {seed} draws its own labelled subset by patient, and the patients of the training "
+            "rows are unknown (the embeddings' shard dataset is not where they were made); use seeds=[0]"
+        )
+    from shards.subsets import drawn_mask
+
+    labels = data.labels["train"].cpu().numpy()
+    keep = drawn_mask(data.train_keys, labels, data.train_patients, data.levels, data.levels[level], seed)
+    return np.flatnonzero(keep)
 
 
 def build_grids(data: ProbeData, groups: Sequence[Group], cfg: ProbeConfig) -> dict[str, HeadGrid]:
@@ -255,15 +293,15 @@ def _run_knn(cfg: ProbeConfig, data: ProbeData, groups: Sequence[Group]) -> None
     from train.knn import evaluate_knn, write_knn_results
     from train.provenance import mae_provenance
 
-    subsets = {g.fraction: g.rows for g in groups}
+    subsets = {(g.fraction, g.seed): g.rows for g in groups}
     records = evaluate_knn(data, cfg.aggregations, subsets, cfg.knn_k, cfg.knn_temperature)
     attrs = read_attrs(cfg.embeddings)
     write_knn_results(
         cfg.out, records, cfg.embeddings, attrs.get("aggregation_labels", {}), mae_provenance(attrs)
     )
     for rec in records:
-        logger.info("knn   %-9s fraction %-5g test top-1 %.4f (k %d)", rec["aggregation"], rec["fraction"],
-                    rec["test_acc"], rec["k"])  # fmt: skip
+        logger.info("knn   %-9s fraction %-5g seed %d test top-1 %.4f (k %d)", rec["aggregation"],
+                    rec["fraction"], rec["seed"], rec["test_acc"], rec["k"])  # fmt: skip
 
 
 FLAGS = (

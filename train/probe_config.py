@@ -89,3 +89,8 @@ class ProbeData:
     """bool [N_train, F]: training row i is in label fraction ``levels[j]``."""
     levels: list[float]
     class_names: list[str]
+    train_keys: np.ndarray | None = None
+    """object [N_train]: the training rows' sample keys (seed k >= 1 draws its own labelled subset)."""
+    train_patients: np.ndarray | None = None
+    """object [N_train]: their patient ids, from the shard dataset's samples table (None: not found, and
+    only seed 0, the build's subset, can be probed below 100%)."""

@@ -128,10 +128,11 @@ def _probe_records(path: Path, data: dict) -> list[RunRecord]:
 
 
 def _knn_records(path: Path, data: dict) -> list[RunRecord]:
-    """kNN results: no learning rate (0) and no seed (0): the same neighbours every time."""
+    """kNN results: no learning rate (0); one record per seed's labelled subset (seed 0 in older files)."""
     names, named = data.get("aggregation_labels", {}), _provenance(data)
     return [
-        RunRecord(r["model"], round(float(r["fraction"]), 6), 0, 0.0, float(r["val_acc"]), float(r["test_acc"]),
+        RunRecord(r["model"], round(float(r["fraction"]), 6), int(r.get("seed", 0)), 0.0, float(r["val_acc"]),
+                  float(r["test_acc"]),
                   f"kNN k={r['k']} T={r['temperature']:g}, {names.get(r['aggregation'], r['aggregation'])}",
                   str(path), **named)
         for r in data["results"]

@@ -34,7 +34,11 @@ def synthetic_data(n_train=60, n_val=30, n_test=30, dims=None, signal=2.0, seed=
     fractions = np.zeros((n_train, 2), dtype=bool)
     fractions[:, 1] = True
     fractions[: n_train // 2, 0] = True
-    return ProbeData(features, labels, fractions, [0.5, 1.0], [f"c{i}" for i in range(CLASSES)])
+    keys = np.asarray([f"k{i:03d}" for i in range(n_train)], dtype=object)
+    patients = np.asarray([f"p{i // 2}" for i in range(n_train)], dtype=object)  # two images a patient
+    return ProbeData(
+        features, labels, fractions, [0.5, 1.0], [f"c{i}" for i in range(CLASSES)], keys, patients
+    )
 
 
 def small_cfg(**kw) -> ProbeConfig:
@@ -187,11 +191,22 @@ def test_heads_stop_after_patience_and_keep_their_best_epoch() -> None:
 
 
 def write_store(path, data: ProbeData) -> None:
-    """The synthetic data as an embedding store, through the store's own writer."""
+    """The synthetic data as an embedding store, through the store's own writer, and the samples table its
+    "shards" names (the training rows' patients: seeds >= 1 draw their own subsets by patient)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     dims = {a: x.shape[1] for a, x in data.features["train"].items()}
+    shards = path.parent / "shards"
+    shards.mkdir()
+    n_train = len(data.labels["train"])
+    samples = {"key": [f"train{i}" for i in range(n_train)], "split": ["train"] * n_train,
+               "patient_id": [str(p) for p in data.train_patients]}  # fmt: skip
+    pq.write_table(pa.table(samples), shards / "samples.parquet")
     embed_store.create_store(
         path,
         {
+            "shards": str(shards),
             "checkpoint": "synthetic",
             "class_names": data.class_names,
             "label_fractions": data.levels,
