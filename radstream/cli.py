@@ -253,8 +253,10 @@ def _add_study_parser(sub) -> None:
                        "on your files, on this machine's GPUs or CPU")  # fmt: skip
     _add_source_options(p)
     p.add_argument("out", help="output folder (rerun the same command to resume)")
-    p.add_argument("--protocol", choices=["full", "tiny"], default="full",
-                   help="full: the study's (ViT-B/16, 10 LRs, 3 seeds); tiny: small models, minutes on a CPU")  # fmt: skip
+    p.add_argument("--protocol", choices=["full", "small", "tiny"], default="full",
+                   help="full: the study's (ViT-B/16, 10 LRs, 3 seeds; for GPUs); small: the demo's models and "
+                   "protocol, an hour or two on a few thousand images on a CPU; tiny: minutes, to try the "
+                   "command")  # fmt: skip
     p.add_argument(
         "--lrs", type=float, nargs="+", help="learning rates of the trained models (default: the protocol's)"
     )

@@ -43,50 +43,29 @@ class StudyProtocol:
     train_seeds: int = 3
     """Seeds of every supervised and fine-tuning (fraction, LR)."""
     patience: int = 10
-    """Early stopping of every trained model (epochs without a better validation score)."""
+    """Early stopping of every trained model, probes included: validations (one per epoch) without a better
+    validation score; it never ends a run before ``min_steps``."""
     fractions: tuple[float, ...] = FRACTIONS
     epochs: dict[str, int] | None = None
-    """Epochs per stage (pretrain, vit, cnn, finetune); None or a missing stage: the recipe's."""
+    """Epochs per stage (pretrain, vit, cnn, finetune, probe: its max_epochs), the cap under which
+    early stopping ends a run; None or a missing stage: the recipe's."""
     max_tokens: int | None = None
     """Token cap of the smart bins (None: the build's default)."""
-    min_steps: dict[str, int] | None = None
-    """Per stage, the fewest optimizer steps of a run: a small label fraction trains more epochs, so that a
-    network from scratch (and its BatchNorm statistics) gets trained at all (at 1% an epoch can be one step).
-    Steps are counted on the fraction's real schedule (one bin per batch: an epoch has at least one step per
-    bin). None or a missing stage: epochs as they are."""
+    min_steps: int = 0
+    """The one minimum of every trained model (supervised, fine-tuned, every probe head; not the MAE, which
+    sees every image): at least this many optimizer steps at every label fraction, the epoch cap raised to
+    hold them, early stopping never before them (``run.min_steps``, the probe's ``min_steps``). A small
+    fraction thus trains more epochs: at 1% an epoch can be one step, and a few steps leave a network from
+    scratch, and its BatchNorm statistics, untrained."""
 
     def recipe(self, stage: str) -> Path:
         return ROOT / self.recipes[stage]
 
-    def overrides(self, stage: str, steps_per_epoch: int | None = None) -> list[str]:
-        """Overrides every run of ``stage`` gets from the protocol (``steps_per_epoch``: optimizer steps of
-        one epoch of its label fraction, for ``min_steps``)."""
+    def overrides(self, stage: str) -> list[str]:
+        """Overrides every run of ``stage`` gets from the protocol."""
         epochs = (self.epochs or {}).get(stage)
-        if epochs and steps_per_epoch and stage in (self.min_steps or {}):
-            epochs = max(epochs, -(-self.min_steps[stage] // steps_per_epoch))
-        return [f"run.patience={self.patience}"] + ([f"run.epochs={epochs}"] if epochs else [])
-
-
-def optimizer_steps_per_epoch(
-    shards: Path, model: TrainedModel, recipe: Path, fraction: float, world_size: int
-) -> int:
-    """Optimizer steps of one training epoch of ``model``'s run on the ``fraction`` of the train split, from
-    its config as the stage loads it (``load_config``'s checks: recipe, overrides, defaults) and the schedule
-    itself (bins, batch size or token budget, padding, gradient accumulation)."""
-    import importlib
-
-    from bucketing.schedule import steps_per_epoch
-    from core.config import load_config
-    from shards.loader_base import batch_sizes
-    from shards.loader_data import load_split
-    from train.loop import optimizer_steps
-
-    labels = "null" if fraction is None else fraction
-    overrides = [f"shards={shards}", "run_dir=unused", f"loader.label_fraction={labels}", *model.overrides]
-    cfg = load_config(importlib.import_module(model.module).STAGE_CONFIG, recipe, overrides)
-    counts = load_split(shards, "train", label_fraction=fraction).counts
-    batches = steps_per_epoch(counts, batch_sizes(list(counts), cfg.loader), world_size)
-    return optimizer_steps(batches, cfg.optim.grad_accum_steps)
+        out = [f"run.patience={self.patience}"] + ([f"run.epochs={epochs}"] if epochs else [])
+        return out + ([f"run.min_steps={self.min_steps}"] if stage != "pretrain" else [])
 
 
 def world_size() -> int:
@@ -181,8 +160,10 @@ def stage_probe(out: Path, shards: Path, mae_run: Path, protocol: StudyProtocol,
         run_stage("train.embed", args, out / "logs" / "embed.log", prefix)
         seeds = "[" + ",".join(map(str, range(protocol.seeds))) + "]"
         fractions = "[" + ",".join(f"{f:g}" for f in protocol.fractions) + "]"
+        epochs = (protocol.epochs or {}).get("probe")
         args = ["--config", str(protocol.recipe("probe")), "--embeddings", str(emb), "--out", str(probe_dir),
-                f"seeds={seeds}", f"label_fractions={fractions}", f"patience={protocol.patience}"]  # fmt: skip
+                f"seeds={seeds}", f"label_fractions={fractions}", f"patience={protocol.patience}",
+                f"min_steps={protocol.min_steps}", *([f"max_epochs={epochs}"] if epochs else [])]  # fmt: skip
         run_stage("train.probe", args, out / "logs" / "probe.log", prefix)
     return probe_dir
 
@@ -199,21 +180,15 @@ class TrainedModel:
 def stage_grid(out: Path, shards: Path, model: TrainedModel, protocol: StudyProtocol, prefix: str) -> Path:
     """Every (fraction, LR, seed) run of ``model``; finished runs (results.json) are skipped."""
     root = out / "runs" / model.name
-    counted = model.name in (protocol.min_steps or {})
     lrs = protocol.lrs or (None,)
     runs = [(f, lr, s) for f in protocol.fractions for lr in lrs for s in range(protocol.train_seeds)]
-    world = world_size()
-
-    def steps(fraction: float) -> int:
-        return optimizer_steps_per_epoch(shards, model, protocol.recipe(model.name), fraction, world)
-
     with progress(total=len(runs), desc=model.name, unit="run") as bar:
         for fraction, lr, seed in runs:
             run_dir = root / f"f{fraction:g}" / (lr_dir(lr) if lr else "lr-recipe") / f"seed-{seed}"
             if not (run_dir / "results.json").is_file():
                 args = ["--config", str(protocol.recipe(model.name)), f"shards={shards}", f"run_dir={run_dir}",
                         f"loader.label_fraction={fraction}", f"run.seed={seed}",
-                        *protocol.overrides(model.name, steps(fraction, seed) if counted else None),
+                        *protocol.overrides(model.name),
                         *model.overrides, *([f"optim.lr={lr}"] if lr else [])]  # fmt: skip
                 log_file = out / "logs" / model.name / f"f{fraction:g}-lr{lr or 'recipe'}-seed{seed}.log"
                 run_stage(model.module, args, log_file, prefix)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from radstream.demo import DemoSize
 from radstream.stages import StudyProtocol, run_stages
 from train.sweep import STUDY_LR_GRID
 
@@ -30,8 +31,12 @@ FULL = StudyProtocol(
     seeds=3,
     train_seeds=3,
     patience=10,
+    min_steps=1000,
 )
-"""The study's protocol with the study's models."""
+"""The study's protocol with the study's models. Its minimum: 1000 optimizer steps for every trained model
+at every fraction, about what a full-data run makes before patience can end it (8000 images at batch 64 are
+125 steps an epoch; 10 validations without gain are 1250 steps), so a 1% run (80 images, an epoch of a few
+steps) makes as many updates as the run it is compared with, not 100 epochs' worth."""
 TINY = StudyProtocol(
     {
         "pretrain": "configs/pretrain/debug.yaml",
@@ -45,10 +50,16 @@ TINY = StudyProtocol(
     train_seeds=1,
     epochs={"pretrain": 2, "vit": 1, "cnn": 1, "finetune": 1},
     max_tokens=16,
+    min_steps=2,
 )
 """A minute or two on a CPU: the debug recipes' tiny models on the CPU, one LR and seed, an epoch or two (to
 try the command; what its test runs)."""
-PROTOCOLS = {"full": FULL, "tiny": TINY}
+SMALL = dataclasses.replace(DemoSize().protocol(), max_tokens=DemoSize().max_tokens)
+"""The demo's protocol on the user's own radiographs, for a machine without a GPU: the demo's small models
+(a ViT 96 wide and 4 blocks, a resnet18), images binned to at most 64 patches (128x128), each recipe's one
+learning rate, 2 seeds, the demo's epochs and minimum steps: an hour or two on a few thousand images on a
+laptop, and the way to try radstream on one's own data before the full protocol."""
+PROTOCOLS = {"full": FULL, "small": SMALL, "tiny": TINY}
 
 
 def make_protocol(

@@ -155,6 +155,11 @@ def make_schedule(
     )  # fmt: skip
 
 
+def epochs_for(run: RunConfig, steps_per_epoch: int) -> int:
+    """The run's epochs: ``run.epochs``, raised so that they hold ``run.min_steps`` optimizer steps."""
+    return max(run.epochs, -(-run.min_steps // steps_per_epoch))
+
+
 def optimizer_steps(loader_batches: int, accum: int) -> int:
     """Optimizer steps in an epoch of ``loader_batches`` with ``accum`` micro-batches a step.
 
@@ -406,8 +411,9 @@ class LoopState:
 
 
 def training_over(run: RunConfig, state: LoopState, early: EarlyStopping) -> str | None:
-    """Why training is over at ``state``: early_stop | done | max_steps; None while it goes on."""
-    if early.should_stop:
+    """Why training is over at ``state``: early_stop (never before ``run.min_steps``) | done | max_steps; None
+    while it goes on."""
+    if early.should_stop and state.step >= run.min_steps:
         return "early_stop"
     if state.epoch >= run.epochs:
         return "done"

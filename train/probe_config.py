@@ -37,7 +37,12 @@ class ProbeConfig:
     max_epochs: int = 100
     """Epochs per data group at most; the cosine schedule spans them."""
     patience: int = 10
-    """Early stopping: a head stops after this many epochs without a better validation accuracy (0: never)."""
+    """Early stopping: a head stops after this many validations (one per epoch of its data group) without a
+    better validation accuracy (0: never); never before ``min_steps``."""
+    min_steps: int = 0
+    """The fewest SGD steps of every head, whatever its fraction (``train.probe_grid.group_epochs``): at 1% an
+    epoch can be one step; ``max_epochs`` is raised to cover them. The study's protocols set it as every
+    trained model's ``run.min_steps``."""
     schedule: str = "cosine"
     """Learning-rate schedule per head: "cosine" (to 0 over max_epochs) or "constant"."""
     momentum: float = 0.9
@@ -67,8 +72,13 @@ class ProbeConfig:
             raise ValueError("aggregations, label_fractions and seeds must not be empty")
         if not 0 < self.lr_min <= self.lr_max or self.num_lrs < 1:
             raise ValueError(f"need 0 < lr_min <= lr_max and num_lrs >= 1, got {self.lr_min}, {self.lr_max}")
-        if min(self.batch_size, self.max_epochs, self.eval_batch_size) < 1 or self.patience < 0:
-            raise ValueError("batch_size, max_epochs and eval_batch_size must be >= 1, patience >= 0")
+        if (
+            min(self.batch_size, self.max_epochs, self.eval_batch_size) < 1
+            or min(self.patience, self.min_steps) < 0
+        ):
+            raise ValueError(
+                "batch_size, max_epochs and eval_batch_size must be >= 1, patience and min_steps >= 0"
+            )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.momentum < 1 or self.weight_decay < 0:

@@ -264,11 +264,22 @@ class HeadGrid:
         folded_b = self.bias[groups] - torch.einsum("gd,gdlc->glc", self.running_mean[groups] * scale, w)
         return folded_w, folded_b
 
-    def end_epoch(self, groups: Selector, acc: torch.Tensor, epochs: torch.Tensor) -> None:
+    def end_epoch(
+        self,
+        groups: Selector,
+        acc: torch.Tensor,
+        epochs: torch.Tensor,
+        least: torch.Tensor | None = None,
+        cap: torch.Tensor | None = None,
+    ) -> None:
         """Record the validation accuracy ``acc [G, L]`` of the epoch that just ended for ``groups``.
 
-        ``epochs [G]`` is each group's 0-based epoch (groups of different sizes end epochs at different steps).
+        ``epochs [G]`` is each group's 0-based epoch (groups of different sizes end epochs at different steps);
+        ``least [G]`` the epochs before early stopping may stop its heads (``min_steps``; default 0), ``cap
+        [G]`` its last epoch count (default ``max_epochs``): see ``group_epochs``.
         """
+        least = torch.zeros_like(epochs) if least is None else least
+        cap = torch.full_like(epochs, self.cfg.max_epochs) if cap is None else cap
         active = ~self.stopped[groups]
         improved = active & (acc > self.best_acc[groups])
         folded_w, folded_b = self.folded(groups)
@@ -280,7 +291,8 @@ class HeadGrid:
         self.bad_epochs[groups] = bad
         self.epochs[groups] += active.long()
         out_of_patience = (bad >= self.cfg.patience) if self.cfg.patience > 0 else torch.zeros_like(active)
-        last = (epochs + 1 >= self.cfg.max_epochs)[:, None]
+        out_of_patience = out_of_patience & (epochs + 1 >= least)[:, None]  # never before min_steps
+        last = (epochs + 1 >= cap)[:, None]
         self.stopped[groups] = self.stopped[groups] | out_of_patience | last
 
 
@@ -309,14 +321,26 @@ def _by_batch_size(groups: Sequence[int], sizes: Sequence[int]) -> list[list[int
     return list(buckets.values())
 
 
+def group_epochs(cfg: ProbeConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """(epochs before early stopping may stop a group's heads, the group's epoch cap): ``min_steps`` steps
+    at least, as every trained model of a study (``run.min_steps``), whatever the fraction's epoch length
+    (at 1% an epoch can be one step); the cap is ``max_epochs`` raised to cover them."""
+    least = -(-cfg.min_steps // steps_per_epoch)
+    return least, max(cfg.max_epochs, least)
+
+
 def _validate(
-    grids: dict[str, HeadGrid], data: ProbeData, ended: Selector, epochs: torch.Tensor, cfg: ProbeConfig
-) -> None:
+    grids: dict[str, HeadGrid], data: ProbeData, ended: Sequence[int], epochs: Sequence[int], cfg: ProbeConfig,
+    spans: Sequence[tuple[int, int]],
+) -> None:  # fmt: skip
     """Score the current heads of the ``ended`` groups on val and update their early stopping."""
-    y = data.labels["val"]
+    y, device = data.labels["val"], data.labels["val"].device
+    sel = selector(ended, device)
+    least, cap = [spans[s][0] for s in ended], [spans[s][1] for s in ended]
+    tensors = [torch.tensor(v, device=device) for v in (list(epochs), least, cap)]
     for agg, grid in grids.items():
-        preds = predict(data.features["val"][agg], *grid.folded(ended), cfg.eval_batch_size)
-        grid.end_epoch(ended, (preds == y).double().mean(dim=-1), epochs)
+        preds = predict(data.features["val"][agg], *grid.folded(sel), cfg.eval_batch_size)
+        grid.end_epoch(sel, (preds == y).double().mean(dim=-1), *tensors)
 
 
 def train_grids(
@@ -337,17 +361,19 @@ def train_grids(
         for agg, grid in grids.items():
             grid.set_exact_statistics(data.features["train"][agg], groups)
     spe = [g.steps_per_epoch(b) for g in groups]
+    spans = [group_epochs(cfg, n) for n in spe]
     epoch, pos, done = [0] * len(groups), [0] * len(groups), [False] * len(groups)
     plans = [epoch_batches(g, b, 0) for g in groups]
     bar = progress_bar(
-        total=max(cfg.max_epochs * s for s in spe), desc="probe grid", unit="step", main_process=progress
-    )
+        total=max(cap * n for (_, cap), n in zip(spans, spe, strict=True)), desc="probe grid", unit="step",
+        main_process=progress,
+    )  # fmt: skip
     steps = 0
     while not all(done):
         act = [s for s in range(len(groups)) if not done[s]]
         for bucket in _by_batch_size(act, [len(plans[s][pos[s]]) for s in act]):
             idx = torch.from_numpy(np.stack([plans[s][pos[s]] for s in bucket])).to(device)
-            factor = [_lr_factor(cfg, epoch[s] * spe[s] + pos[s], cfg.max_epochs * spe[s]) for s in bucket]
+            factor = [_lr_factor(cfg, epoch[s] * spe[s] + pos[s], spans[s][1] * spe[s]) for s in bucket]
             sel, factor_t = selector(bucket, device), torch.tensor(factor, device=device)
             for agg, grid in grids.items():
                 grid.train_step(data.features["train"][agg], data.labels["train"], idx, sel, factor_t)
@@ -357,8 +383,7 @@ def train_grids(
             if pos[s] == spe[s]:
                 ended.append(s)
         if ended:
-            epochs = torch.tensor([epoch[s] for s in ended], device=device)
-            _validate(grids, data, selector(ended, device), epochs, cfg)
+            _validate(grids, data, ended, [epoch[s] for s in ended], cfg, spans)
             for s in ended:
                 epoch[s], pos[s] = epoch[s] + 1, 0
                 done[s] = all(bool(grid.stopped[s].all()) for grid in grids.values())

@@ -292,7 +292,11 @@ def markdown(
 def _accuracy_tables(selections: Sequence[Selection], priors: dict[float, float]) -> list[str]:
     lines = [
         "",
-        "Test top-1 accuracy, mean ± std over seeds (sample std; — for one seed). Learning rate chosen per model",
+        "Test top-1 accuracy, mean ± std over seeds (sample std; — for one seed). The spread covers which images",
+        "carry labels: seed k of every model (probes, kNN, baselines, fine-tuning) trains on its own labelled",
+        "subset k of the training split (patient-grouped, class-stratified, nested across fractions; seed 0 the",
+        "build's), with its own initialisation and batch order; with all labels only the latter two vary.",
+        "Learning rate chosen per model",
         "and regime on validation accuracy (mean over seeds). Study: the reference study (IRMA, 8 body regions;",
         "ARCHITECTURE.md §1): ViT-B/16 (768×12, patch 16) and ResNet50 at 224x224, from ImageNet weights.",
     ]

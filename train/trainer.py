@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,9 @@ from train.loop import (
     allow_graphs,
     build_accelerator,
     build_optimizer,
+    epochs_for,
     make_schedule,
+    optimizer_steps,
     param_groups,
     set_lr,
     training_over,
@@ -204,6 +206,10 @@ def _setup(task: TrainTask, accelerator: Accelerator, stop: StopSignal) -> Sessi
     set_seed(cfg.run.seed)  # the same initial weights on every rank
     model = task.build_model()
     loaders = [_loader(cfg, accelerator, split) for split in ("train", "val")]
+    epochs = epochs_for(cfg.run, optimizer_steps(len(loaders[0]), cfg.optim.grad_accum_steps))
+    if epochs != cfg.run.epochs:  # the schedule spans the minimum; config.yaml records what ran
+        logger.info("run.min_steps %d: %d epochs instead of %d", cfg.run.min_steps, epochs, cfg.run.epochs)
+        task.cfg = cfg = replace(cfg, run=replace(cfg.run, epochs=epochs))
     task.mean_batch_size = loaders[0].mean_batch_size
     if cfg.run.compile:  # one static graph per bin and mode (train, evaluation); 8 more for test-only bins
         allow_graphs(2 * len(set(loaders[0].data.bins) | set(loaders[1].data.bins)) + 8)

@@ -77,56 +77,28 @@ def test_tiny_demo_end_to_end(tmp_path: Path, capsys) -> None:
     assert "demo: train." not in capsys.readouterr().out  # no training stage ran again
 
 
-def test_full_demo_trains_two_seeds_of_each_baseline_and_enough_steps(tmp_path: Path, monkeypatch) -> None:
-    """Every baseline row of the full demo has 2 seeds; a small label fraction trains more epochs, so that
-    a network from scratch gets a minimum number of optimizer steps, counted on the fraction's schedule (one
-    bin per batch: 8 images in 4 bins are 4 steps an epoch, not 1)."""
-    from types import SimpleNamespace
-
+@pytest.mark.parametrize("name", ["demo", "small", "full", "tiny"])
+def test_every_protocol_gives_every_trained_model_the_one_minimum(
+    name: str, tmp_path: Path, monkeypatch
+) -> None:
+    """One minimum-steps rule in every protocol (the full study's included): every supervised, fine-tuning
+    and probe run gets the protocol's ``min_steps`` (the trainer raises the epochs and holds early stopping
+    off until them); the MAE, which sees every image, does not."""
     import radstream.demo as demo
     import radstream.stages as stages
-    import train.supervised  # noqa: F401 (the stage loads its config: imported before load_split is patched)
+    from radstream.study import PROTOCOLS
 
+    protocol = demo.DemoSize().protocol() if name == "demo" else PROTOCOLS[name]
+    assert protocol.min_steps > 0
     calls = []
     monkeypatch.setattr(stages, "run_stage", lambda stage, args, log, prefix: calls.append(
-        dict(a.split("=", 1) for a in args if "=" in a)))  # fmt: skip
-    monkeypatch.setattr(stages, "world_size", lambda: 1)
-    bins = ("80x192", "128x128", "144x112", "192x80")
-    per_bin = {0.01: (2, 2, 2, 2), 0.1: (12, 12, 12, 13), 1.0: (122, 122, 122, 123)}
-    monkeypatch.setattr("shards.loader_data.load_split", lambda root, split, label_fraction: SimpleNamespace(
-        counts=dict(zip(bins, per_bin[label_fraction], strict=True))))  # fmt: skip
-    protocol = demo.DemoSize().protocol()
-    for name in ("vit", "cnn"):
-        stages.stage_grid(
-            tmp_path, tmp_path / "shards", stages.TrainedModel(name, "train.supervised"), protocol, "t"
-        )
-    runs = {(c["run_dir"], c["run.seed"]) for c in calls}
-    assert len(runs) == 2 * 3 * 2  # (model, fraction) × 2 seeds
-    epochs = {(c["run_dir"].split("/runs/")[1].split("/")[0], c["loader.label_fraction"], c["run.seed"]):
-              int(c["run.epochs"]) for c in calls}  # fmt: skip
-    assert epochs[("vit", "1.0", "0")] == 12 and epochs[("cnn", "1.0", "0")] == 3  # the protocol's epochs
-    assert epochs[("vit", "0.01", "0")] == 25  # 100 steps at 4 an epoch
-    assert epochs[("cnn", "0.01", "0")] == epochs[("cnn", "0.1", "1")] == 20  # 80 steps, 4 an epoch
-
-
-def test_optimizer_steps_per_epoch_is_the_loaders_length(tiny_shards: Path, tmp_path: Path) -> None:
-    """The count behind the minimum steps is the real loader's: bins, padding, token budget, accumulation; the
-    recipe is loaded as the stage loads it (a key the stage does not know is refused, not ignored)."""
-    from core.config import ConfigError
-    from radstream.stages import TrainedModel, optimizer_steps_per_epoch
-    from shards.loader import build_loader
-    from shards.loader_config import LoaderConfig
-
-    cnn = TrainedModel("cnn", "train.supervised")
-    for batch, accumulation, budget in ((4, 1, None), (3, 2, None), (8, 1, 40)):
-        recipe = tmp_path / f"r{batch}.yaml"
-        recipe.write_text(f"loader:\n  batch_size: {batch}\n  token_budget: {'null' if budget is None else budget}\n"
-                          f"optim:\n  grad_accum_steps: {accumulation}\n")  # fmt: skip
-        cfg = LoaderConfig(backend="torch", batch_size=batch, token_budget=budget, num_workers=0)
-        for world in (1, 2):
-            loader = build_loader(cfg, tiny_shards, "train", train=True, num_processes=world, process_index=0)
-            steps = optimizer_steps_per_epoch(tiny_shards, cnn, recipe, None, world)
-            assert steps == max(1, len(loader) // accumulation)
-    recipe.write_text("optim:\n  grad_accum: 2\n")  # a misspelt key
-    with pytest.raises(ConfigError, match="grad_accum"):
-        optimizer_steps_per_epoch(tiny_shards, cnn, recipe, 1.0, 1)
+        (stage, dict(a.split("=", 1) for a in args if "=" in a))))  # fmt: skip
+    for model in ("vit", "cnn", "finetune"):
+        stages.stage_grid(tmp_path, tmp_path / "shards", stages.TrainedModel(model, "train.x"), protocol, "t")
+    stages.stage_probe(tmp_path, tmp_path / "shards", tmp_path / "mae", protocol, "t")
+    trained = [args for stage, args in calls if stage == "train.x"]
+    assert len(trained) == 3 * len(protocol.fractions) * len(protocol.lrs or [1]) * protocol.train_seeds
+    assert all(int(args["run.min_steps"]) == protocol.min_steps for args in trained)
+    probe = next(args for stage, args in calls if stage == "train.probe")
+    assert int(probe["min_steps"]) == protocol.min_steps
+    assert "run.min_steps" not in " ".join(protocol.overrides("pretrain"))

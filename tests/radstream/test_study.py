@@ -11,6 +11,7 @@ import pytest
 
 from radstream import stages
 from radstream.cli import main
+from radstream.demo import RECIPES
 from radstream.study import FULL, make_protocol
 from train.sweep import STUDY_LR_GRID
 
@@ -23,6 +24,8 @@ def test_full_protocol_is_the_studys() -> None:
     printed = subprocess.run(["bash", str(REPO / "slurm" / "sweep_lr.sbatch"), "--print-lrs"], check=True,
                              capture_output=True, text=True).stdout.split()  # fmt: skip
     assert tuple(map(float, printed)) == STUDY_LR_GRID  # one grid for the study command and the SLURM sweeps
+    small = make_protocol("small")  # the demo's protocol on the user's files, for a CPU
+    assert small.recipes == RECIPES and small.max_tokens == 64 and small.min_steps == 100
     tiny = make_protocol("tiny", lrs=[1e-3, 2e-3], seeds=2, fractions=[1.0])
     assert tiny.lrs == (1e-3, 2e-3) and tiny.seeds == tiny.train_seeds == 2 and tiny.fractions == (1.0,)
 

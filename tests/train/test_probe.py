@@ -287,3 +287,15 @@ def test_batchnorm_statistics_are_exact_at_one_percent() -> None:
     subset = data.features["train"]["mean"][:32]
     torch.testing.assert_close(grids["mean"].running_mean[0], subset.mean(dim=0), atol=1e-5, rtol=0)
     torch.testing.assert_close(grids["mean"].running_var[0], subset.var(dim=0), atol=1e-5, rtol=1e-5)
+
+
+def test_a_one_step_epoch_trains_its_minimum_steps_before_early_stopping() -> None:
+    """The 0.5 subset (30 rows, batch 256) is one step an epoch: patience 1 and 5 epochs would stop every
+    head within 5 steps; min_steps=12 holds each head for 12 steps (the cap raised to cover them)."""
+    data = synthetic_data()
+    cfg = small_cfg(label_fractions=[0.5], seeds=[0], batch_size=256, patience=1, max_epochs=5, min_steps=12)
+    groups = make_groups(data, cfg)
+    grids = build_grids(data, groups, cfg)
+    assert train_grids(grids, data, groups, cfg, progress=False) == 12
+    for grid in grids.values():
+        assert grid.epochs.min() == 12 and grid.stopped.all()

@@ -257,3 +257,27 @@ def test_a_task_the_trainer_does_not_know_trains_checkpoints_and_resumes_exactly
     mtime = (run_dir / "fake.json").stat().st_mtime_ns
     assert trainer.run(FakeTask(replace(reference, run_dir=str(run_dir)))) == 0  # finished: nothing to do
     assert (run_dir / "fake.json").stat().st_mtime_ns == mtime
+
+
+class PeakAtFirstEpoch(FakeTask):
+    """Validation is best after the first epoch and worse after every later one."""
+
+    def validate(self, s: trainer.Session) -> trainer.Validation:
+        loss = float(s.state.epoch)
+        return trainer.Validation("loss", loss, lower_is_better=True, metrics={"loss": loss})
+
+
+def test_early_stopping_never_ends_a_run_before_its_minimum_steps(tmp_path: Path, fake_loaders) -> None:
+    """3 steps an epoch, validation peaks at epoch 0, patience 1: stopped at step 6 without a minimum; with
+    min_steps=10 the epochs are raised to 4 (12 steps) and it trains past step 10."""
+    base = FakeConfig(run_dir=str(tmp_path / "short"))
+    one_epoch = replace(base.run, epochs=10, patience=1)
+    assert trainer.run(PeakAtFirstEpoch(replace(base, run=one_epoch))) == 0
+    short = json.loads((tmp_path / "short" / "fake.json").read_text())
+    assert (short["steps"], short["stopped"]) == (6, "early_stop")
+    reset_accelerate()
+    held = replace(base, run_dir=str(tmp_path / "held"), run=replace(one_epoch, epochs=1, min_steps=10))
+    assert trainer.run(PeakAtFirstEpoch(held)) == 0
+    results = json.loads((tmp_path / "held" / "fake.json").read_text())
+    assert results["steps"] == 12 and results["stopped"] in ("early_stop", "done")
+    assert "epochs: 4" in (tmp_path / "held" / "config.yaml").read_text()
