@@ -197,13 +197,14 @@ def stage_grid(out: Path, shards: Path, model: TrainedModel, protocol: StudyProt
 
 
 def stage_report(out: Path, runs: list[Path], mae_run: Path) -> str:
-    """The tables (results/), the pictures, and the encoder exported with its model card (encoder/: the
-    probe and fine-tuning results of its weights included)."""
+    """The tables (results/: the accuracy tables of ``runs`` and the MAE pretraining table of ``mae_run``),
+    the pictures, and the encoder exported with its model card (encoder/: the probe and fine-tuning results
+    of its weights included)."""
     from train.export import export
     from train.report import write_report
 
     results = out / "results"
-    write_report([str(r) for r in runs], str(results))
+    write_report([str(r) for r in [*runs, mae_run]], str(results))  # the MAE's own table too
     for png in results.glob("*.png"):
         shutil.copy(png, out / "pictures" / png.name)
     for png in sorted((out / "runs" / "probe").rglob("confusion*.png"))[:1]:

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from shards.images import unit_float
 from train.loop import StepStats, accumulate_step
 from train.mae import EVAL_SUMS, MAE, background_patches
+from train.masking import patch_errors, patchify
 from train.visualize import masked_images
 
 
@@ -173,3 +174,47 @@ def _grid_samples(
     recon = mae.to_image(imgs, pred, mask).float().clamp(0, 1)
     masked = masked_images(imgs.float(), mask, mae.patch_size)
     return [(imgs[i].float().cpu(), masked[i].cpu(), recon[i].cpu()) for i in range(len(imgs))]
+
+
+STUDY_MASK_RATIO = 0.75
+STUDY_MASK_SEED = 20_251_207
+"""The study MSE's masks: a uniform random 75% of all patches per image, a pure function of this seed and
+the image's key (``key_noise``), so every model of one dataset is scored on the same hidden patches."""
+
+
+def objective_name(mae: MAE) -> str:
+    """What a run's own loss is, by name (border-aware runs score only the masked foreground patches)."""
+    what = "normalised-patch MSE" if mae.cfg.norm_pix_loss else "pixel MSE"
+    where = "masked foreground patches" if mae.cfg.border_aware else "masked patches"
+    return f"{what}, {where}"
+
+
+@torch.no_grad()
+def study_mse(accelerator: Accelerator, model: torch.nn.Module, loader) -> float | None:
+    """The study's one MSE for every MAE: [0, 1] pixels, over the hidden patches of a uniform random 75%
+    mask of ALL patches (``STUDY_MASK_SEED``; no border-aware background), valid images of all ranks.
+
+    A border-aware run never scores its background patches in training, so its own masks would enter
+    untrained predictions into an all-masked MSE; one mask rule for every model makes the number comparable.
+    None with norm_pix_loss: its predictions are normalised patches, and un-normalising them would need the
+    hidden patch's own statistics. Every rank must call it.
+    """
+    mae = accelerator.unwrap_model(model)
+    if mae.cfg.norm_pix_loss:
+        return None
+    was_training = model.training
+    model.eval()
+    loader.set_epoch(0)
+    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for batch in loader:
+        imgs, valid = batch["image"], batch["valid"].bool()
+        length = imgs.shape[-2] * imgs.shape[-1] // mae.patch_size**2
+        noise = key_noise(STUDY_MASK_SEED, batch["key"], length).to(imgs.device)
+        background = torch.zeros(imgs.shape[0], length, dtype=torch.bool, device=imgs.device)
+        out = model(imgs, mask_ratio=STUDY_MASK_RATIO, background=background, noise=noise)
+        hidden = out.hidden.float() * valid[:, None].float()
+        errors = patch_errors(out.pred.float(), patchify(imgs.float(), mae.patch_size))
+        sums += torch.stack([(errors * hidden).sum().double(), hidden.sum().double()])
+    model.train(was_training)
+    total, count = accelerator.reduce(sums, reduction="sum").tolist()
+    return total / max(count, 1.0)

@@ -41,10 +41,12 @@ SEARCH_DEPTH = 4
 """Folder levels searched below the run's parent when no ``--results`` is given (a run inside a large folder
 must not make the export walk all of it)."""
 TEST_MSE_LABELS = {
+    "test_mse_study": "study MSE (uniform random 75% of all patches, same masks for every model, [0, 1] pixels)",
     "test_mse": "test MSE (masked patches, [0, 1] pixels)",
     "test_mse_all": "test MSE, all masked patches ([0, 1] pixels)",
     "test_mse_foreground": "test MSE, masked foreground patches ([0, 1] pixels)",
     "test_loss": "test loss (the training objective)",
+    "objective": "training objective",
 }
 CURVE_POINTS = 20
 """Validation losses listed in the curve summary (every k-th epoch of a long run)."""

@@ -5,9 +5,12 @@
 Accelerate owns devices, processes (DDP, or FSDP from the accelerate config) and precision; every rank builds
 its own loader from its process index. Each epoch: train, validation loss on "val" (early stopping), a
 reconstruction grid in samples/, a checkpoint. At the end, on "test", in metrics.jsonl and summary.json: the
-test loss (the objective), the study's test MSE (``test_mse``: every masked patch, background included, [0, 1]
-pixel space) and the MSE of the masked foreground patches (``test_mse_foreground``); both MSEs are None with
-norm_pix_loss, whose prediction has no pixel values without the hidden patch's own statistics.
+study's one MSE (``test_mse_study``: [0, 1] pixels over the hidden patches of a uniform random 75% mask of all
+patches, the same masks for every model of the dataset, ``train.mae_step.study_mse``), the run's own objective
+under its own name (``test_loss``, ``objective``: the masked foreground for border-aware masking), and under
+the run's own masks the MSE of every hidden patch (``test_mse``, background included) and of the scored
+foreground ones (``test_mse_foreground``). The pixel MSEs are None with norm_pix_loss, whose prediction has no
+pixel values without the hidden patch's own statistics.
 
 The MAE task of ``train.trainer``, which owns the loop. Restarting the same command resumes exactly from
 ``checkpoints/latest`` (mid-epoch included).
@@ -26,7 +29,7 @@ from shards.loader import ShardLoader
 from train import trainer
 from train.config import PretrainConfig
 from train.mae import build_mae
-from train.mae_step import evaluate, train_step
+from train.mae_step import evaluate, objective_name, study_mse, train_step
 from train.run_layout import SUMMARY
 from train.stage import stage_main
 from train.trainer import Session, TrainTask, Validation
@@ -61,7 +64,10 @@ class MAETask(TrainTask):
 
     def test(self, s: Session, loader: ShardLoader, reason: str, weights: str) -> tuple[dict, dict]:
         result = evaluate(s.accelerator, s.model, loader, seed=self.cfg.run.seed)
+        study = study_mse(s.accelerator, s.model, loader)
+        objective = objective_name(s.accelerator.unwrap_model(s.model))
         test = {
+            "mse_study": study,
             "loss": result.loss,
             "mse_masked": result.mse_masked,
             "mse_foreground": result.mse_foreground,
@@ -71,13 +77,14 @@ class MAETask(TrainTask):
         summary = {
             "stopped": reason, "epochs_completed": s.state.epoch, "steps": s.state.step,
             "best_val_loss": s.early.best if s.early.best_epoch >= 0 else None, "best_epoch": s.early.best_epoch,
-            "test_loss": result.loss, "test_mse": result.mse_masked, "test_mse_foreground": result.mse_foreground,
+            "test_mse_study": study, "objective": objective, "test_loss": result.loss,
+            "test_mse": result.mse_masked, "test_mse_foreground": result.mse_foreground,
             "test_images": result.images,
             "tested_weights": weights, "global_batch": s.schedule.global_batch, "peak_lr": s.schedule.peak_lr,
             "num_processes": s.accelerator.num_processes,
         }  # fmt: skip
-        msg = "finished (%s) at step %d: test loss %.6f, test MSE %s (%s weights)"
-        logger.info(msg, reason, s.state.step, result.loss, result.mse_masked, weights)
+        msg = "finished (%s) at step %d: study MSE %s, test %s %.6f (%s weights)"
+        logger.info(msg, reason, s.state.step, study, objective, result.loss, weights)
         return test, summary
 
 

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 MAE_TITLE = "MAE pretraining"
 MAE_HEADER = (
-    "Run", "Base LR", "Peak LR", "Best val loss", "Test MSE", "Epochs", "Stopped", "Test MSE (foreground)",
+    "Run", "Base LR", "Peak LR", "Best val loss", "Study MSE", "Test objective", "Objective", "Epochs", "Stopped",
     "Architecture", "Init", "Chosen",
 )  # fmt: skip
 """Columns of the MAE pretraining table in results.md."""
@@ -60,6 +60,13 @@ class PretrainRecord:
     """How pretraining started: scratch, a timm tag, a weights file."""
     differs: tuple[str, ...] = ()
     """Where the encoder or its init differs from the study's."""
+    study_mse: float | None = None
+    """The study's one MSE (``train.mae_step.study_mse``): [0, 1] pixels over a uniform random 75% mask of
+    all patches, the same masks for every model of the dataset; None for norm_pix_loss or older runs."""
+    objective: str = "?"
+    """The name of the run's own objective (e.g. "pixel MSE, masked foreground patches")."""
+    test_loss: float | None = None
+    """The run's own objective on the test split."""
 
 
 def _pretrain_record(path: Path, data: dict) -> PretrainRecord | None:
@@ -79,7 +86,8 @@ def _pretrain_record(path: Path, data: dict) -> PretrainRecord | None:
         path.parent.name, float(base_lr), float(data["peak_lr"]), int(OmegaConf.select(cfg, "run.seed") or 0),
         None if best is None else float(best), _float(data["test_mse"]), int(data["epochs_completed"]),
         str(data.get("stopped", "")), str(path), _float(data.get("test_mse_foreground")),
-        architecture_text(arch), init, tuple(differences(arch, init)),
+        architecture_text(arch), init, tuple(differences(arch, init)), _float(data.get("test_mse_study")),
+        str(data.get("objective", "?")), _float(data.get("test_loss")),
     )  # fmt: skip
 
 
@@ -101,8 +109,11 @@ def _float(value) -> float | None:
     return None if value is None else float(value)
 
 
-def _fmt_mse(value: float | None) -> str:
-    return "n/a (norm_pix)" if value is None else f"{value:.4g}"
+def _study(r: PretrainRecord) -> str:
+    """The study MSE cell: n/a for norm_pix_loss, — for a run from before the study MSE."""
+    if r.study_mse is not None:
+        return f"{r.study_mse:.4g}"
+    return "n/a (norm_pix)" if r.objective.startswith("normalised") else "—"
 
 
 def collect_pretrain(run_dirs: Iterable[str | Path]) -> list[PretrainRecord]:
@@ -137,19 +148,22 @@ def pretrain_markdown(records: Sequence[PretrainRecord]) -> list[str]:
     chosen = choose_pretrain_lr(records)
     lines = [
         "", f"## {MAE_TITLE}", "",
-        "Validation loss: the MAE objective on the validation split, best epoch. Test MSE: every masked patch,",
-        "background included, [0, 1] pixels, on the test split (the study's quantity); Test MSE (foreground): the",
-        "masked foreground patches only. No pixel MSE for norm_pix_loss runs (n/a): their predictions are",
+        "Study MSE: the study's quantity, the same for every model: [0, 1] pixels over the hidden patches of a",
+        "uniform random 75% mask of all patches (one fixed seed, the same masks for every model of the dataset),",
+        "on the test split. Test objective: the run's own loss on the test split, named in Objective (a",
+        "border-aware run scores only masked foreground patches). Validation loss: that objective on the",
+        "validation split, best epoch. No pixel MSE for norm_pix_loss runs (n/a): their predictions are",
         "normalised patches. Base LR chosen on the lowest validation loss (mean over seeds), as the study: ✓.",
         "", "| " + " | ".join(MAE_HEADER) + " |", "|" + "---|" * len(MAE_HEADER),
     ]  # fmt: skip
     for r in sorted(records, key=lambda r: (r.base_lr, r.seed)):
         val = "—" if r.best_val_loss is None else f"{r.best_val_loss:.4g}"
-        cells = [r.run, fmt_lr(r.base_lr), fmt_lr(r.peak_lr), val, _fmt_mse(r.test_mse), r.epochs, r.stopped,
-                 _fmt_mse(r.test_mse_foreground), r.architecture, r.init]  # fmt: skip
+        loss = "—" if r.test_loss is None else f"{r.test_loss:.4g}"
+        cells = [r.run, fmt_lr(r.base_lr), fmt_lr(r.peak_lr), val, _study(r), loss, r.objective, r.epochs,
+                 r.stopped, r.architecture, r.init]  # fmt: skip
         lines.append("| " + " | ".join(map(str, cells)) + (" | ✓ |" if r.base_lr == chosen else " |  |"))
     study = MAE_STUDY
-    lines.append(f"| Study | — | — | — | {study['test_mse']:.4g} | {study['epochs']} | early_stop | — | "
+    lines.append(f"| Study | — | — | — | {study['test_mse']:.4g} | — | — | {study['epochs']} | early_stop | "
                  "ViT 768×12, patch 16, 224x224 | ImageNet |  |")  # fmt: skip
     differs = list(dict.fromkeys(d for r in records for d in r.differs))
     if differs:
@@ -161,10 +175,11 @@ def pretrain_csv(records: Sequence[PretrainRecord]) -> str:
     """pretrain.csv: one row per MAE run, by base LR; ``chosen`` is 1 on the rows of the chosen rate."""
     chosen = choose_pretrain_lr(records)
     fields = ["run", "base_lr", "peak_lr", "seed", "best_val_loss", "test_mse", "epochs", "stopped", "chosen",
-              "study_test_mse", "source", "test_mse_foreground"]  # fmt: skip
+              "study_test_mse", "source", "test_mse_foreground", "test_mse_study", "objective", "test_loss"]  # fmt: skip
     rows = [
         [r.run, r.base_lr, r.peak_lr, r.seed, _blank(r.best_val_loss), _blank(r.test_mse), r.epochs, r.stopped,
-         int(r.base_lr == chosen), MAE_STUDY["test_mse"], r.source, _blank(r.test_mse_foreground)]
+         int(r.base_lr == chosen), MAE_STUDY["test_mse"], r.source, _blank(r.test_mse_foreground),
+         _blank(r.study_mse), r.objective, _blank(r.test_loss)]
         for r in sorted(records, key=lambda r: (r.base_lr, r.seed))
     ]  # fmt: skip
     return to_csv(fields, rows)

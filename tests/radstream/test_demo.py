@@ -102,3 +102,16 @@ def test_every_protocol_gives_every_trained_model_the_one_minimum(
     probe = next(args for stage, args in calls if stage == "train.probe")
     assert int(probe["min_steps"]) == protocol.min_steps
     assert "run.min_steps" not in " ".join(protocol.overrides("pretrain"))
+
+
+def test_the_report_stage_prints_the_mae_table(tmp_path: Path, monkeypatch) -> None:
+    """results.md of `radstream demo` / `study` holds the MAE pretraining table: the report gets the MAE run."""
+    import radstream.stages as stages
+    import train.export
+    from tests.train.test_report import write_mae_run
+
+    write_mae_run(tmp_path / "runs" / "mae", 1e-3, 0.02, 0.004)
+    (tmp_path / "pictures").mkdir()
+    monkeypatch.setattr(train.export, "export", lambda *a, **k: None)
+    tables = stages.stage_report(tmp_path, [], tmp_path / "runs" / "mae")
+    assert "## MAE pretraining" in tables and "| mae | 0.001 |" in tables

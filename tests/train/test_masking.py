@@ -151,3 +151,35 @@ def test_init_follows_the_reference():
     assert conv.abs().max() <= bound and conv.std().item() == pytest.approx(bound / 3**0.5, rel=0.15)
     for token in (model.encoder.cls_token, model.mask_token):
         assert token.std().item() == pytest.approx(0.02, rel=0.35)
+
+
+class ListLoader(list):
+    """Batches as a loader: ``study_mse`` resets the epoch and iterates."""
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+def test_the_study_mse_is_one_uniform_mask_for_every_model():
+    """The study MSE hides a uniform random 75% of ALL patches by image key, whatever the model's own masking
+    (border-aware or not) and however the images are batched; padding repeats count nowhere."""
+    from train.mae_step import STUDY_MASK_SEED, key_noise, objective_name, study_mse
+
+    imgs = torch.cat([with_foreground(20, 0), with_foreground(64, 1), with_foreground(10, 2)])
+    keys = ["a", "b", "c"]
+    batch = {"image": imgs, "valid": torch.tensor([True, True, True]), "key": keys}
+    split = [{"image": imgs[:1], "valid": torch.tensor([True]), "key": keys[:1]},
+             {"image": torch.cat([imgs[1:], imgs[:1]]), "valid": torch.tensor([True, True, False]),
+              "key": keys[1:] + keys[:1]}]  # fmt: skip
+    accelerator = Accelerator(cpu=True)
+    border, plain = tiny(border_aware=True), tiny(border_aware=False)
+    assert objective_name(border) == "pixel MSE, masked foreground patches"
+    mse = study_mse(accelerator, border, ListLoader([batch]))
+    assert mse == pytest.approx(study_mse(accelerator, plain, ListLoader([batch])), rel=1e-6)  # same weights
+    assert mse == pytest.approx(study_mse(accelerator, border, ListLoader(split)), rel=1e-6)
+    noise = key_noise(STUDY_MASK_SEED, keys, 64)
+    hidden = torch.zeros(3, 64, dtype=torch.bool).scatter_(1, noise.argsort(dim=1)[:, 16:], True)
+    out = plain(imgs, mask_ratio=0.75, noise=noise)
+    err = (out.pred - patchify(imgs, 16)).pow(2).mean(-1)
+    assert mse == pytest.approx(err[hidden].mean().item(), rel=1e-5)
+    assert study_mse(accelerator, tiny(norm_pix_loss=True), ListLoader([batch])) is None

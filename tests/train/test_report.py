@@ -201,7 +201,8 @@ def write_mae_run(
     summary = {
         "stopped": "early_stop" if val is not None else "max_steps", "epochs_completed": epochs, "steps": 7 * epochs,
         "best_val_loss": val, "best_epoch": epochs - 1 if val is not None else -1, "test_loss": mse * 1.1,
-        "test_mse": mse, "test_images": 9, "tested_weights": "best", "global_batch": 16,
+        "test_mse": mse, "test_mse_study": mse, "objective": "pixel MSE, masked patches", "test_images": 9,
+        "tested_weights": "best", "global_batch": 16,
         "peak_lr": base_lr * 16 / 256, "num_processes": 2,
     }  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -234,14 +235,25 @@ def test_mae_sweep_report_marks_the_lowest_validation_loss(tmp_path: Path, capsy
         ("lr-0.0001", "0.0001"), ("lr-0.0003", "0.0003"), ("lr-0.001", "0.001"), ("lr-0.003", "0.003")
     ]  # fmt: skip
     assert [r[-1] for r in rows] == ["", "✓", "", ""]  # the lowest validation loss, not the lowest test MSE
-    assert rows[1][2:7] == ["1.87e-05", "0.012", "0.0031", "3", "early_stop"]  # peak LR: base x 16 / 256
+    assert rows[1][2:9] == [
+        "1.87e-05",
+        "0.012",
+        "0.0031",
+        "0.00341",
+        "pixel MSE, masked patches",
+        "3",
+        "early_stop",
+    ]
+    # peak LR: base x 16 / 256; the study MSE, then the run's own objective under its name
     assert rows[3][3] == "—"  # no validation loss: listed, never chosen
-    assert rows[0][8].startswith("ViT 32×2, patch 16") and rows[0][9] == "scratch"  # the MAE rows name theirs
+    assert (
+        rows[0][9].startswith("ViT 32×2, patch 16") and rows[0][10] == "scratch"
+    )  # the MAE rows name theirs
     assert (
         "Differs from the study's: width 32 (study: 768), depth 2 (study: 12)"
         in (out / "results.md").read_text()
     )
-    assert study[0] == "Study" and float(study[4]) == 0.002475 and study[5] == "36"
+    assert study[0] == "Study" and float(study[4]) == 0.002475 and study[7] == "36"
     csv_rows = (out / "pretrain.csv").read_text().splitlines()
     assert csv_rows[0].startswith("run,base_lr,peak_lr,seed,best_val_loss,test_mse,epochs,stopped,chosen")
     assert [row.split(",")[8] for row in csv_rows[1:]] == ["0", "1", "0", "0"]
