@@ -38,7 +38,7 @@ from train.metrics import (
     plot_confusion,
 )
 from train.probe_config import ProbeConfig, ProbeData
-from train.probe_grid import Group, HeadGrid, predict, train_grids
+from train.probe_grid import Group, HeadGrid, group_epochs, predict, train_grids
 from train.run_layout import CONFIG, PROBE_RESULTS
 from train.stage import EXIT_OK, Flag, stage_main
 
@@ -151,6 +151,8 @@ def _head_record(agg: str, group: Group, lr: float, grid: HeadGrid, s: int, i: i
         "val_acc": float(grid.best_acc[s, i]),
         "best_epoch": int(grid.best_epoch[s, i]),
         "epochs": int(grid.epochs[s, i]),
+        "capped": int(grid.epochs[s, i])
+        >= group_epochs(grid.cfg, group.steps_per_epoch(grid.cfg.batch_size))[1],
         "test_acc": accuracy(cm),
         "test_balanced_acc": balanced_accuracy(cm),
     }

@@ -103,6 +103,17 @@ class RunRecord:
     """The initialisation: scratch, a timm tag, a weights file, an MAE run."""
     differs: tuple[str, ...] = ()
     """Where the network differs from the study's (``train.provenance.differences``)."""
+    under_trained: bool = False
+    """The run ended on its epoch cap with its best validation epoch the last: it may still have improved."""
+
+
+def under_trained(data: dict) -> bool:
+    """Whether a result (a supervised run or a probe head) ended on its epoch cap with its best validation
+    epoch the last one: early stopping never said it had stopped improving."""
+    capped = data.get("capped", data.get("stopped") == "done")
+    return (
+        bool(capped) and "best_epoch" in data and int(data["best_epoch"]) == int(data.get("epochs", -1)) - 1
+    )
 
 
 def _provenance(data: dict) -> dict:
@@ -122,7 +133,7 @@ def _probe_records(path: Path, data: dict) -> list[RunRecord]:
     return [
         RunRecord(h["model"], round(float(h["fraction"]), 6), int(h["seed"]), float(h["lr"]), float(h["val_acc"]),
                   float(h["test_acc"]), f"MAE probe, {names.get(h['aggregation'], h['aggregation'])}", str(path),
-                  **named)
+                  **named, under_trained=under_trained(h))
         for h in data["heads"]
     ]  # fmt: skip
 
@@ -144,7 +155,7 @@ def _supervised_record(path: Path, data: dict) -> RunRecord:
         RENAMED_MODELS.get(data["model"], data["model"]), round(float(data["fraction"]), 6), int(data["seed"]),
         float(data["lr"]),
         float(data["val_acc"]), float(data["test_acc"]), str(data.get("arch", data["model"])), str(path),
-        **_provenance(data),
+        **_provenance(data), under_trained=under_trained(data),
     )  # fmt: skip
 
 
@@ -186,6 +197,8 @@ class Selection:
     architecture: str = "?"
     init: str = "?"
     differs: tuple[str, ...] = ()
+    under_trained: int = 0
+    """Seeds of the chosen LR that ended on their epoch cap with their best epoch the last."""
 
     @property
     def spread(self) -> str:
@@ -209,7 +222,8 @@ def select_best(records: Iterable[RunRecord]) -> list[Selection]:
         arch = ", ".join(sorted({r.arch for r in chosen}))
         named = {"architecture": "; ".join(sorted({r.architecture for r in chosen})),
                  "init": "; ".join(sorted({r.init for r in chosen})),
-                 "differs": tuple(dict.fromkeys(d for r in chosen for d in r.differs))}  # fmt: skip
+                 "differs": tuple(dict.fromkeys(d for r in chosen for d in r.differs)),
+                 "under_trained": sum(r.under_trained for r in chosen)}  # fmt: skip
         out.append(
             Selection(
                 model,
@@ -296,9 +310,11 @@ def _accuracy_tables(selections: Sequence[Selection], priors: dict[float, float]
         "carry labels: seed k of every model (probes, kNN, baselines, fine-tuning) trains on its own labelled",
         "subset k of the training split (patient-grouped, class-stratified, nested across fractions; seed 0 the",
         "build's), with its own initialisation and batch order; with all labels only the latter two vary.",
-        "Learning rate chosen per model",
-        "and regime on validation accuracy (mean over seeds). Study: the reference study (IRMA, 8 body regions;",
-        "ARCHITECTURE.md §1): ViT-B/16 (768×12, patch 16) and ResNet50 at 224x224, from ImageNet weights.",
+        "Learning rate chosen per model and regime on validation accuracy (mean over seeds). ⚠ not trained: at",
+        "or below the regime's prior-only rate; ⚠ may be under-trained: seeds that ended on their epoch cap with",
+        "their best validation epoch the last (early stopping never said they had stopped improving). Study: the",
+        "reference study (IRMA, 8 body regions; ARCHITECTURE.md §1): ViT-B/16 (768×12, patch 16) and ResNet50 at",
+        "224x224, from ImageNet weights.",
     ]
     for fraction, title in _regimes(selections):
         lines += ["", f"## {title}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
@@ -310,7 +326,8 @@ def _accuracy_tables(selections: Sequence[Selection], priors: dict[float, float]
             if sel is None:
                 lines.append(f"| {label} | — | {study_text} | — | 0 | — | — |")
                 continue
-            ours = f"{sel.test_acc_mean:.4f} ± {sel.spread}"
+            prior = next((r for f, r in priors.items() if math.isclose(f, fraction)), None)
+            ours = f"{sel.test_acc_mean:.4f} ± {sel.spread}" + _flags(sel, prior)
             lr = "—" if model.startswith("knn_") else fmt_lr(sel.lr)
             lines.append(f"| {_row_label(label, sel)} | {ours} | {study_text} | {lr} | {len(sel.seeds)} | "
                          f"{sel.architecture} | {sel.init} |")  # fmt: skip
@@ -327,6 +344,15 @@ def _accuracy_tables(selections: Sequence[Selection], priors: dict[float, float]
             if low:
                 lines.append(f"At or below it: {', '.join(low)}.")
     return lines
+
+
+def _flags(sel: Selection, prior: float | None) -> str:
+    """The row's warnings: not trained (at or below the prior-only rate), may be under-trained (seeds that
+    ended on their epoch cap with their best epoch the last)."""
+    out = " ⚠ not trained (≤ prior-only)" if prior is not None and sel.test_acc_mean <= prior else ""
+    if sel.under_trained:
+        out += f" ⚠ may be under-trained ({sel.under_trained}/{len(sel.seeds)} seeds best at the cap)"
+    return out
 
 
 def _row_label(label: str, sel: Selection) -> str:

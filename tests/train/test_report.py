@@ -377,16 +377,30 @@ def test_prior_only_rate_follows_the_training_labels_of_each_regime(tmp_path: Pa
     class; a regime of one image per class has no prior, and its bar is the mean class share. Rows at or
     below their regime's bar are named under the table."""
     confusion = [[6, 0, 0], [0, 2, 0], [0, 0, 2]]  # test split: 60% / 20% / 20%
-    for fraction, counts, test in ((1.0, [50, 10, 10], 0.8), (0.01, [1, 1, 1], 0.3)):
+    runs = ((1.0, [50, 10, 10], 0.8, "done", 2), (0.01, [1, 1, 1], 0.3, "early_stop", 0))
+    for fraction, counts, test, stopped, best in runs:
         run = tmp_path / f"vit-{fraction}"
         run.mkdir()
         (run / "results.json").write_text(json.dumps({
             "kind": "supervised", "model": "vit", "arch": "vit_tiny_patch16_224", "fraction": fraction, "seed": 0,
             "lr": 1e-3, "val_acc": 0.5, "test_acc": test, "confusion": confusion,
-            "train_class_counts": counts}))  # fmt: skip
+            "train_class_counts": counts, "stopped": stopped, "best_epoch": best, "epochs": 3}))  # fmt: skip
     assert prior_rates([tmp_path]) == pytest.approx({1.0: 0.6, 0.01: 1 / 3})
     write_report([tmp_path], tmp_path / "out")
     text = (tmp_path / "out" / "results.md").read_text()
     full, one = text.split("## Table 2")[0].split("## Table 1")[1], text.split("## Table 2")[1]
     assert "Prior-only rate: 0.6000" in full and "At or below it" not in full
     assert "Prior-only rate: 0.3333" in one and "At or below it: ViT." in one
+    # the rows say it: ended on the cap with the best epoch last, or at the prior-only rate
+    assert "| ViT | 0.8000 ± — ⚠ may be under-trained (1/1 seeds best at the cap) |" in full
+    assert "| ViT | 0.3000 ± — ⚠ not trained (≤ prior-only) |" in one and "under-trained" not in one
+
+
+def test_under_trained_is_the_cap_reached_with_the_best_epoch_last() -> None:
+    from train.report import under_trained
+
+    assert under_trained({"stopped": "done", "best_epoch": 2, "epochs": 3})  # a supervised run on its cap
+    assert not under_trained({"stopped": "done", "best_epoch": 1, "epochs": 3})
+    assert not under_trained({"stopped": "early_stop", "best_epoch": 2, "epochs": 3})
+    assert under_trained({"capped": True, "best_epoch": 99, "epochs": 100})  # a probe head on its cap
+    assert not under_trained({"capped": False, "best_epoch": 9, "epochs": 10})
