@@ -22,6 +22,7 @@ from bucketing.schedule import (
     bin_total,
     epoch_schedule,
     mean_batch_size,
+    mean_step_tokens,
     schedule_stats,
     steps_per_epoch,
     token_budget_batch_sizes,
@@ -58,5 +59,6 @@ __all__ = [
     "schedule_stats",
     "steps_per_epoch",
     "mean_batch_size",
+    "mean_step_tokens",
     "token_budget_batch_sizes",
 ]

@@ -242,6 +242,35 @@ def mean_batch_size(
     return sum(steps[n] * sizes[n] for n in sizes) / total if total else 0.0
 
 
+REFERENCE_TOKENS = 196
+"""Patches of one image of the reference MAE (224x224 at patch 16): the unit of the LR scaling rule."""
+
+
+def mean_step_tokens(
+    counts: Mapping[str, ShardCounts], batch_size: BatchSize, world_size: int, patch_size: int,
+    drop_incomplete: bool = False,
+) -> float:  # fmt: skip
+    """Real patches per rank per step, averaged over the steps of an epoch: what the optimizer really sees.
+
+    Padding repeats (the slots of a bin's last global batch) are not counted, and an image counts by its
+    patches, so a step of 49 images of 512x512 (1024 patches each) weighs what 256 of 224x224 do. Divided by
+    ``REFERENCE_TOKENS`` it is the batch in reference (224x224) images of MAE's LR rule: the MAE loss is the
+    mean over every masked patch of the step (``train.loop.accumulate_step``), so the gradient averages over
+    patches, and at 224x224 it is exactly the reference's image count. With a token budget every step holds
+    about the same patches, so one peak LR fits every bin, which an image count cannot give."""  # noqa: D205
+    _check(counts, world_size)
+    steps = seen = 0
+    for name, shards in counts.items():
+        total = bin_total(shards)
+        if total == 0:
+            continue
+        global_batch = _batch_size_of(batch_size, name) * world_size
+        n = _num_global_batches(total, global_batch, drop_incomplete)
+        real = min(total, n * global_batch)  # dropped incomplete batches are not seen
+        steps, seen = steps + n, seen + real * Bin.parse(name).tokens(patch_size)
+    return seen / (steps * world_size) if steps else 0.0
+
+
 def token_budget_batch_sizes(
     bins: Sequence[str | Bin],
     tokens_per_batch: int,

@@ -53,6 +53,7 @@ from bucketing.elastic import remaining_padding_masks, remaining_schedule
 from bucketing.schedule import (
     epoch_schedule,
     mean_batch_size,
+    mean_step_tokens,
     schedule_stats,
     steps_per_epoch,
     token_budget_batch_sizes,
@@ -175,6 +176,14 @@ class ShardLoader:
         """Images per device batch averaged over an epoch's steps: ``batch_size`` unless a token budget gives
         each bin its own size (then the real mean, which the LR scaling follows, not the cap)."""
         return mean_batch_size(self.data.counts, self.batch_sizes, self.world_size, self.drop_incomplete)
+
+    @property
+    def mean_step_tokens(self) -> float:
+        """Real patches per device batch averaged over an epoch's steps, padding repeats excluded (the MAE's
+        LR scaling, ``bucketing.schedule.mean_step_tokens``)."""
+        return mean_step_tokens(
+            self.data.counts, self.batch_sizes, self.world_size, self.cfg.patch_size, self.drop_incomplete
+        )
 
     def __len__(self) -> int:
         return steps_per_epoch(self.data.counts, self.batch_sizes, self.world_size, self.drop_incomplete)

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin
 
+from bucketing.schedule import REFERENCE_TOKENS
 from train.config import OptimConfig, RunConfig
 
 
@@ -126,18 +127,22 @@ class Schedule:
 
 
 def make_schedule(
-    optim: OptimConfig, epochs: int, batch_size: float, loader_batches: int, num_processes: int
-) -> Schedule:
+    optim: OptimConfig, epochs: int, batch_size: float, loader_batches: int, num_processes: int,
+    step_tokens: float | None = None,
+) -> Schedule:  # fmt: skip
     """The run's step counts and absolute LR: the one schedule builder of every task.
 
     Args:
         optim: optimizer settings (LR and its rule, schedule, warmup, accumulation).
         epochs: training epochs.
         batch_size: images per device batch, averaged over the epoch's steps (the train loader's
-            ``mean_batch_size``: with a token budget the real mean, not the ``batch_size`` cap), so that the
-            peak LR of the per-256 rule follows the batch the optimizer really sees.
+            ``mean_batch_size``): the schedule's position in images (``LoopState.images``).
         loader_batches: the train loader's batches per epoch (equal on every rank).
         num_processes: the world size.
+        step_tokens: real patches per device batch averaged over the epoch's steps, padding excluded (the
+            loader's ``mean_step_tokens``). With the per-256 rule the peak LR is lr x (global patches / 196) /
+            256: MAE's rule in reference 224x224 images, which is the image count at 224x224 and gives every
+            bin of a token budget the LR of the patches it holds. None: the global batch in images.
 
     Raises:
         ValueError: an epoch is shorter than one optimizer step.
@@ -149,8 +154,9 @@ def make_schedule(
     warmup = (
         optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_epochs * steps_per_epoch)
     )
+    lr_batch = step_tokens * num_processes * accum / REFERENCE_TOKENS if step_tokens else global_batch
     return Schedule(
-        global_batch, optim.peak_lr(global_batch), steps_per_epoch, total, min(warmup, total), optim.min_lr,
+        global_batch, optim.peak_lr(lr_batch), steps_per_epoch, total, min(warmup, total), optim.min_lr,
         constant=optim.schedule == "constant",
     )  # fmt: skip
 

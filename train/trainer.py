@@ -84,7 +84,10 @@ class TrainTask:
     """The file in run_dir the task's ``test`` results go to; its "steps" marks the run finished."""
     mean_batch_size: float = 0.0
     """Images per device batch averaged over an epoch (the train loader's), set by the trainer before
-    ``schedule``: with a token budget the LR scaling follows it, not the ``batch_size`` cap."""
+    ``schedule``: the schedule's position in images."""
+    mean_step_tokens: float = 0.0
+    """Real patches per device batch averaged over an epoch, padding excluded, set by the trainer before
+    ``schedule``: the MAE's LR scaling (``train.loop.make_schedule``)."""
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
@@ -101,7 +104,8 @@ class TrainTask:
         """Step counts and learning rates from the train loader's batches per epoch and the world size (every
         task: ``train.loop.make_schedule`` of its ``optim``)."""
         cfg = self.cfg
-        return make_schedule(cfg.optim, cfg.run.epochs, self.mean_batch_size, loader_batches, num_processes)
+        return make_schedule(cfg.optim, cfg.run.epochs, self.mean_batch_size, loader_batches, num_processes,
+                             self.mean_step_tokens)  # fmt: skip
 
     def step(self, s: Session, batches: list[dict]) -> StepStats:
         """One optimizer step over ``batches`` (``grad_accum_steps`` micro-batches) at ``s.state.step``."""
@@ -210,7 +214,7 @@ def _setup(task: TrainTask, accelerator: Accelerator, stop: StopSignal) -> Sessi
     if epochs != cfg.run.epochs:  # the schedule spans the minimum; config.yaml records what ran
         logger.info("run.min_steps %d: %d epochs instead of %d", cfg.run.min_steps, epochs, cfg.run.epochs)
         task.cfg = cfg = replace(cfg, run=replace(cfg.run, epochs=epochs))
-    task.mean_batch_size = loaders[0].mean_batch_size
+    task.mean_batch_size, task.mean_step_tokens = loaders[0].mean_batch_size, loaders[0].mean_step_tokens
     if cfg.run.compile:  # one static graph per bin and mode (train, evaluation); 8 more for test-only bins
         allow_graphs(2 * len(set(loaders[0].data.bins) | set(loaders[1].data.bins)) + 8)
     schedule = task.schedule(len(loaders[0]), accelerator.num_processes)

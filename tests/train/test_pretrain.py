@@ -68,6 +68,24 @@ def test_schedule_scales_lr_by_global_batch(tmp_path):
     assert cfg.optim.lr == 1e-3  # derived values are never written back
 
 
+def test_peak_lr_counts_the_real_patches_a_step_holds(tmp_path):
+    """MAE's rule in reference images (patches / 196): at 224x224 it is the image count, padding repeats
+    excluded; with a token budget a bin of 512x512 (49 a batch) and one of 224x224 (256 a batch) hold the
+    same patches, so both get one LR, the budget's / 196 images."""
+    from bucketing.schedule import mean_step_tokens, token_budget_batch_sizes
+
+    cfg = debug_config(tmp_path, tmp_path, "optim.base_lr=1e-3")
+    fixed = mean_step_tokens({"224x224": 100}, 32, world_size=2, patch_size=16)  # 2 global batches of 64
+    assert fixed == pytest.approx(100 / 4 * 196)  # 100 real images over 2 steps x 2 ranks; 28 padding slots
+    sched = make_schedule(cfg.optim, 1, 32, loader_batches=2, num_processes=2, step_tokens=fixed)
+    assert sched.peak_lr == pytest.approx(1e-3 * 50 / 256)  # 50 real images a step, not 64
+    sizes = token_budget_batch_sizes(["224x224", "512x512"], 256 * 196, 16)
+    assert sizes == {"224x224": 256, "512x512": 49}
+    at224, at512 = (mean_step_tokens({b: 49 * 256 * 4}, sizes, world_size=1, patch_size=16) for b in sizes)
+    assert at224 / 196 == pytest.approx(256) and at512 / 196 == pytest.approx(49 * 1024 / 196)  # = 256
+    assert at512 == pytest.approx(at224)  # an image count would give them 256 : 49
+
+
 def test_lr_schedule_follows_the_images_trained_across_world_sizes(tmp_path):
     """8 -> 4 processes: the global batch halves, the schedule's steps double, the position is in images."""
     cfg = debug_config(tmp_path, tmp_path, "loader.batch_size=4", "optim.warmup_steps=null",
