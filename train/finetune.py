@@ -49,7 +49,7 @@ from train import trainer
 from train.config import BaseRunConfig, CheckpointConfig
 from train.loop import no_weight_decay
 from train.mae import MAE, MAEConfig
-from train.provenance import manifest_bins, vit_dims
+from train.provenance import mae_run_init, manifest_bins, vit_dims
 from train.run_layout import WEIGHTS
 from train.stage import stage_main
 from train.supervised import SupervisedOptimConfig, SupervisedTask, dataset_classes
@@ -266,6 +266,10 @@ class FinetuneTask(SupervisedTask):
             )
         self.arch = model.backbone.cfg.encoder
         self.bins = manifest_bins(read_manifest(cfg.shards))
+        exported = (self.weights / EXPORT_CONFIG).is_file()
+        self.init = f"exported encoder {self.weights.name}" if exported else mae_run_init(
+            self.weights.resolve(), model.backbone.cfg.init
+        )  # fmt: skip
         return model
 
     def describe(self) -> tuple[str, str]:
@@ -285,6 +289,7 @@ class FinetuneTask(SupervisedTask):
     def test(self, s: Session, loader: ShardLoader, reason: str, weights: str) -> tuple[dict, dict]:
         metrics, results = super().test(s, loader, reason, weights)
         results["checkpoint"] = str(self.weights.resolve())  # the model card of these weights finds it
+        results["init"] = self.init  # named like the probe rows: the MAE run, and how it started
         return metrics, results
 
 

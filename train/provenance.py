@@ -21,10 +21,12 @@ STUDY_BINS = ("224x224",)
 STUDY_ARCH = {
     "vit": {"width": 768, "depth": 12, "patch": 16},
     "mae": {"width": 768, "depth": 12, "patch": 16},
+    "mae_finetune": {"width": 768, "depth": 12, "patch": 16},
     "cnn": {"name": "resnet50"},
     "resnet50": {"name": "resnet50"},  # the CNN's kind in result files of earlier versions
 }
-"""The study's networks, per row kind (``mae``: the encoder behind the probe and kNN rows)."""
+"""The study's networks, per row kind (``mae``: the encoder behind the probe and kNN rows; ``mae_finetune``:
+the same encoder fine-tuned)."""
 STUDY_INIT = "ImageNet"
 
 
@@ -75,6 +77,13 @@ def init_name(init: str | None) -> str:
     return f"weights {path.name}"
 
 
+def mae_run_init(weights: Path, mae_init: str | None) -> str:
+    """The init of a row built on MAE weights (probes, kNN, fine-tuning), one wording for all: "MAE run <run>
+    (from <how that run started>)"; ``weights`` is the run's ``best/`` or checkpoint folder."""
+    run = weights.parents[1].name if weights.parent.name == "checkpoints" else weights.parent.name
+    return f"MAE run {run} (from {init_name(mae_init)})"
+
+
 def mae_provenance(attrs: dict) -> dict:
     """``architecture`` and ``init`` of the probe and kNN rows, from an embedding store's attrs: the MAE
     encoder that made the embeddings and the run it came from (and how that run started)."""
@@ -89,9 +98,8 @@ def mae_provenance(attrs: dict) -> dict:
     arch = {"kind": "mae", "name": model_cfg.get("encoder", "?"), "bins": bins}
     if "encoder" in model_cfg:
         arch.update(encoder_dims(model_cfg))
-    folder = Path(str(attrs.get("checkpoint", "?")))
-    run = folder.parents[1].name if folder.parent.name == "checkpoints" else folder.parent.name
-    return {"architecture": arch, "init": f"MAE run {run} (from {init_name(model_cfg.get('init'))})"}
+    init = mae_run_init(Path(str(attrs.get("checkpoint", "?"))), model_cfg.get("init"))
+    return {"architecture": arch, "init": init}
 
 
 def architecture_text(arch: dict | None) -> str:

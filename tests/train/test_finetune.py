@@ -143,6 +143,7 @@ def test_smoke_run_from_an_mae_run_writes_results_and_resumes(tmp_path: Path, ti
         (mae_run / "best").resolve()
     )
     assert results["config"]["model"]["init"] == str(mae_run)  # what the model card reader matches
+    assert results["init"] == "MAE run mae (from scratch)"  # named like the probe rows
     assert results["config"]["optim"]["layer_decay"] == 0.65 and results["fraction"] == 1.0
     assert sum(map(sum, results["confusion"])) == 9 and 0.0 <= results["test_acc"] <= 1.0
     from safetensors.torch import load_file

@@ -404,3 +404,21 @@ def test_under_trained_is_the_cap_reached_with_the_best_epoch_last() -> None:
     assert not under_trained({"stopped": "early_stop", "best_epoch": 2, "epochs": 3})
     assert under_trained({"capped": True, "best_epoch": 99, "epochs": 100})  # a probe head on its cap
     assert not under_trained({"capped": False, "best_epoch": 9, "epochs": 10})
+
+
+def test_fine_tuned_rows_are_checked_against_the_studys_encoder() -> None:
+    from train.provenance import differences, mae_run_init
+
+    assert mae_run_init(Path("/out/runs/mae/best"), None) == "MAE run mae (from scratch)"
+    assert (
+        mae_run_init(Path("/out/runs/mae/checkpoints/step-9"), "/w/vit.pth")
+        == "MAE run mae (from weights vit.pth)"
+    )
+    arch = {"kind": "mae_finetune", "name": "vit_small_patch16_224", "width": 96, "depth": 4, "patch": 16,
+            "bins": ["224x224"]}  # fmt: skip
+    found = differences(arch, "MAE run mae (from scratch)")
+    assert found == [
+        "width 96 (study: 768)",
+        "depth 4 (study: 12)",
+        "init MAE run mae (from scratch) (study: ImageNet)",
+    ]
