@@ -161,8 +161,13 @@ def _head_record(agg: str, group: Group, lr: float, grid: HeadGrid, s: int, i: i
 def score_heads(
     grids: dict[str, HeadGrid], data: ProbeData, groups: Sequence[Group], cfg: ProbeConfig
 ) -> dict:
-    """Test metrics of every head's best weights, the chosen learning rate per (aggregation, fraction, seed)
-    and the chosen heads' weights.
+    """Test metrics of every head's best weights, the chosen learning rate per (aggregation, fraction) and the
+    chosen heads' weights (one per seed).
+
+    The rate is chosen as ``radstream report`` chooses every row's: the best validation accuracy averaged
+    over the seeds (ties: the smaller rate), one rate for all seeds. Choosing per seed would take a maximum
+    over rates for each seed and make the mean optimistic, and the probe's summary would disagree with the
+    report's table.
 
     Returns:
         {"heads": [record per head], "chosen": [record with per-class recall and confusion matrix],
@@ -174,24 +179,24 @@ def score_heads(
     for agg, grid in grids.items():
         preds = predict(data.features["test"][agg], grid.best_weight, grid.best_bias, cfg.eval_batch_size)
         preds = preds.cpu().numpy()
+        scored: dict[float, list[tuple[int, Group, list[dict], list[np.ndarray]]]] = {}
         for s, group in enumerate(groups):
             cms = [confusion_matrix(y, preds[s, i], len(names)) for i in range(len(lrs))]
             records = [_head_record(agg, group, lr, grid, s, i, cms[i]) for i, lr in enumerate(lrs)]
-            best = int(np.argmax([r["val_acc"] for r in records]))  # first maximum: the smaller rate on ties
             heads += records
-            recall = per_class_recall(cms[best])
-            chosen.append(
-                {
-                    **records[best],
-                    "per_class_recall": dict(zip(names, recall, strict=True)),
-                    "confusion": cms[best].tolist(),
+            scored.setdefault(group.fraction, []).append((s, group, records, cms))
+        for runs in scored.values():
+            mean_val = np.mean([[r["val_acc"] for r in records] for _, _, records, _ in runs], axis=0)
+            best = int(np.argmax(mean_val))  # first maximum: the smaller rate on ties
+            for s, group, records, cms in runs:
+                recall = per_class_recall(cms[best])
+                chosen.append({**records[best], "per_class_recall": dict(zip(names, recall, strict=True)),
+                               "confusion": cms[best].tolist()})  # fmt: skip
+                weights[f"{agg}/{group.fraction}/{group.seed}"] = {
+                    "weight": grid.best_weight[s, :, best].T.cpu().clone(),
+                    "bias": grid.best_bias[s, best].cpu().clone(),
+                    "lr": lrs[best],
                 }
-            )
-            weights[f"{agg}/{group.fraction}/{group.seed}"] = {
-                "weight": grid.best_weight[s, :, best].T.cpu().clone(),
-                "bias": grid.best_bias[s, best].cpu().clone(),
-                "lr": lrs[best],
-            }
     return {"heads": heads, "chosen": chosen, "weights": weights}
 
 

@@ -246,15 +246,23 @@ def test_planted_signal_is_learned_far_above_chance_and_results_are_written(tmp_
     for row in summary.values():
         assert row["test_acc_mean"] > 0.8  # chance is 1/3
         assert len(row["seeds"]) == 2
-    for chosen in results["chosen"]:  # the chosen LR has the best validation accuracy of its seed's heads
-        mine = [
-            h
-            for h in results["heads"]
-            if (h["aggregation"], h["fraction"], h["seed"])
-            == (chosen["aggregation"], chosen["fraction"], chosen["seed"])
-        ]
-        assert len(mine) == 3 and chosen["val_acc"] == max(h["val_acc"] for h in mine)
+    from train.report import collect, select_best
+
+    reported = {(s.model, s.fraction): s.lr for s in select_best(collect([tmp_path / "probe"]))}
+    for chosen in results["chosen"]:  # one LR for every seed: the best validation accuracy mean over seeds
+        mine = [h for h in results["heads"] if (h["aggregation"], h["fraction"]) == (chosen["aggregation"],
+                                                                                     chosen["fraction"])]  # fmt: skip
+        by_lr = {
+            lr: np.mean([h["val_acc"] for h in mine if h["lr"] == lr])
+            for lr in sorted({h["lr"] for h in mine})
+        }
+        assert len(mine) == 3 * 2 and chosen["lr"] == max(by_lr, key=by_lr.get)
+        assert (
+            chosen["lr"] == reported[(chosen["model"], chosen["fraction"])]
+        )  # the report's rule, the same LR
         assert sum(map(sum, chosen["confusion"])) == 90
+    for row in summary.values():
+        assert len(set(row["lrs"])) == 1
     out = tmp_path / "probe"
     assert json.loads((out / "probe_results.json").read_text())["kind"] == "probe"
     assert len((out / "probe_results.csv").read_text().splitlines()) == 1 + 3 * 2 * 2 * 3
