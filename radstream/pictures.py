@@ -98,6 +98,8 @@ def baseline_curves(
     label fraction, a line per seed) with the majority-class rate (grey) and each fraction's prior-only rate
     (``train.report.prior_rates``, dotted in the fraction's colour): a curve that stays at or below its
     fraction's line has not learned."""
+    from train.report import model_label
+
     plt = _pyplot()
     runs = sorted(p.parent for p in Path(runs).rglob("results.json"))
     models = sorted({json.loads((r / "results.json").read_text())["model"] for r in runs})
@@ -113,7 +115,7 @@ def baseline_curves(
         color = f"C{fractions.index(result['fraction'])}"
         label = f"{result['fraction']:g} of the labels" if result["seed"] == 0 else None
         ax.plot(*zip(*val, strict=False), "o-", color=color, alpha=0.8, label=label, markersize=3)
-        ax.set_title(f"{result['model']} ({result['arch']}): validation accuracy", fontsize=9)
+        ax.set_title(f"{model_label(result['model'], result['arch'])}: validation accuracy", fontsize=9)
     for ax in axes[0]:
         if majority is not None:
             ax.axhline(majority, color="grey", linestyle="--", label="majority class")

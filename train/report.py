@@ -329,7 +329,7 @@ def _accuracy_tables(selections: Sequence[Selection], priors: dict[float, float]
             prior = next((r for f, r in priors.items() if math.isclose(f, fraction)), None)
             ours = f"{sel.test_acc_mean:.4f} ± {sel.spread}" + _flags(sel, prior)
             lr = "—" if model.startswith("knn_") else fmt_lr(sel.lr)
-            lines.append(f"| {_row_label(label, sel)} | {ours} | {study_text} | {lr} | {len(sel.seeds)} | "
+            lines.append(f"| {model_label(sel.model, sel.arch)} | {ours} | {study_text} | {lr} | {len(sel.seeds)} | "
                          f"{sel.architecture} | {sel.init} |")  # fmt: skip
             if sel.differs:
                 notes.append(f"{label}: {', '.join(sel.differs)}")
@@ -339,7 +339,7 @@ def _accuracy_tables(selections: Sequence[Selection], priors: dict[float, float]
         if prior is not None:
             lines += ["", f"Prior-only rate: {prior:.4f} (always answering the most common class of this "
                       "regime's training labels; a model at or below it has learned nothing it was shown)."]  # fmt: skip
-            low = [_row_label(label, sel) for model, label in [*MODELS, *KNN_MODELS]
+            low = [model_label(sel.model, sel.arch) for model, label in [*MODELS, *KNN_MODELS]
                    if (sel := _find(selections, model, fraction)) is not None and sel.test_acc_mean <= prior]  # fmt: skip
             if low:
                 lines.append(f"At or below it: {', '.join(low)}.")
@@ -355,12 +355,15 @@ def _flags(sel: Selection, prior: float | None) -> str:
     return out
 
 
-def _row_label(label: str, sel: Selection) -> str:
-    """The row's label naming what its flattened aggregation is, e.g. "MAE probe (flattened (14×14))", and
-    the network of a ``NAMED_ROWS`` row, e.g. "CNN baseline (resnet18)"."""
-    named = sel.arch.split(", ")[-1]
-    if sel.model in NAMED_ROWS and sel.arch not in ("?", ""):
-        return f"{label} ({sel.arch})"
+def model_label(model: str, arch: str) -> str:
+    """The name of a row's network, in the tables and in every picture: the row's label, naming what its
+    flattened aggregation is, e.g. "MAE probe (flattened (14×14))", and the network of a ``NAMED_ROWS`` row,
+    e.g. "CNN baseline (resnet18)"."""
+    model = RENAMED_MODELS.get(model, model)
+    label = dict(MODELS + KNN_MODELS).get(model, model)
+    named = arch.split(", ")[-1]
+    if model in NAMED_ROWS and arch not in ("?", ""):
+        return f"{label} ({arch})"
     return f"{label.split(' (')[0]} ({named})" if named.startswith("flattened (") else label
 
 
@@ -395,9 +398,10 @@ def plot_fractions(selections: Sequence[Selection], path: str | Path) -> None:
         if not points:
             continue
         color = f"C{i}"
+        named = model_label(model, points[-1].arch) if points[-1].arch else labels.get(model, model)
         ax.errorbar([p.fraction for p in points], [p.test_acc_mean for p in points],
                     yerr=[p.test_acc_std for p in points], marker="o", capsize=3, color=color,
-                    label=_row_label(labels.get(model, model), points[0]))  # fmt: skip
+                    label=named)  # fmt: skip
         study = sorted((f, acc) for (m, f), acc in STUDY.items() if m == model)
         xs, ys = [f for f, _ in study], [a for _, a in study]
         ax.plot(xs, ys, linestyle="none", marker="o", mfc="none", color=color)

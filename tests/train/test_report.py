@@ -422,3 +422,22 @@ def test_fine_tuned_rows_are_checked_against_the_studys_encoder() -> None:
         "depth 4 (study: 12)",
         "init MAE run mae (from scratch) (study: ImageNet)",
     ]
+
+
+def test_pictures_name_the_network_as_the_table_does(tmp_path: Path, monkeypatch) -> None:
+    """The demo's CNN is a resnet18: the accuracy-vs-fraction legend says so, as its table row does."""
+    import matplotlib.axes
+
+    from train.report import Selection, model_label, plot_fractions
+
+    labels = []
+    original = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, *a, **k: labels.append(k.get("label")) or original(self, *a, **k))  # fmt: skip
+    rows = [Selection("resnet50", f, 1e-3, 0.5, 0.5, 0.0, (0, 1), 1, "resnet18") for f in (0.01, 1.0)]
+    rows += [Selection("probe_mean", 1.0, 1e-3, 0.5, 0.5, 0.0, (0,), 1, "MAE probe, mean")]
+    plot_fractions(rows, tmp_path / "acc.png")
+    assert labels == ["CNN baseline (resnet18)", "MAE probe (mean)"]
+    assert (
+        model_label("resnet50", "resnet18") == "CNN baseline (resnet18)" and model_label("vit", "x") == "ViT"
+    )
