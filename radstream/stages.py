@@ -12,6 +12,7 @@ would run them: ``python -m train.<stage>`` on one GPU or the CPU, ``accelerate 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from train.sweep import STUDY_LR_GRID
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+"""What fixes the CPU threads of torch (intra-op) and of MKL in a stage process."""
 FRACTIONS = (0.01, 0.1, 1.0)
 
 
@@ -51,6 +54,12 @@ class StudyProtocol:
     early stopping ends a run; None or a missing stage: the recipe's."""
     max_tokens: int | None = None
     """Token cap of the smart bins (None: the build's default)."""
+    threads: int | None = None
+    """CPU threads of every stage process (OMP_NUM_THREADS, MKL_NUM_THREADS; None: torch's default, the
+    machine's cores). A fixed count makes a CPU run's float reductions, and so its tables, the same on
+    machines with another number of cores (the same CPU instruction set assumed); the demo fixes 2."""
+    deterministic: bool = False
+    """``run.deterministic`` for every trained model: torch's deterministic algorithms (GPU reruns too)."""
     min_steps: int = 0
     """The one minimum of every trained model (supervised, fine-tuned, every probe head; not the MAE, which
     sees every image): at least this many optimizer steps at every label fraction, the epoch cap raised to
@@ -65,7 +74,13 @@ class StudyProtocol:
         """Overrides every run of ``stage`` gets from the protocol."""
         epochs = (self.epochs or {}).get(stage)
         out = [f"run.patience={self.patience}"] + ([f"run.epochs={epochs}"] if epochs else [])
+        out += [f"run.deterministic={str(self.deterministic).lower()}"]
         return out + ([f"run.min_steps={self.min_steps}"] if stage != "pretrain" else [])
+
+    def env(self) -> dict[str, str]:
+        """The environment of every stage process: this one's, with the protocol's thread count."""
+        fixed = {} if self.threads is None else dict.fromkeys(THREAD_VARIABLES, str(self.threads))
+        return {**os.environ, **fixed}
 
 
 def world_size() -> int:
@@ -90,14 +105,17 @@ def launcher() -> list[str]:
     return [sys.executable, "-m"]
 
 
-def run_stage(stage: str, args: Sequence[str], log_file: Path, prefix: str) -> None:
-    """``stage`` as its own process with its output in ``log_file``; a failure names the stage and the log."""
+def run_stage(
+    stage: str, args: Sequence[str], log_file: Path, prefix: str, env: dict[str, str] | None = None
+) -> None:
+    """``stage`` as its own process (environment ``env``, default this one's) with its output in ``log_file``;
+    a failure names the stage and the log."""
     cmd = [*(launcher() if stage.startswith("train.") and stage != "train.probe" else [sys.executable, "-m"]),
            stage, *args]  # fmt: skip
     log_file.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log_file, "w") as fh:
-        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if code != 0:
         tail = "\n".join(log_file.read_text().splitlines()[-15:])
         raise RuntimeError(f"{prefix}: {stage} failed (exit {code}); log {log_file}:\n{tail}")
@@ -142,7 +160,7 @@ def stage_pretrain(out: Path, shards: Path, protocol: StudyProtocol, seed: int, 
     if not (run_dir / "summary.json").is_file():
         args = ["--config", str(protocol.recipe("pretrain")), f"shards={shards}", f"run_dir={run_dir}",
                 f"run.seed={seed}", *protocol.overrides("pretrain")]  # fmt: skip
-        run_stage("train.pretrain", args, out / "logs" / "pretrain.log", prefix)
+        run_stage("train.pretrain", args, out / "logs" / "pretrain.log", prefix, env=protocol.env())
     loss_curves(run_dir / "metrics.jsonl", out / "pictures" / "mae_loss.png")
     grids = sorted((run_dir / "samples").glob("*.png"))
     for grid in (grids[0], grids[-1]) if grids else ():
@@ -157,14 +175,14 @@ def stage_probe(out: Path, shards: Path, mae_run: Path, protocol: StudyProtocol,
     if not (probe_dir / "probe_results.json").is_file():
         args = ["--checkpoint", str(mae_run), "--shards", str(shards), "--out", str(emb),
                 "loader.backend=torch"]  # fmt: skip
-        run_stage("train.embed", args, out / "logs" / "embed.log", prefix)
+        run_stage("train.embed", args, out / "logs" / "embed.log", prefix, env=protocol.env())
         seeds = "[" + ",".join(map(str, range(protocol.seeds))) + "]"
         fractions = "[" + ",".join(f"{f:g}" for f in protocol.fractions) + "]"
         epochs = (protocol.epochs or {}).get("probe")
         args = ["--config", str(protocol.recipe("probe")), "--embeddings", str(emb), "--out", str(probe_dir),
                 f"seeds={seeds}", f"label_fractions={fractions}", f"patience={protocol.patience}",
                 f"min_steps={protocol.min_steps}", *([f"max_epochs={epochs}"] if epochs else [])]  # fmt: skip
-        run_stage("train.probe", args, out / "logs" / "probe.log", prefix)
+        run_stage("train.probe", args, out / "logs" / "probe.log", prefix, env=protocol.env())
     return probe_dir
 
 
@@ -191,7 +209,7 @@ def stage_grid(out: Path, shards: Path, model: TrainedModel, protocol: StudyProt
                         *protocol.overrides(model.name),
                         *model.overrides, *([f"optim.lr={lr}"] if lr else [])]  # fmt: skip
                 log_file = out / "logs" / model.name / f"f{fraction:g}-lr{lr or 'recipe'}-seed{seed}.log"
-                run_stage(model.module, args, log_file, prefix)
+                run_stage(model.module, args, log_file, prefix, env=protocol.env())
             bar.update()
     return root
 

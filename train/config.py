@@ -137,6 +137,10 @@ class RunConfig:
     """Log metrics to TensorBoard through Accelerate's tracker (run_dir/tensorboard)."""
     test_on_best: bool = True
     """Evaluate the test split with the weights of the best validation epoch (else the last weights)."""
+    deterministic: bool = False
+    """torch's deterministic algorithms (``use_deterministic_algorithms``, warning where an op has none) and
+    a fixed cuBLAS workspace: a rerun on the same machine gives the same bits on a GPU too, at some speed.
+    Without it a CPU run is already bit-identical on the same machine; see README "Reproducibility"."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

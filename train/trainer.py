@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -175,6 +176,10 @@ class Session:
 def run(task: TrainTask) -> int:
     """Train (or resume) the run of ``task.cfg`` to its end; returns the exit code (0, or 124 when stopped)."""
     cfg = task.cfg
+    if cfg.run.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
     accelerator = build_accelerator(cfg.run, cfg.run_dir, cfg.optim.grad_accum_steps)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # one log, from the main process

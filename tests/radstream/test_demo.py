@@ -91,7 +91,7 @@ def test_every_protocol_gives_every_trained_model_the_one_minimum(
     protocol = demo.DemoSize().protocol() if name == "demo" else PROTOCOLS[name]
     assert protocol.min_steps > 0
     calls = []
-    monkeypatch.setattr(stages, "run_stage", lambda stage, args, log, prefix: calls.append(
+    monkeypatch.setattr(stages, "run_stage", lambda stage, args, log, prefix, env=None: calls.append(
         (stage, dict(a.split("=", 1) for a in args if "=" in a))))  # fmt: skip
     for model in ("vit", "cnn", "finetune"):
         stages.stage_grid(tmp_path, tmp_path / "shards", stages.TrainedModel(model, "train.x"), protocol, "t")
@@ -115,3 +115,20 @@ def test_the_report_stage_prints_the_mae_table(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(train.export, "export", lambda *a, **k: None)
     tables = stages.stage_report(tmp_path, [], tmp_path / "runs" / "mae")
     assert "## MAE pretraining" in tables and "| mae | 0.001 |" in tables
+
+
+def test_the_demo_fixes_its_threads_and_deterministic_algorithms(tmp_path: Path, monkeypatch) -> None:
+    """Every stage process of the demo runs 2 CPU threads (its tables do not depend on the machine's core
+    count) and every trained model with torch's deterministic algorithms."""
+    import subprocess
+
+    import radstream.demo as demo
+    import radstream.stages as stages
+
+    protocol = demo.DemoSize().protocol()
+    assert protocol.env()["OMP_NUM_THREADS"] == protocol.env()["MKL_NUM_THREADS"] == "2"
+    assert "run.deterministic=true" in protocol.overrides("vit")
+    seen = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, stdout, stderr, env: seen.append(env) or 0)
+    stages.run_stage("train.probe", [], tmp_path / "x.log", "t", env=protocol.env())
+    assert seen[0]["OMP_NUM_THREADS"] == "2"

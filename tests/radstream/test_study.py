@@ -33,7 +33,7 @@ def test_full_protocol_is_the_studys() -> None:
 def test_grid_runs_every_fraction_lr_and_seed_once(tmp_path: Path, monkeypatch) -> None:
     calls = []
 
-    def fake_stage(stage, args, log_file, prefix):
+    def fake_stage(stage, args, log_file, prefix, env=None):
         run_dir = Path(next(a for a in args if a.startswith("run_dir=")).split("=", 1)[1])
         run_dir.mkdir(parents=True)
         (run_dir / "results.json").write_text("{}")

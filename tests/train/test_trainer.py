@@ -78,6 +78,7 @@ class FakeLoader:
     """``batches`` batches of 2 samples an epoch, a pure function of (split, epoch, index); resumable."""
 
     mean_batch_size = 2.0
+    mean_step_tokens = 2.0 * 196
 
     def __init__(self, split: str, batches: int = 6) -> None:
         self.split, self.batches, self.epoch, self.position = split, batches, 0, 0
@@ -281,3 +282,19 @@ def test_early_stopping_never_ends_a_run_before_its_minimum_steps(tmp_path: Path
     results = json.loads((tmp_path / "held" / "fake.json").read_text())
     assert results["steps"] == 12 and results["stopped"] in ("early_stop", "done")
     assert "epochs: 4" in (tmp_path / "held" / "config.yaml").read_text()
+
+
+def test_a_deterministic_run_turns_on_torchs_deterministic_algorithms(tmp_path: Path, fake_loaders) -> None:
+    seen = []
+
+    class Record(FakeTask):
+        def step(self, s, batches):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+            return super().step(s, batches)
+
+    cfg = FakeConfig(run_dir=str(tmp_path / "run"))
+    try:
+        assert trainer.run(Record(replace(cfg, run=replace(cfg.run, epochs=1, deterministic=True)))) == 0
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert seen and all(seen)
