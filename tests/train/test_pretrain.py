@@ -286,8 +286,10 @@ def test_loader_seed_follows_run_seed_unless_set(tmp_path, monkeypatch, recipe):
     assert seen == [3, 5]
 
 
-def test_token_budget_lr_follows_the_real_mean_batch(tiny_shards, tmp_path):
-    """With a token budget, the peak LR scales with the epoch's mean images per step, not the batch_size cap."""
+def test_token_budget_lr_follows_the_real_patches_a_step_holds(tiny_shards, tmp_path):
+    """With a token budget, the peak LR scales with the epoch's mean real patches per step / 196 (MAE's rule in
+    reference images), not the batch_size cap; the schedule's global batch is the mean images per step."""
+    from bucketing.geometry import Bin
     from shards.loader import build_loader
 
     run_dir = tmp_path / "run"
@@ -302,4 +304,5 @@ def test_token_budget_lr_follows_the_real_mean_batch(tiny_shards, tmp_path):
     assert pretrain.run(cfg) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global_batch"] == pytest.approx(mean)
-    assert summary["peak_lr"] == pytest.approx(1e-3 * mean / 256)
+    patches = sum(counts[n] * Bin.parse(n).tokens(16) for n in steps) / sum(steps.values())
+    assert summary["peak_lr"] == pytest.approx(1e-3 * patches / 196 / 256)
