@@ -61,3 +61,19 @@ def test_unreadable_inputs_become_rejects_with_their_path(source: Path, tmp_path
     assert [r.rel for r in result.records] == ["a/good.png"]
     assert [r.path for r in result.rejects] == ["a/notes.png"] and result.rejects[0].reason
     assert result.seen == 2
+
+
+def test_dropped_labels_use_none_of_the_label_fraction_quota(source: Path) -> None:
+    """drop_labels removes a class before the label fractions are drawn: the smallest fraction holds its quota
+    of the kept images only (one per kept class at least) and no dropped image. (It held on main already:
+    discover rejects a dropped class before the splits and fractions are drawn; this guards it.)"""
+    kept = IngestConfig(labels="folder", drop_labels=[], splits=SplitConfig(label_fractions=[0.05, 1.0]))
+    full = run_ingest(source, kept, seed=0)
+    dropped_class = Counter(r.label for r in full.records).most_common(1)[0][0]
+    cfg = dataclasses.replace(kept, drop_labels=[dropped_class])
+    result = run_ingest(source, cfg, seed=0)
+    assert dropped_class not in {r.label for r in result.records} | set(result.class_names)
+    train = [r for r in result.records if r.split == "train" and r.label]
+    small = [r for r in train if 0.05 in r.fractions]
+    assert len(small) == max(round(0.05 * len(train)), len(result.class_names))
+    assert {r.label for r in small} == set(result.class_names)
