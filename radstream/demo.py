@@ -93,7 +93,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), seed: int = 0, worker
     tables = run_stages(out, src, size.protocol(), build_overrides=build, seed=seed, workers=workers,
                         prefix="demo", first=2)  # fmt: skip
     from radstream.pictures import baseline_curves
-    from train.report import majority_rate, prior_rates
+    from train.report_checks import majority_rate, prior_rates
 
     runs = [out / "runs" / name for name in ("vit", "cnn")]
     baseline_curves(

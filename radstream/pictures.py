@@ -96,7 +96,7 @@ def baseline_curves(
 ) -> Path:  # fmt: skip
     """Validation accuracy per epoch of every supervised run under ``runs`` (one panel per model, a colour per
     label fraction, a line per seed) with the majority-class rate (grey) and each fraction's prior-only rate
-    (``train.report.prior_rates``, dotted in the fraction's colour): a curve that stays at or below its
+    (``train.report_checks.prior_rates``, dotted in the fraction's colour): a curve that stays at or below its
     fraction's line has not learned."""
     from train.report import model_label
 

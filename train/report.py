@@ -31,6 +31,7 @@ import numpy as np
 from core.atomic import write_text
 from train.metrics import mean_std
 from train.provenance import architecture_text, differences
+from train.report_checks import flags, majority_rate, prior_rates, under_trained
 from train.report_files import fmt_lr, read_result, refuse_twice, result_files, to_csv
 from train.report_mae import MAE_TITLE, PretrainRecord, collect_pretrain, pretrain_csv, pretrain_markdown
 from train.run_layout import RESULT_FILES, RESULTS
@@ -105,15 +106,6 @@ class RunRecord:
     """Where the network differs from the study's (``train.provenance.differences``)."""
     under_trained: bool = False
     """The run ended on its epoch cap with its best validation epoch the last: it may still have improved."""
-
-
-def under_trained(data: dict) -> bool:
-    """Whether a result (a supervised run or a probe head) ended on its epoch cap with its best validation
-    epoch the last one: early stopping never said it had stopped improving."""
-    capped = data.get("capped", data.get("stopped") == "done")
-    return (
-        bool(capped) and "best_epoch" in data and int(data["best_epoch"]) == int(data.get("epochs", -1)) - 1
-    )
 
 
 def _provenance(data: dict) -> dict:
@@ -255,34 +247,6 @@ def _find(selections: Sequence[Selection], model: str, fraction: float) -> Selec
     return next((s for s in selections if s.model == model and math.isclose(s.fraction, fraction)), None)
 
 
-def majority_rate(run_dirs: Iterable[str | Path]) -> float | None:
-    """The test split's majority-class rate (the accuracy of always answering the largest class), from the
-    confusion matrix of a supervised results.json; None without one."""
-    for path in result_files(run_dirs, (RESULTS,)):
-        cm = np.asarray(read_result(path).get("confusion") or [], dtype=float)
-        if cm.size and cm.sum() > 0:
-            return float(cm.sum(axis=1).max() / cm.sum())
-    return None
-
-
-def prior_rates(run_dirs: Iterable[str | Path]) -> dict[float, float]:
-    """Per label fraction, the test accuracy of always answering the most common class of that fraction's
-    training labels (ties: the mean over the tied classes) — what a model that learned only the class prior
-    it was shown scores. From supervised results.json files (``confusion`` and ``train_class_counts``).
-
-    With all labels it is the test split's majority-class rate; a fraction that holds one image per class
-    shows no prior at all, and its rate is the mean class share (chance, 1 / classes, when balanced)."""
-    rates: dict[float, float] = {}
-    for path in result_files(run_dirs, (RESULTS,)):
-        data = read_result(path)
-        cm, counts = np.asarray(data.get("confusion") or [], float), data.get("train_class_counts")
-        if not counts or not cm.size or cm.sum() <= 0 or len(counts) != len(cm):
-            continue
-        share, counts = cm.sum(axis=1) / cm.sum(), np.asarray(counts)
-        rates.setdefault(round(float(data["fraction"]), 6), float(share[counts == counts.max()].mean()))
-    return rates
-
-
 def markdown(
     selections: Sequence[Selection], pretrain: Sequence[PretrainRecord] = (), majority: float | None = None,
     priors: dict[float, float] | None = None,
@@ -327,7 +291,9 @@ def _accuracy_tables(selections: Sequence[Selection], priors: dict[float, float]
                 lines.append(f"| {label} | — | {study_text} | — | 0 | — | — |")
                 continue
             prior = next((r for f, r in priors.items() if math.isclose(f, fraction)), None)
-            ours = f"{sel.test_acc_mean:.4f} ± {sel.spread}" + _flags(sel, prior)
+            ours = f"{sel.test_acc_mean:.4f} ± {sel.spread}" + flags(
+                sel.test_acc_mean, len(sel.seeds), sel.under_trained, prior
+            )
             lr = "—" if model.startswith("knn_") else fmt_lr(sel.lr)
             lines.append(f"| {model_label(sel.model, sel.arch)} | {ours} | {study_text} | {lr} | {len(sel.seeds)} | "
                          f"{sel.architecture} | {sel.init} |")  # fmt: skip
@@ -344,15 +310,6 @@ def _accuracy_tables(selections: Sequence[Selection], priors: dict[float, float]
             if low:
                 lines.append(f"At or below it: {', '.join(low)}.")
     return lines
-
-
-def _flags(sel: Selection, prior: float | None) -> str:
-    """The row's warnings: not trained (at or below the prior-only rate), may be under-trained (seeds that
-    ended on their epoch cap with their best epoch the last)."""
-    out = " ⚠ not trained (≤ prior-only)" if prior is not None and sel.test_acc_mean <= prior else ""
-    if sel.under_trained:
-        out += f" ⚠ may be under-trained ({sel.under_trained}/{len(sel.seeds)} seeds best at the cap)"
-    return out
 
 
 def model_label(model: str, arch: str) -> str:
