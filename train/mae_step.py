@@ -207,7 +207,7 @@ def study_mse(accelerator: Accelerator, model: torch.nn.Module, loader) -> float
     loader.set_epoch(0)
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     for batch in loader:
-        imgs, valid = batch["image"], batch["valid"].bool()
+        imgs, valid = unit_float(batch["image"]), batch["valid"].bool()
         length = imgs.shape[-2] * imgs.shape[-1] // mae.patch_size**2
         noise = key_noise(STUDY_MASK_SEED, batch["key"], length).to(imgs.device)
         background = torch.zeros(imgs.shape[0], length, dtype=torch.bool, device=imgs.device)
