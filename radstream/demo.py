@@ -40,10 +40,10 @@ class DemoSize:
     """Epoch caps of the ViT and the CNN baselines (raised at small fractions to hold ``min_steps``)."""
     finetune_epochs: int = 16
     min_steps: int = 100
-    """The one minimum of every trained model, probes included (``Protocol.min_steps``), counted on each
+    """The one minimum of every trained model, probes included (``StudyProtocol.min_steps``), counted on each
     run's own schedule."""
     threads: int = 2
-    """CPU threads of every stage (``Protocol.threads``): the tables are the same on a machine with more
+    """CPU threads of every stage (``StudyProtocol.threads``): the tables are the same on a machine with more
     cores (and the same CPU instruction set); the 2-core machine the demo is timed on uses them all."""
     seeds: int = 2
     """Seeds of the probes."""

@@ -34,7 +34,7 @@ from train.provenance import architecture_text, differences
 from train.report_checks import flags, majority_rate, prior_rates, under_trained
 from train.report_files import fmt_lr, read_result, refuse_twice, result_files, to_csv
 from train.report_mae import MAE_TITLE, PretrainRecord, collect_pretrain, pretrain_csv, pretrain_markdown
-from train.run_layout import RESULT_FILES, RESULTS
+from train.run_layout import RESULT_FILES
 
 logger = logging.getLogger(__name__)
 

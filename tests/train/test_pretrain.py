@@ -74,7 +74,7 @@ def test_peak_lr_counts_the_real_patches_a_step_holds(tmp_path):
     same patches, so both get one LR, the budget's / 196 images."""
     from bucketing.schedule import mean_step_tokens, token_budget_batch_sizes
 
-    cfg = debug_config(tmp_path, tmp_path, "optim.base_lr=1e-3")
+    cfg = debug_config(tmp_path, tmp_path, "optim.lr=1e-3")
     fixed = mean_step_tokens({"224x224": 100}, 32, world_size=2, patch_size=16)  # 2 global batches of 64
     assert fixed == pytest.approx(100 / 4 * 196)  # 100 real images over 2 steps x 2 ranks; 28 padding slots
     sched = make_schedule(cfg.optim, 1, 32, loader_batches=2, num_processes=2, step_tokens=fixed)
