@@ -434,7 +434,7 @@ def test_pictures_name_the_network_as_the_table_does(tmp_path: Path, monkeypatch
     original = matplotlib.axes.Axes.errorbar
     monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
                         lambda self, *a, **k: labels.append(k.get("label")) or original(self, *a, **k))  # fmt: skip
-    rows = [Selection("resnet50", f, 1e-3, 0.5, 0.5, 0.0, (0, 1), 1, "resnet18") for f in (0.01, 1.0)]
+    rows = [Selection("cnn", f, 1e-3, 0.5, 0.5, 0.0, (0, 1), 1, "resnet18") for f in (0.01, 1.0)]
     rows += [Selection("probe_mean", 1.0, 1e-3, 0.5, 0.5, 0.0, (0,), 1, "MAE probe, mean")]
     plot_fractions(rows, tmp_path / "acc.png")
     assert labels == ["CNN baseline (resnet18)", "MAE probe (mean)"]
