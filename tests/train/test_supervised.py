@@ -176,6 +176,9 @@ def test_bad_config_is_refused(tmp_path: Path) -> None:
         config("debug_vit.yaml", tmp_path, tmp_path, "model.kind=densenet")
     with pytest.raises(ConfigError, match="ViT only"):
         config("debug_resnet.yaml", tmp_path, tmp_path, "model.depth=2")
+    # the kind of earlier recipes
+    with pytest.raises(ConfigError, match="model.kind 'resnet50' is now 'cnn'"):
+        config("debug_resnet.yaml", tmp_path, tmp_path, "model.kind=resnet50")
 
 
 # ------------------------------------------------------------------------------- stop, requeue, resume
