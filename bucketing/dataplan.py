@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from bucketing.schedule import BatchSize, ShardCounts, bin_total, epoch_schedule
+from bucketing.schedule import BatchSize, ShardCounts, _batch_size_of, _check, bin_sequence, bin_total
 
 _CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
 
@@ -114,35 +114,25 @@ def padding_masks(
     world_size: int,
     rank: int,
     drop_incomplete: bool,
-    shuffle_block: int = 0,
 ) -> list[np.ndarray]:
-    """Per step of ``rank``, which samples are first appearances in the epoch's global batch order.
+    """Per step of ``rank``, which samples are first appearances in the epoch's global batch order (steps in
+    order, ranks in order within a step).
 
-    Walks every rank's schedule (steps in order, ranks in order within a step, positions in order), so it
-    holds whatever the schedule's padding rule is.
+    A bin's global batches cut its bin order front to back and wrap around it (``epoch_schedule``), so the
+    sample at place ``p`` of the order is a repeat exactly when ``p >= count``: each sample sits at one place
+    below ``count``, and every earlier place comes earlier in the global order. So only this rank's places
+    are needed, O(N / W) at an epoch boundary instead of every rank's schedule (O(N) per rank, W ranks).
     """
-    per_rank = [
-        epoch_schedule(
-            counts,
-            batch_sizes,
-            seed=seed,
-            epoch=epoch,
-            world_size=world_size,
-            rank=r,
-            drop_incomplete=drop_incomplete,
-            shuffle_block=shuffle_block,
-        )
-        for r in range(world_size)
-    ]
-    seen = {name: np.zeros(bin_total(shards), dtype=bool) for name, shards in counts.items()}
+    _check(counts, world_size, rank)
+    sequence = bin_sequence(
+        counts, batch_sizes, seed=seed, epoch=epoch, world_size=world_size, drop_incomplete=drop_incomplete
+    )
+    totals = {name: bin_total(counts[name]) for name in set(sequence)}
+    batches = dict.fromkeys(totals, 0)
     masks = []
-    for s, step in enumerate(per_rank[rank]):
-        for r in range(world_size):
-            idx = np.asarray(per_rank[r][s].indices, dtype=np.int64)
-            first = np.zeros(len(idx), dtype=bool)
-            first[np.unique(idx, return_index=True)[1]] = True
-            valid = first & ~seen[step.bin][idx]
-            seen[step.bin][idx] = True
-            if r == rank:
-                masks.append(valid)
+    for name in sequence:
+        size = _batch_size_of(batch_sizes, name)
+        first = (batches[name] * world_size + rank) * size  # this rank's first place in the bin order
+        masks.append(first + np.arange(size) < totals[name])
+        batches[name] += 1
     return masks

@@ -5,15 +5,18 @@ flipped byte in a tar or in ``samples.parquet`` would train silently. Each file'
 process and remembered by (path, size, mtime): opening the train, val and test loaders, or reopening them
 each epoch, reads each shard once.
 
-Across processes, a node keeps a record of the shards it verified (:class:`VerifiedRecord`, a JSON file per
-dataset folder under ``<cache base>/verified/``, the node cache's base: ``loader.remote.cache_dir``,
-``$RADSTREAM_CACHE`` or ``~/.cache/radstream``): a shard whose size, mtime and inode are those recorded with
-the manifest's sha256 is not read again. The record is held under a file lock while the shards are checked,
-so the ranks of a node starting together hash each shard once between them (one hashes, the others find the
-record), and a requeued job starts without re-reading the dataset. A file rewritten in any way gets a new
-mtime and is hashed again; what the record cannot see is a change that keeps size, mtime and inode (bit rot
-under the file system): `radstream verify-shards` reads everything. Where the record cannot be written (a
-read-only home), every process hashes as before.
+Across processes and nodes, a record of the verified shards (:class:`VerifiedRecord`): a JSON file beside the
+dataset (``<dataset>/.verified-shards.json``), shared by every node that mounts the folder, or, where the
+dataset folder cannot be written or locked, one per node under ``<cache base>/verified/`` (the node cache's
+base: ``loader.remote.cache_dir``, ``$RADSTREAM_CACHE`` or ``~/.cache/radstream``). A shard whose size, mtime
+and inode are those recorded with the manifest's sha256 is not read again. The record is held under a file
+lock while the shards are checked, so the ranks (and nodes) starting together hash each shard once between
+them (one hashes, the others find the record), and a requeued job starts without re-reading the dataset.
+The holder hashes on a few threads (``HASH_THREADS``: enough to keep a disk busy, not so many that they
+thrash it) and saves the record as it goes (every ``SAVE_EVERY_S`` seconds), so a job killed mid-way keeps
+what it verified. A file rewritten in any way gets a new mtime and is hashed again; what the record cannot
+see is a change that keeps size, mtime and inode (bit rot under the file system): `radstream verify-shards`
+reads everything. Where no record can be written at all, every process hashes as before.
 """
 
 from __future__ import annotations
@@ -24,13 +27,22 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from core.atomic import write_json
 from shards.layout import SAMPLES, DatasetError, shard_entries
 
 log = logging.getLogger(__name__)
+
+HASH_THREADS = min(4, os.cpu_count() or 1)
+"""Shards hashed at once by the process that holds the record."""
+SAVE_EVERY_S = 10.0
+"""Seconds between saves of the record while shards are hashed."""
+SHARED_RECORD = ".verified-shards.json"
+"""The record's name inside the dataset folder (its lock: the same with ``.lock``)."""
 
 _SEEN: dict[tuple[str, int, int], str] = {}
 _SEEN_LOCK = threading.Lock()
@@ -79,32 +91,40 @@ def cache_base(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 class VerifiedRecord:
-    """The shards of one dataset folder this node has verified: rel path → [size, mtime_ns, inode, sha256].
+    """The shards of one dataset folder verified so far: rel path → [size, mtime_ns, inode, sha256].
 
-    Use as a context manager: entering takes the record's file lock (other processes of the node wait) and
-    reads it; leaving writes the shards added and lets the lock go. Unwritable: an empty record, kept nowhere.
+    Use as a context manager: entering takes the record's file lock (other processes wait) and reads it;
+    ``save`` writes it (while holding the lock); leaving saves what was added and lets the lock go. The record
+    lies beside the dataset where that folder can be written and locked, else in the node cache; where
+    neither can, it is an empty record, kept nowhere.
     """
 
     def __init__(self, root: Path, base: Path) -> None:
         key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-        self.path = base / "verified" / f"{key}.json"
+        self.places = [Path(root) / SHARED_RECORD, base / "verified" / f"{key}.json"]
+        self.path = self.places[0]
         self.entries: dict[str, list] = {}
         self.added = False
         self._lock: int | None = None
+        self._saved = time.monotonic()
 
     def __enter__(self) -> VerifiedRecord:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(self._lock, fcntl.LOCK_EX)
-        except OSError as err:
-            log.debug("no record of verified shards at %s (%s): every process hashes", self.path, err)
-            self._close()
+        for path in self.places:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._lock = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(self._lock, fcntl.LOCK_EX)
+            except OSError as err:
+                log.debug("no record of verified shards at %s (%s)", path, err)
+                self._close()
+                continue
+            self.path = path
+            try:
+                self.entries = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self.entries = {}  # none yet, or unreadable: start again
             return self
-        try:
-            self.entries = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.entries = {}  # none yet, or unreadable: start again
+        log.debug("no record of verified shards can be kept: every process hashes")
         return self
 
     @staticmethod
@@ -117,6 +137,17 @@ class VerifiedRecord:
 
     def add(self, rel: str, st: os.stat_result, sha256: str) -> None:
         self.entries[rel], self.added = self._stamp(st, sha256), True
+        if time.monotonic() - self._saved >= SAVE_EVERY_S:
+            self.save()
+
+    def save(self) -> None:
+        """Write what was verified so far (a job killed later keeps it)."""
+        try:
+            if self._lock is not None and self.added:
+                write_json(self.path, self.entries, indent=None)
+        except OSError as err:
+            log.debug("could not keep the record of verified shards at %s: %s", self.path, err)
+        self._saved = time.monotonic()
 
     def _close(self) -> None:
         if self._lock is not None:
@@ -125,10 +156,7 @@ class VerifiedRecord:
 
     def __exit__(self, *exc) -> None:
         try:
-            if self._lock is not None and self.added:
-                write_json(self.path, self.entries, indent=None)
-        except OSError as err:
-            log.debug("could not keep the record of verified shards at %s: %s", self.path, err)
+            self.save()
         finally:
             self._close()
 
@@ -137,18 +165,30 @@ def check_shards(
     root: str | os.PathLike[str], shards: Iterable[str], manifest: dict, cache_dir: str | None = None
 ) -> None:
     """Raise :class:`DatasetError` naming the first of ``shards`` (paths under ``root``) that is missing, not
-    in the manifest, of the wrong size or whose sha256 differs from the manifest's. Shards this node verified
-    before and that have not changed since are not read again (:class:`VerifiedRecord`, under
-    :func:`cache_base` of ``cache_dir``)."""
+    in the manifest, of the wrong size or whose sha256 differs from the manifest's. Shards verified before and
+    not changed since are not read again (:class:`VerifiedRecord`, beside the dataset or under
+    :func:`cache_base` of ``cache_dir``); the others are hashed on ``HASH_THREADS`` threads."""
     entries, root = shard_entries(manifest), Path(root)
     with VerifiedRecord(root, cache_base(cache_dir)) as record:
-        for path in shards:
-            _check_shard(root, path, entries, record)
+        todo = [item for item in (_stat_shard(root, p, entries, record) for p in shards) if item is not None]
+        with ThreadPoolExecutor(HASH_THREADS) as pool:
+            try:
+                digests = pool.map(lambda item: sha256_of(root / item[0]), todo)
+                for (rel, st, expected), digest in zip(todo, digests, strict=True):
+                    if digest != expected:
+                        raise DatasetError(
+                            f"{root / rel}: sha256 differs from the manifest (corrupt shard); run `radstream "
+                            "verify-shards` to see which samples, or set loader.verify=false to train anyway"
+                        )
+                    record.add(rel, st, expected)
+            finally:
+                pool.shutdown(cancel_futures=True)
     log.debug("checksums of the shards under %s match the manifest", root)
 
 
-def _check_shard(root: Path, path: str, entries: dict, record: VerifiedRecord) -> None:
-    """One shard against its manifest entry (see :func:`check_shards`)."""
+def _stat_shard(root: Path, path: str, entries: dict, record: VerifiedRecord) -> tuple | None:
+    """(rel, stat, manifest sha256) of a shard still to hash; None when the record trusts it. Raises for a
+    shard that is not listed, missing or of the wrong size (no hashing needed to tell)."""
     rel = Path(path).relative_to(root).as_posix() if Path(path).is_absolute() else str(path)
     entry = entries.get(rel)
     if entry is None:
@@ -162,11 +202,4 @@ def _check_shard(root: Path, path: str, entries: dict, record: VerifiedRecord) -
             f"{root / rel}: {st.st_size} bytes, the manifest says {entry['bytes']} (truncated or replaced "
             "shard); run `radstream verify-shards`"
         )
-    if record.trusts(rel, st, entry["sha256"]):
-        return
-    if sha256_of(root / rel) != entry["sha256"]:
-        raise DatasetError(
-            f"{root / rel}: sha256 differs from the manifest (corrupt shard); run `radstream verify-shards` "
-            "to see which samples, or set loader.verify=false to train anyway"
-        )
-    record.add(rel, st, entry["sha256"])
+    return None if record.trusts(rel, st, entry["sha256"]) else (rel, st, entry["sha256"])

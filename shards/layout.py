@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 
 FORMAT_VERSION = "2.0"
 """2.0: keys, members and tables name samples by keyed hashes and patients by pseudonyms (no ``source``
-column); a 1.x dataset is refused with a line saying to rebuild it."""
+column); the samples table is written in row groups per (split, bin), so a reader of one split reads only its
+row groups (a table in one row group reads the same, only slower). A 1.x dataset is refused with a line saying
+to rebuild it."""
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 SAMPLES = "samples.parquet"
@@ -98,23 +100,22 @@ def load_manifest(folder: str | Path) -> dict:
     return check_manifest_paths(manifest, path)
 
 
-def load_samples(folder: str | Path, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
+def load_samples(
+    folder: str | Path,
+    split: str | None = None,
+    columns: list[str] | None = None,
+    dictionary: list[str] | None = None,
+) -> pa.Table:
     """The samples table of a local dataset folder (optionally one split), in stored order (split, bin,
-    shard, position)."""
-    if split is not None and columns is not None and "split" not in columns:
-        columns = [*columns, "split"]
+    shard, position); the ``dictionary`` columns as Arrow dictionaries (an int32 per row, not a string)."""
     path = Path(folder) / SAMPLES
-    try:
-        table = pq.read_table(path, columns=columns)
+    filters = [("split", "=", split)] if split is not None else None
+    try:  # a table in row groups per split and bin (format 2): only the split's row groups are read
+        return pq.read_table(path, columns=columns, filters=filters, read_dictionary=dictionary)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no samples table (is this a finished shard dataset?)") from None
     except (pa.ArrowException, OSError) as err:
         raise DatasetError(f"{path}: unreadable samples table ({str(err).splitlines()[0]})") from None
-    if split is not None:
-        import pyarrow.compute as pc
-
-        table = table.filter(pc.equal(table["split"], split))
-    return table
 
 
 def shard_entries(manifest: dict) -> dict[str, dict]:

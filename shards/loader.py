@@ -68,7 +68,7 @@ def build_loader(
     if cfg.verify:
         check_samples_table(root, store.manifest)
     subset = cfg.label_subset if cfg.label_subset is not None else run_seed
-    data = load_split(root, split, fraction, subset)
+    data = load_split(root, split, fraction, subset, cfg.remote.cache_dir)
     if cfg.verify and not store.remote:  # a remote store verifies each shard as it downloads it
         check_shards(root, data.shards, store.manifest, cfg.remote.cache_dir)
     kwargs = {

@@ -269,7 +269,7 @@ class ShardLoader:
         else:
             steps = epoch_schedule(counts, self.batch_sizes, rank=self.rank, shuffle_block=block, **args)
             if self.padded_samples:
-                masks = padding_masks(counts, self.batch_sizes, rank=self.rank, shuffle_block=block, **args)
+                masks = padding_masks(counts, self.batch_sizes, rank=self.rank, **args)
             else:
                 masks = [np.ones(len(s.indices), dtype=bool) for s in steps]
         plans = [
@@ -312,13 +312,13 @@ class ShardLoader:
 
     def _batch(self, plan: StepPlan, image: torch.Tensor) -> dict:
         b = self.data.bins[plan.bin]
-        boxes = b.foreground[plan.rows]
+        boxes = b.foreground[plan.rows].astype(np.int64)
         if plan.crops is not None:
             boxes = transform_boxes(boxes, plan.crops, plan.flips, b.height, b.width)
         to = {"device": self.device, "non_blocking": True}
         return {
             "image": image.to(**to),  # integers cross to the device (from pinned memory with torch workers)
-            "label": torch.from_numpy(b.label[plan.rows]).to(**to),
+            "label": torch.from_numpy(b.label[plan.rows].astype(np.int64)).to(**to),
             "key": b.keys[plan.rows].tolist(),
             "bin": plan.bin,
             "foreground": torch.from_numpy(boxes).to(**to),

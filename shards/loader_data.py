@@ -1,8 +1,10 @@
 """The loader's view of a shard dataset: one split's samples per bin, and reading their bytes by offset.
 
-``load_split`` turns the manifest and ``samples.parquet`` into flat numpy arrays per bin (keys, shard, byte
-range, label, foreground box) in the dataset's stored order, which is the order the schedule's indices refer
-to. They pickle cheaply into DataLoader workers. ``ShardFiles`` reads an image member with one ``pread``.
+``load_split`` gives a split's samples as flat arrays per bin (keys, shard, byte range, label, foreground
+box) in the dataset's stored order, which is the order the schedule's indices refer to. The arrays are
+memory-mapped from the node's column cache (``shards.columns``): built once per node, shared by every rank and
+DataLoader worker, and pickled into a worker as the cache entry's path. ``ShardFiles`` reads an image member
+with one ``pread``.
 """
 
 from __future__ import annotations
@@ -10,15 +12,15 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 
-from shards.layout import DatasetError, inside, load_manifest, load_samples, shard_entries
+from shards import columns as cols
+from shards.layout import DatasetError, inside, load_manifest, shard_entries
 from shards.store import ShardStore
-from shards.subsets import subset_mask
 
 _MAX_OPEN_SHARDS = 64  # file descriptors kept open per process
 
@@ -26,23 +28,23 @@ _MAX_OPEN_SHARDS = 64  # file descriptors kept open per process
 @dataclass(frozen=True)
 class BinSamples:
     """The samples of one bin of a split, in stored order, shard after shard (the schedule's indices point
-    into these arrays)."""
+    into these arrays; views of the split's mapped columns)."""
 
     name: str
     height: int
     width: int
-    keys: np.ndarray
-    """object [N], sample keys."""
+    keys: cols.KeyColumn
+    """[N] sample keys (fixed-width bytes; indexing gives ``str``)."""
     shard: np.ndarray
     """int32 [N], index into ``SplitSamples.shards``."""
     offset: np.ndarray
     """int64 [N], byte offset of the image member in its tar."""
     size: np.ndarray
-    """int64 [N], byte size of the image member."""
+    """int32 [N], byte size of the image member."""
     label: np.ndarray
-    """int64 [N], class index, -1 unlabeled."""
+    """int32 [N], class index, -1 unlabeled."""
     foreground: np.ndarray
-    """int64 [N, 4], foreground box (y0, x0, y1, x1) in bin pixels."""
+    """int32 [N, 4], foreground box (y0, x0, y1, x1) in bin pixels."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -61,11 +63,13 @@ class SplitSamples:
     split: str
     codec: str
     """Codec name from the manifest (``shards.codecs``)."""
-    shards: tuple[str, ...]
+    shards: Sequence[str]
     """Absolute tar paths, indexed by ``BinSamples.shard``."""
     bins: dict[str, BinSamples]
     """Bins with at least one sample, by name, sorted."""
     class_names: tuple[str, ...]
+    entry: Path | None = None
+    """The node's column cache entry the arrays are mapped from (None: held in this process's memory)."""
 
     @property
     def counts(self) -> dict[str, int]:
@@ -77,75 +81,67 @@ class SplitSamples:
         """Per bin name, samples per shard in stored order (what the schedule's shuffle blocks group)."""
         return {name: b.shard_counts for name, b in self.bins.items()}
 
+    def __reduce__(self):
+        if self.entry is None:
+            return super().__reduce__()
+        root = self.shards.root  # ShardPaths: the dataset root the relative names are joined to
+        return (_mapped_split, (self.entry, root, self.codec, self.class_names))
 
-def _boxes(column, root: Path) -> np.ndarray:
-    """The foreground_bin list column as int64 [N, 4] (without a Python object per row)."""
-    lists = column.combine_chunks()
-    if (pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False) != 4).any():
-        raise ValueError(f"{root}: samples table has a foreground_bin that is not 4 numbers")
-    return lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, 4)
+
+def _split_samples(meta: dict, arrays: dict, shards: Sequence[str], codec: str, class_names, entry=None):
+    bins = {}
+    for name, height, width, start, stop in meta["bins"]:
+        part = {k: arrays[k][start:stop] for k in cols.COLUMNS}
+        bins[name] = BinSamples(name, height, width, cols.KeyColumn(part.pop("key")), **part)
+    return SplitSamples(meta["split"], codec, shards, bins, tuple(class_names), entry)
+
+
+def _mapped_split(entry: Path, root: Path, codec: str, class_names: tuple[str, ...]) -> SplitSamples:
+    """A split mapped from its cache entry (what a worker process does with a pickled ``SplitSamples``)."""
+    meta, arrays = cols.open_entry(entry)
+    return _split_samples(
+        meta, arrays, cols.ShardPaths.open(root, entry / "shards.npy"), codec, class_names, entry
+    )
 
 
 def load_split(
-    root: str | os.PathLike[str], split: str, label_fraction: float | None = None, label_subset: int = 0
+    root: str | os.PathLike[str],
+    split: str,
+    label_fraction: float | None = None,
+    label_subset: int = 0,
+    cache_dir: str | None = None,
 ) -> SplitSamples:
-    """Read the manifest and the split's rows of the samples table.
+    """The split's samples (read once per node into the column cache, then mapped).
 
     Args:
         root: the shard dataset folder (holding ``manifest.json`` and ``samples.parquet``).
         split: ``train``, ``val`` or ``test``.
         label_fraction: keep only the rows of this label fraction (None: all rows).
         label_subset: which seed's subset of it (``shards.subsets``): 0 the build's, k >= 1 drawn again.
+        cache_dir: the node cache's base (``shards.integrity.cache_base``), where the column cache lives.
 
     Raises:
         ValueError: no sample left, or a bin the manifest does not know.
+        DatasetError: a shard outside the dataset or not in the manifest.
     """
     root = Path(root)
     manifest = load_manifest(root)
-    columns = ["key", "split", "bin", "shard", "offset", "size", "label_index", "fractions", "foreground_bin"]
-    if label_fraction is not None and label_subset:
-        columns.append("patient_id")
-    table = load_samples(root, split, columns=columns)
-    if label_fraction is not None:
-        table = table.filter(subset_mask(table, manifest, label_fraction, label_subset))
-    if table.num_rows == 0:
-        known = manifest.get("label_fraction_sizes", {})
-        why = f" in label fraction {label_fraction} (the dataset has {known})" if label_fraction else ""
-        raise ValueError(f"{root}: no {split!r} samples{why}")
-    shapes = {b["name"]: (int(b["height"]), int(b["width"])) for b in manifest["bins"]}
-    shard_names, shard_index = np.unique(table["shard"].to_numpy(zero_copy_only=False), return_inverse=True)
-    paths = tuple(str(inside(root, s, f"{root}/samples.parquet: shard")) for s in shard_names)
-    unlisted = sorted(set(shard_names) - set(shard_entries(manifest)))
+    codec, class_names = manifest["codec"]["name"], tuple(manifest.get("class_names") or ())
+    subset = label_subset if label_fraction is not None else 0
+    entry = cols.node_entry(root, manifest, split, label_fraction, subset, cache_dir)
+    if entry is None:
+        meta, arrays = cols.build(root, manifest, split, label_fraction, subset)
+        names = np.array([n.encode() for n in meta["shards"]])
+        data = _split_samples(meta, arrays, cols.ShardPaths(root, names), codec, class_names)
+    else:
+        data = _mapped_split(entry, root, codec, class_names)
+    names = data.shards.relative()
+    for name in names:
+        inside(root, name, f"{root}/samples.parquet: shard")
+    unlisted = sorted(set(names) - set(shard_entries(manifest)))
     if unlisted:  # a remote store would fetch it unverified: the manifest holds the checksums
         raise DatasetError(f"{root}/samples.parquet: shard {unlisted[0]!r} is not in the manifest")
-    bin_col = table["bin"].to_numpy(zero_copy_only=False)
-    keys = table["key"].to_numpy(zero_copy_only=False)
-    offsets, sizes = table["offset"].to_numpy().astype(np.int64), table["size"].to_numpy().astype(np.int64)
-    labels = table["label_index"].to_numpy().astype(np.int64)
-    boxes = _boxes(table["foreground_bin"], root)
-    bins = {}
-    for name in sorted(set(bin_col)):
-        if name not in shapes:
-            raise ValueError(f"{root}: samples table has bin {name!r}, the manifest does not")
-        rows = np.flatnonzero(bin_col == name)
-        rows = rows[np.argsort(shard_index[rows], kind="stable")]  # shard after shard, for the shuffle blocks
-        bins[name] = BinSamples(
-            name,
-            *shapes[name],
-            keys[rows],
-            shard_index[rows].astype(np.int32),
-            offsets[rows],
-            sizes[rows],
-            labels[rows],
-            boxes[rows],
-        )
-    return SplitSamples(
-        split,
-        manifest["codec"]["name"],
-        paths,
-        bins,
-        tuple(manifest.get("class_names") or ()),
-    )
+    return data
 
 
 class ShardFiles:

@@ -28,6 +28,19 @@ class ShardStore:
         """A folder laid out like the dataset (manifest.json, samples.parquet, shards on demand)."""
         self.manifest = load_manifest(self.root)
 
+    def __getstate__(self) -> dict:
+        # a DataLoader worker only opens files: it is sent the folder, not the manifest (megabytes at 10k
+        # shards, once per worker), and reads the manifest again if it ever asks for it
+        state = self.__dict__.copy()
+        state.pop("manifest", None)
+        return state
+
+    def __getattr__(self, name: str):
+        if name != "manifest" or "root" not in self.__dict__:
+            raise AttributeError(name)
+        self.manifest = load_manifest(self.root)
+        return self.manifest
+
     def samples(self, split: str | None = None, columns: list[str] | None = None) -> pa.Table:
         """The samples table (optionally one split)."""
         return load_samples(self.root, split, columns)

@@ -32,6 +32,8 @@ def stored_mask(fractions: pa.ChunkedArray | pa.Array, fraction: float) -> np.nd
     flat = lists.flatten().to_numpy(zero_copy_only=False)
     parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
     keep = np.zeros(len(lists), dtype=bool)
+    if not len(flat):  # no row in any fraction (a list<null> column, perhaps)
+        return keep
     keep[parents[np.isclose(flat, fraction, rtol=0, atol=1e-9)]] = True
     return keep
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from shards.index import ShardReader
-from shards.layout import SAMPLES, DatasetError, load_samples
+from shards.layout import SAMPLES
 
 BY_INDEX = ("key", "split", "bin", "shard", "position", "offset", "size")
 """Row fields the row-against-index check of ``shards.build.verify`` compares already (one line per finding)."""
@@ -39,19 +39,6 @@ def member_problems(row: dict, members: dict[str, bytes]) -> list[str]:
         if said != row["label_index"]:
             problems.append(f"label_index {row['label_index']}, its .cls member says {said}")
     return problems
-
-
-def rows_by_shard(root) -> dict[str, dict[int, tuple[int, dict]]]:
-    """Every samples row as shard → position → (row number, row); empty when the table cannot be read (the
-    table check reports that)."""
-    try:
-        rows = load_samples(root).to_pylist()
-    except (DatasetError, FileNotFoundError):
-        return {}
-    grouped: dict[str, dict[int, tuple[int, dict]]] = {}
-    for n, row in enumerate(rows):
-        grouped.setdefault(row.get("shard"), {})[row.get("position")] = (n, row)
-    return grouped
 
 
 def shard_row_problems(reader: ShardReader, rows: dict[int, tuple[int, dict]], keys: list[str]) -> list[str]:

@@ -1,6 +1,13 @@
 """Finalize a build: part records → ``manifest.json``, ``samples.parquet`` and ``rejects.jsonl``.
 
 The readers of those files are ``shards.manifest`` (any location) and ``shards.layout`` (a local folder).
+
+Streaming, so that 10M samples finalize in a bounded memory (never a Python object per sample): each part's
+rows (``shards.build.parts`` writes them as Parquet beside its record) get their shard, position and image
+member from the part's ``.idx`` files, are sorted in Arrow and written to a scratch file with one row group per
+(split, bin); then the samples table is written (split, bin) after (split, bin), parts in shard-name order,
+in row groups of at most ``ROW_GROUP_ROWS`` that never mix two (split, bin) (format 2.0: a reader of one
+split reads only its row groups).
 """
 
 from __future__ import annotations
@@ -11,31 +18,52 @@ import hashlib
 import json
 import logging
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from core.atomic import write_bytes
+from core.atomic import write_bytes, write_with
 from core.config import to_dict
 from core.perms import restrict_umask
 from shards.build.config import BuildConfig
 from shards.build.plan import BuildPlan, get_plan
 from shards.build.private import write_reject_lists
+from shards.build.records import part_rows, part_schema, record_path
 from shards.index import read_index
 from shards.layout import FORMAT_VERSION, MANIFEST, SAMPLES, SPLITS
+from shards.subsets import stored_mask
 
 log = logging.getLogger(__name__)
+
+ROW_GROUP_ROWS = 1 << 20
+"""Most rows per row group of the samples table (one (split, bin) per row group whatever its size)."""
+SORT_KEYS = [("split", "ascending"), ("bin", "ascending"), ("shard", "ascending"), ("position", "ascending")]
 
 
 class BuildIncomplete(RuntimeError):
     """Finalize was asked for before every part was built, or the counts do not add up."""
 
 
+@dataclass
+class _Totals:
+    """What the manifest counts, gathered part by part."""
+
+    written: int = 0
+    per_bin: Counter = field(default_factory=Counter)
+    """(bin, split) -> samples."""
+    fractions: Counter = field(default_factory=Counter)
+    pixel_prefix: list = field(default_factory=list)
+    """Per chunk written, the first 64 bits of each row's pixel_hash (duplicate candidates)."""
+
+
 def _load_parts(out: Path, plan: BuildPlan) -> list[dict]:
     parts, missing = [], []
     for part in range(plan.num_parts):
-        path = out / "_work" / "parts" / f"part-{part:04d}.json"
+        path = record_path(out, part)
         rec = json.loads(path.read_text()) if path.is_file() else None
         if rec is None or rec.get("fingerprint") != plan.fingerprint:
             missing.append(part)
@@ -47,17 +75,133 @@ def _load_parts(out: Path, plan: BuildPlan) -> list[dict]:
     return parts
 
 
-def _with_offsets(out: Path, rows: list[dict], shards: list[dict], ext: str) -> list[dict]:
-    """Attach each sample's shard, position and image member offset/size (from the DALI index)."""
-    where = {}
-    for shard in shards:
-        idx = out / shard["path"].replace(".tar", ".idx")
-        for pos, entry in enumerate(read_index(idx)):
-            offset, size = entry.components[ext]
-            where[entry.key] = (shard["path"], pos, offset, size)
-    for row in rows:
-        row["shard"], row["position"], row["offset"], row["size"] = where[row["key"]]
-    return rows
+def _placed(out: Path, rec: dict, rows: pa.Table, ext: str) -> pa.Table:
+    """A part's rows with their shard, position and image member offset/size (from the part's indexes),
+    sorted by (split, bin, shard, position)."""
+    shard, pos, keys, offset, size = [], [], [], [], []
+    for s in rec["shards"]:
+        entries = read_index(out / s["path"].replace(".tar", ".idx"))
+        shard += [s["path"]] * len(entries)
+        pos.extend(range(len(entries)))
+        keys += [e.key for e in entries]
+        offset += [e.components[ext][0] for e in entries]
+        size += [e.components[ext][1] for e in entries]
+    where = pa.table({"key": pa.array(keys, pa.string()), "shard": pa.array(shard, pa.string()), "position":
+                      pa.array(pos, pa.int64()), "offset": pa.array(offset, pa.int64()), "size": pa.array(size, pa.int64())})  # fmt: skip
+    found = pc.index_in(rows["key"], value_set=where["key"])
+    if found.null_count:
+        lost = rows["key"].filter(pc.is_null(found))[0]
+        raise BuildIncomplete(f"{out}: part {rec['part']}: sample {lost} is in no shard index of the part")
+    taken = where.take(found)
+    for name in ("shard", "position", "offset", "size"):
+        rows = rows.append_column(name, taken[name])
+    return rows.sort_by(SORT_KEYS)
+
+
+def _pixel_prefix(column: pa.ChunkedArray) -> np.ndarray:
+    """The first 16 hex digits of each pixel hash as uint64 (0 for none): duplicate candidates."""
+    head = pc.utf8_slice_codeunits(column.fill_null(""), 0, 16).combine_chunks()
+    digits = np.zeros((len(head), 16), np.uint64)
+    lengths = pc.utf8_length(head).to_numpy(zero_copy_only=False)
+    text = np.frombuffer(head.buffers()[2], np.uint8) if lengths.sum() else np.zeros(0, np.uint8)
+    offsets = np.frombuffer(head.buffers()[1], np.int32)[head.offset : head.offset + len(head)]
+    full = np.flatnonzero(lengths == 16)
+    for j in range(16):
+        c = text[offsets[full] + j].astype(np.uint64)
+        digits[full, j] = np.where(c >= 97, c - 87, c - 48)
+    return (digits << (np.arange(15, -1, -1, dtype=np.uint64) * 4)).sum(axis=1, dtype=np.uint64)
+
+
+def _stage_parts(
+    out: Path, cfg: BuildConfig, parts: list[dict], ext: str, scratch: Path
+) -> tuple[pa.Schema, dict]:
+    """Pass 1: each part placed and sorted into ``scratch`` (one row group per (split, bin)); returns the
+    samples table's schema and, per (split, bin), the (part, row group) of its rows."""
+    schemas = [schema for schema in (part_schema(out, rec) for rec in parts) if len(schema)]
+    if not schemas:
+        return pa.schema([]), {}
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    for name, kind in (("shard", pa.string()), *((n, pa.int64()) for n in ("position", "offset", "size"))):
+        schema = schema.append(pa.field(name, kind))
+    groups: dict[tuple[str, str], list[tuple[int, int]]] = defaultdict(list)
+    for rec in parts:
+        rows = part_rows(out, rec)
+        if not rows.num_rows:
+            continue
+        placed = _placed(out, rec, rows, ext).cast(schema)
+        keys = pc.binary_join_element_wise(placed["split"], placed["bin"], "/").to_numpy(zero_copy_only=False)
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        with pq.ParquetWriter(scratch / f"part-{rec['part']:04d}.parquet", schema) as writer:
+            for i, (a, b) in enumerate(zip(starts, [*starts[1:], len(keys)], strict=True)):
+                writer.write_table(placed.slice(a, b - a), row_group_size=b - a)
+                groups[tuple(keys[a].split("/"))].append((rec["part"], i))
+    return schema, groups
+
+
+def _write_samples(out: Path, schema: pa.Schema, groups: dict, scratch: Path, totals: _Totals, cfg) -> str:
+    """Pass 2: the samples table, (split, bin) after (split, bin), parts in shard-name order; returns its
+    sha256. Counts what the manifest needs on the way."""
+    digest = hashlib.sha256()
+
+    def write(fh) -> None:
+        with pq.ParquetWriter(_Hashing(fh, digest), schema) as writer:
+            for split, bin_name in sorted(groups):
+                # a part's shards are named <split>-<bin>-<part:04d>-<n>: their names sort by this string
+                order = sorted(groups[split, bin_name], key=lambda g: f"{g[0]:04d}-")
+                chunks, held = [], 0
+                for part, group in order:
+                    chunk = pq.ParquetFile(scratch / f"part-{part:04d}.parquet").read_row_group(group)
+                    _count(chunk, split, bin_name, totals, cfg)
+                    chunks.append(chunk)
+                    held += chunk.num_rows
+                    if held >= ROW_GROUP_ROWS:
+                        writer.write_table(pa.concat_tables(chunks), row_group_size=ROW_GROUP_ROWS)
+                        chunks, held = [], 0
+                if chunks:
+                    writer.write_table(pa.concat_tables(chunks), row_group_size=ROW_GROUP_ROWS)
+
+    if not groups:  # nothing written: an empty table, as before
+        data = _empty_table()
+        digest.update(data)
+        write_bytes(out / SAMPLES, data)
+    else:
+        write_with(out / SAMPLES, write)
+    return digest.hexdigest()
+
+
+def _empty_table() -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({}), sink)
+    return sink.getvalue().to_pybytes()
+
+
+class _Hashing:
+    """A binary file that hashes what is written through it (the table's sha256 without reading it back)."""
+
+    def __init__(self, fh, digest) -> None:
+        self.fh, self.digest, self.closed = fh, digest, False
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.fh.write(data)
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.closed = True  # the real file is closed by its owner (write_with)
+
+
+def _count(chunk: pa.Table, split: str, bin_name: str, totals: _Totals, cfg: BuildConfig) -> None:
+    totals.written += chunk.num_rows
+    totals.per_bin[bin_name, split] += chunk.num_rows
+    for f in cfg.ingest.splits.label_fractions:
+        totals.fractions[str(f)] += int(stored_mask(chunk["fractions"], f).sum())
+    if "pixel_hash" in chunk.column_names:
+        totals.pixel_prefix.append(_pixel_prefix(chunk["pixel_hash"]))
 
 
 def finalize(cfg: BuildConfig) -> dict:
@@ -66,30 +210,31 @@ def finalize(cfg: BuildConfig) -> dict:
 
     out = Path(cfg.out)
     restrict_umask()  # the dataset's files: not readable by other users (core.perms)
-    plan = get_plan(cfg)
+    plan = get_plan(cfg, keep=lambda parts: np.zeros(len(parts), bool))  # the counts, not the records
     parts = _load_parts(out, plan)
     shards = sorted((s for p in parts for s in p["shards"]), key=lambda s: s["path"])
-    rows = [r for p in parts for r in p["rows"]]
-    rows = _with_offsets(out, rows, shards, extension(cfg.shards.codec))
-    rows.sort(key=lambda r: (r["split"], r["bin"], r["shard"], r["position"]))
     early = [dataclasses.asdict(r) for r in plan.rejects]
     rejects = sorted(early + [r for p in parts for r in p["rejects"]], key=lambda r: r["source_hash"])
     duplicates = sorted((d for p in parts for d in p["duplicates"]), key=lambda d: d["source_hash"])
-    seen = plan.seen
-    if seen != len(rows) + len(rejects) + len(duplicates):
+    written = sum(p["written"] if "written" in p else len(p["rows"]) for p in parts)
+    if plan.seen != written + len(rejects) + len(duplicates):
         raise BuildIncomplete(
-            f"count invariant broken: seen {seen} != written {len(rows)} + rejected {len(rejects)} "
+            f"count invariant broken: seen {plan.seen} != written {written} + rejected {len(rejects)} "
             f"+ duplicates {len(duplicates)}"
         )
-    cross = _cross_part_duplicates(rows)
-    table = pa.Table.from_pylist(rows)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    samples = sink.getvalue().to_pybytes()
-    write_bytes(out / SAMPLES, samples)
+    scratch = out / "_work" / "finalize"
+    _remove(scratch)
+    scratch.mkdir(parents=True)
+    totals = _Totals()
+    try:
+        schema, groups = _stage_parts(out, cfg, parts, extension(cfg.shards.codec), scratch)
+        samples_sha256 = _write_samples(out, schema, groups, scratch, totals, cfg)
+        cross = _cross_part_duplicates(totals, scratch)
+    finally:
+        _remove(scratch)
     _write_rejects(out, rejects, duplicates, keep_paths=not cfg.ingest.privacy.enabled)
-    manifest = _manifest(cfg, plan, rows, shards, rejects, duplicates, cross)
-    manifest["samples_sha256"] = hashlib.sha256(samples).hexdigest()  # readers check the table against it
+    manifest = _manifest(cfg, plan, totals, shards, rejects, duplicates, cross)
+    manifest["samples_sha256"] = samples_sha256  # readers check the table against it
     write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
 
@@ -104,11 +249,25 @@ def _write_rejects(out: Path, rejects: list[dict], duplicates: list[dict], keep_
     write_reject_lists(out, full, keep_paths)
 
 
-def _cross_part_duplicates(rows: list[dict]) -> list[list[str]]:
-    """Same pixels in two parts (parts are deduplicated alone): reported, not silently dropped."""
+def _remove(scratch: Path) -> None:
+    """The scratch folder and its files (flat: one file per part)."""
+    for f in scratch.glob("*"):
+        f.unlink()
+    if scratch.exists():
+        scratch.rmdir()
+
+
+def _cross_part_duplicates(totals: _Totals, scratch: Path) -> list[list[str]]:
+    """Same pixels in two parts (parts are deduplicated alone): reported, not silently dropped. Candidates
+    share the first 64 bits of the pixel hash; only their rows are read again and become Python objects."""
+    prefixes = np.concatenate(totals.pixel_prefix) if totals.pixel_prefix else np.zeros(0, np.uint64)
+    values, counts = np.unique(prefixes[prefixes != 0], return_counts=True)
+    candidates = values[counts > 1]
     by_sha = defaultdict(list)
-    for r in rows:
-        if r.get("pixel_hash"):
+    for path in sorted(scratch.glob("part-*.parquet")) if len(candidates) else ():
+        rows = pq.read_table(path, columns=["pixel_hash", "source_hash"])
+        keep = np.isin(_pixel_prefix(rows["pixel_hash"]), candidates)
+        for r in rows.filter(pa.array(keep)).to_pylist():
             by_sha[r["pixel_hash"]].append(r["source_hash"])
     groups = [sorted(v) for v in by_sha.values() if len(v) > 1]
     if groups:
@@ -119,7 +278,7 @@ def _cross_part_duplicates(rows: list[dict]) -> list[list[str]]:
     return sorted(groups)
 
 
-def _manifest(cfg, plan, rows, shards, rejects, duplicates, cross) -> dict:
+def _manifest(cfg, plan, totals: _Totals, shards, rejects, duplicates, cross) -> dict:
     from shards.codecs import bit_depth
 
     per_bin: dict[str, dict] = {
@@ -132,14 +291,14 @@ def _manifest(cfg, plan, rows, shards, rejects, duplicates, cross) -> dict:
         }
         for b in plan.bins
     }
-    for r in rows:
-        per_bin[r["bin"]]["counts"][r["split"]] += 1
+    for (bin_name, split), count in totals.per_bin.items():
+        per_bin[bin_name]["counts"][split] += count
     for s in shards:
         per_bin[s["bin"]]["shards"].append({k: s[k] for k in ("path", "split", "samples", "bytes", "sha256")})
-    split_sizes = Counter(r["split"] for r in rows)
-    fraction_sizes = {
-        str(f): sum(1 for r in rows if f in r["fractions"]) for f in cfg.ingest.splits.label_fractions
-    }
+    split_sizes = Counter()
+    for (_, split), count in totals.per_bin.items():
+        split_sizes[split] += count
+    fraction_sizes = {str(f): totals.fractions[str(f)] for f in cfg.ingest.splits.label_fractions}
     return {
         "format_version": FORMAT_VERSION,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -157,7 +316,7 @@ def _manifest(cfg, plan, rows, shards, rejects, duplicates, cross) -> dict:
         "label_fraction_sizes": fraction_sizes,
         "counts": {
             "seen": plan.seen,
-            "written": len(rows),
+            "written": totals.written,
             "rejected": len(rejects),
             "duplicates": len(duplicates),
         },

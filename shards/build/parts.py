@@ -22,8 +22,7 @@ import numpy as np
 
 from bucketing.bins import Bin, BinningConfig, assign_with_config, fit_geometry
 from bucketing.dataplan import stable_hash
-from core.atomic import write_json
-from core.perms import private_folder, restrict_umask
+from core.perms import restrict_umask
 from core.progress import progress
 from ingest.dicom import one_line
 from ingest.errors import RejectError
@@ -32,6 +31,7 @@ from ingest.readers import ReadConfig, decode_image
 from ingest.stage import IngestRecord
 from shards.build.config import BuildConfig, ShardConfig
 from shards.build.plan import BuildPlan, get_plan
+from shards.build.records import record_path, save_part
 from shards.build.resample import render_in_bin
 from shards.build.source import check_out_outside_source
 from shards.build.writer import ShardWriter
@@ -243,19 +243,18 @@ def build_part(cfg: BuildConfig, plan: BuildPlan, part: int) -> dict:
         "part": part,
         "fingerprint": plan.fingerprint,
         "seen": len(items),
-        "rows": rows,
+        "written": len(rows),
         "rejects": rejects,
         "duplicates": duplicates,
         "shards": shards,
     }
-    parts_dir = private_folder(out / "_work" / "parts")  # rows with paths: the steward's only
-    write_json(parts_dir / f"part-{part:04d}.json", record, indent=None)
+    save_part(out, record, rows)
     return record
 
 
 def part_done(out: Path, part: int, fingerprint: str) -> bool:
     """A part is finished when its record exists and was made under the same plan."""
-    path = out / "_work" / "parts" / f"part-{part:04d}.json"
+    path = record_path(out, part)
     if not path.is_file():
         return False
     try:
@@ -286,7 +285,7 @@ def run_build(
     out = Path(cfg.out)
     restrict_umask()  # shards, indexes, tables: not readable by other users (core.perms)
     out.mkdir(parents=True, exist_ok=True)
-    plan = get_plan(cfg, force_replan, verify_source)
+    plan = get_plan(cfg, force_replan, verify_source, keep=lambda parts: parts % num_tasks == task_index)
     mine = [p for p in range(plan.num_parts) if p % num_tasks == task_index]
     if not mine:
         log.warning(
@@ -303,7 +302,7 @@ def run_build(
         log.info(
             "part %d: %d written, %d rejected, %d duplicates in %.1f s (%.1f img/s)",
             part,
-            len(rec["rows"]),
+            rec["written"],
             len(rec["rejects"]),
             len(rec["duplicates"]),
             secs,

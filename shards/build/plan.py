@@ -7,10 +7,14 @@ Labels, patients, splits and fractions come from ``ingest.stage``; this module a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,14 +148,32 @@ def _record(row: dict) -> IngestRecord:
     return IngestRecord(**{**row, "fractions": tuple(row["fractions"])})
 
 
-def load_plan(work_dir: Path, fingerprint: str) -> BuildPlan | None:
-    """The saved plan if it was made with the same config, else None."""
+Keep = Callable[[np.ndarray], np.ndarray]
+"""Which records a task loads: the parts of a batch of records → True for those to keep."""
+
+
+def _records(path: Path, keep: Keep | None) -> list[dict]:
+    """The plan's rows (all, or those ``keep`` selects by part, read batch by batch so that the records of
+    other tasks never become Python objects)."""
+    if keep is None:
+        return pq.read_table(path).to_pylist()
+    rows = []
+    for batch in pq.ParquetFile(path).iter_batches():
+        mask = keep(batch.column("part").to_numpy(zero_copy_only=False))
+        if mask.any():
+            rows += batch.filter(pa.array(mask)).to_pylist()
+    return rows
+
+
+def load_plan(work_dir: Path, fingerprint: str, keep: Keep | None = None) -> BuildPlan | None:
+    """The saved plan if it was made with the same config, else None; with ``keep``, only the records of
+    the parts it selects (``records`` and ``parts`` then hold those alone)."""
     try:
         head = json.loads((work_dir / "plan.json").read_text())
         if head.get("version") != PLAN_VERSION or head.get("fingerprint") != fingerprint:
             return None
-        rows = pq.read_table(work_dir / "plan.parquet").to_pylist()
-    except (OSError, ValueError):
+        rows = _records(work_dir / "plan.parquet", keep)
+    except (OSError, ValueError, pa.ArrowException):
         return None
     return BuildPlan(
         class_names=tuple(head["class_names"]),
@@ -166,8 +188,36 @@ def load_plan(work_dir: Path, fingerprint: str) -> BuildPlan | None:
     )
 
 
-def get_plan(cfg: BuildConfig, force_replan: bool = False, verify_source: bool = False) -> BuildPlan:
+@contextlib.contextmanager
+def _planning_lock(work_dir: Path) -> Iterator[None]:
+    """One task of an array plans at a time: the others wait here, then find its plan saved."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(work_dir / "plan.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor lets the lock go
+
+
+def _only(plan: BuildPlan, keep: Keep | None) -> BuildPlan:
+    """``plan`` with only the records ``keep`` selects (the planner, too, keeps only its parts' records)."""
+    if keep is None:
+        return plan
+    kept = np.flatnonzero(keep(np.asarray(plan.parts, dtype=np.int64))).tolist()
+    return dataclasses.replace(
+        plan, records=tuple(plan.records[i] for i in kept), parts=tuple(plan.parts[i] for i in kept)
+    )
+
+
+def get_plan(
+    cfg: BuildConfig, force_replan: bool = False, verify_source: bool = False, keep: Keep | None = None
+) -> BuildPlan:
     """Load the plan from ``OUT/_work`` or make and save it.
+
+    Tasks of an array starting together plan once: the first takes the planning lock and ingests the source,
+    the others wait for it and load the saved plan; each keeps only the records ``keep`` selects (its parts;
+    none for finalize), and only the planner ever held them all.
 
     A plan made from the same config but another source (files added, removed or modified since; with
     ``verify_source`` also bytes rewritten in place) is refused with :class:`SourceChanged`, and a finished
@@ -175,15 +225,21 @@ def get_plan(cfg: BuildConfig, force_replan: bool = False, verify_source: bool =
     dropped (manifest first, so no reader takes it for finished) and every part is built again. An unfinished
     build of another config is replaced without asking (nothing of value is lost).
     """
-    out = Path(cfg.out)
-    work_dir = out / "_work"
+    work_dir = Path(cfg.out) / "_work"
     source = source_digest(cfg)
     content = content_digest(cfg) if verify_source else None
-    plan = load_plan(work_dir, _combined(plan_fingerprint(cfg), source))
-    if plan is not None and content is not None:
-        plan = _check_content(plan, cfg, content, force_replan)
-    if plan is not None:
-        return plan
+    with _planning_lock(work_dir):
+        plan = load_plan(work_dir, _combined(plan_fingerprint(cfg), source), keep)
+        if plan is not None and content is not None:
+            plan = _check_content(plan, cfg, content, force_replan)
+        if plan is not None:
+            return plan
+        return _only(_replan(cfg, source, content, force_replan), keep)
+
+
+def _replan(cfg: BuildConfig, source: tuple[int, str], content: str | None, force_replan: bool) -> BuildPlan:
+    out = Path(cfg.out)
+    work_dir = out / "_work"
     old = _saved_head(work_dir)
     if old is not None:
         _check_same_key(old, cfg, force_replan)  # first: the most specific reason
@@ -280,7 +336,7 @@ def _drop_old_build(out: Path) -> None:
     log.warning("%s was built under another plan (config or source changed): rebuilding it", out)
     for name in (MANIFEST, SAMPLES):
         (out / name).unlink(missing_ok=True)
-    for record in (out / "_work" / "parts").glob("part-*.json"):
+    for record in (out / "_work" / "parts").glob("part-*.*"):  # records and their rows
         record.unlink()
     for split in SPLITS:
         for f in (out / split).glob("*/*"):

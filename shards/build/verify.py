@@ -9,9 +9,13 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from core.progress import progress
 from ingest.privacy import HASH_CHARS
-from shards.build.crosscheck import rows_by_shard, shard_row_problems
+from shards.build.crosscheck import shard_row_problems
 from shards.build.private import source_names
 from shards.codecs import decode, extension
 from shards.index import ShardReader, read_index, verify_index
@@ -105,33 +109,89 @@ def _check_sample(reader, pos, entry, ext, codec, bin_, where, rep) -> None:
         rep.problems.append(f"{where}: sample {entry.key} says bin {meta.get('bin')}")
 
 
-def _check_samples(root: Path, manifest: dict, todo: list, entries: dict, rep: VerifyReport) -> None:
-    """The samples table: its sha256, and every row against the tars' indexes (shard, split, bin, position,
-    key, image offset and size), each indexed sample in exactly one row."""
-    try:
-        check_samples_table(root, manifest)
-    except DatasetError as err:
-        rep.problems.append(str(err))  # and still cross-check what rows can be read
-    try:
-        columns = ["key", "split", "bin", "shard", "position", "offset", "size"]
-        rows = load_samples(root, columns=columns).to_pylist()
-    except (DatasetError, FileNotFoundError) as err:
-        if not any(str(root / SAMPLES) in p for p in rep.problems):
-            rep.problems.append(str(err))
-        return
-    ext = extension(manifest["codec"]["name"])
-    where = {s["path"]: (s["split"], b["name"]) for s, b in todo}
-    seen: set[tuple[str, int]] = set()
-    for n, row in enumerate(rows):
-        problem = _row_problem(row, where, entries, ext)
-        if problem:
-            rep.problems.append(f"{SAMPLES} row {n} (key {row['key']}, shard {row['shard']}): {problem}")
-        else:
-            seen.add((row["shard"], row["position"]))
-    for path, found in entries.items():
-        missing = [e.key for pos, e in enumerate(found) if (path, pos) not in seen]
-        if missing:
-            rep.problems.append(f"{path}: {len(missing)} samples have no row in {SAMPLES}, e.g. {missing[0]}")
+class _Rows:
+    """The samples table's rows, grouped by shard in Arrow (no Python object per row), checked shard by
+    shard against each tar's index while ``verify_shards`` has it in hand; only a row with a problem becomes
+    a Python object, for its message."""
+
+    def __init__(self, root: Path, manifest: dict, todo: list) -> None:
+        self.head: list[str] = []
+        """Problems of the table as a whole."""
+        self.ext = extension(manifest["codec"]["name"])
+        self.where = {s["path"]: (s["split"], b["name"]) for s, b in todo}
+        self.problems: list[tuple[int, str]] = []
+        self.missing: list[str] = []
+        self.table, self.rows_of = None, {}
+        try:
+            check_samples_table(root, manifest)
+        except DatasetError as err:
+            self.head.append(str(err))  # and still cross-check what rows can be read
+        try:
+            # every column (the cross-check compares each field a row shares with its .json member); split,
+            # bin and shard as dictionaries (a code per row); one chunk: a take per shard, not a concat
+            table = load_samples(root, dictionary=["split", "bin", "shard"])
+            self.table = table.unify_dictionaries().combine_chunks()
+        except (DatasetError, FileNotFoundError) as err:
+            if not any(str(root / SAMPLES) in p for p in self.head):
+                self.head.append(str(err))
+            return
+        shard = self.table["shard"].combine_chunks()
+        codes = shard.indices.to_numpy(zero_copy_only=False)
+        order = np.argsort(codes, kind="stable")
+        bounds = np.searchsorted(codes[order], np.arange(len(shard.dictionary) + 1))
+        self.rows_of = {
+            n: order[bounds[i] : bounds[i + 1]] for i, n in enumerate(shard.dictionary.to_pylist())
+        }
+        for name in [n for n in self.rows_of if n not in self.where]:
+            self._report(self.rows_of.pop(name), {})
+
+    def _report(self, rows: np.ndarray, entries: dict) -> None:
+        for n, row in zip(rows.tolist(), self.table.take(rows).to_pylist(), strict=True):
+            self.problems.append((n, f"{SAMPLES} row {n} (key {row['key']}, shard {row['shard']}): "
+                                     f"{_row_problem(row, self.where, entries, self.ext)}"))  # fmt: skip
+
+    def shard_rows(self, path: str) -> dict[int, tuple[int, dict]]:
+        """The rows naming shard ``path`` as position → (row number, row): one shard's rows as objects, for
+        the cross-check against their members (``shards.build.crosscheck``)."""
+        if self.table is None or path not in self.rows_of:
+            return {}
+        rows = self.rows_of[path]
+        return {
+            row["position"]: (n, row)
+            for n, row in zip(rows.tolist(), self.table.take(rows).to_pylist(), strict=True)
+        }
+
+    def check(self, path: str, found: list) -> None:
+        """The rows naming shard ``path`` against its index entries ``found`` (empty: unreadable shard)."""
+        if self.table is None:
+            return
+        rows = self.rows_of.pop(path, np.zeros(0, np.int64))
+        sub = self.table.take(rows)
+        split, bin_name = self.where[path]
+        ok = pc.and_(pc.equal(sub["split"], split), pc.equal(sub["bin"], bin_name))
+        ok = ok.to_numpy(zero_copy_only=False).astype(bool)
+        if found:
+            pos = sub["position"].to_numpy(zero_copy_only=False)
+            inside_ = (pos >= 0) & (pos < len(found))
+            at = np.where(inside_, pos, 0)
+            spans = np.array([e.components.get(self.ext, (-1, -1)) for e in found], np.int64).reshape(-1, 2)
+            keys = pa.array([e.key for e in found], pa.string()).take(pa.array(at))
+            ok &= inside_ & pc.equal(sub["key"], keys).to_numpy(zero_copy_only=False)
+            ok &= (spans[at, 0] == sub["offset"].to_numpy()) & (spans[at, 1] == sub["size"].to_numpy())
+            covered = np.zeros(len(found), bool)
+            covered[pos[ok]] = True
+            if not covered.all():
+                first = found[int(np.flatnonzero(~covered)[0])].key
+                self.missing.append(
+                    f"{path}: {int((~covered).sum())} samples have no row in {SAMPLES}, e.g. {first}"
+                )
+        self._report(rows[~ok], {path: found})
+
+    def finish(self, rep: VerifyReport) -> None:
+        """The table's problems, its rows' in table order, then the shards' samples without a row."""
+        rep.problems.extend(self.head)
+        rep.problems.extend(message for _, message in sorted(self.problems))
+        rep.problems.extend(self.missing)
 
 
 def _row_problem(row: dict, where: dict, entries: dict, ext: str) -> str | None:
@@ -166,13 +226,13 @@ def verify_shards(
     rng = random.Random(seed)
     rep = VerifyReport()
     todo = [(s, b) for b in manifest["bins"] for s in b["shards"]]
-    entries, rows = {}, rows_by_shard(root)
+    samples = _Rows(root, manifest, todo)
     for shard, bin_ in progress(todo, desc="verify", unit="shard"):
         rep.shards += 1
-        entries[shard["path"]] = _check_shard(
-            root, shard, bin_, codec, quick_share if quick else 1.0, rng, rep, rows.get(shard["path"], {})
-        )
-    _check_samples(root, manifest, todo, entries, rep)
+        rows = samples.shard_rows(shard["path"])
+        found = _check_shard(root, shard, bin_, codec, quick_share if quick else 1.0, rng, rep, rows)
+        samples.check(shard["path"], found)  # one shard's index entries and rows in memory at a time
+    samples.finish(rep)
     written = manifest["counts"]["written"]
     if rep.samples != written:
         rep.problems.append(f"manifest: {written} samples written, shards hold {rep.samples}")

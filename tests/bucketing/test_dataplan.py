@@ -95,6 +95,40 @@ def test_padding_masks_mark_each_sample_once_per_epoch(world_size, drop_incomple
             assert hits.min() == 1, name  # and, padded, every sample valid once
 
 
+def _walked_masks(counts, batch, *, world_size: int, rank: int, **args) -> list[np.ndarray]:
+    """The masks by their definition: walk every rank's schedule (steps in order, ranks in order within a
+    step) and flag what was seen before (O(W x N): the oracle, not the loader's way)."""
+    per_rank = [
+        epoch_schedule(counts, batch, world_size=world_size, rank=r, **args) for r in range(world_size)
+    ]
+    seen = {name: np.zeros(n, dtype=bool) for name, n in counts.items()}
+    masks = []
+    for s, step in enumerate(per_rank[rank]):
+        for r in range(world_size):
+            idx = np.asarray(per_rank[r][s].indices, dtype=np.int64)
+            first = np.zeros(len(idx), dtype=bool)
+            first[np.unique(idx, return_index=True)[1]] = True
+            if r == rank:
+                masks.append(first & ~seen[step.bin][idx])
+            seen[step.bin][idx] = True
+    return masks
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 5, 8, 13, 40])
+def test_padding_masks_are_this_ranks_places_and_match_the_walk_over_every_rank(world_size) -> None:
+    # bins larger than a global batch, one smaller (cycled more than once at 40 ranks), per-bin batch sizes
+    counts, batch = {"224x224": 101, "224x288": 5, "160x320": 64}, {"224x224": 4, "224x288": 3, "160x320": 8}
+    args = {"seed": 3, "epoch": 1, "drop_incomplete": False}
+    expected = {
+        r: _walked_masks(counts, batch, world_size=world_size, rank=r, **args) for r in range(world_size)
+    }
+    for rank in range(world_size):
+        masks = padding_masks(counts, batch, world_size=world_size, rank=rank, **args)
+        assert len(masks) == len(expected[rank])
+        for got, want in zip(masks, expected[rank], strict=True):
+            assert np.array_equal(got, want)
+
+
 def test_stable_hash_ignores_the_interpreter_hash_seed() -> None:
     assert stable_hash("part", 0, "patient-1") == stable_hash("part", 0, "patient-1")
     assert stable_hash("part", 0, "patient-1") != stable_hash("part", 1, "patient-1")

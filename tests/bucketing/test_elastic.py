@@ -38,7 +38,7 @@ def size_of(batch_size, name: str) -> int:
 def plain_seen(case: dict, world: int, steps: int) -> Counter:
     """(bin, sample) -> times trained as a first appearance in the first ``steps`` steps, all ranks."""
     seen = Counter()
-    args = {("batch_sizes" if k == "batch_size" else k): v for k, v in case.items()}
+    args = {("batch_sizes" if k == "batch_size" else k): v for k, v in case.items() if k != "shuffle_block"}
     for r in range(world):
         sched = epoch_schedule(**case, world_size=world, rank=r)[:steps]
         masks = padding_masks(**args, world_size=world, rank=r)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def copy(tiny_shards: Path, tmp_path: Path) -> Path:
     root = tmp_path / "data"
-    shutil.copytree(tiny_shards, root, ignore=shutil.ignore_patterns("_work"))
+    shutil.copytree(tiny_shards, root, ignore=shutil.ignore_patterns("_work", ".verified-shards.*"))
     return root
 
 
@@ -146,15 +147,19 @@ def test_a_shard_is_hashed_once_per_process_until_it_changes(copy: Path, reads: 
 def test_a_node_keeps_a_record_of_verified_shards_across_processes(
     copy: Path, tmp_path: Path, monkeypatch, reads: list[Path]
 ) -> None:
-    """A new process (the memo of this one cleared) does not read shards this node verified unchanged; a
-    touched shard is read again, a corrupt one still stops the loader, and the record follows the cache base."""
+    """A new process (the memo of this one cleared) does not read shards verified unchanged; a touched shard
+    is read again, a corrupt one still stops the loader. The record lies beside the dataset (every node that
+    mounts the folder shares it), not in the node cache."""
     from shards import integrity
 
     monkeypatch.setenv("RADSTREAM_CACHE", str(tmp_path / "node-cache"))
     tars = sorted(copy.glob("train/*/*.tar"))
     build_loader(CFG, copy, "train")
     assert {t for t in tars if t in reads} == set(tars)  # the first process hashes every train shard
-    assert list((tmp_path / "node-cache" / "verified").glob("*.json"))
+    assert set(json.loads((copy / integrity.SHARED_RECORD).read_text())) == {
+        str(t.relative_to(copy)) for t in tars
+    }
+    assert not list((tmp_path / "node-cache").glob("verified/*.json"))
     integrity._SEEN.clear()  # a new process
     reads.clear()
     build_loader(CFG, copy, "train")
@@ -176,6 +181,7 @@ def test_without_a_writable_record_every_process_hashes(
 
     (tmp_path / "a-file").write_text("not a folder")
     monkeypatch.setenv("RADSTREAM_CACHE", str(tmp_path / "a-file"))
+    monkeypatch.setattr(integrity, "SHARED_RECORD", "manifest.json/record.json")  # nor beside the dataset
     for _ in range(2):
         integrity._SEEN.clear()
         build_loader(CFG, copy, "train")
@@ -251,3 +257,48 @@ def test_labels_and_patients_in_the_table_are_checked_against_each_samples_membe
     assert f"label_index {names.index(other)}, its .json member says {names.index(old)}" in line
     assert f"label_index {names.index(other)}, its .cls member says {names.index(old)}" in line
     assert "patient_id 'someone else', its .json member says" in line
+
+
+def test_the_record_falls_back_to_the_node_cache(copy: Path, tmp_path: Path, monkeypatch, reads) -> None:
+    from shards import integrity
+
+    monkeypatch.setenv("RADSTREAM_CACHE", str(tmp_path / "node-cache"))
+    monkeypatch.setattr(integrity, "SHARED_RECORD", "manifest.json/record.json")  # the folder cannot hold it
+    build_loader(CFG, copy, "train")
+    assert list((tmp_path / "node-cache" / "verified").glob("*.json"))
+    integrity._SEEN.clear()
+    reads.clear()
+    build_loader(CFG, copy, "train")
+    assert not [r for r in reads if r.suffix == ".tar"]
+
+
+KILLED_WHILE_HASHING = """
+import sys, time
+from shards import integrity
+from shards.loader_data import load_split
+from shards.manifest import read_manifest
+
+real = integrity.sha256_of
+integrity.SAVE_EVERY_S, integrity.HASH_THREADS = 0.0, 1
+integrity.sha256_of = lambda path: time.sleep(0.5) or real(path)  # a slow disk: killed before the end
+root = sys.argv[1]
+integrity.check_shards(root, load_split(root, "train").shards, read_manifest(root))
+"""
+
+
+def test_a_killed_check_keeps_what_it_verified(copy: Path, tmp_path: Path, reads: list[Path]) -> None:
+    from shards import integrity
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RADSTREAM_CACHE": str(tmp_path / "node-cache")}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_HASHING, str(copy)], env=env, cwd=REPO)
+    record = copy / integrity.SHARED_RECORD
+    while proc.poll() is None and not (record.exists() and len(json.loads(record.read_text() or "{}")) >= 2):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    kept = set(json.loads(record.read_text()))
+    tars = {str(t.relative_to(copy)) for t in copy.glob("train/*/*.tar")}
+    assert 2 <= len(kept) < len(tars)  # saved as it went, killed before the end
+    integrity._SEEN.clear()
+    build_loader(CFG, copy, "train")  # the next start hashes only the rest
+    assert {str(r.relative_to(copy)) for r in reads if r.suffix == ".tar"} == tars - kept

@@ -1,0 +1,117 @@
+"""The loader's sample columns: built once per node from the samples table, mapped by every process, pickled
+into workers as a path."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from shards import columns as cols
+from shards.loader_data import load_split
+from shards.store import ShardStore
+
+
+def table_rows(root: Path, split: str) -> dict[str, dict]:
+    return {r["key"]: r for r in pq.read_table(root / "samples.parquet").to_pylist() if r["split"] == split}
+
+
+def test_columns_hold_the_split_rows_per_bin_in_stored_order(tiny_shards: Path, tmp_path: Path) -> None:
+    rows = table_rows(tiny_shards, "train")
+    data = load_split(tiny_shards, "train", cache_dir=str(tmp_path))
+    assert sum(data.counts.values()) == len(rows) and list(data.bins) == sorted(data.bins)
+    for name, b in data.bins.items():
+        keys = b.keys[np.arange(len(b))].tolist()
+        assert all(rows[k]["bin"] == name for k in keys)
+        stored = sorted(keys, key=lambda k: (rows[k]["shard"], rows[k]["position"]))
+        assert keys == stored  # shard after shard, each shard in tar order
+        for i, key in enumerate(keys):
+            r = rows[key]
+            assert b.keys[i] == key and data.shards[b.shard[i]] == str(tiny_shards / r["shard"])
+            assert (b.offset[i], b.size[i], b.label[i]) == (r["offset"], r["size"], r["label_index"])
+            assert b.foreground[i].tolist() == r["foreground_bin"]
+    fraction = load_split(tiny_shards, "train", 0.1, cache_dir=str(tmp_path))
+    expected = {k for k, r in rows.items() if any(abs(f - 0.1) < 1e-9 for f in r["fractions"])}
+    assert {k for b in fraction.bins.values() for k in b.keys[np.arange(len(b))]} == expected
+
+
+def test_the_node_builds_an_entry_once_and_maps_it(tiny_shards: Path, tmp_path: Path, monkeypatch) -> None:
+    first = load_split(tiny_shards, "val", cache_dir=str(tmp_path))
+    assert first.entry is not None and first.entry.parent == tmp_path / "columns"
+    monkeypatch.setattr(
+        cols, "build", lambda *a: pytest.fail("a second process of the node rebuilt the entry")
+    )
+    again = load_split(tiny_shards, "val", cache_dir=str(tmp_path))
+    assert again.entry == first.entry
+    for name, b in again.bins.items():
+        assert isinstance(b.offset, np.memmap) and isinstance(b.keys.raw, np.memmap)
+        assert np.array_equal(b.offset, first.bins[name].offset)
+    assert not list((tmp_path / "columns").glob(".*tmp*"))  # written under a temporary name, renamed
+
+
+_WORKER = """
+import pickle, sys
+import numpy as np
+data = pickle.load(open(sys.argv[1], "rb"))  # a fresh interpreter, as a spawned DataLoader worker
+bins = data.bins.values()
+assert all(isinstance(b.shard, np.memmap) and isinstance(b.keys.raw, np.memmap) for b in bins)
+print(" ".join(k for b in bins for k in b.keys[np.arange(len(b))].tolist()))
+"""
+
+
+def test_a_worker_receives_the_entry_path_not_the_arrays(tiny_shards: Path, tmp_path: Path) -> None:
+    data = load_split(tiny_shards, "train", cache_dir=str(tmp_path))
+    state = pickle.dumps(data)
+    arrays = sum(b.keys.raw.nbytes + b.offset.nbytes for b in data.bins.values())
+    assert len(state) < 1000 < arrays  # the path and a few names, whatever the split's size
+    from shards.torch_backend import StepDataset  # here: the spawned worker below need not import torch
+
+    store = ShardStore(tiny_shards)
+    sent = pickle.dumps(StepDataset(data, store))
+    assert len(sent) - len(state) < 1000 < len(pickle.dumps(store.manifest))  # nor the manifest
+    dataset = pickle.loads(sent)
+    assert dataset.files.paths.source == data.entry / "shards.npy"  # the shard names are mapped too
+    assert dataset.files.store.manifest == store.manifest  # read again if a worker asks for it
+    (tmp_path / "state").write_bytes(state)
+    worker = subprocess.run(
+        [sys.executable, "-c", _WORKER, str(tmp_path / "state")], capture_output=True, text=True
+    )
+    assert worker.returncode == 0, worker.stderr
+    assert worker.stdout.split() == [
+        k for b in data.bins.values() for k in b.keys[np.arange(len(b))].tolist()
+    ]
+
+
+def test_an_unwritable_cache_keeps_the_columns_in_memory(tiny_shards: Path, tmp_path: Path, caplog) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # the cache base is a file: no folder can be made under it
+    data = load_split(tiny_shards, "test", cache_dir=str(blocker))
+    assert data.entry is None and "in memory" in caplog.text
+    copy = pickle.loads(pickle.dumps(data))
+    for name, b in data.bins.items():
+        assert np.array_equal(copy.bins[name].offset, b.offset) and copy.shards[0] == data.shards[0]
+
+
+def test_fixed_width_keys_from_arrow_buffers() -> None:
+    strings = pa.chunked_array([["ab", "", "xyz_-1"], ["q"]])
+    assert cols.fixed_width(strings).tolist() == [b"ab", b"", b"xyz_-1", b"q"]
+    sliced = pa.array(["first", "second", "third"]).slice(1)  # an offset into the buffers
+    out = cols.fixed_width(sliced)
+    assert out.dtype == np.dtype("S6") and out.tolist() == [b"second", b"third"]
+    assert cols.KeyColumn(out)[1] == "third" and cols.KeyColumn(out)[[1, 0]].tolist() == ["third", "second"]
+
+
+def test_a_rebuilt_table_gets_a_new_entry(tiny_shards: Path, tmp_path: Path) -> None:
+    from shards.layout import load_manifest
+
+    manifest = load_manifest(tiny_shards)
+    name = cols.entry_name(tiny_shards, manifest, "train", None)
+    assert name != cols.entry_name(tiny_shards, {**manifest, "samples_sha256": "0" * 64}, "train", None)
+    assert name != cols.entry_name(tiny_shards, manifest, "train", 0.1)
+    assert name != cols.entry_name(tiny_shards, manifest, "val", None)

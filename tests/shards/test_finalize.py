@@ -1,0 +1,150 @@
+"""finalize and verify without a Python object per sample; the samples table in row groups per split and bin
+(format 2.0) and the reading of a 1.x table."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core.config import load_config
+from shards.build.config import BuildConfig
+from shards.build.finalize import finalize
+from shards.build.plan import load_plan
+from shards.build.verify import verify_shards
+from shards.layout import FORMAT_VERSION, load_manifest, load_samples
+from shards.loader_data import load_split
+
+ORDER = ["split", "bin", "shard", "position"]
+
+
+def _copy(root: Path, to: Path, monkeypatch) -> tuple[Path, BuildConfig]:
+    """A copy of a built dataset, finalized again from its own plan (its config names another ``out``)."""
+    shutil.copytree(root, to)
+    fingerprint = json.loads((to / "_work" / "plan.json").read_text())["fingerprint"]
+    monkeypatch.setattr(
+        "shards.build.finalize.get_plan", lambda cfg, **kw: load_plan(to / "_work", fingerprint, **kw)
+    )
+    return to, load_config(BuildConfig, to / "_work" / "config.yaml", [f"out={to}"])
+
+
+def _scale_benchmark():
+    """benchmarks/scale.py: its synthetic build output (part records, tiny tars) without pixels."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py"
+    spec = importlib.util.spec_from_file_location("scale_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _traced_peak(step) -> int:
+    """Peak bytes of Python objects and numpy arrays (what ``tracemalloc`` sees) while ``step`` runs."""
+    tracemalloc.start()
+    try:
+        step()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("step", ["finalize", "verify"])
+def test_finalize_and_verify_hold_no_object_per_row(step: str, tmp_path: Path, monkeypatch) -> None:
+    # a row as a dict costs over 500 bytes (measured: 2.2 kB per row in finalize, 740 B in verify before they
+    # streamed); Arrow's columns are not Python allocations, numpy's indexes are 8-16 bytes per row, and each
+    # shard's entries in the records and the manifest (~2 kB; here a shard holds ~12 samples) add ~200 B
+    scale, sizes, peaks = _scale_benchmark(), (300, 300, 1200), []
+    for i, n in enumerate(sizes):
+        out = tmp_path / f"{i}-{n}"
+        scale.write_dataset(out, n, part_size=150)
+        monkeypatch.setattr(
+            "shards.build.finalize.get_plan", lambda cfg, n=n, **kw: scale.stand_in_plan(n, 150)
+        )
+        if step == "verify":
+            finalize(scale.config(out))
+        run = (lambda out=out: finalize(scale.config(out))) if step == "finalize" else (
+            lambda out=out: verify_shards(out, quick=True, quick_share=0.0))  # fmt: skip
+        peaks.append(_traced_peak(run))  # the first run warms caches up and is not compared
+    per_row = (peaks[2] - peaks[1]) / (sizes[2] - sizes[1])
+    assert per_row < 400, f"{per_row:.0f} bytes of Python objects per row ({peaks})"
+
+
+def test_the_samples_table_is_in_row_groups_per_split_and_bin(tiny_shards: Path) -> None:
+    meta = pq.ParquetFile(tiny_shards / "samples.parquet").metadata
+    names = meta.schema.names
+    groups = []
+    for g in range(meta.num_row_groups):
+        stats = {c: meta.row_group(g).column(names.index(c)).statistics for c in ("split", "bin")}
+        assert all(s.min == s.max for s in stats.values())  # one (split, bin) per row group
+        groups.append((stats["split"].min, stats["bin"].min))
+    assert groups == sorted(groups) and len(set(groups)) == len(groups) and len(groups) > 3
+    table = pq.read_table(tiny_shards / "samples.parquet")
+    assert table.equals(table.sort_by([(c, "ascending") for c in ORDER]))  # the stored order, as before
+    assert load_manifest(tiny_shards)["format_version"] == FORMAT_VERSION == "2.0"
+
+
+def test_finalize_again_writes_the_same_bytes(tiny_shards: Path, tmp_path: Path, monkeypatch) -> None:
+    out, cfg = _copy(tiny_shards, tmp_path / "again", monkeypatch)
+    before = (out / "samples.parquet").read_bytes()
+    manifest = finalize(cfg)
+    assert (out / "samples.parquet").read_bytes() == before  # same input, same bytes
+    assert manifest["samples_sha256"] == hashlib.sha256(before).hexdigest()
+    differ = ("created", "command", "config")  # when and where it ran
+    assert {k: v for k, v in manifest.items() if k not in differ} == {
+        k: v for k, v in load_manifest(tiny_shards).items() if k not in differ
+    }
+    assert verify_shards(out).ok
+    assert not (out / "_work" / "finalize").exists()  # the scratch files are gone
+
+
+def test_verify_names_the_one_bad_row(tiny_shards: Path, tmp_path: Path, monkeypatch) -> None:
+    out, _ = _copy(tiny_shards, tmp_path / "bad", monkeypatch)
+    table = pq.read_table(out / "samples.parquet")
+    offsets = table["offset"].to_numpy().copy()
+    offsets[3] += 1
+    pq.write_table(table.set_column(table.column_names.index("offset"), "offset", pa.array(offsets)),
+                   out / "samples.parquet")  # fmt: skip
+    report = verify_shards(out)
+    rows = [p for p in report.problems if p.startswith("samples.parquet row")]
+    assert len(rows) == 1 and rows[0].startswith("samples.parquet row 3 ") and "image at" in rows[0]
+    assert any("samples have no row" in p for p in report.problems)  # that sample's place is now uncovered
+
+
+def test_parts_recorded_with_their_rows_in_json_still_finalize(
+    tiny_shards: Path, tmp_path: Path, monkeypatch
+) -> None:
+    out, cfg = _copy(tiny_shards, tmp_path / "old-parts", monkeypatch)
+    for rows_file in sorted((out / "_work" / "parts").glob("part-*.parquet")):
+        record_file = rows_file.with_suffix(".json")
+        record = json.loads(record_file.read_text())
+        record["rows"] = pq.read_table(rows_file).to_pylist()  # a record written before rows moved out
+        del record["written"]
+        record_file.write_text(json.dumps(record))
+        rows_file.unlink()
+    finalize(cfg)
+    assert pq.read_table(out / "samples.parquet").equals(pq.read_table(tiny_shards / "samples.parquet"))
+
+
+def test_a_table_in_one_row_group_reads_the_same(tiny_shards: Path, tmp_path: Path, monkeypatch) -> None:
+    out, _ = _copy(tiny_shards, tmp_path / "one-group", monkeypatch)
+    table = pq.read_table(out / "samples.parquet")
+    pq.write_table(table, out / "samples.parquet")  # as finalize wrote it before 2.0: one row group
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["samples_sha256"] = hashlib.sha256((out / "samples.parquet").read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert load_samples(out, "val").equals(load_samples(tiny_shards, "val"))
+    old, new = (
+        load_split(out, "train", cache_dir=str(tmp_path)),
+        load_split(tiny_shards, "train", cache_dir=str(tmp_path)),
+    )
+    for name, b in new.bins.items():
+        assert np.array_equal(old.bins[name].keys.raw, b.keys.raw) and np.array_equal(
+            old.bins[name].offset, b.offset
+        )
