@@ -64,6 +64,10 @@ class KeyColumn:
         picked = self.raw[index]
         return picked.decode() if isinstance(picked, bytes) else np.char.decode(picked, "utf-8")
 
+    def tolist(self) -> list[str]:
+        """Every key as a ``str`` (a Python object per sample: for tests and small tools, not the loader)."""
+        return np.char.decode(self.raw, "utf-8").tolist()
+
 
 class ShardPaths(Sequence[str]):
     """Absolute shard paths, indexed by the ``shard`` column: the dataset root joined to a mapped array of
