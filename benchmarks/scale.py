@@ -1,7 +1,7 @@
 """What the metadata of N samples costs, step by step, on synthetic datasets without pixels (issue #21).
 
 For each ``--sizes`` N it writes a build output as the build leaves it before finalize (part records, real
-tars with one tiny member per sample and their ``.idx``), then runs each step in a fresh subprocess and prints
+tars with a 1-byte image and its ``.cls`` per sample and their ``.idx``), then runs each step in a fresh subprocess and prints
 its wall time and peak memory (``ru_maxrss`` minus the process's RSS after its imports):
 
 - ``finalize``: ``shards.build.finalize.finalize`` (the plan is a stand-in: there is no source to ingest);
@@ -104,7 +104,7 @@ def write_dataset(out: Path, n: int, part_size: int = PART_SIZE) -> None:
                 writers[sb] = ShardWriter(
                     out / sb[0] / sb[1], f"{sb[0]}-{sb[1]}-{part:04d}", max_samples=2000
                 )
-            writers[sb].write(row["key"], {"png": b"x"})
+            writers[sb].write(row["key"], {"png": b"x", "cls": str(row["label_index"]).encode()})
         record = {
             "part": part,
             "fingerprint": "bench",
