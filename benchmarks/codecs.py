@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from shards.codecs import bit_depth, decode, encode, quantize, to_float01  # noqa: E402
+from radstream.shards.codecs import bit_depth, decode, encode, quantize, to_float01  # noqa: E402
 
 CODEC_RUNS = [("jpg", 90), ("jpg", 95), ("png", None), ("png16", None), ("jp2", None)]
 

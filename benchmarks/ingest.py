@@ -33,10 +33,10 @@ import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from core.config import load_config  # noqa: E402
-from shards.build.config import BuildConfig  # noqa: E402
-from shards.build.finalize import finalize  # noqa: E402
-from shards.build.parts import run_build  # noqa: E402
+from radstream.core.config import load_config  # noqa: E402
+from radstream.shards.builder.config import BuildConfig  # noqa: E402
+from radstream.shards.builder.finalize import finalize  # noqa: E402
+from radstream.shards.builder.parts import run_build  # noqa: E402
 
 
 def naive_build(src: Path, out_tar: Path, size: int = 224) -> int:
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--keep", help="keep the synthetic sources in this folder (reused when present)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from ingest.synth import synthesize
+    from radstream.ingest.synth import synthesize
 
     tmp = Path(tempfile.mkdtemp(prefix="radstream-bench-"))
     corpus = Path(args.keep) if args.keep else tmp / "synth"

@@ -1,6 +1,6 @@
 """Loader benchmark: images/s of the DALI CPU and torch backends against ImageFolder and the bare decoders.
 
-On one synthetic shard dataset (built in a temp dir from ``ingest.synth`` unless ``--shards`` is given) it
+On one synthetic shard dataset (built in a temp dir from ``radstream.ingest.synth`` unless ``--shards`` is given) it
 measures, with the same number of workers everywhere:
 
 - ``decode`` mode (evaluation loaders: decode → batches of the stored integers, which the training step makes
@@ -38,22 +38,22 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bucketing.schedule import schedule_stats, token_budget_batch_sizes  # noqa: E402
-from shards.codecs import bit_depth, extension  # noqa: E402
-from shards.images import unit_float  # noqa: E402
-from shards.loader import build_loader, dali_available  # noqa: E402
-from shards.loader_config import LoaderConfig  # noqa: E402
-from shards.loader_data import load_split  # noqa: E402
-from shards.manifest import read_manifest, read_samples  # noqa: E402
+from radstream.bucketing.schedule import schedule_stats, token_budget_batch_sizes  # noqa: E402
+from radstream.shards.codecs import bit_depth, extension  # noqa: E402
+from radstream.shards.images import unit_float  # noqa: E402
+from radstream.shards.loader import build_loader, dali_available  # noqa: E402
+from radstream.shards.loader_config import LoaderConfig  # noqa: E402
+from radstream.shards.loader_data import load_split  # noqa: E402
+from radstream.shards.manifest import read_manifest, read_samples  # noqa: E402
 
 
 def build_shards(tmp: Path, images: int, max_side: int, max_tokens: int, codec: str, workers: int) -> Path:
     """A synthetic corpus → a finalized shard dataset with smart bins."""
-    from core.config import load_config
-    from ingest.synth import synthesize
-    from shards.build.config import BuildConfig
-    from shards.build.finalize import finalize
-    from shards.build.parts import run_build
+    from radstream.core.config import load_config
+    from radstream.ingest.synth import synthesize
+    from radstream.shards.builder.config import BuildConfig
+    from radstream.shards.builder.finalize import finalize
+    from radstream.shards.builder.parts import run_build
 
     synthesize(tmp / "synth", n=images, seed=0, max_side=max_side, workers=workers)
     overrides = [

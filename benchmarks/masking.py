@@ -4,7 +4,7 @@ sizes, timed on the same batches (encoder forward + backward; the decoder sees a
 - ``per-batch``: before issue 11, one ``len_keep = min(int(F_max * (1 - r)), F_min)`` per batch, no mask.
   Fast but wrong: one near-empty image makes every image of its batch keep almost nothing.
 - ``padded``: each image keeps ``int(F_i * (1 - r))``; rows padded to the widest and a key-padding mask in
-  ``scaled_dot_product_attention`` (what ``train.mae`` does).
+  ``scaled_dot_product_attention`` (what ``radstream.train.mae`` does).
 - ``packed``: the same visible sets packed into one sequence with a block-diagonal (document) mask; dense here
   (FlexAttention's block-sparse kernel needs ``torch.compile`` and pays off on a GPU).
 
@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_step as ts  # noqa: E402
 
-from train.mae import MAEConfig, build_mae  # noqa: E402
-from train.masking import attention_mask, random_masking, visible_counts  # noqa: E402
+from radstream.train.mae import MAEConfig, build_mae  # noqa: E402
+from radstream.train.masking import attention_mask, random_masking, visible_counts  # noqa: E402
 
 VARIANTS = ("per-batch", "padded", "packed")
 

@@ -4,14 +4,14 @@ are padded to
 - ``per-batch widest``: the batch's own widest keep count (before issue 24: read on the host, a graph break
   and a new compiled shape per distinct length);
 - ``bin maximum``: ``keep_width(L, r)``, the largest keep count of the bin's grid (one static shape per bin:
-  what ``train.masking`` does);
+  what ``radstream.train.masking`` does);
 - ``S sizes per bin``: the smallest of ``S`` fixed widths (K·j/S, j = 1..S) that holds the batch's widest
   (a few static shapes per bin; the width would have to be chosen on the host from the foreground boxes);
 
 against ``packed`` (no padding at all). Slots include CLS; the encoder's linear layers cost in proportion to the
 slots, attention to their square. No model runs: the count is exact and takes seconds.
 
-Two sets of batches: the synthetic corpus (``ingest.synth``) built into shards with smart bins and read by the
+Two sets of batches: the synthetic corpus (``radstream.ingest.synth``) built into shards with smart bins and read by the
 loader (training crops included), and the synthetic radiographs of ``benchmarks/train_step.py`` (the GPU
 benchmark's sizes: smart bins of at most 196 patches, token-budget batches of 256 images per 196 patches).
 
@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_step as ts  # noqa: E402
 
-from shards.images import unit_float  # noqa: E402
-from train.masking import background_patches, keep_width  # noqa: E402
+from radstream.shards.images import unit_float  # noqa: E402
+from radstream.train.masking import background_patches, keep_width  # noqa: E402
 
 PATCH = 16
 RATIO = 0.75
@@ -72,8 +72,8 @@ def slots(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], sizes: tuple[int
 
 def corpus_batches(root: Path, batch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """One training epoch of the loader over a shard dataset (augmented, as training sees it)."""
-    from shards.loader import build_loader
-    from shards.loader_config import LoaderConfig
+    from radstream.shards.loader import build_loader
+    from radstream.shards.loader_config import LoaderConfig
 
     loader = build_loader(LoaderConfig(backend="torch", batch_size=batch, num_workers=0), root, "train")
     for b in loader:
@@ -88,11 +88,11 @@ def radiograph_batches(images: int, batch: int) -> Iterable[tuple[torch.Tensor, 
 
 def build_corpus(tmp: Path, images: int) -> Path:
     """The synthetic corpus in smart bins (3 bins of at most 196 patches), as ``make demo`` builds it."""
-    from core.config import load_config
-    from ingest.synth import synthesize
-    from shards.build.config import BuildConfig
-    from shards.build.finalize import finalize
-    from shards.build.parts import run_build
+    from radstream.core.config import load_config
+    from radstream.ingest.synth import synthesize
+    from radstream.shards.builder.config import BuildConfig
+    from radstream.shards.builder.finalize import finalize
+    from radstream.shards.builder.parts import run_build
 
     synthesize(tmp / "synth", n=images, seed=0, max_side=512)
     overrides = [f"source={tmp / 'synth' / 'images'}", f"out={tmp / 'shards'}", "ingest.labels=folder",

@@ -3,7 +3,7 @@ for today's uniform shuffle and for shard-local shuffle blocks, with what each c
 
 Builds (once, into ``--work``) a synthetic shard dataset of at least 40 shards per split, starts moto's S3
 server and a static HTTP server as separate processes on 127.0.0.1, publishes the dataset and reads one epoch
-of the train split through the loader (``shards.loader.build_loader`` on the URL), timing each from opening
+of the train split through the loader (``radstream.shards.loader.build_loader`` on the URL), timing each from opening
 the dataset to the last batch:
 
 - local: the local build folder;
@@ -36,12 +36,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from shards.build.publish import publish  # noqa: E402
-from shards.loader import build_loader  # noqa: E402
-from shards.loader_config import LoaderConfig, RemoteConfig  # noqa: E402
-from shards.manifest import read_manifest, read_samples  # noqa: E402
-from shards.remote import open_dataset  # noqa: E402
-from shards.transport import filesystem  # noqa: E402
+from radstream.shards.builder.publish import publish  # noqa: E402
+from radstream.shards.loader import build_loader  # noqa: E402
+from radstream.shards.loader_config import LoaderConfig, RemoteConfig  # noqa: E402
+from radstream.shards.manifest import read_manifest, read_samples  # noqa: E402
+from radstream.shards.remote import open_dataset  # noqa: E402
+from radstream.shards.transport import filesystem  # noqa: E402
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -49,11 +49,11 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_D
 def build_dataset(work: Path, n: int, per_shard: int) -> Path:
     """A finalized shard dataset of ``n`` synthetic radiographs, ``per_shard`` samples per shard at most
     (built once per work folder, n and shard size)."""
-    from core.config import load_config
-    from ingest.synth import synthesize
-    from shards.build.config import BuildConfig
-    from shards.build.finalize import finalize
-    from shards.build.parts import run_build
+    from radstream.core.config import load_config
+    from radstream.ingest.synth import synthesize
+    from radstream.shards.builder.config import BuildConfig
+    from radstream.shards.builder.finalize import finalize
+    from radstream.shards.builder.parts import run_build
 
     out = work / f"shards-{n}-{per_shard}"
     if (out / "manifest.json").is_file():

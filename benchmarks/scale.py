@@ -4,7 +4,7 @@ For each ``--sizes`` N it writes a build output as the build leaves it before fi
 tars with a 1-byte image and its ``.cls`` per sample and their ``.idx``), then runs each step in a fresh subprocess and prints
 its wall time and peak memory (``ru_maxrss`` minus the process's RSS after its imports):
 
-- ``finalize``: ``shards.build.finalize.finalize`` (the plan is a stand-in: there is no source to ingest);
+- ``finalize``: ``radstream.shards.builder.finalize.finalize`` (the plan is a stand-in: there is no source to ingest);
 - ``verify``: ``verify-shards --quick`` with no image decoded (shards, indexes and the samples table);
 - ``load_split cold`` / ``warm``: ``load_split('train')`` in a first rank of the node, then in a second one;
   ``steady`` is what the process still holds once the split is loaded, ``pickled`` what a DataLoader worker
@@ -90,8 +90,8 @@ def write_dataset(out: Path, n: int, part_size: int = PART_SIZE) -> None:
     """The build output before finalize: one part record per ``part_size`` samples, tars and indexes."""
     import numpy as np
 
-    from shards.build import parts as build_parts
-    from shards.build.writer import ShardWriter
+    from radstream.shards.builder import parts as build_parts
+    from radstream.shards.builder.writer import ShardWriter
 
     rng = np.random.default_rng(0)
     for part in range((n + part_size - 1) // part_size):
@@ -128,22 +128,22 @@ def _save_json(out: Path, record: dict) -> None:
 
 
 def config(out: Path):
-    from shards.build.config import BuildConfig, ShardConfig
+    from radstream.shards.builder.config import BuildConfig, ShardConfig
 
     return BuildConfig(source=str(out), out=str(out), shards=ShardConfig(codec="png"))
 
 
 def stand_in_plan(n: int, part_size: int = PART_SIZE):
     """The plan a real build of :func:`write_dataset` would have loaded (there is no source to ingest)."""
-    from bucketing.geometry import Bin
-    from shards.build.plan import BuildPlan
+    from radstream.bucketing.geometry import Bin
+    from radstream.shards.builder.plan import BuildPlan
 
     parts = -(-n // part_size)
     return BuildPlan(tuple(CLASSES), tuple(Bin.parse(b) for b in BINS), (), (), (), n, parts, "bench")
 
 
 def step_finalize(out: Path, n: int) -> dict:
-    from shards.build import finalize as fin
+    from radstream.shards.builder import finalize as fin
 
     fin.get_plan = lambda cfg, **kw: stand_in_plan(n)
     base, start = _reset_peak(), time.perf_counter()
@@ -152,7 +152,7 @@ def step_finalize(out: Path, n: int) -> dict:
 
 
 def step_verify(out: Path, n: int) -> dict:
-    from shards.build.verify import verify_shards
+    from radstream.shards.builder.verify import verify_shards
 
     base, start = _reset_peak(), time.perf_counter()
     rep = verify_shards(out, quick=True, quick_share=0.0)
@@ -165,9 +165,9 @@ def step_load(out: Path, n: int) -> dict:
     import gc
     import pickle
 
-    from shards.loader_data import load_split
-    from shards.store import ShardStore
-    from shards.torch_backend import StepDataset
+    from radstream.shards.loader_data import load_split
+    from radstream.shards.store import ShardStore
+    from radstream.shards.torch_backend import StepDataset
 
     base, start = _reset_peak(), time.perf_counter()
     data = load_split(out, "train")
@@ -179,9 +179,9 @@ def step_load(out: Path, n: int) -> dict:
 
 
 def step_epoch(out: Path, n: int, world: int) -> dict:
-    from shards.loader_base import ShardLoader
-    from shards.loader_config import LoaderConfig
-    from shards.loader_data import load_split
+    from radstream.shards.loader_base import ShardLoader
+    from radstream.shards.loader_config import LoaderConfig
+    from radstream.shards.loader_data import load_split
 
     data = load_split(out, "train")
     loader = ShardLoader(data, LoaderConfig(batch_size=32, seed=0), process_index=world - 1,

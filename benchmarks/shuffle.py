@@ -4,7 +4,7 @@ A table of ``--patients`` patients with 1–6 radiographs each (geometric), one 
 (skewed over ``--classes`` classes), cut into shards of ``--per-shard`` samples in one of two stored orders:
 
 - build order: whole patients in parts of ``--part-size`` images, each part's images in a hashed order (what
-  ``shards.build`` writes), so a shard is a random draw from its part;
+  ``radstream.shards.builder`` writes), so a shard is a random draw from its part;
 - patient order: each patient's images next to each other, patients in random order (a writer that keeps
   studies together: the worst case for a small shuffle block).
 
@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bucketing.schedule import epoch_schedule  # noqa: E402
+from radstream.bucketing.schedule import epoch_schedule  # noqa: E402
 
 
 def synthetic_table(args, order: str) -> tuple[np.ndarray, np.ndarray]:

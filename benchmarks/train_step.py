@@ -6,7 +6,7 @@
 - ``smart+border``: the same batches with border-aware masking: patches outside the foreground box or pure
   black are never shown to the encoder and never scored.
 
-Each mode times ``train.mae_step.train_step`` (forward, backward, AdamW) under Accelerate on pre-made device
+Each mode times ``radstream.train.mae_step.train_step`` (forward, backward, AdamW) under Accelerate on pre-made device
 batches (no loading), after one warm-up pass over its batches (compilation); the timed passes of the modes are
 interleaved and the fastest pass of each counts (other load on the machine only slows a pass down). It
 reports images/s, patch tokens/s, foreground ("useful") tokens/s, encoder tokens per image, the foreground
@@ -44,13 +44,13 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import TorchDynamoPlugin  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from bucketing.bins import assign_bins, plan_smart  # noqa: E402
-from bucketing.geometry import Bin, fit_geometry  # noqa: E402
-from core.config import load_config  # noqa: E402
-from train.config import OptimConfig, PretrainConfig  # noqa: E402
-from train.loop import allow_graphs, build_optimizer, param_groups  # noqa: E402
-from train.mae import MAEConfig, background_patches, build_mae  # noqa: E402
-from train.mae_step import batch_background, step_noise, train_step  # noqa: E402
+from radstream.bucketing.bins import assign_bins, plan_smart  # noqa: E402
+from radstream.bucketing.geometry import Bin, fit_geometry  # noqa: E402
+from radstream.core.config import load_config  # noqa: E402
+from radstream.train.config import OptimConfig, PretrainConfig  # noqa: E402
+from radstream.train.mae import MAEConfig, background_patches, build_mae  # noqa: E402
+from radstream.train.mae_step import batch_background, step_noise, train_step  # noqa: E402
+from radstream.train.steps import allow_graphs, build_optimizer, param_groups  # noqa: E402
 
 PATCH = 16
 MAX_TOKENS = 196

@@ -1,6 +1,6 @@
 """Bin planning, assignment, fit geometry and the batch schedule: pure logic (numpy only, no torch, no I/O)."""
 
-from bucketing.bins import (
+from radstream.bucketing.bins import (
     STRATEGIES,
     BinningConfig,
     assign_bins,
@@ -12,10 +12,18 @@ from bucketing.bins import (
     plan_smart,
     plan_strict,
 )
-from bucketing.elastic import remaining_padding_masks, remaining_schedule
-from bucketing.geometry import FIT_MODES, Bin, FitGeometry, as_sizes, fit_geometry, fit_sizes, parse_bins
-from bucketing.report import BinReport, BinStats, plan_report
-from bucketing.schedule import (
+from radstream.bucketing.elastic import remaining_padding_masks, remaining_schedule
+from radstream.bucketing.geometry import (
+    FIT_MODES,
+    Bin,
+    FitGeometry,
+    as_sizes,
+    fit_geometry,
+    fit_sizes,
+    parse_bins,
+)
+from radstream.bucketing.report import BinReport, BinStats, plan_report
+from radstream.bucketing.schedule import (
     Step,
     bin_order,
     bin_sequence,

@@ -8,8 +8,8 @@ Strategies (every shape a multiple of the patch size):
   closest shape by aspect ratio and scale.
 
 Sizes are always ``(height, width)`` pairs in source pixels, as an integer array of shape ``[N, 2]``.
-Fitting an image into its bin (stretch / pad / crop) lives in :mod:`bucketing.geometry`; the planning report
-in :mod:`bucketing.report`. Both are re-exported here.
+Fitting an image into its bin (stretch / pad / crop) lives in :mod:`radstream.bucketing.geometry`; the planning report
+in :mod:`radstream.bucketing.report`. Both are re-exported here.
 """
 
 from __future__ import annotations
@@ -19,8 +19,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bucketing.geometry import FIT_MODES, Bin, FitGeometry, as_sizes, fit_geometry, fit_sizes, parse_bins
-from bucketing.report import BinReport, BinStats, plan_report
+from radstream.bucketing.geometry import (
+    FIT_MODES,
+    Bin,
+    FitGeometry,
+    as_sizes,
+    fit_geometry,
+    fit_sizes,
+    parse_bins,
+)
+from radstream.bucketing.report import BinReport, BinStats, plan_report
 
 __all__ = [
     "FIT_MODES",

@@ -2,8 +2,8 @@
 move, hashing that ignores Python's hash seed, and cutting patients into build parts.
 
 numpy only (no torch, no I/O): seed, epoch, rank and world size are explicit arguments, so every function is
-tested over many world sizes and shapes without a GPU. The loader (``shards.loader``) and the build plan
-(``shards.build.plan``) call these.
+tested over many world sizes and shapes without a GPU. The loader (``radstream.shards.loader``) and the build plan
+(``radstream.shards.builder.plan``) call these.
 """
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from bucketing.schedule import BatchSize, ShardCounts, _batch_size_of, _check, bin_sequence, bin_total
+from radstream.bucketing.schedule import (
+    BatchSize,
+    ShardCounts,
+    _batch_size_of,
+    _check,
+    bin_sequence,
+    bin_total,
+)
 
 _CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
 

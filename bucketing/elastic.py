@@ -1,9 +1,9 @@
 """Elastic resume: the rest of an epoch, after part of it was trained at other world sizes, dealt to new ranks.
 
-Every bin's *bin order* (:func:`bucketing.schedule.bin_order`) is independent of the world size, and the
+Every bin's *bin order* (:func:`radstream.bucketing.schedule.bin_order`) is independent of the world size, and the
 schedule cuts it front to back into global batches. So after ``s`` steps at world size ``W``, bin ``b`` has
 used exactly the first ``used_b = sequence[:s].count(b) x batch_size[b] x W`` places of its order
-(:func:`bucketing.schedule.bin_sequence`), whatever the rank; its not yet seen samples are
+(:func:`radstream.bucketing.schedule.bin_sequence`), whatever the rank; its not yet seen samples are
 ``order[used_b:]`` (none when ``used_b >= count``: the bin's padded last batch was trained).
 
 The rest is dealt exactly like a whole epoch, at the new world size ``W'``: each bin's remaining places are
@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from bucketing.schedule import (
+from radstream.bucketing.schedule import (
     BatchSize,
     ShardCounts,
     Step,

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from bucketing.geometry import FIT_MODES, Bin, as_sizes, fit_sizes
+from radstream.bucketing.geometry import FIT_MODES, Bin, as_sizes, fit_sizes
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def plan_report(
         assignment: ``[N]`` indices into ``bins``.
         patch_size: ViT patch size in pixels.
         batch_size: the global batch size (per-device batch x processes); adds the unfillable-bin counts.
-        mode: the fit mode (see :data:`bucketing.geometry.FIT_MODES`).
+        mode: the fit mode (see :data:`radstream.bucketing.geometry.FIT_MODES`).
 
     Raises:
         ValueError: mismatched lengths, an index outside ``bins``, or an unknown mode.

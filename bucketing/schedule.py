@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bucketing.geometry import Bin
+from radstream.bucketing.geometry import Bin
 
 BatchSize = int | Mapping[str, int]
 ShardCounts = int | Sequence[int]
@@ -255,7 +255,7 @@ def mean_step_tokens(
     Padding repeats (the slots of a bin's last global batch) are not counted, and an image counts by its
     patches, so a step of 49 images of 512x512 (1024 patches each) weighs what 256 of 224x224 do. Divided by
     ``REFERENCE_TOKENS`` it is the batch in reference (224x224) images of MAE's LR rule: the MAE loss is the
-    mean over every masked patch of the step (``train.loop.accumulate_step``), so the gradient averages over
+    mean over every masked patch of the step (``radstream.train.steps.accumulate_step``), so the gradient averages over
     patches, and at 224x224 it is exactly the reference's image count. With a token budget every step holds
     about the same patches, so one peak LR fits every bin, which an image count cannot give."""  # noqa: D205
     _check(counts, world_size)

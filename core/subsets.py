@@ -1,7 +1,7 @@
 """Nested, patient-grouped, class-stratified labelled subsets of a training split: the study's label fractions.
 
 One function draws them for the build (``ingest.splits.label_fractions``: subset 0, stored with every sample)
-and for every other seed of a study (``shards.subsets``: subset k, drawn again from the samples table), so
+and for every other seed of a study (``radstream.shards.subsets``: subset k, drawn again from the samples table), so
 "the 1% of seed k" means the same kind of draw everywhere. A pure function of the labels, the patients and a
 seed: numpy's seeded Generator over the items in the order given, never Python's hash order.
 """

@@ -1,2 +1,2 @@
 """Reading radiographs of every format into [0, 1] with labels, patients and splits: the ingest stage
-(``ingest.stage``, configured by ``ingest.config``) and its parts."""
+(``radstream.ingest.pipeline``, configured by ``radstream.ingest.config``) and its parts."""

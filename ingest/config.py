@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ingest.privacy import PrivacyConfig
-from ingest.readers import ReadConfig
-from ingest.sources import LABEL_SOURCES
+from radstream.ingest.privacy import PrivacyConfig
+from radstream.ingest.readers import ReadConfig
+from radstream.ingest.sources import LABEL_SOURCES
 
 PATIENT_SOURCES = ("auto", "dicom", "parent", "file")
 

@@ -13,7 +13,7 @@ The pipeline, in the order the standard applies it (PS3.3 C.11 / C.7.6.3.1.2):
 5. MONOCHROME1 is inverted so that bone, always attenuating, ends up bright as in MONOCHROME2.
 
 Rescale Slope / Intercept and the inversion are linear, so they are returned as a slope and intercept with
-the stored pixels (:class:`ingest.normalize.Grayscale`) rather than applied: min-max normalisation only needs
+the stored pixels (:class:`radstream.ingest.normalize.Grayscale`) rather than applied: min-max normalisation only needs
 the slope's sign, and a full-size float64 copy of the image was the costliest step of reading it.
 
 Colour objects (RGB, YBR_*, PALETTE COLOR) are turned into luminance instead of steps 3-5.
@@ -33,8 +33,8 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from ingest.errors import RejectError
-from ingest.normalize import Grayscale, luminance
+from radstream.ingest.errors import RejectError
+from radstream.ingest.normalize import Grayscale, luminance
 
 # Groups a DICOM data set without preamble usually starts with: command/group-length, file meta, identifying.
 _FIRST_GROUPS = {0x0000, 0x0002, 0x0008}
@@ -242,7 +242,7 @@ def decode_dicom(ds: Dataset, apply_voi: bool = False) -> tuple[np.ndarray, Gray
 
     Returns:
         ``(raw, gray)``: the decoded stored pixels of frame 0 (high bits masked; colour as RGB) and the
-        grayscale, ready for min-max normalisation (see :class:`ingest.normalize.Grayscale`).
+        grayscale, ready for min-max normalisation (see :class:`radstream.ingest.normalize.Grayscale`).
 
     Raises:
         RejectError: the decoder or a LUT failed (its message is kept).

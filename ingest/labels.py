@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from ingest.errors import RejectError
+from radstream.ingest.errors import RejectError
 
 REGIONS: dict[int, str] = {
     1: "whole_body",

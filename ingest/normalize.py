@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ingest.errors import RejectError
+from radstream.ingest.errors import RejectError
 
 # ITU-R BT.601 luma weights, the ones Pillow's convert("L") uses.
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])

@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps
 
-from ingest import dicom, png
-from ingest.dicom import read_dicom_header
-from ingest.errors import RejectError
-from ingest.normalize import Grayscale, foreground_box_of, luminance, minmax_bounds, scale_to_unit
+from radstream.ingest import dicom, png
+from radstream.ingest.dicom import read_dicom_header
+from radstream.ingest.errors import RejectError
+from radstream.ingest.normalize import Grayscale, foreground_box_of, luminance, minmax_bounds, scale_to_unit
 
 __all__ = [
     "DecodedImage",
@@ -334,7 +334,7 @@ def decode_image(path: str | Path, cfg: ReadConfig = ReadConfig()) -> DecodedIma
 def read_image(path: str | Path, cfg: ReadConfig = ReadConfig()) -> LoadedImage:
     """Read one image file into a normalised float32 grayscale image.
 
-    DICOM goes through :mod:`ingest.dicom` (modality LUT, MONOCHROME1 inverted, Bits Stored, optional VOI;
+    DICOM goes through :mod:`radstream.ingest.dicom` (modality LUT, MONOCHROME1 inverted, Bits Stored, optional VOI;
     multi-frame: the first frame only, ``meta["frames"]`` says how many there were). PNG, JPEG and TIFF go
     through Pillow: 16-bit data keeps its 16 bits, colour becomes luminance (ITU-R BT.601), the EXIF
     orientation is applied, a multi-page TIFF gives its first page. Dimensions are checked from the header

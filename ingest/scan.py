@@ -11,9 +11,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ingest.dicom import check_burned_in, one_line
-from ingest.errors import RejectError
-from ingest.readers import ReadConfig, pillow_size, read_dicom_header, sniff_format
+from radstream.ingest.dicom import check_burned_in, one_line
+from radstream.ingest.errors import RejectError
+from radstream.ingest.readers import ReadConfig, pillow_size, read_dicom_header, sniff_format
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def scan_header(path: str | Path, cfg: ReadConfig) -> HeaderInfo:
     """Read the size and format of one image from its header.
 
     The format is told by the file's first bytes, as the reader tells it
-    (:func:`ingest.readers.sniff_format`), so that the scan and the decode agree on what a file is.
+    (:func:`radstream.ingest.readers.sniff_format`), so that the scan and the decode agree on what a file is.
 
     Raises:
         RejectError: unreadable or empty file, not an image, a malformed header, absurd dimensions or a side

@@ -17,8 +17,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ingest.errors import RejectError
-from ingest.labels import irma_region, load_irma_codes
+from radstream.ingest.errors import RejectError
+from radstream.ingest.labels import irma_region, load_irma_codes
 
 logger = logging.getLogger(__name__)
 

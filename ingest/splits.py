@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from core.subsets import nested_levels
+from radstream.core.subsets import nested_levels
 
 SPLITS = ("train", "val", "test", "unused")
 """Split names; "unused" holds what is left over when split sizes are given as counts."""
@@ -73,7 +73,7 @@ def label_fractions(
     patients: Sequence[str] | None = None,
 ) -> list[tuple[float, ...]]:
     """The nested label fractions of the training set that each item belongs to (the build's subset, subset 0
-    of a study; ``core.subsets`` draws every other seed's the same way).
+    of a study; ``radstream.core.subsets`` draws every other seed's the same way).
 
     The subset of fraction f holds round(f × labelled train images) images (at least one per class),
     stratified by class and drawn by whole patients (within the largest patient's image count of the

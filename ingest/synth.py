@@ -3,15 +3,15 @@
 ``synthesize(out_dir, n, seed)`` writes a folder that looks and behaves like a clinical archive:
 
 - the 8 body regions of the reference study (plus a few ``whole_body`` images, which the builder drops by
-  default) in the real IRMA class imbalance (``ingest.synth_plan``), several images per patient;
-- region-specific anatomy (``ingest.synth_anatomy``) under a random pose, contrast, blur and
+  default) in the real IRMA class imbalance (``radstream.ingest.synth_plan``), several images per patient;
+- region-specific anatomy (``radstream.ingest.synth_anatomy``) under a random pose, contrast, blur and
   quantum + electronic noise, bone bright;
 - detector formats (2500×2048, 1760×1760, 2294×1914 mammography, ...) and random sizes, sides from ~200 px to
   ``max_side`` and aspect ratios (h/w) from 0.4 to 2.5, all scaled by ``max_side / 2500``;
 - black collimation margins, sometimes a white or grey frame and a burned-in marker (L, R, AP, ...);
 - 8-bit PNG, 16-bit PNG (12-bit data raw or shifted, or 16-bit) and uncompressed DICOM (MONOCHROME1 stored
   inverted / MONOCHROME2, BitsStored 12 or 16, rescale slope/intercept on some, CR/DX/MG), written by
-  ``ingest.synth_formats``.
+  ``radstream.ingest.synth_formats``.
 
 Layout::
 
@@ -41,11 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
-from core.atomic import write_bytes
-from core.progress import progress
-from ingest.synth_detector import radiograph
-from ingest.synth_formats import SYNTH_VERSION, dicom_bytes, encode_png, stored_values
-from ingest.synth_plan import FORMAT_SHARES, REGION_COUNTS, ImageSpec, check_args, plan_corpus
+from radstream.core.atomic import write_bytes
+from radstream.core.progress import progress
+from radstream.ingest.synth_detector import radiograph
+from radstream.ingest.synth_formats import SYNTH_VERSION, dicom_bytes, encode_png, stored_values
+from radstream.ingest.synth_plan import FORMAT_SHARES, REGION_COUNTS, ImageSpec, check_args, plan_corpus
 
 logger = logging.getLogger(__name__)
 

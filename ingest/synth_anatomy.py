@@ -1,4 +1,4 @@
-"""Anatomy-like drawings for the synthetic radiograph corpus (``ingest.synth``).
+"""Anatomy-like drawings for the synthetic radiograph corpus (``radstream.ingest.synth``).
 
 Each body region is drawn on a small float canvas from a few smooth primitives (ellipses, rounded boxes,
 capsules, arcs) placed in a *body frame*: the shorter image side spans [-1, 1], y grows downwards, and a random
@@ -6,7 +6,7 @@ pose (rotation, scale, shift, mirror) maps the body frame onto the pixels. The d
 air ≈ 0, soft tissue ≈ 0.3, bone up to ≈ 1 — so bone is bright as a radiograph is displayed. ``draw`` adds
 soft-tissue texture, a heel-effect gradient and a random contrast curve, and returns values in [0, 1].
 
-Everything is vectorised numpy on a small canvas; ``ingest.synth_detector.radiograph`` upsamples it to the
+Everything is vectorised numpy on a small canvas; ``radstream.ingest.synth_detector.radiograph`` upsamples it to the
 detector size and adds what lives at full resolution there.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ingest.synth_shapes import Canvas, bone, box, capsule, ellipse, ramp, smooth_noise
+from radstream.ingest.synth_shapes import Canvas, bone, box, capsule, ellipse, ramp, smooth_noise
 
 ELONGATED = frozenset({"spine", "upper_extremity", "lower_extremity", "whole_body"})
 """Regions drawn along the image's long axis (a landscape canvas is drawn transposed)."""

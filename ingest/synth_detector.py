@@ -1,4 +1,4 @@
-"""What the detector adds to the drawn anatomy (``ingest.synth_anatomy``), at full resolution: upsampling to
+"""What the detector adds to the drawn anatomy (``radstream.ingest.synth_anatomy``), at full resolution: upsampling to
 the detector size, quantum + electronic noise, black collimation margins, a white or grey frame, a burned-in
 side / view marker.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from ingest.synth_anatomy import draw
+from radstream.ingest.synth_anatomy import draw
 
 CANVAS_SIDE = 320
 """Longest side the anatomy is drawn at; larger images are upsampled (the anatomy is smooth anyway)."""

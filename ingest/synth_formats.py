@@ -1,4 +1,4 @@
-"""File writers of the synthetic radiograph corpus (``ingest.synth``): a drawn image → PNG or DICOM bytes.
+"""File writers of the synthetic radiograph corpus (``radstream.ingest.synth``): a drawn image → PNG or DICOM bytes.
 
 Quantisation to the stored values (bit depth, sub-range, shift, MONOCHROME1 inversion), a fast deterministic
 grayscale PNG encoder and an uncompressed DICOM writer whose UIDs derive from the corpus seed.
@@ -16,8 +16,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-if TYPE_CHECKING:  # ingest.synth imports this module: the spec type is only needed for annotations
-    from ingest.synth_plan import ImageSpec
+if TYPE_CHECKING:  # radstream.ingest.synth imports this module: the spec type is only needed for annotations
+    from radstream.ingest.synth_plan import ImageSpec
 
 SYNTH_VERSION = 1
 """Bumped whenever the same parameters would give different files."""

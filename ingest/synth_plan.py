@@ -1,4 +1,4 @@
-"""The plan of the synthetic corpus (``ingest.synth``): how many images per region and patient, their sizes,
+"""The plan of the synthetic corpus (``radstream.ingest.synth``): how many images per region and patient, their sizes,
 file formats and encodings, decided before any pixel is drawn. A pure function of (n, seed, max_side).
 
 Region counts follow the IRMA training list's imbalance; sizes come from real detector formats or a random

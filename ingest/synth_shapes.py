@@ -1,4 +1,4 @@
-"""Drawing primitives of the synthetic anatomy (``ingest.synth_anatomy``): the posed body frame of a canvas
+"""Drawing primitives of the synthetic anatomy (``radstream.ingest.synth_anatomy``): the posed body frame of a canvas
 and smooth shapes on it (ellipses, rounded boxes, capsules, bone with cortex and marrow, smooth noise).
 """
 

@@ -1,4 +1,5 @@
-"""The `radstream` console script: the non-training commands (training stages run under `accelerate launch`)."""
+"""The `radstream` console script: datasets, the study, reports, and the training stages by name
+(`radstream pretrain ...`, `accelerate launch -m radstream pretrain ...` on several GPUs)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,20 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.config import ConfigError
-from core.perms import restrict_umask
+from radstream.core.config import ConfigError
+from radstream.core.perms import restrict_umask
 
 log = logging.getLogger("radstream")
+
+TRAINING_STAGES = {
+    "pretrain": "radstream.train.pretrain",
+    "supervised": "radstream.train.supervised",
+    "finetune": "radstream.train.finetune",
+    "embed": "radstream.eval.embed",
+    "probe": "radstream.eval.probe",
+}
+"""`radstream STAGE ARGS` is `python -m MODULE ARGS`; under `accelerate launch -m radstream STAGE ARGS`
+on every process."""
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -46,14 +57,14 @@ def _build_overrides(args: argparse.Namespace) -> list[str]:
 def _privacy_shorthand(override: str) -> str:
     """``ingest.privacy=off|on`` (the documented opt-out) as the config's ``ingest.privacy.enabled``."""
     key, _, value = override.partition("=")
-    if key.strip() == "ingest.privacy" and value.strip().lower() in ("off", "on", "false", "true"):
+    if key.strip() == "radstream.ingest.privacy" and value.strip().lower() in ("off", "on", "false", "true"):
         return f"ingest.privacy.enabled={value.strip().lower() in ('on', 'true')}"
     return override
 
 
 def _load_build_config(args: argparse.Namespace):
-    from core.config import load_config
-    from shards.build.config import BuildConfig
+    from radstream.core.config import load_config
+    from radstream.shards.builder.config import BuildConfig
 
     return load_config(BuildConfig, args.config, _build_overrides(args))
 
@@ -81,7 +92,7 @@ def _check_out_folder(out: Path) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from ingest.synth import synthesize
+    from radstream.ingest.synth import synthesize
 
     summary = synthesize(args.out, n=args.n, seed=args.seed, max_side=args.max_side, workers=args.workers)
     print(f"synth: {summary.get('n', args.n)} images in {args.out} ({summary.get('seconds', 0):.1f} s)")
@@ -89,9 +100,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from shards.build.parts import build_dataset
-    from shards.build.publish import publish
-    from shards.transport import is_remote
+    from radstream.shards.builder.parts import build_dataset
+    from radstream.shards.builder.publish import publish
+    from radstream.shards.transport import is_remote
 
     remote_out = args.out if is_remote(args.out) else None
     if remote_out:
@@ -123,7 +134,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from shards.build.publish import publish
+    from radstream.shards.builder.publish import publish
 
     done = publish(args.out, args.url, workers=args.workers, allow_identifiers=args.allow_identifiers)
     print(
@@ -134,7 +145,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _print_summary(manifest: dict, seconds: float, out: str | Path) -> None:
-    from shards.build.private import rejects_summary
+    from radstream.shards.builder.private import rejects_summary
 
     c = manifest["counts"]
     total_bytes = sum(s["bytes"] for b in manifest["bins"] for s in b["shards"])
@@ -149,8 +160,8 @@ def _print_summary(manifest: dict, seconds: float, out: str | Path) -> None:
 
 
 def cmd_finalize(args: argparse.Namespace) -> int:
-    from shards.build.finalize import finalize
-    from shards.build.plan import load_plan_config
+    from radstream.shards.builder.finalize import finalize
+    from radstream.shards.builder.plan import load_plan_config
 
     cfg = load_plan_config(args.out)
     start = time.perf_counter()
@@ -159,7 +170,7 @@ def cmd_finalize(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from shards.build.verify import verify_shards
+    from radstream.shards.builder.verify import verify_shards
 
     report = verify_shards(args.out, quick=args.quick)
     for problem in report.problems[:50]:
@@ -169,7 +180,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bins(args: argparse.Namespace) -> int:
-    from shards.build.binreport import bins_report
+    from radstream.shards.builder.binreport import bins_report
 
     print(bins_report(args.path, args.overrides, batch_size=args.batch_size, workers=args.workers))
     return 0
@@ -187,7 +198,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from train.export import cmd_export as run_export
+    from radstream.report.export import cmd_export as run_export
 
     return run_export(args)
 
@@ -270,7 +281,7 @@ def _add_build_parser(sub) -> None:
     p = sub.add_parser("build-shards", help="radiograph files → size-binned WebDataset shards")
     _add_source_options(p)
     p.add_argument("out", help="output dataset folder, or s3://bucket/prefix (built locally, then published)")
-    p.add_argument("--config", help="YAML recipe (keys of shards.build.config.BuildConfig)")
+    p.add_argument("--config", help="YAML recipe (keys of radstream.shards.builder.config.BuildConfig)")
     p.add_argument("--task-index", type=int, default=0, help="this task's index (SLURM_ARRAY_TASK_ID)")
     p.add_argument("--num-tasks", type=int, default=1, help="number of tasks (SLURM_ARRAY_TASK_COUNT)")
     p.add_argument(
@@ -321,7 +332,13 @@ def _add_dataset_parsers(sub) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="radstream", description=__doc__)
+    stages = ", ".join(TRAINING_STAGES)
+    parser = argparse.ArgumentParser(
+        prog="radstream",
+        description=__doc__,
+        epilog=f"training stages ({stages}): radstream STAGE --help; on several GPUs "
+        "accelerate launch -m radstream STAGE ...",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -355,7 +372,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (default: by device name)")
     p.set_defaults(func=cmd_gpu_check)
 
-    from train.report import add_report_parser
+    from radstream.report.report import add_report_parser
 
     add_report_parser(sub)
 
@@ -374,6 +391,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `radstream` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINING_STAGES:
+        import importlib
+
+        return int(importlib.import_module(TRAINING_STAGES[argv[0]]).main(argv[1:]) or 0)
     parser = make_parser()
     # argparse fills a trailing nargs="*" positional at its first chance, so `key=value` overrides written after
     # options arrive as unknown arguments: take them back as overrides.
@@ -384,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rest:
         args.overrides = [*args.overrides, *rest]
     _setup_logging(args.verbose)
-    restrict_umask()  # datasets, runs, caches: not readable by other users (core.perms)
+    restrict_umask()  # datasets, runs, caches: not readable by other users (radstream.core.perms)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, OSError, ValueError) as err:  # bad input or config; DatasetError is a ValueError

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.atomic import write_text
-from radstream.stages import StudyProtocol, header, run_stages
+from radstream.core.atomic import write_text
+from radstream.workflow import StudyProtocol, header, run_stages
 
 RECIPES = {
     "pretrain": "configs/demo/pretrain.yaml",
@@ -81,7 +81,7 @@ def demo_key(out: Path) -> Path:
 
 def run_demo(out: str | Path, size: DemoSize = DemoSize(), seed: int = 0, workers: int = 2) -> int:
     """Run every demo stage into ``out``; finished stages are reused on a rerun."""
-    from ingest.synth import synthesize
+    from radstream.ingest.synth import synthesize
 
     out = Path(out)
     start = time.perf_counter()
@@ -93,7 +93,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), seed: int = 0, worker
     tables = run_stages(out, src, size.protocol(), build_overrides=build, seed=seed, workers=workers,
                         prefix="demo", first=2)  # fmt: skip
     from radstream.pictures import baseline_curves
-    from train.report_checks import majority_rate, prior_rates
+    from radstream.report.report_checks import majority_rate, prior_rates
 
     runs = [out / "runs" / name for name in ("vit", "cnn")]
     baseline_curves(

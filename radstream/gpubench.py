@@ -82,7 +82,7 @@ def synthetic_batch(n: int, height: int, width: int, *, border: bool, gen: torch
     noise = torch.rand(n, length, device=dev, generator=gen)
     background = None
     if border:
-        from train.mae import background_patches
+        from radstream.train.mae import background_patches
 
         background = background_patches(images, PATCH, BORDER_THRESHOLD, boxes=boxes)
     return Batch(images, boxes, noise, background)  # fmt: skip
@@ -165,7 +165,7 @@ VIT_B16_MAE = {"encoder": "vit_base_patch16_224", "decoder_dim": 512, "decoder_d
 
 def mae_model(border_aware: bool, overrides: dict, device: torch.device):
     """The benchmark's MAE (ViT-B/16, decoder 8x512, mask 0.75 unless overridden) and its fused AdamW."""
-    from train.mae import MAEConfig, build_mae
+    from radstream.train.mae import MAEConfig, build_mae
 
     torch.manual_seed(0)
     cfg = MAEConfig(**{**VIT_B16_MAE, "mask_ratio": 0.75, "border_aware": border_aware,
@@ -184,7 +184,7 @@ def mae_mode(
     """One row of the MAE table: throughput, FLOPs, MFU, attention kernel, peak memory (and the profile)."""
     from torch._dynamo.utils import counters
 
-    from train.loop import allow_graphs
+    from radstream.train.steps import allow_graphs
 
     device, steps = batches[0].images.device, size.steps
     border = batches[0].background is not None
@@ -192,7 +192,7 @@ def mae_mode(
     flops = sum(step_flops(lambda b=b: mae_step(model, optimizer, b)) for b in batches) / len(batches)
     counters.clear()
     allow_graphs(len(batches))
-    # as a run compiles (train.loop.dynamo_plugin): static shapes, one graph per bin
+    # as a run compiles (radstream.train.steps.dynamo_plugin): static shapes, one graph per bin
     run = torch.compile(model, backend=size.compile_backend, dynamic=False) if compiled else model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -2,9 +2,9 @@
 
 - ``decode``: images/s of ``fn.decoders.image(device="mixed")`` per codec (jpg, png16, jp2) at bin shapes, with
   the hardware JPEG decoder off (``hw_decoder_load=0``: nvJPEG's CUDA decoder alone) and on (DALI's default
-  share of 0.9 to the hardware engines); the same operator and output types as ``shards.dali_backend``.
+  share of 0.9 to the hardware engines); the same operator and output types as ``radstream.shards.dali_backend``.
 - ``e2e``: a synthetic corpus and its shards built with the project's own commands (``radstream synth``,
-  ``radstream build-shards``) on local disk, then ``train.pretrain`` with the ViT-B/16 recipe for 200 steps on
+  ``radstream build-shards``) on local disk, then ``radstream.train.pretrain`` with the ViT-B/16 recipe for 200 steps on
   the DALI loader; reports the data-wait fraction the training loop logs in ``metrics.jsonl``.
 """
 
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from radstream.gpureport import save
-from shards.codecs import bit_depth, encode
-from shards.loader import dali_available
+from radstream.shards.codecs import bit_depth, encode
+from radstream.shards.loader import dali_available
 
 REPO = Path(__file__).resolve().parents[1]
 DECODE_SHAPES = ((224, 224), (256, 320))
@@ -125,7 +125,7 @@ def run_e2e(out: Path, quick: bool, deadline: float) -> None:
                 "ingest.splits.fractions=[0.96,0.02,0.02]")  # fmt: skip
         built = time.perf_counter() - start
         run_dir, note = work / "run", None
-        train = ("-m", "train.pretrain", "--config", str(REPO / "configs" / "pretrain" / "vit_b16_224.yaml"),
+        train = ("-m", "radstream.train.pretrain", "--config", str(REPO / "configs" / "pretrain" / "vit_b16_224.yaml"),
                 f"shards={work / 'shards'}", f"run_dir={run_dir}", f"run.max_steps={steps}", "run.epochs=1000",
                 "run.patience=0", "run.log_every=10", "run.grid_images=0", "run.tensorboard=false",
                 "checkpoint.every_steps=0", f"run.compile={str(not quick).lower()}", f"loader.batch_size={batch}",

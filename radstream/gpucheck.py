@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.atomic import write_text
+from radstream.core.atomic import write_text
 from radstream.gpureport import parse_junit, parse_pytest_summary, render_report
 
 REPO = Path(__file__).resolve().parents[1]

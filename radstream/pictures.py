@@ -19,9 +19,9 @@ def _pyplot():
 
 def bin_pictures(shards: str | Path, out: str | Path, examples: int = 4) -> list[Path]:
     """``bins.png``: images per bin shape (bar chart); ``bin_examples.png``: a few stored images per bin."""
-    from shards.codecs import decode
-    from shards.index import ShardReader
-    from shards.manifest import read_manifest, read_samples
+    from radstream.shards.codecs import decode
+    from radstream.shards.index import ShardReader
+    from radstream.shards.manifest import read_manifest, read_samples
 
     plt = _pyplot()
     shards, out = Path(shards), Path(out)
@@ -96,9 +96,9 @@ def baseline_curves(
 ) -> Path:  # fmt: skip
     """Validation accuracy per epoch of every supervised run under ``runs`` (one panel per model, a colour per
     label fraction, a line per seed) with the majority-class rate (grey) and each fraction's prior-only rate
-    (``train.report_checks.prior_rates``, dotted in the fraction's colour): a curve that stays at or below its
+    (``radstream.report.report_checks.prior_rates``, dotted in the fraction's colour): a curve that stays at or below its
     fraction's line has not learned."""
-    from train.report import model_label
+    from radstream.report.report import model_label
 
     plt = _pyplot()
     runs = sorted(p.parent for p in Path(runs).rglob("results.json"))

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from radstream.demo import DemoSize
-from radstream.stages import StudyProtocol, run_stages
-from train.sweep import STUDY_LR_GRID
+from radstream.train.sweep import STUDY_LR_GRID
+from radstream.workflow import StudyProtocol, run_stages
 
 FULL = StudyProtocol(
     {

@@ -1,7 +1,7 @@
 """A node-local folder of downloaded shards, shared by every process on the node; the one owner of "fetch a
 file into the cache".
 
-Its user (``shards.remote.RemoteStore``) knows only the remote side: for each file a :class:`Fetch` says how
+Its user (``radstream.shards.remote.RemoteStore``) knows only the remote side: for each file a :class:`Fetch` says how
 many bytes to expect, how to download them into a given local file, and how to tell a good file from a bad one.
 ``ShardCache.fetch`` / ``ShardCache.open`` do the rest in one call: download lock → is a cached copy still
 intact? → reserve the space → download into the partial → verify → commit (atomic rename, stamp) → open with a
@@ -18,7 +18,7 @@ Access: the folder is its owner's only (0700, files 0600), since shards hold ima
 shared by the users of a group is opened to that group on purpose (``remote.cache_group``: the folder gets
 the group, setgid, 2770, and files 0660).
 
-Locks (``shards.cache_files``):
+Locks (``radstream.shards.cache_files``):
 
 - download: exclusive lock on the file's lock file. The holder checks the final name again, downloads into
   the partial, renames it into place (atomic), so waiters find a whole file when they get the lock.
@@ -28,7 +28,7 @@ Locks (``shards.cache_files``):
   any more) and fetches the shard again.
 
 Cached files are re-checked like a local dataset's shards: a file whose size, mtime and inode are still those
-of its stamp (``shards.cache_stamps``: taken at commit, with the sha256 of the download) is trusted; one that
+of its stamp (``radstream.shards.cache_stamps``: taken at commit, with the sha256 of the download) is trusted; one that
 changed is hashed again and fetched again when it is no longer what was downloaded. A change that keeps size,
 mtime and inode is not seen.
 
@@ -52,9 +52,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards.cache_files import Cancelled, flocked, make_folders, restrict_folder, try_exclusive
-from shards.cache_stamps import STAMPS, Stamps
-from shards.layout import inside, safe_rel
+from radstream.shards.cache_files import Cancelled, flocked, make_folders, restrict_folder, try_exclusive
+from radstream.shards.cache_stamps import STAMPS, Stamps
+from radstream.shards.layout import inside, safe_rel
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class ShardCache:
 
     def path(self, rel: str) -> Path:
         """Where the file ``rel`` lives in the cache; a path that would leave the cache (``..``, absolute, a
-        symlink out) raises :class:`~shards.layout.UnsafePathError` before anything is opened or deleted."""
+        symlink out) raises :class:`~radstream.shards.layout.UnsafePathError` before anything is opened or deleted."""
         return inside(self.root, rel, "cached file")
 
     def partial_path(self, rel: str) -> Path:

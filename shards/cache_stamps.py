@@ -3,7 +3,7 @@
 A stamp is ``[size, mtime_ns, inode, sha256]``: the stat of the committed file with the sha256 taken while it
 was downloaded, one small JSON file per cached file under ``<cache>/.stamps/`` (written atomically, read by
 every process of the node). A file whose stat still matches its stamp is trusted without reading it, as the
-local record of verified shards does (``shards.integrity.VerifiedRecord``); any write moves the mtime.
+local record of verified shards does (``radstream.shards.integrity.VerifiedRecord``); any write moves the mtime.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from core.atomic import write_json
-from shards.layout import safe_rel
+from radstream.core.atomic import write_json
+from radstream.shards.layout import safe_rel
 
 STAMPS = ".stamps"
 

@@ -3,7 +3,7 @@
 At 10M samples a Python object per sample (a key string, a row dict) is the memory of a node, and handing
 it to DataLoader workers pickles it once per worker. So the split's rows are turned, once per node, into flat
 arrays in a cache entry beside the node cache (``<cache base>/columns/<entry>/``, the base of
-``shards.integrity.cache_base``), which every rank and worker of the node maps read-only: the pages are
+``radstream.shards.integrity.cache_base``), which every rank and worker of the node maps read-only: the pages are
 shared, and what a worker receives pickled is the entry's path.
 
 An entry is a folder of ``.npy`` files, one row per sample, grouped by bin (bins sorted by name, each bin's
@@ -40,9 +40,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shards.integrity import cache_base
-from shards.layout import SAMPLES, load_samples
-from shards.subsets import subset_mask
+from radstream.shards.integrity import cache_base
+from radstream.shards.layout import SAMPLES, load_samples
+from radstream.shards.subsets import subset_mask
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def compute_columns(table: pa.Table, where: str) -> tuple[dict, dict[str, np.nda
 
 
 def read_split_table(root: Path, manifest: dict, split: str, fraction: float | None, subset: int) -> pa.Table:
-    """The split's rows of the samples table (of one label fraction's subset, ``shards.subsets``), only the
+    """The split's rows of the samples table (of one label fraction's subset, ``radstream.shards.subsets``), only the
     columns the loader keeps (and only the row groups of the split, for a table in row groups per split and
     bin)."""
     columns = ["key", "bin", "shard", "offset", "size", "label_index", "foreground_bin"]

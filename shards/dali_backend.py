@@ -7,7 +7,7 @@ samples by offset (cheap: one ``pread`` each) and feeds them, a few steps ahead,
 the heavy part runs on ``num_workers`` threads: decode (``device="mixed"``, i.e. nvJPEG / nvJPEG2000 on the
 GPU, when the training device is CUDA; CPU operators otherwise) and the training crop and flip. The stored
 integers then reach torch without a copy (DLPack on the GPU, the array interface on the CPU), and the
-consumer's step makes them float on the device (``shards.images.unit_float``).
+consumer's step makes them float on the device (``radstream.shards.images.unit_float``).
 
 One pipeline serves every bin: a batch holds one bin, and the output shape of the resize is a per-sample
 input, so a run with hundreds of strict bins still has one thread pool and one set of buffers (per-bin
@@ -39,10 +39,10 @@ import nvidia.dali.types as types
 import torch
 from nvidia.dali import Pipeline
 
-from shards.codecs import bit_depth
-from shards.layout import DatasetError
-from shards.loader_base import ShardLoader, StepPlan
-from shards.loader_data import ShardFiles
+from radstream.shards.codecs import bit_depth
+from radstream.shards.layout import DatasetError
+from radstream.shards.loader_base import ShardLoader, StepPlan
+from radstream.shards.loader_data import ShardFiles
 
 
 def _decode(raw, *, gpu: bool, bits: int, hint: int, max_height: int, max_width: int):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 STORED_MAX = {torch.uint8: 255.0, torch.uint16: 65535.0}
-"""The value that maps to 1.0, per stored dtype (the codecs store 8 or 16 bits, ``shards.codecs.bit_depth``)."""
+"""The value that maps to 1.0, per stored dtype (the codecs store 8 or 16 bits, ``radstream.shards.codecs.bit_depth``)."""
 
 
 def to_unit_float(stored: torch.Tensor, max_value: float) -> torch.Tensor:

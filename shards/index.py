@@ -1,7 +1,7 @@
 """DALI ``.idx`` (v1.2) files: parse them, check them against their tar, read samples by position.
 
 An index holds one line per sample, ``<ext> <data offset> <size> <member name>`` for each member in tar
-order, after a header ``v1.2 <samples>`` (the format of DALI's ``wds2idx`` and of ``shards.build.writer``).
+order, after a header ``v1.2 <samples>`` (the format of DALI's ``wds2idx`` and of ``radstream.shards.builder.writer``).
 With it a sample's bytes are one ``pread`` away, no tar scan needed.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.layout import UnsafePathError, safe_rel
+from radstream.shards.layout import UnsafePathError, safe_rel
 
 INDEX_VERSION = "v1.2"
 _MAX_PROBLEMS = 50  # verify_index reports at most this many mismatches, then a count of the rest
@@ -171,7 +171,7 @@ class ShardReader:
         return {ext: block[off - start : off - start + size] for ext, (off, size) in parts.items()}
 
     __getitem__ = read
-    sample = read  # the name shards.build.verify uses
+    sample = read  # the name radstream.shards.builder.verify uses
 
     def __iter__(self) -> Iterator[dict[str, bytes]]:
         return (self.read(i) for i in range(len(self)))
@@ -201,7 +201,7 @@ class ShardReader:
 def scan_tar(tar_path: str | os.PathLike[str]) -> list[IndexEntry]:
     """Index a tar by reading its headers with ``tarfile``, grouping members as wds2idx does.
 
-    Raises :class:`~shards.layout.UnsafePathError` for a member name with ``..`` or an absolute path.
+    Raises :class:`~radstream.shards.layout.UnsafePathError` for a member name with ``..`` or an absolute path.
     Regular files only; consecutive members with the same key form one sample; hidden files (name starting
     with a dot) and entries under folders whose key would be empty are skipped.
     """

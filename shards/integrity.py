@@ -1,6 +1,6 @@
 """Checksums of a local dataset's files against its manifest, before training reads them.
 
-A remote dataset is verified as it is downloaded (``shards.remote``); a local folder is read in place, so a
+A remote dataset is verified as it is downloaded (``radstream.shards.remote``); a local folder is read in place, so a
 flipped byte in a tar or in ``samples.parquet`` would train silently. Each file's sha256 is computed once per
 process and remembered by (path, size, mtime): opening the train, val and test loaders, or reopening them
 each epoch, reads each shard once.
@@ -32,8 +32,8 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from core.atomic import write_json
-from shards.layout import SAMPLES, DatasetError, shard_entries
+from radstream.core.atomic import write_json
+from radstream.shards.layout import SAMPLES, DatasetError, shard_entries
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The on-disk contract both rooms of ``shards/`` share: where a dataset's manifest and samples table lie and
 how they are read from a local folder.
 
-The build writes these files (``shards.build.finalize``); the loader and the remote store read them. Nothing
+The build writes these files (``radstream.shards.builder.finalize``); the loader and the remote store read them. Nothing
 here knows about building, fetching or decoding, so either side can import it without the other's weight.
 """
 

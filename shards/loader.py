@@ -1,7 +1,7 @@
 """The streaming loader's entry point: a shard dataset → the loader of one rank (DALI or torch backend).
 
-What a batch holds, the padding, augmentation and resume rules: ``shards.loader_base``. Where the shards
-come from (a local folder or a remote store with its node cache): ``shards.remote``.
+What a batch holds, the padding, augmentation and resume rules: ``radstream.shards.loader_base``. Where the shards
+come from (a local folder or a remote store with its node cache): ``radstream.shards.remote``.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import os
 
 import torch
 
-from shards.integrity import check_samples_table, check_shards
-from shards.loader_base import ShardLoader
-from shards.loader_config import LoaderConfig
-from shards.loader_data import load_split
-from shards.remote import resolve_dataset
+from radstream.shards.integrity import check_samples_table, check_shards
+from radstream.shards.loader_base import ShardLoader
+from radstream.shards.loader_config import LoaderConfig
+from radstream.shards.loader_data import load_split
+from radstream.shards.remote import resolve_dataset
 
 __all__ = ["ShardLoader", "build_loader", "dali_available"]
 
@@ -79,9 +79,9 @@ def build_loader(
         "store": store,
     }
     if backend == "dali":
-        from shards.dali_backend import DaliLoader
+        from radstream.shards.dali_backend import DaliLoader
 
         return DaliLoader(data, cfg, **kwargs)
-    from shards.torch_backend import TorchLoader
+    from radstream.shards.torch_backend import TorchLoader
 
     return TorchLoader(data, cfg, **kwargs)

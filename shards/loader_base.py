@@ -1,18 +1,18 @@
 """The loader of one rank, less its backend: schedule → :class:`StepPlan` per batch → batches.
 
-``shards.loader.build_loader`` builds one; the backends (``shards.dali_backend``, ``shards.torch_backend``)
+``radstream.shards.loader.build_loader`` builds one; the backends (``radstream.shards.dali_backend``, ``radstream.shards.torch_backend``)
 subclass :class:`ShardLoader`.
 
 Everything that decides *what* a batch holds lives here and is shared by both backends: the samples of the
-split (from ``samples.parquet``), the schedule (``bucketing.schedule``), the padding mask, the augmentation
+split (from ``samples.parquet``), the schedule (``radstream.bucketing.schedule``), the padding mask, the augmentation
 parameters, resumption. A backend only turns a list of :class:`StepPlan` into image tensors:
-``shards.dali_backend`` (DALI pipeline) or ``shards.torch_backend`` (DataLoader workers + Pillow). So both
+``radstream.shards.dali_backend`` (DALI pipeline) or ``radstream.shards.torch_backend`` (DataLoader workers + Pillow). So both
 yield the same keys, labels and crops for the same (config, epoch, rank).
 
 A batch is a dict::
 
     image       the stored integers, uint8 or uint16 [B, 1, H, W], on the training device (H x W = the bin's
-                shape); ``shards.images.unit_float`` makes them float32 [0, 1] where they are consumed
+                shape); ``radstream.shards.images.unit_float`` makes them float32 [0, 1] where they are consumed
     label       int64 [B]; -1 for unlabeled samples
     key         list[str], the samples' keys
     bin         str, the bin's name "HxW"
@@ -34,7 +34,7 @@ no-op (so a resumed loop can call it unconditionally).
 
 Elastic resume: a state saved at another world size (same seed, shuffle block and batch sizes) is not
 refused: the samples of that epoch not yet trained are dealt to the new ranks
-(``bucketing.elastic.remaining_schedule``; ``consumed`` in the state lists the stretches of the epoch trained
+(``radstream.bucketing.elastic.remaining_schedule``; ``consumed`` in the state lists the stretches of the epoch trained
 so far, as (world size, batches)), so ``batches_left`` may differ from ``len(loader) - step``; the next
 epochs are the plain schedule of the new world size.
 """
@@ -48,9 +48,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bucketing.dataplan import crop_params, padding_masks, transform_boxes
-from bucketing.elastic import remaining_padding_masks, remaining_schedule
-from bucketing.schedule import (
+from radstream.bucketing.dataplan import crop_params, padding_masks, transform_boxes
+from radstream.bucketing.elastic import remaining_padding_masks, remaining_schedule
+from radstream.bucketing.schedule import (
     epoch_schedule,
     mean_batch_size,
     mean_step_tokens,
@@ -58,9 +58,9 @@ from bucketing.schedule import (
     steps_per_epoch,
     token_budget_batch_sizes,
 )
-from shards.loader_config import LoaderConfig
-from shards.loader_data import SplitSamples
-from shards.store import ShardStore
+from radstream.shards.loader_config import LoaderConfig
+from radstream.shards.loader_data import SplitSamples
+from radstream.shards.store import ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class ShardLoader:
     @property
     def mean_step_tokens(self) -> float:
         """Real patches per device batch averaged over an epoch's steps, padding repeats excluded (the MAE's
-        LR scaling, ``bucketing.schedule.mean_step_tokens``)."""
+        LR scaling, ``radstream.bucketing.schedule.mean_step_tokens``)."""
         return mean_step_tokens(
             self.data.counts, self.batch_sizes, self.world_size, self.cfg.patch_size, self.drop_incomplete
         )
@@ -328,7 +328,7 @@ class ShardLoader:
     def _images(self, plans: list[StepPlan]) -> Iterator[torch.Tensor]:
         """The stored integers [B, 1, H, W] (uint8 or uint16, on the CPU or already on the device) of
         ``plans``, in order (a generator). Integers, not floats: a quarter of the bytes to move, and the
-        conversion runs inside the consumer's step, on the training device (``shards.images``)."""
+        conversion runs inside the consumer's step, on the training device (``radstream.shards.images``)."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""Configuration of the streaming loader (``shards.loader.build_loader``)."""
+"""Configuration of the streaming loader (``radstream.shards.loader.build_loader``)."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ class LoaderConfig:
     """Keep only the train samples in this label fraction (one of the dataset's ``label_fractions``, e.g.
     0.01 for the 1% regime). Ignored for the val and test splits, which are always used whole."""
     label_subset: int | None = None
-    """Which labelled subset of ``label_fraction`` (``shards.subsets``): 0 the build's, k >= 1 its own
+    """Which labelled subset of ``label_fraction`` (``radstream.shards.subsets``): 0 the build's, k >= 1 its own
     patient-grouped, class-stratified draw; None: the run's seed, so seed k of a study trains on subset k
     (as its probes and kNN do) and the spread over seeds covers which images carry labels."""
 

@@ -2,7 +2,7 @@
 
 ``load_split`` gives a split's samples as flat arrays per bin (keys, shard, byte range, label, foreground
 box) in the dataset's stored order, which is the order the schedule's indices refer to. The arrays are
-memory-mapped from the node's column cache (``shards.columns``): built once per node, shared by every rank and
+memory-mapped from the node's column cache (``radstream.shards.columns``): built once per node, shared by every rank and
 DataLoader worker, and pickled into a worker as the cache entry's path. ``ShardFiles`` reads an image member
 with one ``pread``.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shards import columns as cols
-from shards.layout import DatasetError, inside, load_manifest, shard_entries
-from shards.store import ShardStore
+from radstream.shards import columns as cols
+from radstream.shards.layout import DatasetError, inside, load_manifest, shard_entries
+from radstream.shards.store import ShardStore
 
 _MAX_OPEN_SHARDS = 64  # file descriptors kept open per process
 
@@ -62,7 +62,7 @@ class SplitSamples:
 
     split: str
     codec: str
-    """Codec name from the manifest (``shards.codecs``)."""
+    """Codec name from the manifest (``radstream.shards.codecs``)."""
     shards: Sequence[str]
     """Absolute tar paths, indexed by ``BinSamples.shard``."""
     bins: dict[str, BinSamples]
@@ -117,8 +117,8 @@ def load_split(
         root: the shard dataset folder (holding ``manifest.json`` and ``samples.parquet``).
         split: ``train``, ``val`` or ``test``.
         label_fraction: keep only the rows of this label fraction (None: all rows).
-        label_subset: which seed's subset of it (``shards.subsets``): 0 the build's, k >= 1 drawn again.
-        cache_dir: the node cache's base (``shards.integrity.cache_base``), where the column cache lives.
+        label_subset: which seed's subset of it (``radstream.shards.subsets``): 0 the build's, k >= 1 drawn again.
+        cache_dir: the node cache's base (``radstream.shards.integrity.cache_base``), where the column cache lives.
 
     Raises:
         ValueError: no sample left, or a bin the manifest does not know.

@@ -1,7 +1,7 @@
 """Reading a shard dataset's manifest and samples table, wherever the dataset lies.
 
-A local folder is read in place (``shards.layout``); a remote one (``s3://``, ``http(s)://``) is read from its
-node cache, which ``shards.remote`` keeps in step with the server.
+A local folder is read in place (``radstream.shards.layout``); a remote one (``s3://``, ``http(s)://``) is read from its
+node cache, which ``radstream.shards.remote`` keeps in step with the server.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from shards.layout import load_manifest, load_samples
+from radstream.shards.layout import load_manifest, load_samples
 
 
 def _local_root(root: str | Path) -> Path:
     """A remote dataset is read from its node cache, which holds manifest and samples."""
-    from shards.remote import resolve_dataset
-    from shards.transport import is_remote
+    from radstream.shards.remote import resolve_dataset
+    from radstream.shards.transport import is_remote
 
     if not is_remote(root):
         return Path(root)

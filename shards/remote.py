@@ -1,17 +1,17 @@
 """Shard datasets on object storage (``s3://``) or a web server (``http(s)://``), read through a node cache.
 
-``open_dataset(url)`` gives a :class:`~shards.store.ShardStore`: the manifest, the samples table and, per
+``open_dataset(url)`` gives a :class:`~radstream.shards.store.ShardStore`: the manifest, the samples table and, per
 shard, ``local_path(rel)`` / ``open(rel)``. :class:`RemoteStore` knows the remote side: what each file is
-(its size, how to download it, how to tell it is right: a :class:`~shards.cache.Fetch`), prefetching on a
+(its size, how to download it, how to tell it is right: a :class:`~radstream.shards.cache.Fetch`), prefetching on a
 thread pool, and refreshing the cached manifest and samples table when the server's changed. Fetching into
 the node cache (locks, space, download, verify, commit, re-checking a cached file) is one call of the cache
-(``shards.cache.ShardCache.fetch`` / ``open``). A local folder goes through the same interface without a copy.
+(``radstream.shards.cache.ShardCache.fetch`` / ``open``). A local folder goes through the same interface without a copy.
 
 Verification: a tar must match the manifest's sha256 (one more download on a mismatch, then
 :class:`ChecksumError`); the manifest has no hash for the ``.idx``, so an index is checked against its
-(verified) tar member by member (``shards.index.verify_index``), which also re-derives every offset.
+(verified) tar member by member (``radstream.shards.index.verify_index``), which also re-derives every offset.
 ``samples.parquet`` must hold the manifest's count of written samples. Transfers and retries:
-``shards.transport``.
+``radstream.shards.transport``.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.atomic import write_bytes
-from shards.cache import Cancelled, ChecksumError, Fetch, ShardCache
-from shards.index import verify_index
-from shards.integrity import cache_base
-from shards.layout import MANIFEST, SAMPLES, DatasetError, check_manifest_paths, shard_entries
-from shards.loader_config import RemoteConfig
-from shards.store import ShardStore
-from shards.transport import filesystem, is_remote, s3_endpoint, with_retries
+from radstream.core.atomic import write_bytes
+from radstream.shards.cache import Cancelled, ChecksumError, Fetch, ShardCache
+from radstream.shards.index import verify_index
+from radstream.shards.integrity import cache_base
+from radstream.shards.layout import MANIFEST, SAMPLES, DatasetError, check_manifest_paths, shard_entries
+from radstream.shards.loader_config import RemoteConfig
+from radstream.shards.store import ShardStore
+from radstream.shards.transport import filesystem, is_remote, s3_endpoint, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class RemoteStore(ShardStore):
     def _ensure(self, rel: str, cancel: threading.Event | None = None) -> Path:
         """The cached, verified file of ``rel`` (see ``ShardCache.fetch``). With ``cancel`` (a prefetch),
         setting it ends a wait for the download lock or a chunked download early, raising
-        :class:`~shards.cache.Cancelled`."""
+        :class:`~radstream.shards.cache.Cancelled`."""
         return self.cache.fetch(rel, self._spec(rel, cancel), cancel)
 
     def _spec(self, rel: str, cancel: threading.Event | None = None) -> Fetch:
@@ -212,7 +212,7 @@ class RemoteStore(ShardStore):
 
     def _download(self, rel: str, partial: Path, size: int, cancel: threading.Event | None = None) -> str:
         """Fetch ``rel`` into ``partial`` in ranged chunks (each retried alone); returns the sha256.
-        ``cancel`` set between two chunks raises :class:`~shards.cache.Cancelled`."""
+        ``cancel`` set between two chunks raises :class:`~radstream.shards.cache.Cancelled`."""
         sha, chunk = hashlib.sha256(), self.cfg.chunk_bytes
         with open(partial, "r+b") as f:
             if size <= chunk:  # one plain GET: no Range support needed from the server

@@ -1,6 +1,6 @@
 """A shard dataset as local files: the interface the loader reads shards through.
 
-:class:`ShardStore` is a local folder read in place; ``shards.remote.RemoteStore`` gives the same interface
+:class:`ShardStore` is a local folder read in place; ``radstream.shards.remote.RemoteStore`` gives the same interface
 for a dataset on ``s3://`` or ``http(s)://``, fetching each file into the node cache on first use.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from shards.layout import UnsafePathError, inside, load_manifest, load_samples, safe_rel
+from radstream.shards.layout import UnsafePathError, inside, load_manifest, load_samples, safe_rel
 
 
 class ShardStore:
@@ -47,7 +47,7 @@ class ShardStore:
 
     def rel(self, path: str | os.PathLike[str]) -> str:
         """A dataset-relative path from a relative one or an absolute one under ``root``, refused
-        (:class:`~shards.layout.UnsafePathError`) when it is not a plain path inside the dataset."""
+        (:class:`~radstream.shards.layout.UnsafePathError`) when it is not a plain path inside the dataset."""
         p = Path(path)
         if p.is_absolute():
             if not p.is_relative_to(self.root):

@@ -1,7 +1,7 @@
 """The labelled subset of a label fraction for one seed of a study, from a dataset's samples table.
 
 Subset 0 is the build's (each sample's stored ``fractions``); subset k >= 1 is drawn again, the same way
-(``core.subsets.nested_levels``: whole patients, stratified by class, nested across the dataset's fractions),
+(``radstream.core.subsets.nested_levels``: whole patients, stratified by class, nested across the dataset's fractions),
 over the train split's labelled rows in key order. So the spread over seeds of a row covers which images carry
 labels, not only a head's initialisation and batch order, and every model of seed k (probes, kNN, baselines,
 fine-tuning) trains on subset k: the loader (``loader.label_subset``, by default the run's seed) and the probe
@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.subsets import nested_levels, subset_seed
-from shards.layout import load_manifest, load_samples
+from radstream.core.subsets import nested_levels, subset_seed
+from radstream.shards.layout import load_manifest, load_samples
 
 
 def dataset_levels(manifest: dict) -> list[float]:

@@ -1,11 +1,11 @@
 """The pure torch fallback: a torch DataLoader whose workers read and decode whole batches.
 
 The DataLoader runs with ``batch_size=None`` over a sampler of *step requests* (bin, rows, crops, flips):
-each request is one finished batch, so a worker decodes all of its images (Pillow via ``shards.codecs``),
+each request is one finished batch, so a worker decodes all of its images (Pillow via ``radstream.shards.codecs``),
 applies the crop and flip with ``torchvision.transforms.v2.functional`` (in uint8 / uint16, as DALI does)
 and returns them as one integer tensor: a quarter of the bytes of floats through the worker queue and to
 the GPU (from pinned memory); the consumer's step makes them float on the training device
-(``shards.images.unit_float``). Workers are persistent; a new epoch only swaps the requests the sampler hands out. Batches come in the sampler's order whatever the number of
+(``radstream.shards.images.unit_float``). Workers are persistent; a new epoch only swaps the requests the sampler hands out. Batches come in the sampler's order whatever the number of
 workers (the DataLoader keeps it)."""
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2 import functional as F
 
-from shards.codecs import bit_depth, decode
-from shards.layout import DatasetError
-from shards.loader_base import ShardLoader, StepPlan
-from shards.loader_data import ShardFiles, SplitSamples
-from shards.store import ShardStore
+from radstream.shards.codecs import bit_depth, decode
+from radstream.shards.layout import DatasetError
+from radstream.shards.loader_base import ShardLoader, StepPlan
+from radstream.shards.loader_data import ShardFiles, SplitSamples
+from radstream.shards.store import ShardStore
 
 Request = tuple[str, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
 

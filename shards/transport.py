@@ -4,7 +4,7 @@ All network access is fsspec (s3fs for S3, its aiohttp HTTP filesystem); transie
 connections, timeouts, 5xx, 408/429) are retried with exponential backoff, a bounded number of times.
 S3 endpoint: ``RemoteConfig.s3_endpoint``, else ``$RADSTREAM_S3_ENDPOINT``, else ``$AWS_ENDPOINT_URL``;
 credentials only from the environment or the usual AWS config files (botocore's chain). Used by the remote
-store (reading) and by ``shards.build.publish`` (writing).
+store (reading) and by ``radstream.shards.builder.publish`` (writing).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from shards.loader_config import RemoteConfig
+from radstream.shards.loader_config import RemoteConfig
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 # Submit the linear-probe grid: an array with one task per (aggregation, label fraction) (probe.sbatch), then a
 # report job that runs `radstream report OUT --out OUT/report` once every task has ended (afterany).
 #
-#   bash slurm/submit_probe.sh EMBEDDINGS OUT [train.probe args...]
+#   bash slurm/submit_probe.sh EMBEDDINGS OUT [radstream.eval.probe args...]
 #
-# Prints "array job: <id>" and "report job: <id>". EMBEDDINGS is the zarr store of `train.embed`; the probe args
+# Prints "array job: <id>" and "report job: <id>". EMBEDDINGS is the zarr store of `radstream.eval.embed`; the probe args
 # (--config, key=value) go to every task unchanged. sbatch reads SBATCH_PARTITION, SBATCH_GPUS, ... from the
 # environment itself (the report job gets no GPUs); this script adds:
 #   RADSTREAM_PROBE_AGGREGATIONS, RADSTREAM_PROBE_FRACTIONS  the grid (see probe.sbatch)

@@ -10,7 +10,7 @@
 # SBATCH_ACCOUNT, SBATCH_TIMELIMIT, SBATCH_GPUS_PER_NODE, ... from the environment itself (the report job gets
 # no GPUs); this script adds:
 #   RADSTREAM_LRS             the rates (default: the study's ten, train.sweep.STUDY_LR_GRID)
-#   RADSTREAM_MODULE          train.supervised (default), train.finetune or train.pretrain; RADSTREAM_LR_KEY:
+#   RADSTREAM_MODULE          radstream.train.supervised (default), radstream.train.finetune or radstream.train.pretrain; RADSTREAM_LR_KEY:
 #                             the config key
 #   RADSTREAM_NODES           nodes per task (--nodes; default 1)
 #   RADSTREAM_CPUS_PER_TASK   cores of each node's launcher (--cpus-per-task)

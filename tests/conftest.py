@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-# Node caches and the records of verified shards (shards.integrity) go to a folder of this test run, not to
+# Node caches and the records of verified shards (radstream.shards.integrity) go to a folder of this test run, not to
 # the user's ~/.cache/radstream; subprocesses inherit it.
 os.environ.setdefault("RADSTREAM_CACHE", tempfile.mkdtemp(prefix="radstream-test-cache-"))
 # The privacy key of every build (ingest.privacy) too: one per test run, made on first use.
@@ -33,7 +33,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def synth_corpus(tmp_path_factory) -> Path:
     """60 synthetic radiographs (all formats, 8 regions), small sides so the build takes seconds."""
-    from ingest.synth import synthesize
+    from radstream.ingest.synth import synthesize
 
     root = tmp_path_factory.mktemp("synth")
     synthesize(root, n=60, seed=0, max_side=256)
@@ -42,8 +42,8 @@ def synth_corpus(tmp_path_factory) -> Path:
 
 def tiny_build_config(source: Path, out: Path, *overrides: str):
     """The build config of :func:`build_tiny_shards` (a synth corpus, test-sized settings)."""
-    from core.config import load_config
-    from shards.build.config import BuildConfig
+    from radstream.core.config import load_config
+    from radstream.shards.builder.config import BuildConfig
 
     return load_config(
         BuildConfig,
@@ -64,7 +64,7 @@ def tiny_build_config(source: Path, out: Path, *overrides: str):
 
 def build_tiny_shards(source: Path, out: Path, *overrides: str) -> Path:
     """Build a finalized shard dataset from ``source`` (a synth corpus) with test-sized settings."""
-    from shards.build.parts import build_dataset
+    from radstream.shards.builder.parts import build_dataset
 
     build_dataset(tiny_build_config(source, out, *overrides))
     return out

@@ -1,5 +1,8 @@
-"""The house's walls: packages import only downwards, no module imports itself through others, and the
-streaming side of ``shards`` loads no builder, no ingest and no DICOM reader.
+"""The house's walls: packages import only downwards, no module imports itself through others, the
+streaming side of ``shards`` loads no builder, no ingest and no DICOM reader, and the wheel installs one name.
+
+Every room is a top-level folder of the checkout and a package under ``radstream`` (``train/`` is
+``radstream.train``); the console script's own modules (``radstream/``) are the top level.
 
 Imports are read statically (``ast``, every import statement including those inside functions), so a lazy
 import that would close a cycle or cross a wall counts as much as one at the top of a file.
@@ -16,20 +19,44 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# A package may import only itself and packages of a lower level.
-LEVELS = {"core": 0, "ingest": 1, "bucketing": 1, "shards": 2, "train": 3, "radstream": 4}
-STREAMING_ENTRIES = ("shards.loader", "shards.loader_config", "shards.remote", "shards.manifest")
-BUILDER_PREFIXES = ("shards.build", "ingest", "pydicom")
+# A room may import only itself and rooms of a lower level; "radstream" is the console script's own modules.
+LEVELS = {
+    "core": 0,
+    "ingest": 1,
+    "bucketing": 1,
+    "shards": 2,
+    "train": 3,
+    "eval": 4,
+    "report": 5,
+    "radstream": 6,
+}
+STREAMING_ENTRIES = (
+    "radstream.shards.loader",
+    "radstream.shards.loader_config",
+    "radstream.shards.remote",
+    "radstream.shards.manifest",
+)
+BUILDER_PREFIXES = ("radstream.shards.builder", "radstream.ingest", "pydicom")
 
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    parts = parts[:-1] if parts[-1] == "__init__" else parts
+    return ".".join(parts if parts[0] == "radstream" else ("radstream", *parts))
+
+
+def _room(module: str) -> str | None:
+    """The room of one of our modules (``radstream.train.mae`` -> ``train``), None for the package root."""
+    parts = module.split(".")
+    if parts[0] != "radstream" or len(parts) == 1:
+        return None
+    return parts[1] if parts[1] in LEVELS else "radstream"
 
 
 @cache
 def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for pkg in LEVELS for p in sorted((ROOT / pkg).rglob("*.py"))}
+    folders = [ROOT / (room if room != "radstream" else "radstream") for room in LEVELS]
+    return {_module_name(p): p for folder in folders for p in sorted(folder.rglob("*.py"))}
 
 
 def _resolve(node: ast.ImportFrom, module: str, is_package: bool) -> str:
@@ -63,10 +90,10 @@ def _ours(module: str) -> set[str]:
 def test_packages_import_only_downwards() -> None:
     wrong = []
     for module in _modules():
-        own = module.split(".")[0]
+        own = _room(module)
         for target in _imports(module):
-            pkg = target.split(".")[0]
-            if pkg in LEVELS and pkg != own and LEVELS[pkg] >= LEVELS[own]:
+            room = _room(target)
+            if own and room and room != own and LEVELS[room] >= LEVELS[own]:
                 wrong.append(f"{module} imports {target}")
     assert not wrong, "imports across or up the layers:\n" + "\n".join(sorted(wrong))
 
@@ -118,7 +145,7 @@ def test_cycle_finder_finds_cycles() -> None:
 @pytest.mark.parametrize("package", sorted(LEVELS))
 def test_no_import_cycles_between_modules(package: str) -> None:
     graph = {m: _ours(m) for m in _modules()}
-    cycles = [c for c in _cycles(graph) if any(m.split(".")[0] == package for m in c)]
+    cycles = [c for c in _cycles(graph) if any(_room(m) == package for m in c)]
     assert not cycles, "modules that import each other: " + "; ".join(" ↔ ".join(c) for c in cycles)
 
 
@@ -143,11 +170,23 @@ def test_streaming_side_never_names_the_builder() -> None:
 
 def test_loader_imports_without_builder_ingest_or_pydicom() -> None:
     code = (
-        "import sys, shards.loader, shards.loader_config\n"
-        "from shards.loader import ShardLoader, build_loader\n"
-        "from shards.loader_config import LoaderConfig\n"
+        "import sys, radstream.shards.loader, radstream.shards.loader_config\n"
+        "from radstream.shards.loader import ShardLoader, build_loader\n"
+        "from radstream.shards.loader_config import LoaderConfig\n"
         f"bad = sorted(m for m in sys.modules if m.startswith({BUILDER_PREFIXES!r}))\n"
         "assert not bad, bad\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_every_room_is_installed_under_radstream() -> None:
+    """pyproject installs each package folder of every room as ``radstream.<room>...`` and nothing bare."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {_module_name(p) for room in LEVELS for p in (ROOT / room).rglob("__init__.py")}
+    assert set(tool["packages"]) == folders
+    assert all(name == "radstream" or name.startswith("radstream.") for name in tool["packages"])
+    rooms = {name: folder for name, folder in tool["package-dir"].items() if name != "radstream"}
+    assert rooms == {f"radstream.{room}": room for room in LEVELS if room != "radstream"}

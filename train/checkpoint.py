@@ -1,5 +1,5 @@
 """Writing the checkpoints of a run: ``run_dir/checkpoints/step-N/`` plus a ``latest`` file naming the newest
-(``train.run_layout`` finds them).
+(``radstream.train.run_layout`` finds them).
 
 A checkpoint holds Accelerate's state (model, optimizer, grad scaler, the accelerator's step counter and the
 RNG states of python, numpy, torch and cuda, one file per rank), ``loop_state.json`` (epoch, step, loader
@@ -23,8 +23,19 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from omegaconf import OmegaConf
 
-from train.run_layout import CONFIG, LATEST, LOOP_STATE, META, WEIGHTS, checkpoints_dir, list_checkpoints
+from radstream.train.mae import MAE, MAEConfig, load_init
+from radstream.train.run_layout import (
+    CONFIG,
+    LATEST,
+    LOOP_STATE,
+    META,
+    WEIGHTS,
+    checkpoints_dir,
+    list_checkpoints,
+    resolve_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -178,3 +189,43 @@ def _prune(run_dir: str | os.PathLike[str], keep_last: int, keep: Path) -> None:
     for p in complete[: max(len(complete) - keep_last, 0)]:
         if p != keep:
             shutil.rmtree(p)
+
+
+_WEIGHT_FILES = (WEIGHTS, "pytorch_model.bin", "model.pt", "model.pth")
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """The weights folder ``path`` names (``radstream.train.run_layout.resolve_weights``: a run folder's best weights,
+    else its latest checkpoint; ``RUN/best``, a ``step-N`` folder or the ``latest`` pointer as named) and the
+    config.yaml that describes its model.
+
+    Raises:
+        FileNotFoundError: nothing usable at ``path``.
+    """
+    path = resolve_weights(path).folder
+    config = next((c for c in (path / CONFIG, path.parent / CONFIG) if c.is_file()), None)
+    if not path.is_dir() or config is None:
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (need model weights and a {CONFIG})")
+    return path, config
+
+
+def load_encoder(checkpoint: str | Path) -> tuple[MAE, dict, Path]:
+    """The MAE of a pretraining checkpoint, weights loaded, in eval mode.
+
+    Returns:
+        (model, the checkpoint's resolved config as a dict, the weights folder).
+
+    Raises:
+        FileNotFoundError: no checkpoint folder or no weights file in it.
+    """
+    folder, config_path = resolve_checkpoint(checkpoint)
+    config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    if not isinstance(config, dict) or "model" not in config:
+        raise ValueError(f"{config_path}: no 'model' section (not a pretraining config)")
+    model_cfg = MAEConfig(**{**config["model"], "init": None})  # the checkpoint's weights replace any init
+    weights = next((folder / n for n in _WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"{folder}: no model weights ({', '.join(_WEIGHT_FILES)})")
+    model = MAE(model_cfg)
+    load_init(model, weights)
+    return model.eval(), config, folder

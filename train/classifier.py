@@ -1,5 +1,5 @@
 """Classifiers for the supervised baselines: timm ViT / ResNet for 1-channel images, initialised from local
-weights only (timm/ImageNet state dicts or an MAE checkpoint's encoder, fitted by ``train.weights``)."""
+weights only (timm/ImageNet state dicts or an MAE checkpoint's encoder, fitted by ``radstream.train.weights``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import timm
 from torch import nn
 
-from train.weights import load_adapted, read_state_dict
+from radstream.train.weights import load_adapted, read_state_dict
 
 KINDS = ("vit", "cnn")
 RENAMED_KINDS = {"resnet50": "cnn"}

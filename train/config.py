@@ -1,10 +1,10 @@
-"""The configuration every training run shares, and MAE pretraining's (``accelerate launch -m train.pretrain``).
+"""The configuration every training run shares, and MAE pretraining's (``accelerate launch -m radstream.train.pretrain``).
 
 One frozen dataclass per component. ``BaseRunConfig`` (data, run folder, loader, run, checkpoints) is the base
-of every task's config (``PretrainConfig`` here, ``train.supervised``'s and ``train.finetune``'s), and
+of every task's config (``PretrainConfig`` here, ``radstream.train.supervised``'s and ``radstream.train.finetune``'s), and
 ``OptimConfig`` (AdamW, the LR rule, the schedule, the sweep) its optimizer's. Values derived from the config
 (the absolute learning rate, the global batch, the warmup in steps) are computed at run time by
-``train.loop.make_schedule`` and never written back here.
+``radstream.train.steps.make_schedule`` and never written back here.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from shards.loader_config import LoaderConfig
-from train.mae import MAEConfig
-from train.sweep import STUDY_LR_GRID
+from radstream.shards.loader_config import LoaderConfig
+from radstream.train.mae import MAEConfig
+from radstream.train.sweep import STUDY_LR_GRID
 
 PRECISIONS = ("no", "fp16", "bf16")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
@@ -39,13 +39,13 @@ class OptimConfig:
     """How ``lr`` becomes the peak rate: "absolute" (``lr`` itself) or "per_256" (``lr x global batch / 256``,
     MAE's rule, with global batch = images per device batch x processes x ``grad_accum_steps``)."""
     lr_grid: Any = None
-    """Rates to sweep in this one command: a list, or "study" (the study's ten, ``train.sweep.STUDY_LR_GRID``);
+    """Rates to sweep in this one command: a list, or "study" (the study's ten, ``radstream.train.sweep.STUDY_LR_GRID``);
     each trains into ``run_dir/lr-<rate>`` (replacing ``lr``, read by the same ``lr_rule``), one after
     another, each resumed when restarted; ``radstream report run_dir`` then picks the rate on validation.
     None: the one ``lr``."""
     weight_decay: float = 0.05
     """AdamW decoupled weight decay on weight matrices (none on norms, biases, position/CLS/mask tokens:
-    ``train.loop.no_weight_decay``)."""
+    ``radstream.train.steps.no_weight_decay``)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW (beta1, beta2)."""
     schedule: str = "cosine"
@@ -126,7 +126,7 @@ class RunConfig:
     """"no", "fp16" or "bf16"; passed to ``Accelerator``."""
     compile: bool = False
     """Compile the model with torch.compile through Accelerate: static shapes, one graph per bin shape (and
-    per train / eval mode), see ``train.loop.dynamo_plugin``."""
+    per train / eval mode), see ``radstream.train.steps.dynamo_plugin``."""
     compile_backend: str = "inductor"
     """torch.compile's backend, one of COMPILE_BACKENDS."""
     cpu: bool = False
@@ -191,13 +191,13 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class BaseRunConfig:
-    """What every training run of ``train.trainer`` has: its data, its folder, the loader, the run and its
+    """What every training run of ``radstream.train.trainer`` has: its data, its folder, the loader, the run and its
     checkpoints. A task's config subclasses it and adds ``model`` and ``optim`` (an ``OptimConfig``)."""
 
     shards: str = MISSING
     """Root of a finalized shard dataset (holds manifest.json); required."""
     run_dir: str = MISSING
-    """Output directory (``train.run_layout``): config.yaml, metrics.jsonl, checkpoints/, best/, the results
+    """Output directory (``radstream.train.run_layout``): config.yaml, metrics.jsonl, checkpoints/, best/, the results
     file. A run started again with the same run_dir resumes from checkpoints/latest."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     """The streaming loader, built per rank; ``loader.label_fraction`` is a classifier's regime (None = all

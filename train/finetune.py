@@ -1,10 +1,10 @@
 """End-to-end fine-tuning of a pretrained MAE encoder on the labelled shard dataset, under Accelerate.
 
-    accelerate launch -m train.finetune --config configs/finetune/vit.yaml shards=OUT run_dir=RUN \\
+    accelerate launch -m radstream.train.finetune --config configs/finetune/vit.yaml shards=OUT run_dir=RUN \\
         model.init=runs/mae optim.lr_grid=study loader.label_fraction=0.01 run.seed=1
 
 The MAE paper's headline evaluation. ``model.init`` is where the encoder comes from: an MAE run folder (the
-weights of the run, ``train.run_layout.resolve_weights``: ``best/``, else its latest checkpoint), its ``best/``
+weights of the run, ``radstream.train.run_layout.resolve_weights``: ``best/``, else its latest checkpoint), its ``best/``
 folder, a checkpoint folder, or a folder written by ``radstream export`` (``model.safetensors`` +
 ``config.json``). The network is that encoder, with its own positions for every bin shape (sin-cos or its
 learned table resampled, as in pretraining), mean-pooled patch tokens (or the CLS token), a LayerNorm and a
@@ -21,12 +21,12 @@ Layer-wise LR decay: with ``D`` blocks, the patch embedding, position table and 
 ``D + 1``; a parameter of layer ``l`` trains at ``optim.lr x layer_decay ** (D + 1 - l)``. The head thus has
 the full rate, the last block ``decay`` times it, the embeddings ``decay ** (D + 1)`` times it.
 
-It is the supervised task of ``train.supervised`` with another network and its parameter groups: the same
+It is the supervised task of ``radstream.train.supervised`` with another network and its parameter groups: the same
 loss, validation accuracy (early stopping), test scores and ``results.json`` (row ``mae_finetune`` of
 ``radstream report``; ``checkpoint`` names the weights folder it started from, which the model card of
 ``radstream export`` looks for). One run is one (learning rate, label fraction, seed); ``optim.lr_grid`` sweeps
-the rates in one command (``train.sweep``), ``slurm/submit_sweep.sh`` with ``RADSTREAM_MODULE=train.finetune``
-one rate per task. Resume, stop signals and exit codes as every stage (``train.stage``).
+the rates in one command (``radstream.train.sweep``), ``slurm/submit_sweep.sh`` with ``RADSTREAM_MODULE=radstream.train.finetune``
+one rate per task. Resume, stop signals and exit codes as every stage (``radstream.train.entry``).
 """
 
 from __future__ import annotations
@@ -43,19 +43,19 @@ from omegaconf import MISSING
 from timm.layers import DropPath
 from torch import nn
 
-from shards.loader import ShardLoader
-from shards.manifest import read_manifest
-from train import trainer
-from train.config import BaseRunConfig, CheckpointConfig
-from train.loop import no_weight_decay
-from train.mae import MAE, MAEConfig
-from train.provenance import mae_run_init, manifest_bins, vit_dims
-from train.run_layout import WEIGHTS
-from train.stage import stage_main
-from train.supervised import SupervisedOptimConfig, SupervisedTask, dataset_classes
-from train.sweep import run_sweep
-from train.trainer import Session
-from train.weights import load_adapted, read_state_dict
+from radstream.shards.loader import ShardLoader
+from radstream.shards.manifest import read_manifest
+from radstream.train import trainer
+from radstream.train.config import BaseRunConfig, CheckpointConfig
+from radstream.train.entry import stage_main
+from radstream.train.mae import MAE, MAEConfig
+from radstream.train.provenance import mae_run_init, manifest_bins, vit_dims
+from radstream.train.run_layout import WEIGHTS
+from radstream.train.steps import no_weight_decay
+from radstream.train.supervised import SupervisedOptimConfig, SupervisedTask, dataset_classes
+from radstream.train.sweep import run_sweep
+from radstream.train.trainer import Session
+from radstream.train.weights import load_adapted, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class FinetuneOptimConfig(SupervisedOptimConfig):
 
 @dataclass(frozen=True)
 class FinetuneConfig(BaseRunConfig):
-    """``train.finetune``: one fine-tuning run (or one per rate of ``optim.lr_grid``)."""
+    """``radstream.train.finetune``: one fine-tuning run (or one per rate of ``optim.lr_grid``)."""
 
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
@@ -129,7 +129,7 @@ class FinetuneConfig(BaseRunConfig):
 
 def load_pretrained(source: str | Path) -> tuple[MAE, Path]:
     """The MAE of ``source`` with its weights (an exported encoder folder, or the weights of a run as
-    ``train.run_layout.resolve_weights`` finds them), and the folder its weights came from.
+    ``radstream.train.run_layout.resolve_weights`` finds them), and the folder its weights came from.
 
     Raises:
         FileNotFoundError: nothing usable at ``source``.
@@ -138,7 +138,7 @@ def load_pretrained(source: str | Path) -> tuple[MAE, Path]:
     source = Path(source)
     if (source / EXPORT_CONFIG).is_file():
         return _load_export(source), source
-    from train.embed import load_encoder
+    from radstream.train.checkpoint import load_encoder
 
     model, _, folder = load_encoder(source)
     return model, folder
@@ -230,8 +230,8 @@ def layer_scale(layer: int, depth: int, decay: float) -> float:
 
 
 def layer_decay_groups(model: EncoderClassifier, weight_decay: float, decay: float) -> list[dict]:
-    """AdamW groups per (layer, decayed or not), each with its ``lr_scale`` (``train.loop.set_lr`` applies
-    it); no weight decay as every task (``train.loop.no_weight_decay``)."""
+    """AdamW groups per (layer, decayed or not), each with its ``lr_scale`` (``radstream.train.steps.set_lr`` applies
+    it); no weight decay as every task (``radstream.train.steps.no_weight_decay``)."""
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -299,15 +299,15 @@ STAGE_CONFIG = FinetuneConfig
 
 def run(cfg: FinetuneConfig) -> int:
     """Train (or resume) the run of ``cfg`` to its end, or every rate of ``optim.lr_grid`` into its own
-    ``run_dir/lr-<rate>`` (``train.sweep``); returns the exit code (0, or the first non-zero one)."""
+    ``run_dir/lr-<rate>`` (``radstream.train.sweep``); returns the exit code (0, or the first non-zero one)."""
     return run_sweep(cfg, lambda one: trainer.run(FinetuneTask(one)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``accelerate launch -m train.finetune --config RECIPE key=value ...``; returns the exit code."""
+    """``accelerate launch -m radstream.train.finetune --config RECIPE key=value ...``; returns the exit code."""
     return stage_main(
         argv,
-        prog="accelerate launch -m train.finetune",
+        prog="accelerate launch -m radstream.train.finetune",
         description=__doc__.split("\n")[0],
         config_cls=STAGE_CONFIG,
         run=run,

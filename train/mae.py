@@ -1,7 +1,7 @@
 """Masked autoencoder (He et al., 2021) with a timm ViT encoder, for 1-channel images of any bin shape.
 
 Written as the small named steps of facebookresearch/mae ``models_mae.py``: ``patchify``, ``random_masking``
-(both in ``train.masking``), ``forward_encoder``, ``forward_decoder``, ``forward_loss``. Shapes: ``N`` batch,
+(both in ``radstream.train.masking``), ``forward_encoder``, ``forward_decoder``, ``forward_loss``. Shapes: ``N`` batch,
 ``C`` channels, ``p`` patch size, ``(h, w)`` the patch grid of the batch's bin, ``L = h*w`` patches, ``D``
 encoder width.
 
@@ -27,7 +27,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from train.masking import (
+from radstream.train.masking import (
     attention_mask,
     background_patches,
     grid_of,
@@ -39,8 +39,8 @@ from train.masking import (
     unpatchify,
     visible_counts,
 )
-from train.pos_embed import SinCosPosEmbed, resample_learned
-from train.weights import load_adapted, read_state_dict
+from radstream.train.pos_embed import SinCosPosEmbed, resample_learned
+from radstream.train.weights import load_adapted, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class MAEOutput:
     Attributes:
         loss: scalar float32, MSE over the scored patches of the valid images.
         loss_count: detached scalar, the number of those patches (``loss``'s denominator; for a mean over
-            all ranks, ``train.loop.accumulate_step``).
+            all ranks, ``radstream.train.steps.accumulate_step``).
         pred: ``[N, L, p*p*C]`` predicted patches (normalised per patch when norm_pix_loss).
         mask: ``[N, L]`` float, 1 = scored: hidden from the encoder and not background (MAE's mask when
             there is no background).
@@ -397,7 +397,7 @@ def load_init(model: MAE, path: str | Path) -> tuple[list[str], list[str]]:
     """Initialise from a local checkpoint (never the network).
 
     An MAE checkpoint (a dict whose "model" state dict has ``encoder.`` keys) loads the whole model, strictly.
-    Anything else is read as timm ViT weights for the encoder, fitted by ``train.weights.adapt_state`` (RGB
+    Anything else is read as timm ViT weights for the encoder, fitted by ``radstream.train.weights.adapt_state`` (RGB
     patch-embedding weights summed over the input channels, the learned position table resampled to ours or
     dropped for sin-cos, the classifier head dropped); missing and unused keys are logged.
 

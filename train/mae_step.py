@@ -1,7 +1,7 @@
 """The MAE task's step pieces: reproducible mask noise, border-aware background, one optimizer step with the
 MAE's token counters, and the evaluation of a split (loss, pixel MSE, reconstruction samples for the grid).
 
-``train.pretrain`` wires them into the trainer as the MAE task.
+``radstream.train.pretrain`` wires them into the trainer as the MAE task.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 
-from shards.images import unit_float
-from train.loop import StepStats, accumulate_step
-from train.mae import EVAL_SUMS, MAE, background_patches
-from train.masking import patch_errors, patchify
-from train.visualize import masked_images
+from radstream.shards.images import unit_float
+from radstream.train.mae import EVAL_SUMS, MAE, background_patches
+from radstream.train.masking import patch_errors, patchify
+from radstream.train.steps import StepStats, accumulate_step
+from radstream.train.visualize import masked_images
 
 
 def _seed_of(*parts: object) -> int:

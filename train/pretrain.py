@@ -1,22 +1,22 @@
 """MAE pretraining on a shard dataset, under Accelerate.
 
-    accelerate launch -m train.pretrain --config configs/pretrain/vit_b16_224.yaml shards=/data/irma run_dir=runs/b16
+    accelerate launch -m radstream.train.pretrain --config configs/pretrain/vit_b16_224.yaml shards=/data/irma run_dir=runs/b16
 
 Accelerate owns devices, processes (DDP, or FSDP from the accelerate config) and precision; every rank builds
 its own loader from its process index. Each epoch: train, validation loss on "val" (early stopping), a
 reconstruction grid in samples/, a checkpoint. At the end, on "test", in metrics.jsonl and summary.json: the
 study's one MSE (``test_mse_study``: [0, 1] pixels over the hidden patches of a uniform random 75% mask of all
-patches, the same masks for every model of the dataset, ``train.mae_step.study_mse``), the run's own objective
+patches, the same masks for every model of the dataset, ``radstream.train.mae_step.study_mse``), the run's own objective
 under its own name (``test_loss``, ``objective``: the masked foreground for border-aware masking), and under
 the run's own masks the MSE of every hidden patch (``test_mse``, background included) and of the scored
 foreground ones (``test_mse_foreground``). The pixel MSEs are None with norm_pix_loss, whose prediction has no
 pixel values without the hidden patch's own statistics.
 
-The MAE task of ``train.trainer``, which owns the loop. Restarting the same command resumes exactly from
+The MAE task of ``radstream.train.trainer``, which owns the loop. Restarting the same command resumes exactly from
 ``checkpoints/latest`` (mid-epoch included).
 
 It ends with all epochs, early stopping or ``run.max_steps``; stop signals, the requeue marker
-(``run_dir/stopped.json``) and exit codes are ``train.stage``'s, the same for every stage.
+(``run_dir/stopped.json``) and exit codes are ``radstream.train.entry``'s, the same for every stage.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from shards.loader import ShardLoader
-from train import trainer
-from train.config import PretrainConfig
-from train.mae import build_mae
-from train.mae_step import evaluate, objective_name, study_mse, train_step
-from train.run_layout import SUMMARY
-from train.stage import stage_main
-from train.trainer import Session, TrainTask, Validation
-from train.visualize import save_reconstruction_grid
+from radstream.shards.loader import ShardLoader
+from radstream.train import trainer
+from radstream.train.config import PretrainConfig
+from radstream.train.entry import stage_main
+from radstream.train.mae import build_mae
+from radstream.train.mae_step import evaluate, objective_name, study_mse, train_step
+from radstream.train.run_layout import SUMMARY
+from radstream.train.trainer import Session, TrainTask, Validation
+from radstream.train.visualize import save_reconstruction_grid
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``--config`` and ``key=value`` overrides, then run. Returns the exit code."""
     return stage_main(
         argv,
-        prog="accelerate launch -m train.pretrain",
+        prog="accelerate launch -m radstream.train.pretrain",
         description=__doc__.split("\n")[0],
         config_cls=STAGE_CONFIG,
         run=run,

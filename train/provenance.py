@@ -87,7 +87,7 @@ def mae_run_init(weights: Path, mae_init: str | None) -> str:
 def mae_provenance(attrs: dict) -> dict:
     """``architecture`` and ``init`` of the probe and kNN rows, from an embedding store's attrs: the MAE
     encoder that made the embeddings and the run it came from (and how that run started)."""
-    from shards.manifest import read_manifest
+    from radstream.shards.manifest import read_manifest
 
     config = attrs.get("checkpoint_config") or {}
     model_cfg = config.get("model", {})

@@ -1,15 +1,15 @@
 """The on-disk contract of a run folder, as ``shards/layout.py`` is the dataset's: the names every writer and
 reader of ``run_dir`` shares, and which weights "the weights of a run" are.
 
-    RUN/config.yaml            the resolved config (train.trainer)
+    RUN/config.yaml            the resolved config (radstream.train.trainer)
     RUN/metrics.jsonl          one line per log window, validation and test
-    RUN/checkpoints/step-N/    resumable state (written by train.checkpoint; found here: latest_checkpoint),
+    RUN/checkpoints/step-N/    resumable state (written by radstream.train.checkpoint; found here: latest_checkpoint),
                                RUN/checkpoints/latest names the newest
     RUN/best/model.safetensors the weights of the best validation epoch, with best/meta.json
-    RUN/summary.json           an MAE run's results (train.pretrain)
-    RUN/results.json           a classifier's or a fine-tuning run's results (train.supervised, train.finetune)
-    RUN/lr-<rate>/             one rate of a sweep (train.sweep)
-    OUT/probe_results.json     a probe grid's results, OUT/knn_results.json the kNN's (train.probe, train.knn)
+    RUN/summary.json           an MAE run's results (radstream.train.pretrain)
+    RUN/results.json           a classifier's or a fine-tuning run's results (radstream.train.supervised, radstream.train.finetune)
+    RUN/lr-<rate>/             one rate of a sweep (radstream.train.sweep)
+    OUT/probe_results.json     a probe grid's results, OUT/knn_results.json the kNN's (radstream.eval.probe, radstream.eval.knn)
 
 The weights of a run are ``best/`` (the best validation epoch: the weights every test score of the run is
 computed with, ``run.test_on_best``), and only when a run has no validation epoch yet its latest checkpoint.

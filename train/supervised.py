@@ -1,9 +1,9 @@
 """Supervised baselines: a timm ViT or CNN trained end to end on the shard dataset, under Accelerate.
 
-    accelerate launch -m train.supervised --config configs/supervised/vit.yaml shards=OUT run_dir=RUN \\
+    accelerate launch -m radstream.train.supervised --config configs/supervised/vit.yaml shards=OUT run_dir=RUN \\
         optim.lr=1e-4 loader.label_fraction=0.01 run.seed=1
 
-One run is one (model, learning rate, label fraction, seed); ``optim.lr_grid`` (``train.sweep``: a list, or
+One run is one (model, learning rate, label fraction, seed); ``optim.lr_grid`` (``radstream.train.sweep``: a list, or
 "study" for the study's ten) sweeps several rates in one command, the SLURM sweep array one rate per task, and
 ``radstream report`` picks the LR on validation accuracy. The ViT is the MAE encoder's architecture with a
 classifier head and any image size (timm ``dynamic_img_size``), so every bin of the shard dataset trains as it
@@ -14,12 +14,12 @@ Initialisation: random, or a local weights file (``model.init``; never the netwo
 error): timm/ImageNet weights (RGB stem summed to 1 channel, the learned position table resampled, the
 1000-class head dropped) or, for the ViT, an MAE checkpoint's encoder.
 
-The task of ``train.trainer``: each epoch: train (``train.config.OptimConfig``: AdamW, warmup + cosine or
+The task of ``radstream.train.trainer``: each epoch: train (``radstream.train.config.OptimConfig``: AdamW, warmup + cosine or
 constant LR, ``optim.grad_accum_steps`` batches a step), validation accuracy, early stopping on it
 (``run.patience`` epochs), the best weights to ``run_dir/best``, a checkpoint. At the end the test split is
 scored with the best weights and ``run_dir/results.json`` written (read by ``radstream report``). Restarting
 the same command resumes from ``checkpoints/latest``; a finished run is not trained again. Stop signals, the
-requeue marker and exit codes: ``train.stage``.
+requeue marker and exit codes: ``radstream.train.entry``.
 """
 
 from __future__ import annotations
@@ -35,20 +35,20 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from core.config import to_dict
-from shards.images import unit_float
-from shards.loader import ShardLoader
-from shards.manifest import read_manifest
-from train import trainer
-from train.classifier import ClassifierConfig, build_classifier
-from train.config import BaseRunConfig, CheckpointConfig, OptimConfig
-from train.loop import StepStats, accumulate_step
-from train.metrics import accuracy, balanced_accuracy, per_class_recall
-from train.provenance import classifier_architecture, init_name, manifest_bins
-from train.run_layout import RESULTS
-from train.stage import stage_main
-from train.sweep import run_sweep
-from train.trainer import Session, TrainTask, Validation
+from radstream.core.config import to_dict
+from radstream.shards.images import unit_float
+from radstream.shards.loader import ShardLoader
+from radstream.shards.manifest import read_manifest
+from radstream.train import trainer
+from radstream.train.classifier import ClassifierConfig, build_classifier
+from radstream.train.config import BaseRunConfig, CheckpointConfig, OptimConfig
+from radstream.train.entry import stage_main
+from radstream.train.metrics import accuracy, balanced_accuracy, per_class_recall
+from radstream.train.provenance import classifier_architecture, init_name, manifest_bins
+from radstream.train.run_layout import RESULTS
+from radstream.train.steps import StepStats, accumulate_step
+from radstream.train.sweep import run_sweep
+from radstream.train.trainer import Session, TrainTask, Validation
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class SupervisedOptimConfig(OptimConfig):
 
 @dataclass(frozen=True)
 class SupervisedConfig(BaseRunConfig):
-    """``train.supervised``: one baseline run (or one per rate of ``optim.lr_grid``)."""
+    """``radstream.train.supervised``: one baseline run (or one per rate of ``optim.lr_grid``)."""
 
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
     optim: SupervisedOptimConfig = field(default_factory=SupervisedOptimConfig)
@@ -94,7 +94,7 @@ def masked_loss(
     logits: torch.Tensor, batch: dict, label_smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(the summed cross-entropy of the batch's real, labelled samples, their count): padding repeats and -1
-    labels excluded; ``train.loop.accumulate_step`` divides by the step's count over all micro-batches and
+    labels excluded; ``radstream.train.steps.accumulate_step`` divides by the step's count over all micro-batches and
     ranks."""
     keep = (batch["valid"].bool() & (batch["label"] >= 0)).float()
     ce = F.cross_entropy(
@@ -207,15 +207,15 @@ STAGE_CONFIG = SupervisedConfig
 
 def run(cfg: SupervisedConfig) -> int:
     """Train (or resume) the run of ``cfg`` to its end, or every rate of ``optim.lr_grid`` into its own
-    ``run_dir/lr-<rate>`` (``train.sweep``); returns the exit code (0, or the first non-zero one)."""
+    ``run_dir/lr-<rate>`` (``radstream.train.sweep``); returns the exit code (0, or the first non-zero one)."""
     return run_sweep(cfg, lambda one: trainer.run(SupervisedTask(one)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``accelerate launch -m train.supervised --config RECIPE key=value ...``; returns the exit code."""
+    """``accelerate launch -m radstream.train.supervised --config RECIPE key=value ...``; returns the exit code."""
     return stage_main(
         argv,
-        prog="accelerate launch -m train.supervised",
+        prog="accelerate launch -m radstream.train.supervised",
         description=__doc__.split("\n")[0],
         config_cls=STAGE_CONFIG,
         run=run,

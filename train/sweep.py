@@ -1,9 +1,9 @@
 """The learning-rate sweep: the study's ten rates, written once, and the one way a sweep is laid out.
 
-The rates are read by ``optim.lr_grid=study`` (``train.supervised``, ``train.finetune``, ``train.pretrain``),
+The rates are read by ``optim.lr_grid=study`` (``radstream.train.supervised``, ``radstream.train.finetune``, ``radstream.train.pretrain``),
 by ``radstream study``'s full protocol (``radstream.stages``) and by the SLURM sweep
-(``slurm/sweep_lr.sbatch`` runs ``python -m train.sweep``, which prints them one a line). Every rate trains
-into ``run_dir/lr-<rate>`` (``train.run_layout.lr_dir``); ``radstream report`` picks the rate on validation.
+(``slurm/sweep_lr.sbatch`` runs ``python -m radstream.train.sweep``, which prints them one a line). Every rate trains
+into ``run_dir/lr-<rate>`` (``radstream.train.run_layout.lr_dir``); ``radstream report`` picks the rate on validation.
 
 Nothing here imports torch: a login node prints the rates in a blink.
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from train.run_layout import lr_dir
+from radstream.train.run_layout import lr_dir
 
 STUDY_LR_GRID = (1e-5, 1.9e-5, 3.6e-5, 6.7e-5, 1.3e-4, 2.4e-4, 4.5e-4, 8.4e-4, 1.6e-3, 3e-3)
 """The study's ten log-spaced AdamW rates (1e-5 to 3e-3), swept for every trained model."""
@@ -44,7 +44,7 @@ def run_sweep(cfg: Any, run_one: Callable[[Any], int]) -> int:
 
 
 def main() -> int:
-    """``python -m train.sweep``: the study's rates, one a line (for shell scripts)."""
+    """``python -m radstream.train.sweep``: the study's rates, one a line (for shell scripts)."""
     print("\n".join(f"{lr:g}" for lr in STUDY_LR_GRID))
     return 0
 

@@ -1,9 +1,9 @@
 """The one trainer: session, resume, cadence, logging, trackers, early stopping, stop signals, checkpoints and
 the results file, for every training task.
 
-A task (``train.pretrain``'s MAE, ``train.supervised``'s classifier, ``train.finetune``'s encoder with a head)
+A task (``radstream.train.pretrain``'s MAE, ``radstream.train.supervised``'s classifier, ``radstream.train.finetune``'s encoder with a head)
 is a small ``TrainTask``: it builds its model and parameter groups, runs one optimizer step, validates and
-tests; its config is a ``train.config.BaseRunConfig`` with an ``OptimConfig``, from which the trainer derives
+tests; its config is a ``radstream.train.config.BaseRunConfig`` with an ``OptimConfig``, from which the trainer derives
 the LR schedule the same way for every task. The trainer does the rest, the same way for all:
 
 - setup: seed, model, the train/val loaders of this rank, schedule, AdamW, ``accelerator.prepare``; the resolved
@@ -33,12 +33,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from core.atomic import write_json, write_text
-from core.config import to_dict, to_yaml
-from core.progress import progress
-from shards.loader import ShardLoader, build_loader
-from train.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
-from train.loop import (
+from radstream.core.atomic import write_json, write_text
+from radstream.core.config import to_dict, to_yaml
+from radstream.core.progress import progress
+from radstream.shards.loader import ShardLoader, build_loader
+from radstream.train.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
+from radstream.train.entry import EXIT_OK, EXIT_REQUEUE, StopSignal, clear_stopped, mark_stopped
+from radstream.train.run_layout import CONFIG, METRICS, RESULTS, best_dir, latest_checkpoint
+from radstream.train.steps import (
     EarlyStopping,
     LoopState,
     Meter,
@@ -55,8 +57,6 @@ from train.loop import (
     set_lr,
     training_over,
 )
-from train.run_layout import CONFIG, METRICS, RESULTS, best_dir, latest_checkpoint
-from train.stage import EXIT_OK, EXIT_REQUEUE, StopSignal, clear_stopped, mark_stopped
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ class Validation:
 class TrainTask:
     """What one kind of training supplies to the trainer; subclass it and override the hooks.
 
-    Its config is a ``train.config.BaseRunConfig`` (``shards``, ``run_dir``, ``loader``, ``run``,
-    ``checkpoint``) with an ``optim`` that is a ``train.config.OptimConfig``.
+    Its config is a ``radstream.train.config.BaseRunConfig`` (``shards``, ``run_dir``, ``loader``, ``run``,
+    ``checkpoint``) with an ``optim`` that is a ``radstream.train.config.OptimConfig``.
     """
 
     results_name = RESULTS
@@ -88,7 +88,7 @@ class TrainTask:
     ``schedule``: the schedule's position in images."""
     mean_step_tokens: float = 0.0
     """Real patches per device batch averaged over an epoch, padding excluded, set by the trainer before
-    ``schedule``: the MAE's LR scaling (``train.loop.make_schedule``)."""
+    ``schedule``: the MAE's LR scaling (``radstream.train.steps.make_schedule``)."""
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
@@ -103,7 +103,7 @@ class TrainTask:
 
     def schedule(self, loader_batches: int, num_processes: int) -> Schedule:
         """Step counts and learning rates from the train loader's batches per epoch and the world size (every
-        task: ``train.loop.make_schedule`` of its ``optim``)."""
+        task: ``radstream.train.steps.make_schedule`` of its ``optim``)."""
         cfg = self.cfg
         return make_schedule(cfg.optim, cfg.run.epochs, self.mean_batch_size, loader_batches, num_processes,
                              self.mean_step_tokens)  # fmt: skip

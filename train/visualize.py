@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.atomic import write_with
-from train.mae import patchify, unpatchify
+from radstream.core.atomic import write_with
+from radstream.train.mae import patchify, unpatchify
 
 MASK_FILL = 0.5
 """Gray shown in place of the patches hidden from the encoder (radiograph background is black)."""

@@ -1,7 +1,7 @@
 """Foreign weights for our timm models: read a local file, fit it to the model, load it.
 
-One adapter for every network that starts from someone else's weights: the MAE encoder (``train.mae``) and the
-supervised classifiers (``train.classifier``). Weights come from local files only, never the network: a path,
+One adapter for every network that starts from someone else's weights: the MAE encoder (``radstream.train.mae``) and the
+supervised classifiers (``radstream.train.classifier``). Weights come from local files only, never the network: a path,
 or a timm pretrained tag ``timm:<model>.<tag>`` (e.g. ``timm:resnet50.a1_in1k``) found in the local Hugging Face
 cache (``HF_HUB_CACHE``; a workstation that downloaded it, or a cache copied to the cluster).
 """
@@ -17,9 +17,9 @@ import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
-from train.pos_embed import resample_learned
-from train.provenance import TIMM_PREFIX
-from train.run_layout import WEIGHTS
+from radstream.train.pos_embed import resample_learned
+from radstream.train.provenance import TIMM_PREFIX
+from radstream.train.run_layout import WEIGHTS
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from bucketing import (
+from radstream.bucketing import (
     Bin,
     BinningConfig,
     assign_bins,
@@ -266,7 +266,7 @@ def test_binning_config_validation() -> None:
 
 
 def test_binning_config_loads_through_omegaconf() -> None:
-    from core.config import ConfigError, load_config
+    from radstream.core.config import ConfigError, load_config
 
     cfg = load_config(BinningConfig, overrides=["strategy=smart", "bins=224x224,192x256", "fit=pad"])
     assert cfg.bins == "224x224,192x256" and cfg.fit == "pad"

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bucketing.dataplan import assign_parts, crop_params, padding_masks, stable_hash, transform_boxes
-from bucketing.schedule import epoch_schedule
+from radstream.bucketing.dataplan import (
+    assign_parts,
+    crop_params,
+    padding_masks,
+    stable_hash,
+    transform_boxes,
+)
+from radstream.bucketing.schedule import epoch_schedule
 
 SHAPES = [(64, 128), (224, 224), (384, 160), (16, 16)]
 
@@ -160,6 +166,6 @@ def test_importable_without_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, bucketing.dataplan; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, radstream.bucketing.dataplan; assert 'torch' not in sys.modules, 'torch imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

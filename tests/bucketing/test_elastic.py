@@ -8,9 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from bucketing import bin_order, bin_total, epoch_schedule
-from bucketing.dataplan import padding_masks
-from bucketing.elastic import remaining_padding_masks, remaining_schedule
+from radstream.bucketing import bin_order, bin_total, epoch_schedule
+from radstream.bucketing.dataplan import padding_masks
+from radstream.bucketing.elastic import remaining_padding_masks, remaining_schedule
 
 
 def random_case(seed: int) -> dict:

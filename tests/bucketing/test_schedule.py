@@ -10,7 +10,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from bucketing import Step, epoch_schedule, schedule_stats, steps_per_epoch, token_budget_batch_sizes
+from radstream.bucketing import (
+    Step,
+    epoch_schedule,
+    schedule_stats,
+    steps_per_epoch,
+    token_budget_batch_sizes,
+)
 
 # Uneven bins: a large one, a middling one, one smaller than a global batch at world size ≥ 2, one with a
 # single sample, and an empty one.

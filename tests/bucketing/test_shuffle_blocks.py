@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from bucketing import bin_order, bin_sequence, bin_total, epoch_schedule, steps_per_epoch
+from radstream.bucketing import bin_order, bin_sequence, bin_total, epoch_schedule, steps_per_epoch
 
 
 def random_case(seed: int) -> dict:

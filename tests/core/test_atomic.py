@@ -1,10 +1,10 @@
-"""core.atomic: a reader sees the old file or the new one, never half of either."""
+"""radstream.core.atomic: a reader sees the old file or the new one, never half of either."""
 
 import json
 
 import pytest
 
-from core.atomic import write_bytes, write_json, write_text, write_with
+from radstream.core.atomic import write_bytes, write_json, write_text, write_with
 
 
 def test_writes_and_replaces(tmp_path):

@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from core import progress as progress_mod
-from core.progress import progress, progress_enabled
+from radstream.core import progress as progress_mod
+from radstream.core.progress import progress, progress_enabled
 
 
 class FakeStderr(io.StringIO):

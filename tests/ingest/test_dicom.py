@@ -11,9 +11,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_modality_lut, pixel_array
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from ingest.dicom import read_dicom_header
-from ingest.errors import RejectError
-from ingest.readers import ReadConfig, read_image
+from radstream.ingest.dicom import read_dicom_header
+from radstream.ingest.errors import RejectError
+from radstream.ingest.readers import ReadConfig, read_image
 from tests.conftest import SHARED_DATA
 
 REAL_DIR = SHARED_DATA / "dicom"

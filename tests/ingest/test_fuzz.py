@@ -2,7 +2,7 @@
 
 Each case takes a valid file (a real DICOM from ../shared/data, or a PNG / JPEG made here), changes, inserts or
 deletes one byte in its first 2 KB or truncates it, and runs both entry points of the build on it: the header
-scan (:func:`ingest.scan.scan_header`) and the decode (:func:`ingest.readers.decode_image`). The seed is
+scan (:func:`radstream.ingest.scan.scan_header`) and the decode (:func:`radstream.ingest.readers.decode_image`). The seed is
 fixed, so a failure names a case that reproduces. The default run is a few hundred cases; ``-m fuzz`` runs
 thousands.
 """
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ingest.dicom import one_line
-from ingest.errors import RejectError
-from ingest.readers import ReadConfig, decode_image
-from ingest.scan import scan_header
+from radstream.ingest.dicom import one_line
+from radstream.ingest.errors import RejectError
+from radstream.ingest.readers import ReadConfig, decode_image
+from radstream.ingest.scan import scan_header
 
 SEED = 20261130
 HEAD_BYTES = 2048

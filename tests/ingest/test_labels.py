@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
-from ingest.errors import RejectError
-from ingest.labels import REGIONS, class_names_for, irma_region, load_irma_codes
+from radstream.ingest.errors import RejectError
+from radstream.ingest.labels import REGIONS, class_names_for, irma_region, load_irma_codes
 from tests.conftest import SHARED_DATA
 
 IRMA_DIR = SHARED_DATA / "irma"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ingest.errors import RejectError
-from ingest.normalize import (
+from radstream.ingest.errors import RejectError
+from radstream.ingest.normalize import (
     foreground_box,
     foreground_box_of,
     luminance,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ingest import png
-from ingest.errors import RejectError
-from ingest.readers import LoadedImage, ReadConfig, decode_image, read_image
+from radstream.ingest import png
+from radstream.ingest.errors import RejectError
+from radstream.ingest.readers import LoadedImage, ReadConfig, decode_image, read_image
 from tests.ingest.test_dicom import _write_dicom
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ingest import scan
-from ingest.errors import RejectError
-from ingest.readers import ReadConfig, decode_image
-from ingest.scan import HeaderInfo, scan_header, scan_one
+from radstream.ingest import scan
+from radstream.ingest.errors import RejectError
+from radstream.ingest.readers import ReadConfig, decode_image
+from radstream.ingest.scan import HeaderInfo, scan_header, scan_one
 from tests.ingest.test_dicom import _write_dicom
 
 CFG = ReadConfig()
@@ -103,7 +103,7 @@ def test_an_unexpected_scan_failure_is_a_reject_that_names_the_exception(tmp_pat
         raise TypeError("unsupported operand type(s) for *: 'NoneType' and 'int'")
 
     monkeypatch.setattr(scan, "scan_header", broken)
-    with caplog.at_level(logging.WARNING, logger="ingest.scan"):
+    with caplog.at_level(logging.WARNING, logger="radstream.ingest.scan"):
         info, reason = scan_one((str(path), CFG))
     assert info is None
     assert (

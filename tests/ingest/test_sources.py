@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.sources import HIDDEN_FILE, SourceItem, discover
+from radstream.ingest.sources import HIDDEN_FILE, SourceItem, discover
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:
@@ -287,7 +287,7 @@ def test_rare_csv_labels_are_warned_about(tmp_path, caplog):
         touch(tmp_path / f"{i}.png")
         rows.append(f"{i}.png,{'chset' if i == 0 else 'Chest ' if i in (1, 2) else 'chest'}")
     manifest = write_manifest(tmp_path / "m.csv", "\n".join(rows) + "\n")
-    with caplog.at_level("WARNING", logger="ingest.sources"):
+    with caplog.at_level("WARNING", logger="radstream.ingest.sources"):
         items, _ = discover(str(manifest), label_from="csv")
     assert {item.label for item in items} == {"chest", "chset", "Chest"}
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
@@ -297,7 +297,7 @@ def test_rare_csv_labels_are_warned_about(tmp_path, caplog):
 
 
 def test_no_rare_label_warning_without_csv_labels(tree, caplog):
-    with caplog.at_level("WARNING", logger="ingest.sources"):
+    with caplog.at_level("WARNING", logger="radstream.ingest.sources"):
         discover(str(tree), label_from="folder")
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 

@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from ingest.splits import SPLITS, assign_splits, label_fractions
+from radstream.ingest.splits import SPLITS, assign_splits, label_fractions
 
 # The reference study: IRMA training list by region, whole body dropped → 12,674 images in 8 classes.
 IRMA_CLASSES = {

@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 from pydicom.pixels import apply_modality_lut
 
-from ingest.synth import synthesize
-from ingest.synth_detector import radiograph
-from ingest.synth_formats import encode_png
-from ingest.synth_plan import IRMA_CODES, REGION_COUNTS, plan_corpus, region_counts
+from radstream.ingest.synth import synthesize
+from radstream.ingest.synth_detector import radiograph
+from radstream.ingest.synth_formats import encode_png
+from radstream.ingest.synth_plan import IRMA_CODES, REGION_COUNTS, plan_corpus, region_counts
 
 REGION_DIGITS = {name: str(digit) for digit, name in enumerate(REGION_COUNTS, start=1)}
 

@@ -85,7 +85,7 @@ def test_every_protocol_gives_every_trained_model_the_one_minimum(
     and probe run gets the protocol's ``min_steps`` (the trainer raises the epochs and holds early stopping
     off until them); the MAE, which sees every image, does not."""
     import radstream.demo as demo
-    import radstream.stages as stages
+    import radstream.workflow as stages
     from radstream.study import PROTOCOLS
 
     protocol = demo.DemoSize().protocol() if name == "demo" else PROTOCOLS[name]
@@ -99,20 +99,20 @@ def test_every_protocol_gives_every_trained_model_the_one_minimum(
     trained = [args for stage, args in calls if stage == "train.x"]
     assert len(trained) == 3 * len(protocol.fractions) * len(protocol.lrs or [1]) * protocol.train_seeds
     assert all(int(args["run.min_steps"]) == protocol.min_steps for args in trained)
-    probe = next(args for stage, args in calls if stage == "train.probe")
+    probe = next(args for stage, args in calls if stage == "radstream.eval.probe")
     assert int(probe["min_steps"]) == protocol.min_steps
     assert "run.min_steps" not in " ".join(protocol.overrides("pretrain"))
 
 
 def test_the_report_stage_prints_the_mae_table(tmp_path: Path, monkeypatch) -> None:
     """results.md of `radstream demo` / `study` holds the MAE pretraining table: the report gets the MAE run."""
-    import radstream.stages as stages
-    import train.export
-    from tests.train.test_report import write_mae_run
+    import radstream.report.export
+    import radstream.workflow as stages
+    from tests.report.test_report import write_mae_run
 
     write_mae_run(tmp_path / "runs" / "mae", 1e-3, 0.02, 0.004)
     (tmp_path / "pictures").mkdir()
-    monkeypatch.setattr(train.export, "export", lambda *a, **k: None)
+    monkeypatch.setattr(radstream.report.export, "export", lambda *a, **k: None)
     tables = stages.stage_report(tmp_path, [], tmp_path / "runs" / "mae")
     assert "## MAE pretraining" in tables and "| mae | 0.001 |" in tables
 
@@ -123,12 +123,12 @@ def test_the_demo_fixes_its_threads_and_deterministic_algorithms(tmp_path: Path,
     import subprocess
 
     import radstream.demo as demo
-    import radstream.stages as stages
+    import radstream.workflow as stages
 
     protocol = demo.DemoSize().protocol()
     assert protocol.env()["OMP_NUM_THREADS"] == protocol.env()["MKL_NUM_THREADS"] == "2"
     assert "run.deterministic=true" in protocol.overrides("vit")
     seen = []
     monkeypatch.setattr(subprocess, "call", lambda cmd, stdout, stderr, env: seen.append(env) or 0)
-    stages.run_stage("train.probe", [], tmp_path / "x.log", "t", env=protocol.env())
+    stages.run_stage("radstream.eval.probe", [], tmp_path / "x.log", "t", env=protocol.env())
     assert seen[0]["OMP_NUM_THREADS"] == "2"

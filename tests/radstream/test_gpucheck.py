@@ -12,7 +12,7 @@ import radstream.gpucheck as gpucheck
 from radstream import gpureport
 from radstream.cli import main as cli_main
 from radstream.gpubench import attention_backend, top_kernels
-from shards.loader import dali_available
+from radstream.shards.loader import dali_available
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" errors="0" failures="1" skipped="1" tests="4">

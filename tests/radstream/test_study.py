@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from radstream import stages
+from radstream import workflow as stages
 from radstream.cli import main
 from radstream.demo import RECIPES
 from radstream.study import FULL, make_protocol
-from train.sweep import STUDY_LR_GRID
+from radstream.train.sweep import STUDY_LR_GRID
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,9 +41,9 @@ def test_grid_runs_every_fraction_lr_and_seed_once(tmp_path: Path, monkeypatch) 
 
     monkeypatch.setattr(stages, "run_stage", fake_stage)
     protocol = make_protocol("full", lrs=[1e-4, 1e-3], seeds=2, fractions=[0.01, 1.0])
-    model = stages.TrainedModel("finetune", "train.finetune", ("model.init=/runs/mae",))
+    model = stages.TrainedModel("finetune", "radstream.train.finetune", ("model.init=/runs/mae",))
     stages.stage_grid(tmp_path, tmp_path / "shards", model, protocol, "study")
-    assert len(calls) == 2 * 2 * 2 and {stage for stage, _ in calls} == {"train.finetune"}
+    assert len(calls) == 2 * 2 * 2 and {stage for stage, _ in calls} == {"radstream.train.finetune"}
     args = calls[-1][1]
     assert args[:2] == ["--config", str(REPO / "configs" / "finetune" / "vit.yaml")]
     assert {"loader.label_fraction=1.0", "run.seed=1", "optim.lr=0.001", "run.patience=10"} <= set(args)
@@ -56,7 +56,7 @@ def test_grid_runs_every_fraction_lr_and_seed_once(tmp_path: Path, monkeypatch) 
 @pytest.mark.slow
 @pytest.mark.long
 def test_tiny_study_writes_the_tables_and_resumes(tmp_path: Path, capsys) -> None:
-    from ingest.synth import synthesize
+    from radstream.ingest.synth import synthesize
 
     synthesize(tmp_path / "src", n=80, seed=0, max_side=256)
     out = tmp_path / "study"

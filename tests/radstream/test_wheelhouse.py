@@ -85,6 +85,9 @@ def test_offline_install_from_a_wheelhouse(tmp_path):
          str(REPO)], env={**os.environ, "PIP_CONFIG_FILE": os.devnull}, capture_output=True, text=True,
     )  # fmt: skip
     assert build.returncode == 0, build.stderr
+    wheel = next(house.glob("radstream-*.whl"))
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {top for top in tops if not top.endswith(".dist-info")} == {"radstream"}  # no bare core, train
     for name in SMALL:
         repack(name, house)
     env_dir = tmp_path / "venv"
@@ -97,8 +100,8 @@ def test_offline_install_from_a_wheelhouse(tmp_path):
     ours = pip(python, "install", "-q", "--no-index", "--find-links", str(house), "--no-deps", "radstream")
     assert ours.returncode == 0, ours.stderr
     check = subprocess.run(
-        [str(python), "-c", "import yaml, tqdm, braceexpand, radstream, core.config; "
-         "print(core.config.__file__)"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60,
+        [str(python), "-c", "import yaml, tqdm, braceexpand, radstream, radstream.core.config; "
+         "print(radstream.core.config.__file__)"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert check.returncode == 0, check.stderr
     assert str(env_dir) in check.stdout  # imported from the venv, not from the checkout

@@ -16,8 +16,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from shards.loader import build_loader, dali_available
-from shards.loader_config import LoaderConfig
+from radstream.shards.loader import build_loader, dali_available
+from radstream.shards.loader_config import LoaderConfig
 
 
 def one_epoch(loader) -> dict:

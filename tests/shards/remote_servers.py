@@ -161,8 +161,8 @@ class FaultyHTTPServer:
 
 def fetch_every_shard(url: str, cache_dir: str, start: object) -> None:
     """A spawned reader: open the dataset, wait for the others at ``start`` (a Barrier), fetch every file."""
-    from shards.layout import shard_entries
-    from shards.remote import open_dataset
+    from radstream.shards.layout import shard_entries
+    from radstream.shards.remote import open_dataset
 
     with open_dataset(url, cache_dir=cache_dir, backoff_s=0.01) as store:
         start.wait(timeout=60)
@@ -173,9 +173,9 @@ def fetch_every_shard(url: str, cache_dir: str, start: object) -> None:
 
 def read_epoch_as_rank(url: str, cache_dir: str, rank: int, world: int, start: object, out: object) -> None:
     """A spawned rank: read one training epoch through the loader; put (rank, keys, shards it read) on ``out``."""
-    from shards.loader import build_loader
-    from shards.loader_base import shard_schedule
-    from shards.loader_config import LoaderConfig, RemoteConfig
+    from radstream.shards.loader import build_loader
+    from radstream.shards.loader_base import shard_schedule
+    from radstream.shards.loader_config import LoaderConfig, RemoteConfig
 
     cfg = LoaderConfig(
         backend="torch",

@@ -1,5 +1,5 @@
 """A reference reader for the tests: one member's bytes of a tar at the offset its index names, with plain
-``open``/``seek`` (independent of ``shards.index.ShardReader``'s ``pread``, which the tests check against it)."""
+``open``/``seek`` (independent of ``radstream.shards.index.ShardReader``'s ``pread``, which the tests check against it)."""
 
 from __future__ import annotations
 

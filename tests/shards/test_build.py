@@ -19,13 +19,13 @@ import pydicom
 import pytest
 from PIL import Image
 
-from core.config import load_config
-from ingest.readers import read_image
-from shards.build.config import BuildConfig
-from shards.build.finalize import BuildIncomplete, finalize
-from shards.build.parts import run_build
-from shards.build.private import source_names
-from shards.build.verify import verify_shards
+from radstream.core.config import load_config
+from radstream.ingest.readers import read_image
+from radstream.shards.builder.config import BuildConfig
+from radstream.shards.builder.finalize import BuildIncomplete, finalize
+from radstream.shards.builder.parts import run_build
+from radstream.shards.builder.private import source_names
+from radstream.shards.builder.verify import verify_shards
 from tests.conftest import build_tiny_shards
 
 
@@ -207,11 +207,11 @@ def test_bad_inputs_are_rejected_with_reasons(tmp_path: Path) -> None:
 
 _KILL_SCRIPT = """
 import sys
-from core.config import load_config
-from ingest.readers import read_image
-from shards.build.parts import run_build
-from shards.build.private import source_names
-from shards.build.config import BuildConfig
+from radstream.core.config import load_config
+from radstream.ingest.readers import read_image
+from radstream.shards.builder.parts import run_build
+from radstream.shards.builder.private import source_names
+from radstream.shards.builder.config import BuildConfig
 cfg = load_config(BuildConfig, None, sys.argv[1:])
 run_build(cfg)
 """
@@ -247,7 +247,7 @@ def test_sigkill_then_rerun_gives_identical_shards(synth_corpus: Path, tmp_path:
 
 def test_an_unexpected_failure_on_one_file_is_a_reject_not_a_crash(tmp_path: Path, monkeypatch) -> None:
     """A decoder bug on one file (here: a TypeError from a monkeypatched decoder) rejects that file only."""
-    import shards.build.parts as build
+    import radstream.shards.builder.parts as build
 
     src = tmp_path / "src"
     rng = np.random.default_rng(3)
@@ -280,7 +280,7 @@ def test_an_unexpected_failure_on_one_file_is_a_reject_not_a_crash(tmp_path: Pat
 
 
 def test_dicom_with_empty_rescale_slope_is_read_as_no_rescale(tmp_path: Path) -> None:
-    from ingest.readers import read_image
+    from radstream.ingest.readers import read_image
 
     ds = pydicom.Dataset()
     ds.file_meta = pydicom.dataset.FileMetaDataset()

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from core.config import load_config
-from shards.build.config import BuildConfig
-from shards.build.finalize import finalize
-from shards.build.parts import run_build
+from radstream.core.config import load_config
+from radstream.shards.builder.config import BuildConfig
+from radstream.shards.builder.finalize import finalize
+from radstream.shards.builder.parts import run_build
 from tests.ingest.test_dicom import _write_dicom
 from tests.ingest.test_readers import _png_with_short_stream
 from tests.ingest.test_scan import _patched_dicom, _pattern

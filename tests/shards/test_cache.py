@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.cache import CHECKSUM_ATTEMPTS, ChecksumError, Fetch, ShardCache
+from radstream.shards.cache import CHECKSUM_ATTEMPTS, ChecksumError, Fetch, ShardCache
 
 DATA = bytes(range(256)) * 40
 SHA = hashlib.sha256(DATA).hexdigest()

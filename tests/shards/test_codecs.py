@@ -7,8 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from shards import codecs
-from shards.codecs import CODECS, bit_depth, decode, encode, extension, quantize, to_float01
+from radstream.shards import codecs
+from radstream.shards.codecs import CODECS, bit_depth, decode, encode, extension, quantize, to_float01
 
 LOSSLESS = ["png", "png16", "jp2"]
 

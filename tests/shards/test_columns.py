@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shards import columns as cols
-from shards.loader_data import load_split
-from shards.store import ShardStore
+from radstream.shards import columns as cols
+from radstream.shards.loader_data import load_split
+from radstream.shards.store import ShardStore
 
 
 def table_rows(root: Path, split: str) -> dict[str, dict]:
@@ -70,7 +70,9 @@ def test_a_worker_receives_the_entry_path_not_the_arrays(tiny_shards: Path, tmp_
     state = pickle.dumps(data)
     arrays = sum(b.keys.raw.nbytes + b.offset.nbytes for b in data.bins.values())
     assert len(state) < 1000 < arrays  # the path and a few names, whatever the split's size
-    from shards.torch_backend import StepDataset  # here: the spawned worker below need not import torch
+    from radstream.shards.torch_backend import (
+        StepDataset,  # here: the spawned worker below need not import torch
+    )
 
     store = ShardStore(tiny_shards)
     sent = pickle.dumps(StepDataset(data, store))
@@ -108,7 +110,7 @@ def test_fixed_width_keys_from_arrow_buffers() -> None:
 
 
 def test_a_rebuilt_table_gets_a_new_entry(tiny_shards: Path, tmp_path: Path) -> None:
-    from shards.layout import load_manifest
+    from radstream.shards.layout import load_manifest
 
     manifest = load_manifest(tiny_shards)
     name = cols.entry_name(tiny_shards, manifest, "train", None)

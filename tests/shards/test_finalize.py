@@ -15,13 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import load_config
-from shards.build.config import BuildConfig
-from shards.build.finalize import finalize
-from shards.build.plan import load_plan
-from shards.build.verify import verify_shards
-from shards.layout import FORMAT_VERSION, load_manifest, load_samples
-from shards.loader_data import load_split
+from radstream.core.config import load_config
+from radstream.shards.builder.config import BuildConfig
+from radstream.shards.builder.finalize import finalize
+from radstream.shards.builder.plan import load_plan
+from radstream.shards.builder.verify import verify_shards
+from radstream.shards.layout import FORMAT_VERSION, load_manifest, load_samples
+from radstream.shards.loader_data import load_split
 
 ORDER = ["split", "bin", "shard", "position"]
 
@@ -31,7 +31,8 @@ def _copy(root: Path, to: Path, monkeypatch) -> tuple[Path, BuildConfig]:
     shutil.copytree(root, to)
     fingerprint = json.loads((to / "_work" / "plan.json").read_text())["fingerprint"]
     monkeypatch.setattr(
-        "shards.build.finalize.get_plan", lambda cfg, **kw: load_plan(to / "_work", fingerprint, **kw)
+        "radstream.shards.builder.finalize.get_plan",
+        lambda cfg, **kw: load_plan(to / "_work", fingerprint, **kw),
     )
     return to, load_config(BuildConfig, to / "_work" / "config.yaml", [f"out={to}"])
 
@@ -65,7 +66,7 @@ def test_finalize_and_verify_hold_no_object_per_row(step: str, tmp_path: Path, m
         out = tmp_path / f"{i}-{n}"
         scale.write_dataset(out, n, part_size=150)
         monkeypatch.setattr(
-            "shards.build.finalize.get_plan", lambda cfg, n=n, **kw: scale.stand_in_plan(n, 150)
+            "radstream.shards.builder.finalize.get_plan", lambda cfg, n=n, **kw: scale.stand_in_plan(n, 150)
         )
         if step == "verify":
             finalize(scale.config(out))

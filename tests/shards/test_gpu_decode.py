@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from shards import codecs
-from shards.images import to_unit_float, unit_float
-from shards.loader import build_loader, dali_available
-from shards.loader_config import LoaderConfig
-from shards.manifest import read_samples
+from radstream.shards import codecs
+from radstream.shards.images import to_unit_float, unit_float
+from radstream.shards.loader import build_loader, dali_available
+from radstream.shards.loader_config import LoaderConfig
+from radstream.shards.manifest import read_samples
 from tests.conftest import build_tiny_shards
 from tests.shards.tar_member import read_member
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from shards import codecs
-from shards.images import to_unit_float, unit_float
-from shards.loader import build_loader, dali_available
-from shards.loader_config import AugmentConfig, LoaderConfig
-from shards.loader_data import load_split
-from shards.manifest import read_samples
+from radstream.shards import codecs
+from radstream.shards.images import to_unit_float, unit_float
+from radstream.shards.loader import build_loader, dali_available
+from radstream.shards.loader_config import AugmentConfig, LoaderConfig
+from radstream.shards.loader_data import load_split
+from radstream.shards.manifest import read_samples
 from tests.conftest import build_tiny_shards
 from tests.shards.tar_member import read_member
 
@@ -128,7 +128,7 @@ def test_mid_epoch_resume_yields_exactly_the_rest(tiny_shards: Path, backend: st
     assert keys_of(head) == keys_of(full[:5])
 
     reads = []
-    from shards.loader_data import ShardFiles
+    from radstream.shards.loader_data import ShardFiles
 
     original = ShardFiles.read_rows
 

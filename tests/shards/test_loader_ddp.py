@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.manifest import read_samples
+from radstream.shards.manifest import read_samples
 
 SCRIPT = Path(__file__).with_name("ddp_loader_script.py")
 REPO = Path(__file__).resolve().parents[2]

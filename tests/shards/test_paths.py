@@ -12,12 +12,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from shards.cache import ShardCache
-from shards.index import parse_index, scan_tar, verify_index
-from shards.layout import UnsafePathError, inside, load_manifest, safe_rel, shard_entries
-from shards.loader import build_loader
-from shards.loader_config import LoaderConfig
-from shards.store import ShardStore
+from radstream.shards.cache import ShardCache
+from radstream.shards.index import parse_index, scan_tar, verify_index
+from radstream.shards.layout import UnsafePathError, inside, load_manifest, safe_rel, shard_entries
+from radstream.shards.loader import build_loader
+from radstream.shards.loader_config import LoaderConfig
+from radstream.shards.store import ShardStore
 
 EVIL = "../../../x/evil.tar"
 CFG = LoaderConfig(backend="torch", batch_size=4, num_workers=0)

@@ -8,15 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shards.build.plan import load_plan
+from radstream.shards.builder.plan import load_plan
 
 # One array task; counts its ingests in a file and holds the first one long enough for the other task to
 # arrive while it plans.
 _TASK = """
 import sys, time
-from core.config import load_config
-from shards.build import plan
-from shards.build.config import BuildConfig
+from radstream.core.config import load_config
+from radstream.shards.builder import plan
+from radstream.shards.builder.config import BuildConfig
 
 real = plan.run_ingest
 def counted(*args, **kwargs):

@@ -13,18 +13,18 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import load_config
-from ingest.config import IngestConfig
-from ingest.errors import RejectError
-from ingest.privacy import PrivacyConfig, PrivacyKeyError, Pseudonymizer, allowed_header, load_key
-from ingest.readers import ReadConfig
-from ingest.scan import scan_header
-from ingest.stage import run_ingest
-from shards.build.config import BuildConfig
-from shards.build.finalize import finalize
-from shards.build.parts import run_build
-from shards.build.publish import PrivateDataError, publish
-from shards.cache import ShardCache
+from radstream.core.config import load_config
+from radstream.ingest.config import IngestConfig
+from radstream.ingest.errors import RejectError
+from radstream.ingest.pipeline import run_ingest
+from radstream.ingest.privacy import PrivacyConfig, PrivacyKeyError, Pseudonymizer, allowed_header, load_key
+from radstream.ingest.readers import ReadConfig
+from radstream.ingest.scan import scan_header
+from radstream.shards.builder.config import BuildConfig
+from radstream.shards.builder.finalize import finalize
+from radstream.shards.builder.parts import run_build
+from radstream.shards.builder.publish import PrivateDataError, publish
+from radstream.shards.cache import ShardCache
 from tests.conftest import tiny_build_config
 from tests.shards.identified_dicoms import PATIENTS, write_archive, write_dicom
 
@@ -49,7 +49,7 @@ def test_pseudonyms_are_keyed_stable_and_carry_nothing_of_the_id() -> None:
 
 def test_the_key_file_is_made_once_with_mode_0600_and_a_message(tmp_path: Path, caplog) -> None:
     cfg = PrivacyConfig(key_file=str(tmp_path / "keys" / "site.key"))
-    with caplog.at_level(logging.WARNING, logger="ingest.privacy"):
+    with caplog.at_level(logging.WARNING, logger="radstream.ingest.privacy"):
         key = load_key(cfg)
     assert (tmp_path / "keys" / "site.key").stat().st_mode & 0o777 == 0o600
     assert [r.getMessage() for r in caplog.records if "created the site key" in r.getMessage()][0].count(
@@ -174,7 +174,7 @@ def test_publish_refuses_kept_identifiers_and_any_private_value_it_finds(
 
 
 def test_a_format_1_dataset_is_refused_in_one_line(tiny_shards: Path, tmp_path: Path) -> None:
-    from shards.layout import DatasetError, load_manifest
+    from radstream.shards.layout import DatasetError, load_manifest
 
     old = tmp_path / "old"
     old.mkdir()
@@ -197,7 +197,7 @@ def test_the_opt_out_flags_and_shorthand_turn_privacy_off(tmp_path: Path) -> Non
 
 
 def test_the_rejects_summary_names_files_through_the_private_map(archive: Path, tmp_path: Path) -> None:
-    from shards.build.private import rejects_summary
+    from radstream.shards.builder.private import rejects_summary
 
     _build(archive, tmp_path / "out")
     text = "\n".join(rejects_summary(tmp_path / "out"))
@@ -220,6 +220,6 @@ def test_a_key_file_others_can_read_is_named_in_a_warning(tmp_path: Path, caplog
     key = tmp_path / "open.key"
     key.write_text("0123456789abcdef0123456789abcdef\n")
     key.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="ingest.privacy"):
+    with caplog.at_level(logging.WARNING, logger="radstream.ingest.privacy"):
         load_key(PrivacyConfig(key_file=str(key)))
     assert f"privacy: {key} is readable by other users; chmod 600 it" in caplog.text

@@ -14,13 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import load_config
-from ingest.readers import ReadConfig, read_image
-from shards.build.config import BuildConfig
-from shards.build.finalize import finalize
-from shards.build.parts import run_build
-from shards.build.private import PRIVATE
-from shards.build.publish import publish
+from radstream.core.config import load_config
+from radstream.ingest.readers import ReadConfig, read_image
+from radstream.shards.builder.config import BuildConfig
+from radstream.shards.builder.finalize import finalize
+from radstream.shards.builder.parts import run_build
+from radstream.shards.builder.private import PRIVATE
+from radstream.shards.builder.publish import publish
 from tests.shards.identified_dicoms import write_archive
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "debug.yaml"
@@ -70,12 +70,12 @@ def _hits(folders: list[Path], secrets: list[str], extra: bytes) -> list[str]:
 
 
 def _train_embed_export_report(published: Path, work: Path) -> tuple[Path, Path, Path, Path]:
-    from train import pretrain
-    from train.config import PretrainConfig
-    from train.embed import EmbedConfig
-    from train.embed import run as embed
-    from train.export import export
-    from train.report import write_report
+    from radstream.eval.embed import EmbedConfig
+    from radstream.eval.embed import run as embed
+    from radstream.report.export import export
+    from radstream.report.report import write_report
+    from radstream.train import pretrain
+    from radstream.train.config import PretrainConfig
 
     run_dir = work / "runs" / "mae"
     overrides = [f"shards={published}", f"run_dir={run_dir}", "run.tensorboard=false", "run.epochs=1",

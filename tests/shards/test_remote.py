@@ -22,16 +22,16 @@ pytest.importorskip("s3fs", reason="remote extras (s3fs) not installed")
 pytest.importorskip("aiohttp", reason="remote extras (aiohttp) not installed")
 pytest.importorskip("moto", reason="test extras (moto[server]) not installed")
 
-from shards import cache as cache_module  # noqa: E402
-from shards.build.publish import publish  # noqa: E402
-from shards.cache import CacheFullError  # noqa: E402
-from shards.layout import UnsafePathError, shard_entries  # noqa: E402
-from shards.loader import build_loader  # noqa: E402
-from shards.loader_base import Lookahead  # noqa: E402
-from shards.loader_config import LoaderConfig, RemoteConfig  # noqa: E402
-from shards.manifest import read_manifest, read_samples  # noqa: E402
-from shards.remote import ChecksumError, cache_folder, open_dataset, resolve_dataset  # noqa: E402
-from shards.transport import RemoteError, filesystem, is_transient, s3_endpoint  # noqa: E402
+from radstream.shards import cache as cache_module  # noqa: E402
+from radstream.shards.builder.publish import publish  # noqa: E402
+from radstream.shards.cache import CacheFullError  # noqa: E402
+from radstream.shards.layout import UnsafePathError, shard_entries  # noqa: E402
+from radstream.shards.loader import build_loader  # noqa: E402
+from radstream.shards.loader_base import Lookahead  # noqa: E402
+from radstream.shards.loader_config import LoaderConfig, RemoteConfig  # noqa: E402
+from radstream.shards.manifest import read_manifest, read_samples  # noqa: E402
+from radstream.shards.remote import ChecksumError, cache_folder, open_dataset, resolve_dataset  # noqa: E402
+from radstream.shards.transport import RemoteError, filesystem, is_transient, s3_endpoint  # noqa: E402
 from tests.shards.remote_servers import (  # noqa: E402
     S3_ENV,
     FaultyHTTPServer,
@@ -437,7 +437,7 @@ def test_loader_and_pretraining_read_an_s3_url_directly(
     s3, tiny_shards: Path, tmp_path: Path, monkeypatch
 ) -> None:
     """A cold cache: the loader resolves the URL itself; the debug MAE recipe trains from the bucket."""
-    from train.pretrain import main as pretrain_main
+    from radstream.train.pretrain import main as pretrain_main
 
     monkeypatch.setenv("RADSTREAM_CACHE", str(tmp_path / "cache"))
     cfg = LoaderConfig(backend="torch", batch_size=4, num_workers=0)

@@ -12,13 +12,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import load_config
-from shards.build.config import BuildConfig
-from shards.build.finalize import finalize
-from shards.build.parts import run_build
-from shards.build.plan import PlanChanged, SourceChanged
-from shards.build.private import source_names
-from shards.build.verify import verify_shards
+from radstream.core.config import load_config
+from radstream.shards.builder.config import BuildConfig
+from radstream.shards.builder.finalize import finalize
+from radstream.shards.builder.parts import run_build
+from radstream.shards.builder.plan import PlanChanged, SourceChanged
+from radstream.shards.builder.private import source_names
+from radstream.shards.builder.verify import verify_shards
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bucketing.geometry import Bin, fit_geometry
-from ingest.normalize import minmax_bounds
-from ingest.readers import DecodedImage
-from shards.build.resample import REDUCING_GAP, box_mean, render_in_bin
+from radstream.bucketing.geometry import Bin, fit_geometry
+from radstream.ingest.normalize import minmax_bounds
+from radstream.ingest.readers import DecodedImage
+from radstream.shards.builder.resample import REDUCING_GAP, box_mean, render_in_bin
 
 
 def _decoded(values: np.ndarray, percentiles: tuple[float, float] = (0.0, 100.0), slope: float = 1.0):

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from core.subsets import nested_levels
-from shards.layout import load_samples
-from shards.loader_data import load_split
-from shards.subsets import subset_keys
-from train.probe import make_groups
-from train.probe_config import ProbeConfig, ProbeData
+from radstream.core.subsets import nested_levels
+from radstream.eval.probe import make_groups
+from radstream.eval.probe_config import ProbeConfig, ProbeData
+from radstream.shards.layout import load_samples
+from radstream.shards.loader_data import load_split
+from radstream.shards.subsets import subset_keys
 
 
 def split_keys(root, fraction: float, subset: int) -> set[str]:

@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shards.build.private import source_names
-from shards.build.verify import verify_shards
-from shards.index import read_index
-from shards.layout import DatasetError
-from shards.loader import build_loader
-from shards.loader_config import LoaderConfig
+from radstream.shards.builder.private import source_names
+from radstream.shards.builder.verify import verify_shards
+from radstream.shards.index import read_index
+from radstream.shards.layout import DatasetError
+from radstream.shards.loader import build_loader
+from radstream.shards.loader_config import LoaderConfig
 
 CFG = LoaderConfig(backend="torch", batch_size=4, num_workers=0)
 REPO = Path(__file__).resolve().parents[2]
@@ -35,8 +35,8 @@ def copy(tiny_shards: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def reads(monkeypatch) -> list[Path]:
-    """The files ``shards.integrity`` opens (to hash them), in order."""
-    from shards import integrity
+    """The files ``radstream.shards.integrity`` opens (to hash them), in order."""
+    from radstream.shards import integrity
 
     opened, real_open = [], open
     monkeypatch.setattr(
@@ -150,7 +150,7 @@ def test_a_node_keeps_a_record_of_verified_shards_across_processes(
     """A new process (the memo of this one cleared) does not read shards verified unchanged; a touched shard
     is read again, a corrupt one still stops the loader. The record lies beside the dataset (every node that
     mounts the folder shares it), not in the node cache."""
-    from shards import integrity
+    from radstream.shards import integrity
 
     monkeypatch.setenv("RADSTREAM_CACHE", str(tmp_path / "node-cache"))
     tars = sorted(copy.glob("train/*/*.tar"))
@@ -177,7 +177,7 @@ def test_a_node_keeps_a_record_of_verified_shards_across_processes(
 def test_without_a_writable_record_every_process_hashes(
     copy: Path, tmp_path: Path, monkeypatch, reads: list[Path]
 ) -> None:
-    from shards import integrity
+    from radstream.shards import integrity
 
     (tmp_path / "a-file").write_text("not a folder")
     monkeypatch.setenv("RADSTREAM_CACHE", str(tmp_path / "a-file"))
@@ -191,9 +191,9 @@ def test_without_a_writable_record_every_process_hashes(
 
 HASHES_OF_ONE_PROCESS = """
 import json, os, sys, time
-from shards import integrity
-from shards.loader_data import load_split
-from shards.manifest import read_manifest
+from radstream.shards import integrity
+from radstream.shards.loader_data import load_split
+from radstream.shards.manifest import read_manifest
 
 hashed, real = [], integrity.sha256_of
 
@@ -260,7 +260,7 @@ def test_labels_and_patients_in_the_table_are_checked_against_each_samples_membe
 
 
 def test_the_record_falls_back_to_the_node_cache(copy: Path, tmp_path: Path, monkeypatch, reads) -> None:
-    from shards import integrity
+    from radstream.shards import integrity
 
     monkeypatch.setenv("RADSTREAM_CACHE", str(tmp_path / "node-cache"))
     monkeypatch.setattr(integrity, "SHARED_RECORD", "manifest.json/record.json")  # the folder cannot hold it
@@ -274,9 +274,9 @@ def test_the_record_falls_back_to_the_node_cache(copy: Path, tmp_path: Path, mon
 
 KILLED_WHILE_HASHING = """
 import sys, time
-from shards import integrity
-from shards.loader_data import load_split
-from shards.manifest import read_manifest
+from radstream.shards import integrity
+from radstream.shards.loader_data import load_split
+from radstream.shards.manifest import read_manifest
 
 real = integrity.sha256_of
 integrity.SAVE_EVERY_S, integrity.HASH_THREADS = 0.0, 1
@@ -287,7 +287,7 @@ integrity.check_shards(root, load_split(root, "train").shards, read_manifest(roo
 
 
 def test_a_killed_check_keeps_what_it_verified(copy: Path, tmp_path: Path, reads: list[Path]) -> None:
-    from shards import integrity
+    from radstream.shards import integrity
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "RADSTREAM_CACHE": str(tmp_path / "node-cache")}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_HASHING, str(copy)], env=env, cwd=REPO)

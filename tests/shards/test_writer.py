@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards.build.writer import ShardInfo, ShardWriter, finished_size, member_span
-from shards.codecs import encode
-from shards.index import ShardReader, read_index, scan_tar, verify_index
+from radstream.shards.builder.writer import ShardInfo, ShardWriter, finished_size, member_span
+from radstream.shards.codecs import encode
+from radstream.shards.index import ShardReader, read_index, scan_tar, verify_index
 from tests.shards.tar_member import read_member
 
 PREFIX = "train-32x48-0003"
@@ -139,7 +139,7 @@ def test_no_final_names_before_close(tmp_path):
 
 KILLED_WRITER = """
 import sys, time
-from shards.build.writer import ShardWriter
+from radstream.shards.builder.writer import ShardWriter
 w = ShardWriter(sys.argv[1], "train-32x48-0003", max_samples=2, fsync=False)
 for i in range(3):
     w.write(f"s{i:06d}", {"jpg": bytes(5000), "cls": b"1"})

@@ -125,12 +125,12 @@ def test_launch_arguments_per_mode(slurm_cluster, tmp_path):
     # A relative RUN_DIR is relative to the job's folder (RADSTREAM_WORKDIR), as the recipe path.
     assert (tmp_path / "runs" / "cpu").is_dir()
     assert lines[2:] == ["launch", "--machine_rank", "0", *common[:2], "--num_processes", "2", *common[2:],
-                         str(20000 + int(cpu) % 20000), *precision, "--multi_gpu", "-m", "train.pretrain", *args,
+                         str(20000 + int(cpu) % 20000), *precision, "--multi_gpu", "-m", "radstream.train.pretrain", *args,
                          "run_dir=runs/cpu", "run.cpu=true"]  # fmt: skip
     lines = (calls / f"accelerate-{gpu}.txt").read_text().splitlines()
     assert lines[1] == "CUDA_VISIBLE_DEVICES=unset"
     assert lines[2:] == ["launch", "--machine_rank", "0", *common[:2], "--num_processes", "4", *common[2:],
-                         "23456", *precision, "--multi_gpu", "-m", "train.pretrain", *args,
+                         "23456", *precision, "--multi_gpu", "-m", "radstream.train.pretrain", *args,
                          f"run_dir={tmp_path / 'gpu'}"]  # fmt: skip
     assert restarts(cpu) == restarts(gpu) == 0
 
@@ -189,7 +189,7 @@ def test_failed_run_is_not_requeued(slurm_cluster, tmp_path, tiny_shards):
     log = job_log(tmp_path, job)
     assert states == {job: "FAILED"}, log
     assert restarts(job) == 0
-    assert "bad config" in log and "train.pretrain exited with status 1" in log
+    assert "bad config" in log and "radstream.train.pretrain exited with status 1" in log
     assert not (run_dir / "stopped.json").exists()
 
 

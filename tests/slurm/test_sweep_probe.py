@@ -72,7 +72,9 @@ def require_report_command() -> None:
         [str(Path(sys.executable).parent / "radstream"), "report", "--help"], capture_output=True, timeout=60
     )
     if proc.returncode != 0:
-        pytest.skip("`radstream report` is not a command yet (train.report.add_report_parser not in the CLI)")
+        pytest.skip(
+            "`radstream report` is not a command yet (radstream.report.report.add_report_parser not in the CLI)"
+        )
 
 
 def test_sweep_runs_one_task_per_rate_then_the_report(slurm_cluster, tmp_path):
@@ -86,7 +88,7 @@ def test_sweep_runs_one_task_per_rate_then_the_report(slurm_cluster, tmp_path):
     env = {**env, "PATH": f"{bin_dir}:{env['PATH']}", "FAKE_CALLS": str(calls), "FAKE_FAIL_TASK": "1"}
     env = {
         **env,
-        "RADSTREAM_MODULE": "train.pretrain",
+        "RADSTREAM_MODULE": "radstream.train.pretrain",
         "RADSTREAM_LRS": "1e-4, 3e-4 1e-3",
         "RADSTREAM_CPU_PROCS": "1",
     }
@@ -107,7 +109,7 @@ def test_sweep_runs_one_task_per_rate_then_the_report(slurm_cluster, tmp_path):
     for task, lr in enumerate(["1e-4", "3e-4", "1e-3"]):
         lines = (calls / f"accelerate-{task}.args").read_text().splitlines()
         assert lines[lines.index("-m") :] == [
-            "-m", "train.pretrain", *args, f"optim.lr={lr}", f"run_dir={sweep}/lr-{lr}", "run.cpu=true"
+            "-m", "radstream.train.pretrain", *args, f"optim.lr={lr}", f"run_dir={sweep}/lr-{lr}", "run.cpu=true"
         ]  # fmt: skip
     assert (calls / "radstream.args").read_text().splitlines() == [
         "report",
@@ -143,7 +145,9 @@ def test_mae_sweep_reports_the_rate_with_the_lowest_validation_loss(slurm_cluste
     require_report_command()
     sweep = tmp_path / "sweep"
     rates = ["1e-4", "1e-2"]
-    env = job_env(RADSTREAM_MODULE="train.pretrain", RADSTREAM_LRS=" ".join(rates), RADSTREAM_CPU_PROCS="1")
+    env = job_env(
+        RADSTREAM_MODULE="radstream.train.pretrain", RADSTREAM_LRS=" ".join(rates), RADSTREAM_CPU_PROCS="1"
+    )
     args = ["--config", "configs/pretrain/debug.yaml", f"shards={tiny_shards}", "run.epochs=1",
             "run.grid_images=0", "run.tensorboard=false"]  # fmt: skip
     array, report = submit(tmp_path, SUBMIT_SWEEP, [str(sweep), *args], env)
@@ -167,7 +171,7 @@ def pretrain_tiny(tmp_path: Path, shards: Path) -> Path:
     """A debug MAE trained for 2 steps (one CPU process); returns its run folder."""
     run = tmp_path / "mae"
     recipe = REPO / "configs" / "pretrain" / "debug.yaml"
-    cmd = [sys.executable, "-m", "train.pretrain", "--config", str(recipe), f"shards={shards}", f"run_dir={run}",
+    cmd = [sys.executable, "-m", "radstream.train.pretrain", "--config", str(recipe), f"shards={shards}", f"run_dir={run}",
            "run.max_steps=2", "run.grid_images=0", "run.tensorboard=false"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -177,7 +181,7 @@ def pretrain_tiny(tmp_path: Path, shards: Path) -> Path:
 def test_probe_array_over_a_reduced_grid(slurm_cluster, tmp_path, tiny_shards):
     require_report_command()
     run, embeddings, out = pretrain_tiny(tmp_path, tiny_shards), tmp_path / "emb.zarr", tmp_path / "probe"
-    embed_cmd = (f"{sys.executable} -m train.embed --checkpoint {run}/checkpoints/latest --shards {tiny_shards} "
+    embed_cmd = (f"{sys.executable} -m radstream.eval.embed --checkpoint {run}/checkpoints/latest --shards {tiny_shards} "
                  f"--out {embeddings}")  # fmt: skip
     proc = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/logs/embed-%j.out", "--wrap", embed_cmd],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -199,5 +203,5 @@ def test_probe_array_over_a_reduced_grid(slurm_cluster, tmp_path, tiny_shards):
     rows = report_rows(out / "report")
     assert sorted((r["model"], float(r["fraction"])) for r in rows) == sorted(
         (f"{kind}_{agg}", float(fraction)) for agg, fraction in cells for kind in ("probe", "knn")
-    )  # every cell also writes its kNN evaluation (train.knn)
+    )  # every cell also writes its kNN evaluation (radstream.eval.knn)
     assert {r["lrs_searched"] for r in rows if r["model"].startswith("probe_")} == {"3"}

@@ -1,9 +1,9 @@
-"""``train.pretrain`` under ``accelerate launch`` for tests/train/test_elastic_ddp.py, logging what it trains.
+"""``radstream.train.pretrain`` under ``accelerate launch`` for tests/train/test_elastic_ddp.py, logging what it trains.
 
     accelerate launch [--multi_gpu --num_processes N] ... tests/train/ddp_elastic_script.py \
         --keys DIR --config RECIPE key=value ...
 
-Runs ``train.pretrain.main`` unchanged, except that every rank appends one line per optimizer step to
+Runs ``radstream.train.pretrain.main`` unchanged, except that every rank appends one line per optimizer step to
 ``DIR/keys-rank-<i>.jsonl``: the epoch, the step, the world size and the keys it trained (padded repeats, which
 the loader flags invalid, left out), so a test can check the exact samples of an epoch across a stop and an
 elastic resume.
@@ -22,8 +22,8 @@ def main() -> int:
     parser.add_argument("--keys", required=True)
     args, rest = parser.parse_known_args()
 
-    import train.pretrain as pretrain
-    import train.trainer as trainer
+    import radstream.train.pretrain as pretrain
+    import radstream.train.trainer as trainer
 
     folder = Path(args.keys)
     train_step, train_epoch = pretrain.train_step, trainer._train_epoch

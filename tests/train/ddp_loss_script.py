@@ -4,7 +4,7 @@
 
 Rank 0 holds four real samples, rank 1 only padding repeats (``valid`` False). Every rank writes
 ``OUT/rank-<i>.json``: the gradient of the supervised ``masked_loss`` (one SGD step at LR 1) and the MAE weights' change after one
-``train.mae_step.train_step`` with SGD at LR 1 (= minus the gradient). Run as one process (no launcher) it
+``radstream.train.mae_step.train_step`` with SGD at LR 1 (= minus the gradient). Run as one process (no launcher) it
 steps on rank 0's samples alone: the reference the two ranks must match.
 """
 
@@ -30,8 +30,8 @@ def batch(real: bool) -> dict:
 
 
 def supervised_grad(accelerator: Accelerator, data: dict) -> list[float]:
-    from train.loop import accumulate_step
-    from train.supervised import masked_loss
+    from radstream.train.steps import accumulate_step
+    from radstream.train.supervised import masked_loss
 
     set_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 3))
@@ -44,8 +44,8 @@ def supervised_grad(accelerator: Accelerator, data: dict) -> list[float]:
 
 
 def mae_update(accelerator: Accelerator, data: dict) -> list[float]:
-    from train.mae import MAEConfig, build_mae
-    from train.mae_step import train_step
+    from radstream.train.mae import MAEConfig, build_mae
+    from radstream.train.mae_step import train_step
 
     set_seed(0)
     cfg = MAEConfig(encoder="vit_tiny_patch16_224", embed_dim=16, depth=1, num_heads=2, decoder_dim=16,

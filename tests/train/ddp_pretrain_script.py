@@ -1,9 +1,9 @@
-"""``train.pretrain`` under ``accelerate launch`` for tests/train/test_pretrain_ddp.py, with per-rank reports.
+"""``radstream.train.pretrain`` under ``accelerate launch`` for tests/train/test_pretrain_ddp.py, with per-rank reports.
 
     accelerate launch --multi_gpu --num_processes 2 ... tests/train/ddp_pretrain_script.py \
         --report DIR [--signal-rank R --signal-step S] --config RECIPE key=value ...
 
-Runs ``train.pretrain.main`` unchanged, except that every rank writes ``DIR/rank-<i>.json`` when training
+Runs ``radstream.train.pretrain.main`` unchanged, except that every rank writes ``DIR/rank-<i>.json`` when training
 stops (why, at which step and epoch, a hash of its weights) and, with ``--signal-rank``, that rank sends
 itself SIGTERM while computing step ``--signal-step``: the other ranks must stop at the same step.
 """
@@ -34,8 +34,8 @@ def main() -> int:
     parser.add_argument("--signal-step", type=int)
     args, rest = parser.parse_known_args()
 
-    import train.pretrain as pretrain
-    import train.trainer as trainer
+    import radstream.train.pretrain as pretrain
+    import radstream.train.trainer as trainer
 
     report_dir = Path(args.report)
     train_step, train_loop = pretrain.train_step, trainer._train

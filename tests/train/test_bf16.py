@@ -15,19 +15,19 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
-from core.config import load_config
-from shards.images import unit_float
-from shards.loader import build_loader
+from radstream.core.config import load_config
+from radstream.shards.images import unit_float
+from radstream.shards.loader import build_loader
+from radstream.train.checkpoint import load_checkpoint, save_checkpoint
+from radstream.train.classifier import ClassifierConfig, build_classifier
+from radstream.train.config import PretrainConfig, RunConfig
+from radstream.train.finetune import EncoderClassifier
+from radstream.train.mae_step import train_step as mae_step
+from radstream.train.run_layout import latest_checkpoint
+from radstream.train.steps import build_accelerator, build_optimizer, param_groups
+from radstream.train.supervised import SupervisedOptimConfig
+from radstream.train.supervised import train_step as supervised_step
 from tests.train.tiny_mae import tiny_mae
-from train.checkpoint import load_checkpoint, save_checkpoint
-from train.classifier import ClassifierConfig, build_classifier
-from train.config import PretrainConfig, RunConfig
-from train.finetune import EncoderClassifier
-from train.loop import build_accelerator, build_optimizer, param_groups
-from train.mae_step import train_step as mae_step
-from train.run_layout import latest_checkpoint
-from train.supervised import SupervisedOptimConfig
-from train.supervised import train_step as supervised_step
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "debug.yaml"
 LOSS_RTOL = 0.01

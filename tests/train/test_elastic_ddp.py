@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from shards.manifest import read_samples
-from train.run_layout import latest_checkpoint
+from radstream.shards.manifest import read_samples
+from radstream.train.run_layout import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("ddp_elastic_script.py")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.config import ConfigError, load_config
-from train.config import PretrainConfig
-from train.finetune import (
+from radstream.core.config import ConfigError, load_config
+from radstream.train.config import PretrainConfig
+from radstream.train.finetune import (
     EncoderClassifier,
     FinetuneConfig,
     build_finetune_model,
@@ -21,8 +21,8 @@ from train.finetune import (
     load_pretrained,
     run,
 )
-from train.loop import build_optimizer, set_lr
-from train.mae import MAE, MAEConfig
+from radstream.train.mae import MAE, MAEConfig
+from radstream.train.steps import build_optimizer, set_lr
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -123,7 +123,7 @@ def test_bad_config_is_refused(tmp_path: Path) -> None:
 
 
 def pretrain(shards: Path, run_dir: Path, *overrides: str) -> Path:
-    from train.pretrain import run as run_pretrain
+    from radstream.train.pretrain import run as run_pretrain
 
     cfg = load_config(PretrainConfig, CONFIGS / "pretrain" / "debug.yaml",
                       [f"shards={shards}", f"run_dir={run_dir}", "run.tensorboard=false", *overrides])  # fmt: skip
@@ -162,7 +162,7 @@ def test_smoke_run_from_an_mae_run_writes_results_and_resumes(tmp_path: Path, ti
     assert run(cfg) == 0  # finished: nothing to do
     assert (run_dir / "results.json").stat().st_mtime == mtime
 
-    from train.export import export
+    from radstream.report.export import export
 
     export(mae_run, tmp_path / "encoder", results=[tmp_path])  # the model card finds the fine-tuning result
     assert "fine-tuned (mae_finetune" in (tmp_path / "encoder" / "README.md").read_text()
@@ -183,10 +183,10 @@ def test_fine_tuned_model_beats_its_own_linear_probe_at_full_labels(
 ) -> None:
     """The MAE paper's finding on the test corpus: the same encoder, end to end, beats a linear head on the
     same frozen features (mean-pooled patch tokens, as the fine-tuning head; each picks its LR on validation)."""
-    from train import probe
-    from train.embed import EmbedConfig
-    from train.embed import run as embed
-    from train.probe_config import ProbeConfig
+    from radstream.eval import probe
+    from radstream.eval.embed import EmbedConfig
+    from radstream.eval.embed import run as embed
+    from radstream.eval.probe_config import ProbeConfig
 
     mae_run = pretrain(tiny_shards, tmp_path / "mae", "run.epochs=3")
     emb = tmp_path / "emb.zarr"

@@ -10,10 +10,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from core.config import load_config
-from tests.train.tiny_mae import TINY, tiny_mae
-from train.loop import param_groups
-from train.mae import (
+from radstream.core.config import load_config
+from radstream.train.mae import (
     MAEConfig,
     background_patches,
     build_mae,
@@ -22,7 +20,9 @@ from train.mae import (
     random_masking,
     unpatchify,
 )
-from train.pos_embed import resample_learned, sincos_2d
+from radstream.train.pos_embed import resample_learned, sincos_2d
+from radstream.train.steps import param_groups
+from tests.train.tiny_mae import TINY, tiny_mae
 
 
 def images(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:

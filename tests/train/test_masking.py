@@ -9,10 +9,16 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from radstream.train.mae import build_mae
+from radstream.train.mae_step import train_step
+from radstream.train.masking import (
+    attention_mask,
+    background_patches,
+    patchify,
+    random_masking,
+    visible_counts,
+)
 from tests.train.tiny_mae import TINY, tiny_mae
-from train.mae import build_mae
-from train.mae_step import train_step
-from train.masking import attention_mask, background_patches, patchify, random_masking, visible_counts
 
 
 def tiny(**changes) -> torch.nn.Module:
@@ -163,7 +169,7 @@ class ListLoader(list):
 def test_the_study_mse_is_one_uniform_mask_for_every_model():
     """The study MSE hides a uniform random 75% of ALL patches by image key, whatever the model's own masking
     (border-aware or not) and however the images are batched; padding repeats count nowhere."""
-    from train.mae_step import STUDY_MASK_SEED, key_noise, objective_name, study_mse
+    from radstream.train.mae_step import STUDY_MASK_SEED, key_noise, objective_name, study_mse
 
     imgs = torch.cat([with_foreground(20, 0), with_foreground(64, 1), with_foreground(10, 2)])
     keys = ["a", "b", "c"]

@@ -14,14 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-import train.pretrain as pretrain
-import train.trainer as trainer
-from core.config import ConfigError, load_config
-from shards.images import unit_float
-from train.config import PretrainConfig
-from train.loop import NonFiniteLossError, lr_at, make_schedule
-from train.run_layout import latest_checkpoint
-from train.visualize import masked_images, reconstruction_grid
+import radstream.train.pretrain as pretrain
+import radstream.train.trainer as trainer
+from radstream.core.config import ConfigError, load_config
+from radstream.shards.images import unit_float
+from radstream.train.config import PretrainConfig
+from radstream.train.run_layout import latest_checkpoint
+from radstream.train.steps import NonFiniteLossError, lr_at, make_schedule
+from radstream.train.visualize import masked_images, reconstruction_grid
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
 
@@ -72,7 +72,7 @@ def test_peak_lr_counts_the_real_patches_a_step_holds(tmp_path):
     """MAE's rule in reference images (patches / 196): at 224x224 it is the image count, padding repeats
     excluded; with a token budget a bin of 512x512 (49 a batch) and one of 224x224 (256 a batch) hold the
     same patches, so both get one LR, the budget's / 196 images."""
-    from bucketing.schedule import mean_step_tokens, token_budget_batch_sizes
+    from radstream.bucketing.schedule import mean_step_tokens, token_budget_batch_sizes
 
     cfg = debug_config(tmp_path, tmp_path, "optim.lr=1e-3")
     fixed = mean_step_tokens({"224x224": 100}, 32, world_size=2, patch_size=16)  # 2 global batches of 64
@@ -269,8 +269,8 @@ def test_loader_seed_follows_run_seed_unless_set(tmp_path, monkeypatch, recipe):
     """Seeds vary the data order and augmentation, not only the initialisation."""
     import types
 
-    import train.trainer as trainer
-    from train.supervised import SupervisedConfig
+    import radstream.train.trainer as trainer
+    from radstream.train.supervised import SupervisedConfig
 
     seen = []
     monkeypatch.setattr(
@@ -289,8 +289,8 @@ def test_loader_seed_follows_run_seed_unless_set(tmp_path, monkeypatch, recipe):
 def test_token_budget_lr_follows_the_real_patches_a_step_holds(tiny_shards, tmp_path):
     """With a token budget, the peak LR scales with the epoch's mean real patches per step / 196 (MAE's rule in
     reference images), not the batch_size cap; the schedule's global batch is the mean images per step."""
-    from bucketing.geometry import Bin
-    from shards.loader import build_loader
+    from radstream.bucketing.geometry import Bin
+    from radstream.shards.loader import build_loader
 
     run_dir = tmp_path / "run"
     overrides = ("loader.batch_size=8", "loader.token_budget=48", "optim.lr=1e-3", "run.epochs=1",

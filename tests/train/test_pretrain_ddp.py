@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from train.run_layout import latest_checkpoint
+from radstream.train.run_layout import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("ddp_pretrain_script.py")

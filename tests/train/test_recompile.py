@@ -16,18 +16,18 @@ import torch._dynamo
 from accelerate import Accelerator
 from torch._dynamo.utils import counters
 
-from core.config import load_config
-from shards.images import unit_float
-from shards.loader import build_loader
+from radstream.core.config import load_config
+from radstream.eval.embed import batch_features
+from radstream.shards.images import unit_float
+from radstream.shards.loader import build_loader
+from radstream.train.classifier import ClassifierConfig, build_classifier
+from radstream.train.config import PretrainConfig, RunConfig
+from radstream.train.finetune import EncoderClassifier
+from radstream.train.mae_step import train_step
+from radstream.train.steps import allow_graphs, build_optimizer, dynamo_plugin, param_groups
+from radstream.train.supervised import SupervisedOptimConfig
+from radstream.train.supervised import train_step as supervised_step
 from tests.train.tiny_mae import tiny_mae
-from train.classifier import ClassifierConfig, build_classifier
-from train.config import PretrainConfig, RunConfig
-from train.embed import batch_features
-from train.finetune import EncoderClassifier
-from train.loop import allow_graphs, build_optimizer, dynamo_plugin, param_groups
-from train.mae_step import train_step
-from train.supervised import SupervisedOptimConfig
-from train.supervised import train_step as supervised_step
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs"
 
@@ -123,7 +123,7 @@ def test_mae_step_recompile_one_static_graph_per_bin(tiny_shards: Path) -> None:
 def test_pretrain_epoch_recompile_graphs_bounded_by_bins(tiny_shards: Path, tmp_path: Path) -> None:
     """The trainer's own compile path (``run.compile``): an epoch with validation and test compiles at most
     one graph per bin for training and one per bin for evaluation, without a graph break."""
-    import train.pretrain as pretrain
+    import radstream.train.pretrain as pretrain
 
     cfg = load_config(
         PretrainConfig,

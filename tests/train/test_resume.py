@@ -13,12 +13,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-import train.pretrain as pretrain
-from core.config import load_config
+import radstream.train.pretrain as pretrain
+from radstream.core.config import load_config
+from radstream.train.checkpoint import load_checkpoint, save_checkpoint
+from radstream.train.config import PretrainConfig
+from radstream.train.run_layout import LATEST, latest_checkpoint, list_checkpoints
 from tests.train.stopping import sigterm_after_first_step
-from train.checkpoint import load_checkpoint, save_checkpoint
-from train.config import PretrainConfig
-from train.run_layout import LATEST, latest_checkpoint, list_checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "pretrain" / "debug.yaml"
@@ -106,7 +106,7 @@ def test_resume_after_signal_matches_uninterrupted(tiny_shards, tmp_path, refere
 def test_sigterm_exits_124_with_checkpoint(tiny_shards, tmp_path):
     """A real process: SIGTERM once training is under way -> exit code 124 and a complete checkpoint."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "train.pretrain", "--config", str(RECIPE), f"shards={tiny_shards}",
+    cmd = [sys.executable, "-m", "radstream.train.pretrain", "--config", str(RECIPE), f"shards={tiny_shards}",
            f"run_dir={run_dir}", "run.epochs=200", "run.grid_images=0", "checkpoint.every_steps=0"]  # fmt: skip
     code, stderr = sigterm_after_first_step(cmd, run_dir)
     assert code == 124, stderr

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from train.embed import resolve_checkpoint
-from train.run_layout import BEST, CONFIG, LOOP_STATE, WEIGHTS, lr_dir, resolve_weights
+from radstream.train.checkpoint import resolve_checkpoint
+from radstream.train.run_layout import BEST, CONFIG, LOOP_STATE, WEIGHTS, lr_dir, resolve_weights
 
 
 def _run(tmp_path: Path, *, best: bool, steps: tuple[int, ...]) -> Path:

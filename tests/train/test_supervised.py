@@ -15,13 +15,13 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import train.supervised as supervised
-from core.config import ConfigError, load_config
+import radstream.train.supervised as supervised
+from radstream.core.config import ConfigError, load_config
+from radstream.train.classifier import build_classifier
+from radstream.train.run_layout import latest_checkpoint, list_checkpoints
+from radstream.train.supervised import ClassifierConfig, SupervisedConfig, run
+from radstream.train.weights import adapt_state
 from tests.train.stopping import sigterm_after_first_step
-from train.classifier import build_classifier
-from train.run_layout import latest_checkpoint, list_checkpoints
-from train.supervised import ClassifierConfig, SupervisedConfig, run
-from train.weights import adapt_state
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "supervised"
 
@@ -87,7 +87,9 @@ def test_resnet_smoke_run_on_one_percent_from_local_weights(tmp_path: Path, tiny
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["model"] == "cnn" and results["arch"] == "resnet10t"
     assert results["fraction"] == 0.01 and results["stopped"] in ("max_steps", "done")
-    from shards.loader_data import load_split  # the prior it could learn: the 1% subset's labels, per class
+    from radstream.shards.loader_data import (
+        load_split,  # the prior it could learn: the 1% subset's labels, per class
+    )
 
     labels = np.concatenate([b.label for b in load_split(tiny_shards, "train", 0.01).bins.values()])
     assert (
@@ -239,7 +241,7 @@ def test_sigterm_exits_124_with_checkpoint_and_stop_marker(tmp_path: Path, tiny_
     """A real process: SIGTERM once training is under way -> exit 124, a checkpoint of the step under way,
     and run_dir/stopped.json for the job script (torchrun would hide the 124)."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "train.supervised", "--config", str(RECIPES / "debug_vit.yaml"),
+    cmd = [sys.executable, "-m", "radstream.train.supervised", "--config", str(RECIPES / "debug_vit.yaml"),
            f"shards={tiny_shards}", f"run_dir={run_dir}", "run.epochs=200"]  # fmt: skip
     code, stderr = sigterm_after_first_step(cmd, run_dir)
     assert code == 124, stderr
@@ -266,7 +268,7 @@ def test_gpu_two_bf16_steps_of_the_resnet(tmp_path: Path, tiny_shards: Path) -> 
 def test_lr_grid_in_one_command_then_the_report_picks_on_validation(
     tmp_path: Path, tiny_shards: Path
 ) -> None:
-    from train.report import collect, select_best
+    from radstream.report.report import collect, select_best
 
     run_dir = tmp_path / "grid"
     cfg = config("debug_vit.yaml", tiny_shards, run_dir, "run.epochs=1", "optim.lr_grid=[1e-4,3e-3]")

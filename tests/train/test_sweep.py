@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.config import ConfigError, load_config
-from train.config import PretrainConfig
-from train.finetune import FinetuneConfig
-from train.loop import make_schedule, no_weight_decay, param_groups
-from train.supervised import SupervisedConfig
-from train.sweep import STUDY_LR_GRID, sweep_configs
+from radstream.core.config import ConfigError, load_config
+from radstream.train.config import PretrainConfig
+from radstream.train.finetune import FinetuneConfig
+from radstream.train.steps import make_schedule, no_weight_decay, param_groups
+from radstream.train.supervised import SupervisedConfig
+from radstream.train.sweep import STUDY_LR_GRID, sweep_configs
 
 BASE = ["shards=s", "run_dir=runs/x"]
 
@@ -56,8 +56,8 @@ def test_one_no_weight_decay_rule_for_every_task():
 
 
 def test_finetuning_trains_every_rate_of_its_grid(monkeypatch):
-    """``train.finetune`` sweeps ``optim.lr_grid`` as the baselines do (it inherited the field and ignored it)."""
-    import train.finetune as finetune
+    """``radstream.train.finetune`` sweeps ``optim.lr_grid`` as the baselines do (it inherited the field and ignored it)."""
+    import radstream.train.finetune as finetune
 
     ran = []
     monkeypatch.setattr(finetune.trainer, "run", lambda task: ran.append(task.cfg) or 0)

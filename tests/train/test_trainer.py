@@ -1,10 +1,9 @@
-"""The train/ package's seams: no import cycles between its modules, and the trainer driving a task it does not
+"""The train/ package's seam: the trainer driving a task it does not
 know (a tiny fake task on a fake loader): steps with accumulation, checkpoints kept as configured, exact resume,
 the config-diff warning, a finished run left alone."""
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 from dataclasses import dataclass, field, replace
@@ -14,62 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train.trainer as trainer
-from train.config import CheckpointConfig, RunConfig
-from train.loop import Schedule, StepStats, accumulate_step, optimizer_steps
-from train.run_layout import list_checkpoints
-
-TRAIN = Path(__file__).resolve().parents[2] / "train"
-
-
-# ------------------------------------------------------------------------------------------ import cycles
-
-
-def train_imports(path: Path) -> set[str]:
-    """The train modules ``path`` imports anywhere in its code (top level, functions, TYPE_CHECKING)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("train.")}
-        elif isinstance(node, ast.ImportFrom) and node.module == "train":
-            found |= {f"train.{a.name}" for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("train."):
-            found.add(node.module)
-    return found
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import cycle of ``graph`` (module -> modules it imports), as a path that ends where it starts."""
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-
-    def visit(node: str, path: list[str]) -> list[str] | None:
-        state[node] = 1
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == 1:
-                return path[path.index(nxt) :] + [node, nxt] if nxt in path else [node, nxt]
-            if nxt not in state and (cycle := visit(nxt, path + [node])):
-                return cycle
-        state[node] = 2
-        return None
-
-    for node in sorted(graph):
-        if node not in state and (cycle := visit(node, [])):
-            return cycle
-    return None
-
-
-def test_find_cycle_sees_a_cycle_through_three_modules() -> None:
-    graph = {"train.a": {"train.b"}, "train.b": {"train.c"}, "train.c": {"train.a"}, "train.d": {"train.a"}}
-    assert find_cycle(graph) == ["train.a", "train.b", "train.c", "train.a"]
-    assert find_cycle({"train.a": {"train.b"}, "train.b": set()}) is None
-
-
-def test_train_modules_import_no_cycle() -> None:
-    graph = {f"train.{p.stem}": train_imports(p) for p in TRAIN.glob("*.py") if p.stem != "__init__"}
-    assert graph["train.pretrain"] >= {"train.trainer", "train.mae_step"}  # the parser sees real imports
-    cycle = find_cycle(graph)
-    assert cycle is None, "import cycle: " + " -> ".join(cycle)
-
+import radstream.train.trainer as trainer
+from radstream.train.config import CheckpointConfig, RunConfig
+from radstream.train.run_layout import list_checkpoints
+from radstream.train.steps import Schedule, StepStats, accumulate_step, optimizer_steps
 
 # ---------------------------------------------------------------------------------- the trainer's seam
 
@@ -239,7 +186,7 @@ def test_a_task_the_trainer_does_not_know_trains_checkpoints_and_resumes_exactly
     assert trainer.run(FakeTask(stopped)) == 0  # mid-epoch 0
     assert json.loads((run_dir / "fake.json").read_text())["stopped"] == "max_steps"
     reset_accelerate()
-    with caplog.at_level(logging.WARNING, logger="train.trainer"):
+    with caplog.at_level(logging.WARNING, logger="radstream.train.trainer"):
         assert trainer.run(FakeTask(replace(reference, run_dir=str(run_dir)))) == 0
     assert "differs from the checkpoint's" in caplog.text  # run.max_steps changed
     got = train_lines(run_dir)

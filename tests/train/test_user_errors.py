@@ -1,5 +1,5 @@
 """A user's mistake gets one line naming the path, no traceback, and a non-zero exit: through the real entry
-points (`python -m train.pretrain`, `python -m radstream.cli`), or their ``main`` in this process where a
+points (`python -m radstream.train.pretrain`, `python -m radstream.cli`), or their ``main`` in this process where a
 subprocess per case would cost more than it checks (the same code turns the error into its line)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.index import read_index
+from radstream.shards.index import read_index
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "pretrain" / "debug.yaml"
@@ -36,12 +36,14 @@ def one_error(result: subprocess.CompletedProcess, code: int, *words: str) -> st
 
 
 def pretrain(shards: Path | str, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run("train.pretrain", "--config", str(RECIPE), f"shards={shards}", f"run_dir={run_dir}", *extra)
+    return run(
+        "radstream.train.pretrain", "--config", str(RECIPE), f"shards={shards}", f"run_dir={run_dir}", *extra
+    )
 
 
 def pretrain_here(caplog, shards: Path | str, run_dir: Path, code: int, *words: str, extra=()) -> str:
-    """``train.pretrain.main`` in this process: exit code, exactly one ERROR record (one line) with ``words``."""
-    from train.pretrain import main
+    """``radstream.train.pretrain.main`` in this process: exit code, exactly one ERROR record (one line) with ``words``."""
+    from radstream.train.pretrain import main
 
     caplog.clear()
     argv = ["--config", str(RECIPE), f"shards={shards}", f"run_dir={run_dir}", *extra]
@@ -116,7 +118,7 @@ def test_a_yaml_syntax_error_names_the_recipe_and_line(tmp_path: Path, caplog, c
     """PyYAML's error is not OmegaConf's: without its own branch it escaped as a 37-line traceback."""
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("seed: 1\nbinning: {strategy: fixed\nworkers: 2\n")
-    from train.pretrain import main
+    from radstream.train.pretrain import main
 
     with caplog.at_level(logging.INFO):
         assert main(["--config", str(recipe), f"shards={tmp_path}", f"run_dir={tmp_path / 'run'}"]) == 2

@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from train.mae import MAEConfig, build_mae
+from radstream.train.mae import MAEConfig, build_mae
 
 TINY = MAEConfig(
     encoder="vit_tiny_patch16_224",

@@ -1,0 +1,428 @@
+"""Generic machinery of a training loop under Accelerate: the accelerator, the optimizer, the LR schedule, one
+optimizer step over accumulated micro-batches, agreement across ranks, throughput meters, early stopping and the
+loop state.
+
+``radstream.train.trainer`` composes them for every task; what is specific to a task (the MAE's masks and noise in
+``radstream.train.mae_step``, the classifier's loss in ``radstream.train.supervised``) lives with the task. "step" always means an
+optimizer step; a loader batch is a micro-batch (``grad_accum_steps`` of them make a step).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin
+
+from radstream.bucketing.schedule import REFERENCE_TOKENS
+from radstream.train.config import OptimConfig, RunConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops without writing a checkpoint."""
+
+
+def build_accelerator(run: RunConfig, run_dir: str, grad_accum_steps: int = 1) -> Accelerator:
+    """The Accelerator of a run: devices, processes, precision, accumulation, compile, TensorBoard in run_dir."""
+    return Accelerator(
+        cpu=run.cpu,
+        mixed_precision=run.mixed_precision,
+        gradient_accumulation_steps=grad_accum_steps,
+        log_with="tensorboard" if run.tensorboard else None,
+        project_config=ProjectConfiguration(project_dir=run_dir, logging_dir=run_dir),
+        dynamo_plugin=dynamo_plugin(run),
+    )
+
+
+def dynamo_plugin(run: RunConfig) -> TorchDynamoPlugin | None:
+    """How a run compiles (None: eager): ``run.compile_backend`` with static shapes (``dynamic=False``).
+
+    Every bin has its own fixed batch shape and the MAE pads visible tokens to the bin's static width, so each
+    bin compiles one graph per train / eval mode. Dynamo's default would turn the image dimensions dynamic at
+    the second shape: slower kernels, and no CUDA graphs (``mode="reduce-overhead"`` needs static shapes).
+    """
+    if not run.compile:
+        return None
+    return TorchDynamoPlugin(backend=run.compile_backend, dynamic=False)
+
+
+def allow_graphs(graphs: int) -> None:
+    """Let dynamo keep ``graphs`` compiled graphs per function instead of its default of 8, past which it
+    silently runs that function eagerly: a run needs one per bin shape and mode (``dynamo_plugin``)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), graphs))
+
+
+NO_DECAY_TOKENS = ("pos_embed", "cls_token", "mask_token")
+"""Learned tokens and tables that weight decay would pull towards zero for no benefit (timm, MAE)."""
+
+
+def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Whether AdamW leaves ``param`` undecayed: norms and biases (1-d) and the learned tokens and position
+    tables (the last part of the name is one of ``NO_DECAY_TOKENS``), for every task alike."""
+    return param.ndim <= 1 or name.rpartition(".")[2] in NO_DECAY_TOKENS
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices only (``no_weight_decay``)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if no_weight_decay(name, param) else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(
+    groups: list[dict], betas: Sequence[float], lr: float, *, fused: bool = False
+) -> torch.optim.AdamW:
+    """AdamW over a task's parameter groups (``param_groups`` unless the task has its own).
+
+    Args:
+        fused: one fused kernel for the whole update (for CUDA training: far fewer launches than the
+            per-tensor loop); the CPU keeps torch's default implementation.
+    """
+    return torch.optim.AdamW(groups, lr=lr, betas=(betas[0], betas[1]), fused=True if fused else None)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Numbers derived from the config and the world size; computed at run time, never written back."""
+
+    global_batch: float
+    """Images per optimizer step, all processes: mean device batch x processes x grad_accum_steps (the mean
+    over the epoch's steps: ``batch_size`` without a token budget, the bins' real mean with one)."""
+    peak_lr: float
+    """Absolute learning rate after the warmup (``OptimConfig.peak_lr``: per 256 images or absolute)."""
+    steps_per_epoch: int
+    """Optimizer steps per epoch (the loader's batches // grad_accum_steps)."""
+    total_steps: int
+    """Optimizer steps over all epochs: the length of the cosine schedule."""
+    warmup_steps: int
+    """Linear warmup steps (never more than ``total_steps``)."""
+    min_lr: float = 0.0
+    """Where the cosine ends."""
+    constant: bool = False
+    """Flat at ``peak_lr`` after the warmup instead of the cosine."""
+
+    def lr_step(self, images: int) -> int:
+        """The step of this schedule at which ``images`` images have been trained (``LoopState.images``):
+        equal to the optimizer steps done while the global batch never changed."""
+        return math.floor(images / self.global_batch + 1e-9)  # a mean global batch (token budget) is a float
+
+    def lr(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based)."""
+        if self.constant and step >= self.warmup_steps:
+            return self.peak_lr
+        return lr_at(step, peak_lr=self.peak_lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps,
+                     total_steps=self.total_steps)  # fmt: skip
+
+
+def make_schedule(
+    optim: OptimConfig, epochs: int, batch_size: float, loader_batches: int, num_processes: int,
+    step_tokens: float | None = None,
+) -> Schedule:  # fmt: skip
+    """The run's step counts and absolute LR: the one schedule builder of every task.
+
+    Args:
+        optim: optimizer settings (LR and its rule, schedule, warmup, accumulation).
+        epochs: training epochs.
+        batch_size: images per device batch, averaged over the epoch's steps (the train loader's
+            ``mean_batch_size``): the schedule's position in images (``LoopState.images``).
+        loader_batches: the train loader's batches per epoch (equal on every rank).
+        num_processes: the world size.
+        step_tokens: real patches per device batch averaged over the epoch's steps, padding excluded (the
+            loader's ``mean_step_tokens``). With the per-256 rule the peak LR is lr x (global patches / 196) /
+            256: MAE's rule in reference 224x224 images, which is the image count at 224x224 and gives every
+            bin of a token budget the LR of the patches it holds. None: the global batch in images.
+
+    Raises:
+        ValueError: an epoch is shorter than one optimizer step.
+    """
+    accum = optim.grad_accum_steps
+    steps_per_epoch = optimizer_steps(loader_batches, accum)
+    global_batch = batch_size * num_processes * accum
+    total = steps_per_epoch * epochs
+    warmup = (
+        optim.warmup_steps if optim.warmup_steps is not None else round(optim.warmup_epochs * steps_per_epoch)
+    )
+    lr_batch = step_tokens * num_processes * accum / REFERENCE_TOKENS if step_tokens else global_batch
+    return Schedule(
+        global_batch, optim.peak_lr(lr_batch), steps_per_epoch, total, min(warmup, total), optim.min_lr,
+        constant=optim.schedule == "constant",
+    )  # fmt: skip
+
+
+def epochs_for(run: RunConfig, steps_per_epoch: int) -> int:
+    """The run's epochs: ``run.epochs``, raised so that they hold ``run.min_steps`` optimizer steps."""
+    return max(run.epochs, -(-run.min_steps // steps_per_epoch))
+
+
+def optimizer_steps(loader_batches: int, accum: int) -> int:
+    """Optimizer steps in an epoch of ``loader_batches`` with ``accum`` micro-batches a step.
+
+    Raises:
+        ValueError: an epoch is shorter than one optimizer step.
+    """
+    steps = loader_batches // accum  # the tail of an epoch never makes a step across epochs
+    if steps < 1:
+        raise ValueError(f"{loader_batches} batches per epoch make no step of {accum} accumulated batches")
+    return steps
+
+
+def lr_at(step: int, *, peak_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup to ``peak_lr``, then cosine to ``min_lr``.
+
+    The first step already has a non-zero rate (``peak_lr / warmup_steps``); the last has ``min_lr``.
+    """
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    span = max(total_steps - warmup_steps - 1, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group: ``lr`` times the group's ``lr_scale`` (1 when absent;
+    fine-tuning's layer-wise decay sets it per block)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did on this rank. A task adds its own counters by subclassing it
+    (``counts`` and ``rates``)."""
+
+    loss: torch.Tensor
+    """0-d, mean of the micro-batches' losses (on the device, not synchronised)."""
+    images: int = 0
+    keys: list[str] = field(default_factory=list)
+    grad_norm: torch.Tensor | None = None
+    """Global gradient norm before clipping (only when clipping)."""
+
+    def counts(self) -> dict[str, torch.Tensor | float]:
+        """The task's counters of this step, summed over the steps of a log window and over ranks."""
+        return {}
+
+    @staticmethod
+    def rates(counts: dict[str, float], images: float, seconds: float) -> dict[str, float]:
+        """The task's metrics of a log window from its summed ``counts``, images and busy seconds."""
+        return {}
+
+
+def accumulate_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Sequence[dict],
+    loss_of: Callable[[int, dict], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    step: int,
+    grad_clip: float | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step over ``batches`` (``grad_accum_steps`` micro-batches) with ``accelerator.accumulate``:
+    ``loss_of(micro, batch)`` is the forward pass of one micro-batch and returns (the SUM of its per-sample or
+    per-patch losses on this rank, with its graph; their count).
+
+    The step's gradient is that of the mean over every counted sample (or patch) of all its micro-batches on
+    all ranks: the sums are backpropagated and the gradients divided by the step's global count once, before
+    clipping. A mean per micro-batch (accelerate divides each micro-batch's loss by the step count) would be
+    a mean of means: a 224² and a 512² micro-batch of one step would weigh their patches 5:1.
+
+    Returns:
+        (this rank's mean loss over the step's counted samples, detached; the gradient norm before
+        clipping, or None).
+
+    Raises:
+        RuntimeError: the accelerator's accumulation counter is out of step with ``len(batches)``.
+    """
+    total, count, grad_norm = torch.zeros(()), torch.zeros(()), None
+    for micro, batch in enumerate(batches):
+        with accelerator.accumulate(model):
+            local_sum, local_count = loss_of(micro, batch)
+            accelerator.backward(local_sum)
+            total = total.to(local_sum.device) + local_sum.detach().float()
+            count = count.to(local_sum.device) + local_count.detach().float()
+            if accelerator.sync_gradients != (micro == len(batches) - 1):
+                raise RuntimeError(f"gradient accumulation out of step at step {step}, micro-batch {micro}")
+            if accelerator.sync_gradients:
+                divide_gradients(accelerator, model, count, len(batches))
+                if grad_clip is not None:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return total / count.clamp_min(1.0), grad_norm
+
+
+def divide_gradients(
+    accelerator: Accelerator, model: torch.nn.Module, count: torch.Tensor, micro: int
+) -> None:
+    """Turn the accumulated gradient of the micro-batches' loss sums into that of the step's global mean.
+
+    Accelerate divided every micro-batch's loss by ``micro`` and DDP averages gradients over the ranks, so
+    the gradient holds sum / (micro x world): multiplying by micro x world / global count leaves the mean over
+    all counted samples of the step (one small all-reduce of ``count``, this rank's). A rank holding only
+    padding (at 1% labels on 8 GPUs) adds nothing and does not shrink the others' update, and the LR chosen
+    does not depend on the world size or on how a step's images are cut into micro-batches.
+    """
+    world = accelerator.num_processes
+    total = accelerator.reduce(count.reshape(1), reduction="sum").reshape(()) if world > 1 else count
+    scale = micro * world / total.clamp_min(1.0)
+    for param in model.parameters():
+        if param.grad is not None:
+            param.grad.mul_(scale.to(param.grad.device, param.grad.dtype))
+
+
+def agree(accelerator: Accelerator, *flags: bool | torch.Tensor) -> list[bool]:
+    """Whether any rank raised each flag: one small all-reduce, so every rank takes the same branch."""
+    device = accelerator.device
+    values = torch.stack([torch.as_tensor(f, dtype=torch.float32, device=device).reshape(()) for f in flags])
+    return [v > 0 for v in accelerator.reduce(values, reduction="sum").tolist()]
+
+
+def agree_after_step(
+    accelerator: Accelerator, stop_requested: bool, stats: StepStats | None = None, step: int | None = None
+) -> bool:
+    """After a step, agree across ranks whether to stop (any rank got a stop signal) and whether any loss was
+    non-finite, in one all-reduce; returns the stop decision.
+
+    Raises:
+        NonFiniteLossError: on every rank when any rank's loss is not finite, naming the step and, on the
+            rank that saw it, the batch keys.
+    """
+    bad_here = ~torch.isfinite(stats.loss) if stats is not None else False
+    bad_anywhere, stop = agree(accelerator, bad_here, stop_requested)
+    if bad_anywhere:
+        if bool(bad_here):
+            raise NonFiniteLossError(
+                f"non-finite loss ({float(stats.loss)}) at step {step} on rank {accelerator.process_index}; "
+                f"batch keys: {', '.join(stats.keys)}"
+            )
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} on another rank (its log names the batch keys)"
+        )
+    return stop
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA max allocated on a GPU, else the peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class Meter:
+    """Throughput and timing over the steps since the last ``read``."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps, self.losses, self.grad_norms = 0, [], []
+        self.images = 0
+        self.counts: dict[str, torch.Tensor | float] = {}
+        self.rates = StepStats.rates
+        self.wait_s = self.busy_s = 0.0
+
+    def add(self, stats: StepStats, wait_s: float, step_s: float) -> None:
+        """Record one step: its stats, seconds waiting for the loader and seconds in all."""
+        self.steps += 1
+        self.losses.append(stats.loss.float())
+        if stats.grad_norm is not None:
+            self.grad_norms.append(torch.as_tensor(stats.grad_norm, dtype=torch.float32))
+        self.images += stats.images
+        for name, value in stats.counts().items():
+            self.counts[name] = self.counts.get(name, 0.0) + value
+        self.rates = type(stats).rates
+        self.wait_s += wait_s
+        self.busy_s += step_s
+
+    def read(self, accelerator: Accelerator) -> dict[str, float]:
+        """Window metrics, loss averaged over ranks, counts summed over ranks; then reset."""
+        loss = accelerator.reduce(torch.stack(self.losses).mean().to(accelerator.device), reduction="mean")
+        device = accelerator.device
+        values = (self.images, *self.counts.values())
+        counts = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+        images, *sums = accelerator.reduce(counts, reduction="sum").tolist()
+        seconds = max(self.busy_s, 1e-9)
+        out = {
+            "loss": float(loss),
+            "images_per_s": images / seconds,
+            **self.rates(dict(zip(self.counts, sums, strict=True)), images, seconds),
+            "data_wait_frac": self.wait_s / seconds,
+            "peak_memory_mb": peak_memory_mb(accelerator.device),
+        }
+        if self.grad_norms:  # this rank's (after the all-reduce of gradients it is the same on every rank)
+            out["grad_norm"] = float(torch.stack(self.grad_norms).mean())
+        self.reset()
+        return out
+
+
+@dataclass
+class EarlyStopping:
+    """Stop after ``patience`` epochs without a validation loss lower than the best by ``min_delta``."""
+
+    patience: int
+    """Epochs without improvement before stopping; 0: never stop."""
+    min_delta: float = 0.0
+    best: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def update(self, loss: float, epoch: int) -> bool:
+        """Record an epoch's validation loss; True when it is the new best."""
+        if loss < self.best - self.min_delta:
+            self.best, self.best_epoch, self.bad_epochs = loss, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        # patience and min_delta come from the current config, so a resumed run may change them
+        self.best, self.best_epoch, self.bad_epochs = (
+            float(state["best"]),
+            state["best_epoch"],
+            state["bad_epochs"],
+        )
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every checkpoint."""
+
+    epoch: int = 0
+    step: int = 0
+    """Optimizer steps done in all."""
+    epoch_step: int = 0
+    """Optimizer steps done in ``epoch``."""
+    images: int = 0
+    """Images trained in all, each step counted as its schedule's global batch: the LR schedule's position
+    (``Schedule.lr_step``), which stays right when a resume at another world size changes the global batch."""
+
+
+def training_over(run: RunConfig, state: LoopState, early: EarlyStopping) -> str | None:
+    """Why training is over at ``state``: early_stop (never before ``run.min_steps``) | done | max_steps; None
+    while it goes on."""
+    if early.should_stop and state.step >= run.min_steps:
+        return "early_stop"
+    if state.epoch >= run.epochs:
+        return "done"
+    if run.max_steps is not None and state.step >= run.max_steps:
+        return "max_steps"
+    return None
