@@ -50,7 +50,8 @@ from radstream.core.config import load_config  # noqa: E402
 from radstream.train.config import OptimConfig, PretrainConfig  # noqa: E402
 from radstream.train.mae import MAEConfig, background_patches, build_mae  # noqa: E402
 from radstream.train.mae_step import batch_background, step_noise, train_step  # noqa: E402
-from radstream.train.steps import allow_graphs, build_optimizer, param_groups  # noqa: E402
+from radstream.train.optim import build_optimizer, param_groups
+from radstream.train.steps import allow_graphs
 
 PATCH = 16
 MAX_TOKENS = 196

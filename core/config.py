@@ -103,3 +103,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML text, for ``config.yaml`` in a run directory and in checkpoints."""
     return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def flat_hparams(tree: dict, prefix: str = "") -> dict:
+    """A nested config as flat TensorBoard hyperparameters (lists and None as strings)."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_hparams(value, f"{name}."))
+        else:
+            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return out

@@ -26,7 +26,7 @@ import torch
 
 from radstream.core.progress import progress as progress_bar
 from radstream.eval.probe_config import ProbeConfig, ProbeData
-from radstream.train.steps import lr_at
+from radstream.train.optim import lr_at
 
 
 @dataclass(frozen=True)

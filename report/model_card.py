@@ -9,15 +9,14 @@ in result files whose checkpoint (or ``model.init``) is the exported weights fol
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from radstream.train.run_layout import BEST, CHECKPOINTS, CONFIG, METRICS, PROBE_RESULTS, RESULTS, SUMMARY
+from radstream.report.report_files import _json, _jsonl, find_results
+from radstream.train.run_layout import BEST, CONFIG, METRICS, PROBE_RESULTS, RESULTS, SUMMARY
 
 
 @dataclass(frozen=True)
@@ -37,9 +36,6 @@ logger = logging.getLogger(__name__)
 
 RESULT_FILES = (PROBE_RESULTS, RESULTS)
 """Result files searched for (``radstream.eval.probe``; supervised and fine-tuning runs)."""
-SEARCH_DEPTH = 4
-"""Folder levels searched below the run's parent when no ``--results`` is given (a run inside a large folder
-must not make the export walk all of it)."""
 TEST_MSE_LABELS = {
     "test_mse_study": "study MSE (uniform random 75% of all patches, same masks for every model, [0, 1] pixels)",
     "test_mse": "test MSE (masked patches, [0, 1] pixels)",
@@ -305,7 +301,8 @@ def evaluation_section(run_dir: Path, folder: Path, results: Sequence[str | Path
 def results_text(run_dir: Path, folder: Path, results: Sequence[str | Path] | None) -> str:
     """Probe / kNN / fine-tuning accuracy of these weights (``radstream report``'s LR selection), or "not
     evaluated"."""
-    from radstream.report.report import collect, select_best
+    from radstream.report.report import select_best
+    from radstream.report.report_files import collect
 
     files = find_results(run_dir, folder, results)
     try:
@@ -333,72 +330,6 @@ def _model_label(model: str) -> str:
     if model.startswith("probe_"):
         return f"linear probe ({model.removeprefix('probe_')})"
     return f"fine-tuned ({model}, initialised from these weights)"
-
-
-def find_results(run_dir: Path, folder: Path, results: Sequence[str | Path] | None) -> list[Path]:
-    """Result files that refer to the weights in ``folder``.
-
-    Raises:
-        FileNotFoundError: a ``results`` folder that does not exist.
-    """
-    if results:
-        missing = [str(r) for r in results if not Path(r).exists()]
-        if missing:
-            raise FileNotFoundError(f"{missing[0]}: no such results folder")
-        candidates = [p for r in map(Path, results) for p in _walk(r, depth=None)]
-    else:
-        candidates = _walk(run_dir.resolve().parent, depth=SEARCH_DEPTH)
-    target = folder.resolve()
-    found = []
-    for path in candidates:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            logger.warning("model card: %s unreadable, skipped", path)
-            continue
-        if any(_is_within(ref, target) for ref in _references(data)):
-            found.append(path)
-    return found
-
-
-def _walk(root: Path, depth: int | None) -> Iterable[Path]:
-    """Result files under ``root`` (or ``root`` itself when it is a file), at most ``depth`` levels down;
-    hidden folders and checkpoint folders are skipped."""
-    if root.is_file():
-        return [root]
-    found = []
-    base = len(root.parts)
-    for current, dirs, files in os.walk(root):
-        level = len(Path(current).parts) - base
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != CHECKPOINTS)
-        if depth is not None and level >= depth:
-            dirs[:] = []
-        found += [Path(current) / f for f in sorted(files) if f in RESULT_FILES]
-    return found
-
-
-def _references(data: dict) -> list[str]:
-    """The checkpoints a result file names: a probe's ``checkpoint``, a run's ``model.init``."""
-    config = data.get("config") if isinstance(data.get("config"), dict) else {}
-    model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    refs = [data.get("checkpoint"), data.get("init"), model.get("init"), config.get("checkpoint")]
-    return [str(r) for r in refs if r]
-
-
-def _is_within(ref: str, target: Path) -> bool:
-    """Whether ``ref`` names ``target`` or a file in it (relative paths: from the working directory)."""
-    path = Path(ref).resolve()
-    return path == target or path.parent == target
-
-
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _num(value) -> str:

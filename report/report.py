@@ -29,8 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from radstream.core.atomic import write_text
-from radstream.report.report_checks import flags, majority_rate, prior_rates, under_trained
-from radstream.report.report_files import fmt_lr, read_result, refuse_twice, result_files, to_csv
+from radstream.report.report_checks import flags, majority_rate, prior_rates
+from radstream.report.report_files import (
+    RENAMED_MODELS,
+    RunRecord,
+    collect,
+    fmt_lr,
+    to_csv,
+)
 from radstream.report.report_mae import (
     MAE_TITLE,
     PretrainRecord,
@@ -39,8 +45,6 @@ from radstream.report.report_mae import (
     pretrain_markdown,
 )
 from radstream.train.metrics import mean_std
-from radstream.train.provenance import architecture_text, differences
-from radstream.train.run_layout import RESULT_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -80,103 +84,11 @@ STUDY = {
 """The reference study's test top-1 accuracy (IRMA, 8 classes; ARCHITECTURE.md §1; its CNN is a ResNet50)."""
 NAMED_ROWS = ("cnn",)
 """Rows whose label names the network that ran (``arch``: any timm CNN), e.g. "CNN baseline (resnet18)"."""
-RENAMED_MODELS = {"resnet50": "cnn"}
-"""Row ids of result files written by earlier versions."""
 HEADER = ("Model", "Top-1 (ours)", "Top-1 (study)", "Chosen LR", "Seeds", "Architecture", "Init")
 """Columns of every accuracy table in results.md."""
 
 
 # ------------------------------------------------------------------------------------ collect and select
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """One trained model (a probe head or a supervised run): what LR selection and the tables need."""
-
-    model: str
-    """Row id: one of ``MODELS`` (``cnn``, ``vit``, ``probe_<aggregation>``, ``mae_finetune``)."""
-    fraction: float
-    seed: int
-    lr: float
-    val_acc: float
-    test_acc: float
-    arch: str
-    """What actually ran (timm name, or the probe's aggregation)."""
-    source: str
-    """The result file it came from."""
-    architecture: str = "?"
-    """Width × depth, patch and input bins (``radstream.train.provenance.architecture_text``); "?" for older files."""
-    init: str = "?"
-    """The initialisation: scratch, a timm tag, a weights file, an MAE run."""
-    differs: tuple[str, ...] = ()
-    """Where the network differs from the study's (``radstream.train.provenance.differences``)."""
-    under_trained: bool = False
-    """The run ended on its epoch cap with its best validation epoch the last: it may still have improved."""
-
-
-def _provenance(data: dict) -> dict:
-    """The record fields naming a result file's network and initialisation."""
-    arch, init = data.get("architecture"), data.get("init")
-    if arch is None and init is None:
-        return {}
-    return {
-        "architecture": architecture_text(arch),
-        "init": init or "?",
-        "differs": tuple(differences(arch, init)),
-    }
-
-
-def _probe_records(path: Path, data: dict) -> list[RunRecord]:
-    names, named = data.get("aggregation_labels", {}), _provenance(data)
-    return [
-        RunRecord(h["model"], round(float(h["fraction"]), 6), int(h["seed"]), float(h["lr"]), float(h["val_acc"]),
-                  float(h["test_acc"]), f"MAE probe, {names.get(h['aggregation'], h['aggregation'])}", str(path),
-                  **named, under_trained=under_trained(h))
-        for h in data["heads"]
-    ]  # fmt: skip
-
-
-def _knn_records(path: Path, data: dict) -> list[RunRecord]:
-    """kNN results: no learning rate (0); one record per seed's labelled subset (seed 0 in older files)."""
-    names, named = data.get("aggregation_labels", {}), _provenance(data)
-    return [
-        RunRecord(r["model"], round(float(r["fraction"]), 6), int(r.get("seed", 0)), 0.0, float(r["val_acc"]),
-                  float(r["test_acc"]),
-                  f"kNN k={r['k']} T={r['temperature']:g}, {names.get(r['aggregation'], r['aggregation'])}",
-                  str(path), **named)
-        for r in data["results"]
-    ]  # fmt: skip
-
-
-def _supervised_record(path: Path, data: dict) -> RunRecord:
-    return RunRecord(
-        RENAMED_MODELS.get(data["model"], data["model"]), round(float(data["fraction"]), 6), int(data["seed"]),
-        float(data["lr"]),
-        float(data["val_acc"]), float(data["test_acc"]), str(data.get("arch", data["model"])), str(path),
-        **_provenance(data), under_trained=under_trained(data),
-    )  # fmt: skip
-
-
-def collect(run_dirs: Iterable[str | Path]) -> list[RunRecord]:
-    """Every probe head and supervised run under ``run_dirs`` (searched recursively).
-
-    Raises:
-        FileNotFoundError: a run folder that does not exist.
-        ValueError: an unreadable result file, or the same (model, fraction, lr, seed) found twice.
-    """
-    records: list[RunRecord] = []
-    for path in result_files(run_dirs, RESULT_FILES):
-        data = read_result(path)
-        if data.get("kind") == "probe":
-            records += _probe_records(path, data)
-        elif data.get("kind") == "knn":
-            records += _knn_records(path, data)
-        elif data.get("kind") == "supervised":
-            records.append(_supervised_record(path, data))
-        else:
-            logger.debug("%s: not a probe or supervised result, skipped", path)
-    refuse_twice(records, lambda r: (r.model, r.fraction, r.lr, r.seed), "{0} fraction {1} lr {2} seed {3}")
-    return records
 
 
 @dataclass(frozen=True)

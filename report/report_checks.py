@@ -15,15 +15,6 @@ from radstream.report.report_files import read_result, result_files
 from radstream.train.run_layout import RESULTS
 
 
-def under_trained(data: dict) -> bool:
-    """Whether a result (a supervised run or a probe head) ended on its epoch cap with its best validation
-    epoch the last one: early stopping never said it had stopped improving."""
-    capped = data.get("capped", data.get("stopped") == "done")
-    return (
-        bool(capped) and "best_epoch" in data and int(data["best_epoch"]) == int(data.get("epochs", -1)) - 1
-    )
-
-
 def majority_rate(run_dirs: Iterable[str | Path]) -> float | None:
     """The test split's majority-class rate (the accuracy of always answering the largest class), from the
     confusion matrix of a supervised results.json; None without one."""

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from omegaconf import OmegaConf
 
-from radstream.train.mae import MAE, MAEConfig, load_init
+from radstream.train.mae import MAE, MAEConfig
 from radstream.train.run_layout import (
     CONFIG,
     LATEST,
@@ -36,6 +36,7 @@ from radstream.train.run_layout import (
     list_checkpoints,
     resolve_weights,
 )
+from radstream.train.weights import load_init
 
 logger = logging.getLogger(__name__)
 

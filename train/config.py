@@ -4,7 +4,7 @@ One frozen dataclass per component. ``BaseRunConfig`` (data, run folder, loader,
 of every task's config (``PretrainConfig`` here, ``radstream.train.supervised``'s and ``radstream.train.finetune``'s), and
 ``OptimConfig`` (AdamW, the LR rule, the schedule, the sweep) its optimizer's. Values derived from the config
 (the absolute learning rate, the global batch, the warmup in steps) are computed at run time by
-``radstream.train.steps.make_schedule`` and never written back here.
+``radstream.train.optim.make_schedule`` and never written back here.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class OptimConfig:
     None: the one ``lr``."""
     weight_decay: float = 0.05
     """AdamW decoupled weight decay on weight matrices (none on norms, biases, position/CLS/mask tokens:
-    ``radstream.train.steps.no_weight_decay``)."""
+    ``radstream.train.optim.no_weight_decay``)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW (beta1, beta2)."""
     schedule: str = "cosine"

@@ -49,9 +49,9 @@ from radstream.train import trainer
 from radstream.train.config import BaseRunConfig, CheckpointConfig
 from radstream.train.entry import stage_main
 from radstream.train.mae import MAE, MAEConfig
+from radstream.train.optim import no_weight_decay
 from radstream.train.provenance import mae_run_init, manifest_bins, vit_dims
 from radstream.train.run_layout import WEIGHTS
-from radstream.train.steps import no_weight_decay
 from radstream.train.supervised import SupervisedOptimConfig, SupervisedTask, dataset_classes
 from radstream.train.sweep import run_sweep
 from radstream.train.trainer import Session
@@ -230,8 +230,8 @@ def layer_scale(layer: int, depth: int, decay: float) -> float:
 
 
 def layer_decay_groups(model: EncoderClassifier, weight_decay: float, decay: float) -> list[dict]:
-    """AdamW groups per (layer, decayed or not), each with its ``lr_scale`` (``radstream.train.steps.set_lr`` applies
-    it); no weight decay as every task (``radstream.train.steps.no_weight_decay``)."""
+    """AdamW groups per (layer, decayed or not), each with its ``lr_scale`` (``radstream.train.optim.set_lr`` applies
+    it); no weight decay as every task (``radstream.train.optim.no_weight_decay``)."""
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -16,11 +16,9 @@ in ``benchmarks/padding.py``).
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import timm
 import torch
@@ -40,9 +38,7 @@ from radstream.train.masking import (
     visible_counts,
 )
 from radstream.train.pos_embed import SinCosPosEmbed, resample_learned
-from radstream.train.weights import load_adapted, read_state_dict
-
-logger = logging.getLogger(__name__)
+from radstream.train.weights import load_init
 
 _POS_EMBEDS = ("sincos", "learned")
 
@@ -391,27 +387,3 @@ def build_mae(cfg: MAEConfig) -> MAE:
     if cfg.init is not None:
         load_init(model, cfg.init)
     return model
-
-
-def load_init(model: MAE, path: str | Path) -> tuple[list[str], list[str]]:
-    """Initialise from a local checkpoint (never the network).
-
-    An MAE checkpoint (a dict whose "model" state dict has ``encoder.`` keys) loads the whole model, strictly.
-    Anything else is read as timm ViT weights for the encoder, fitted by ``radstream.train.weights.adapt_state`` (RGB
-    patch-embedding weights summed over the input channels, the learned position table resampled to ours or
-    dropped for sin-cos, the classifier head dropped); missing and unused keys are logged.
-
-    Returns:
-        (missing keys, unexpected keys).
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-    """
-    state = read_state_dict(path)
-    if any(k.startswith("encoder.") for k in state):
-        result = model.load_state_dict(state, strict=True)
-        logger.info("loaded MAE checkpoint %s (encoder and decoder)", path)
-        return list(result.missing_keys), list(result.unexpected_keys)
-    missing, unexpected = load_adapted(model.encoder, state, Path(path))
-    logger.info("loaded timm ViT weights %s into the encoder", path)
-    return missing, unexpected

@@ -34,27 +34,29 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from radstream.core.atomic import write_json, write_text
-from radstream.core.config import to_dict, to_yaml
+from radstream.core.config import flat_hparams, to_dict, to_yaml
 from radstream.core.progress import progress
 from radstream.shards.loader import ShardLoader, build_loader
 from radstream.train.checkpoint import load_checkpoint, load_weights, save_checkpoint, save_weights
 from radstream.train.entry import EXIT_OK, EXIT_REQUEUE, StopSignal, clear_stopped, mark_stopped
+from radstream.train.optim import (
+    Schedule,
+    build_optimizer,
+    make_schedule,
+    optimizer_steps,
+    param_groups,
+    set_lr,
+)
 from radstream.train.run_layout import CONFIG, METRICS, RESULTS, best_dir, latest_checkpoint
 from radstream.train.steps import (
     EarlyStopping,
     LoopState,
     Meter,
-    Schedule,
     StepStats,
     agree_after_step,
     allow_graphs,
     build_accelerator,
-    build_optimizer,
     epochs_for,
-    make_schedule,
-    optimizer_steps,
-    param_groups,
-    set_lr,
     training_over,
 )
 
@@ -88,7 +90,7 @@ class TrainTask:
     ``schedule``: the schedule's position in images."""
     mean_step_tokens: float = 0.0
     """Real patches per device batch averaged over an epoch, padding excluded, set by the trainer before
-    ``schedule``: the MAE's LR scaling (``radstream.train.steps.make_schedule``)."""
+    ``schedule``: the MAE's LR scaling (``radstream.train.optim.make_schedule``)."""
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
@@ -103,7 +105,7 @@ class TrainTask:
 
     def schedule(self, loader_batches: int, num_processes: int) -> Schedule:
         """Step counts and learning rates from the train loader's batches per epoch and the world size (every
-        task: ``radstream.train.steps.make_schedule`` of its ``optim``)."""
+        task: ``radstream.train.optim.make_schedule`` of its ``optim``)."""
         cfg = self.cfg
         return make_schedule(cfg.optim, cfg.run.epochs, self.mean_batch_size, loader_batches, num_processes,
                              self.mean_step_tokens)  # fmt: skip
@@ -236,7 +238,7 @@ def _setup(task: TrainTask, accelerator: Accelerator, stop: StopSignal) -> Sessi
         write_text(s.run_dir / CONFIG, s.config_yaml)
     clear_stopped(accelerator, s.run_dir)
     if cfg.run.tensorboard:
-        accelerator.init_trackers("tensorboard", config=_flat_hparams(to_dict(cfg)))
+        accelerator.init_trackers("tensorboard", config=flat_hparams(to_dict(cfg)))
     logger.info(
         "global batch %d, peak lr %.3g, %d steps/epoch, %d steps, warmup %d, %d process(es), %s",
         schedule.global_batch, schedule.peak_lr, schedule.steps_per_epoch, schedule.total_steps,
@@ -390,15 +392,3 @@ def _finish(s: Session, reason: str) -> None:
     s.log("test", metrics)
     if s.main:
         write_json(s.run_dir / s.task.results_name, results)
-
-
-def _flat_hparams(tree: dict, prefix: str = "") -> dict:
-    """A nested config as flat TensorBoard hyperparameters (lists and None as strings)."""
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat_hparams(value, f"{name}."))
-        else:
-            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out

@@ -144,3 +144,27 @@ def _fit_tensor(model: nn.Module, key: str, value: torch.Tensor, target: torch.S
             f"init weight {key}: shape {tuple(value.shape)} does not fit the model's {tuple(target)}"
         )
     return value
+
+
+def load_init(model: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
+    """Initialise from a local checkpoint (never the network).
+
+    An MAE checkpoint (a dict whose "model" state dict has ``encoder.`` keys) loads the whole model, strictly.
+    Anything else is read as timm ViT weights for the encoder, fitted by ``radstream.train.weights.adapt_state`` (RGB
+    patch-embedding weights summed over the input channels, the learned position table resampled to ours or
+    dropped for sin-cos, the classifier head dropped); missing and unused keys are logged.
+
+    Returns:
+        (missing keys, unexpected keys).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+    """
+    state = read_state_dict(path)
+    if any(k.startswith("encoder.") for k in state):
+        result = model.load_state_dict(state, strict=True)
+        logger.info("loaded MAE checkpoint %s (encoder and decoder)", path)
+        return list(result.missing_keys), list(result.unexpected_keys)
+    missing, unexpected = load_adapted(model.encoder, state, Path(path))
+    logger.info("loaded timm ViT weights %s into the encoder", path)
+    return missing, unexpected

@@ -12,7 +12,8 @@ import torch
 
 from radstream.eval.knn import knn_predict
 from radstream.eval.probe import run
-from radstream.report.report import collect, markdown, select_best
+from radstream.report.report import markdown, select_best
+from radstream.report.report_files import collect
 from tests.eval.test_probe import small_cfg, synthetic_data, write_store
 
 

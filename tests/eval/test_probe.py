@@ -13,7 +13,7 @@ from radstream.eval import embed_store
 from radstream.eval.embed_store import SplitRows, StagingWriter
 from radstream.eval.probe import ProbeConfig, ProbeData, build_grids, lr_grid, make_groups, run
 from radstream.eval.probe_grid import epoch_batches, train_grids
-from radstream.train.steps import lr_at
+from radstream.train.optim import lr_at
 
 CLASSES = 3
 
@@ -246,7 +246,8 @@ def test_planted_signal_is_learned_far_above_chance_and_results_are_written(tmp_
     for row in summary.values():
         assert row["test_acc_mean"] > 0.8  # chance is 1/3
         assert len(row["seeds"]) == 2
-    from radstream.report.report import collect, select_best
+    from radstream.report.report import select_best
+    from radstream.report.report_files import collect
 
     reported = {(s.model, s.fraction): s.lr for s in select_best(collect([tmp_path / "probe"]))}
     for chosen in results["chosen"]:  # one LR for every seed: the best validation accuracy mean over seeds

@@ -14,14 +14,13 @@ from radstream.report.report import (
     HEADER,
     MODELS,
     STUDY,
-    RunRecord,
     add_report_parser,
-    collect,
     markdown,
     prior_rates,
     select_best,
     write_report,
 )
+from radstream.report.report_files import RunRecord, collect
 from radstream.report.report_mae import (
     MAE_HEADER,
     MAE_TITLE,
@@ -407,7 +406,7 @@ def test_prior_only_rate_follows_the_training_labels_of_each_regime(tmp_path: Pa
 
 
 def test_under_trained_is_the_cap_reached_with_the_best_epoch_last() -> None:
-    from radstream.report.report_checks import under_trained
+    from radstream.report.report_files import under_trained
 
     assert under_trained({"stopped": "done", "best_epoch": 2, "epochs": 3})  # a supervised run on its cap
     assert not under_trained({"stopped": "done", "best_epoch": 1, "epochs": 3})

@@ -23,8 +23,9 @@ from radstream.train.classifier import ClassifierConfig, build_classifier
 from radstream.train.config import PretrainConfig, RunConfig
 from radstream.train.finetune import EncoderClassifier
 from radstream.train.mae_step import train_step as mae_step
+from radstream.train.optim import build_optimizer, param_groups
 from radstream.train.run_layout import latest_checkpoint
-from radstream.train.steps import build_accelerator, build_optimizer, param_groups
+from radstream.train.steps import build_accelerator
 from radstream.train.supervised import SupervisedOptimConfig
 from radstream.train.supervised import train_step as supervised_step
 from tests.train.tiny_mae import tiny_mae

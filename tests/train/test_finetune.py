@@ -22,7 +22,7 @@ from radstream.train.finetune import (
     run,
 )
 from radstream.train.mae import MAE, MAEConfig
-from radstream.train.steps import build_optimizer, set_lr
+from radstream.train.optim import build_optimizer, set_lr
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

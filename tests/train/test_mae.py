@@ -11,17 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from radstream.core.config import load_config
-from radstream.train.mae import (
-    MAEConfig,
-    background_patches,
-    build_mae,
-    load_init,
-    patchify,
-    random_masking,
-    unpatchify,
-)
+from radstream.train.mae import MAEConfig, background_patches, build_mae, patchify, random_masking, unpatchify
+from radstream.train.optim import param_groups
 from radstream.train.pos_embed import resample_learned, sincos_2d
-from radstream.train.steps import param_groups
+from radstream.train.weights import load_init
 from tests.train.tiny_mae import TINY, tiny_mae
 
 

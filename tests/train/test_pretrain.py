@@ -19,8 +19,9 @@ import radstream.train.trainer as trainer
 from radstream.core.config import ConfigError, load_config
 from radstream.shards.images import unit_float
 from radstream.train.config import PretrainConfig
+from radstream.train.optim import lr_at, make_schedule
 from radstream.train.run_layout import latest_checkpoint
-from radstream.train.steps import NonFiniteLossError, lr_at, make_schedule
+from radstream.train.steps import NonFiniteLossError
 from radstream.train.visualize import masked_images, reconstruction_grid
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "pretrain"

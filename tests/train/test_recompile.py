@@ -24,7 +24,8 @@ from radstream.train.classifier import ClassifierConfig, build_classifier
 from radstream.train.config import PretrainConfig, RunConfig
 from radstream.train.finetune import EncoderClassifier
 from radstream.train.mae_step import train_step
-from radstream.train.steps import allow_graphs, build_optimizer, dynamo_plugin, param_groups
+from radstream.train.optim import build_optimizer, param_groups
+from radstream.train.steps import allow_graphs, dynamo_plugin
 from radstream.train.supervised import SupervisedOptimConfig
 from radstream.train.supervised import train_step as supervised_step
 from tests.train.tiny_mae import tiny_mae

@@ -268,7 +268,8 @@ def test_gpu_two_bf16_steps_of_the_resnet(tmp_path: Path, tiny_shards: Path) -> 
 def test_lr_grid_in_one_command_then_the_report_picks_on_validation(
     tmp_path: Path, tiny_shards: Path
 ) -> None:
-    from radstream.report.report import collect, select_best
+    from radstream.report.report import select_best
+    from radstream.report.report_files import collect
 
     run_dir = tmp_path / "grid"
     cfg = config("debug_vit.yaml", tiny_shards, run_dir, "run.epochs=1", "optim.lr_grid=[1e-4,3e-3]")

@@ -8,7 +8,7 @@ import torch
 from radstream.core.config import ConfigError, load_config
 from radstream.train.config import PretrainConfig
 from radstream.train.finetune import FinetuneConfig
-from radstream.train.steps import make_schedule, no_weight_decay, param_groups
+from radstream.train.optim import make_schedule, no_weight_decay, param_groups
 from radstream.train.supervised import SupervisedConfig
 from radstream.train.sweep import STUDY_LR_GRID, sweep_configs
 

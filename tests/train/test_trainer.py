@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 import radstream.train.trainer as trainer
 from radstream.train.config import CheckpointConfig, RunConfig
+from radstream.train.optim import Schedule, optimizer_steps
 from radstream.train.run_layout import list_checkpoints
-from radstream.train.steps import Schedule, StepStats, accumulate_step, optimizer_steps
+from radstream.train.steps import StepStats, accumulate_step
 
 # ---------------------------------------------------------------------------------- the trainer's seam
 
