@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 
+from radstream import commands
 from radstream.core.config import ConfigError
 from radstream.core.perms import restrict_umask
 
@@ -34,175 +33,6 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def _build_overrides(args: argparse.Namespace) -> list[str]:
-    """Translate the convenience flags into dotted config overrides (explicit overrides win: they come last)."""
-    flags = {
-        "manifest_csv": "ingest.manifest_csv",
-        "labels": "ingest.labels",
-        "irma_csv": "ingest.irma_csv",
-        "codec": "shards.codec",
-        "strategy": "binning.strategy",
-        "workers": "workers",
-        "seed": "seed",
-    }
-    out = [f"source={args.source}", f"out={args.out}"]
-    out += [
-        f"{key}={getattr(args, name)}" for name, key in flags.items() if getattr(args, name, None) is not None
-    ]
-    if getattr(args, "keep_identifiers", False):
-        out.append("ingest.privacy.enabled=false")
-    return out + [_privacy_shorthand(o) for o in args.overrides]
-
-
-def _privacy_shorthand(override: str) -> str:
-    """``ingest.privacy=off|on`` (the documented opt-out) as the config's ``ingest.privacy.enabled``."""
-    key, _, value = override.partition("=")
-    if key.strip() == "radstream.ingest.privacy" and value.strip().lower() in ("off", "on", "false", "true"):
-        return f"ingest.privacy.enabled={value.strip().lower() in ('on', 'true')}"
-    return override
-
-
-def _load_build_config(args: argparse.Namespace):
-    from radstream.core.config import load_config
-    from radstream.shards.builder.config import BuildConfig
-
-    return load_config(BuildConfig, args.config, _build_overrides(args))
-
-
-def _staging_folder(url: str) -> Path:
-    """Local folder a build for a remote destination is written to before it is published."""
-    import hashlib
-    import os
-
-    base = Path(os.environ.get("RADSTREAM_STAGING", Path.home() / ".cache" / "radstream" / "staging"))
-    return base / hashlib.sha256(url.encode()).hexdigest()[:16]
-
-
-def _check_out_folder(out: Path) -> None:
-    """Fail in one line, before any work, when OUT cannot be a dataset folder we may write."""
-    import os
-
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a folder; choose another OUT")
-    existing = next((p for p in [out, *out.parents] if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ValueError(f"{out}: {existing} is a file, not a folder; choose another OUT")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{out}: {existing} is not writable; choose another OUT")
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    from radstream.ingest.synth import synthesize
-
-    summary = synthesize(args.out, n=args.n, seed=args.seed, max_side=args.max_side, workers=args.workers)
-    print(f"synth: {summary.get('n', args.n)} images in {args.out} ({summary.get('seconds', 0):.1f} s)")
-    return 0
-
-
-def cmd_build(args: argparse.Namespace) -> int:
-    from radstream.shards.builder.parts import build_dataset
-    from radstream.shards.builder.publish import publish
-    from radstream.shards.transport import is_remote
-
-    remote_out = args.out if is_remote(args.out) else None
-    if remote_out:
-        if args.num_tasks > 1:
-            raise ValueError(
-                f"{remote_out}: a multi-task build writes to a shared folder; publish it afterwards with "
-                "`radstream publish OUT URL`"
-            )
-        args.out = str(_staging_folder(remote_out))
-    _check_out_folder(Path(args.out))
-    cfg = _load_build_config(args)
-    start = time.perf_counter()
-    manifest = build_dataset(cfg, args.task_index, args.num_tasks, force_replan=args.force_replan,
-                             verify_source=args.verify_source, finalize_now=args.finalize)  # fmt: skip
-    if manifest is None:
-        print(
-            f"build-shards: task {args.task_index} of {args.num_tasks} done; run `radstream finalize-shards` after all"
-        )
-        return 0
-    _print_summary(manifest, time.perf_counter() - start, cfg.out)
-    if remote_out:
-        done = publish(
-            cfg.out, remote_out, workers=max(cfg.workers, 4), allow_identifiers=args.allow_identifiers
-        )
-        print(
-            f"published to {remote_out}: {done['uploaded']} files uploaded, {done['skipped']} already there"
-        )
-    return 0
-
-
-def cmd_publish(args: argparse.Namespace) -> int:
-    from radstream.shards.builder.publish import publish
-
-    done = publish(args.out, args.url, workers=args.workers, allow_identifiers=args.allow_identifiers)
-    print(
-        f"published to {args.url}: {done['uploaded']} files uploaded, {done['skipped']} already there, "
-        f"{done['bytes'] / 1e6:.1f} MB"
-    )
-    return 0
-
-
-def _print_summary(manifest: dict, seconds: float, out: str | Path) -> None:
-    from radstream.shards.builder.private import rejects_summary
-
-    c = manifest["counts"]
-    total_bytes = sum(s["bytes"] for b in manifest["bins"] for s in b["shards"])
-    print(
-        f"build-shards: {c['written']} written, {c['rejected']} rejected, {c['duplicates']} duplicates "
-        f"(of {c['seen']} seen), {total_bytes / 1e6:.1f} MB in {len(manifest['bins'])} bins, {seconds:.1f} s"
-    )
-    for line in rejects_summary(out):
-        print(line)
-    if manifest.get("privacy", {}).get("identifiers") == "kept":
-        print(f"build-shards: {manifest['privacy']['warning']}")
-
-
-def cmd_finalize(args: argparse.Namespace) -> int:
-    from radstream.shards.builder.finalize import finalize
-    from radstream.shards.builder.plan import load_plan_config
-
-    cfg = load_plan_config(args.out)
-    start = time.perf_counter()
-    _print_summary(finalize(cfg), time.perf_counter() - start, cfg.out)
-    return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    from radstream.shards.builder.verify import verify_shards
-
-    report = verify_shards(args.out, quick=args.quick)
-    for problem in report.problems[:50]:
-        print(f"  {problem}")
-    print(report.summary())
-    return 0 if report.ok else 1
-
-
-def cmd_bins(args: argparse.Namespace) -> int:
-    from radstream.shards.builder.binreport import bins_report
-
-    print(bins_report(args.path, args.overrides, batch_size=args.batch_size, workers=args.workers))
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from radstream.demo import TINY, DemoSize, run_demo
-
-    size = TINY if args.tiny else DemoSize()
-    if args.n is not None:
-        size = dataclasses.replace(size, images=args.n)
-    return run_demo(args.out, size=size, seed=args.seed, workers=args.workers)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from radstream.report.export import cmd_export as run_export
-
-    return run_export(args)
-
-
 def _add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="an MAE run's encoder → timm weights, config.json and a model card")
     p.add_argument("run", help="MAE pretraining run folder (its best/ weights, else its latest checkpoint)")
@@ -216,13 +46,7 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--shards", help="the run's shard dataset, when it has moved since training")
     p.add_argument("--format", choices=["timm", "hf"], default="timm", help="timm (default); hf: not yet")
     p.add_argument("--force", action="store_true", help="overwrite the export's files in a non-empty OUT")
-    p.set_defaults(func=cmd_export)
-
-
-def cmd_gpu_check(args: argparse.Namespace) -> int:
-    from radstream.gpucheck import main as gpu_check
-
-    return gpu_check(args.out, quick=args.quick, budget_s=args.budget_s, peak_tflops=args.peak_tflops)
+    p.set_defaults(func=commands.cmd_export)
 
 
 def _add_source_options(p) -> None:
@@ -250,15 +74,6 @@ def _add_source_options(p) -> None:
     )
 
 
-def cmd_study(args: argparse.Namespace) -> int:
-    from radstream.study import make_protocol, run_study
-
-    protocol = make_protocol(args.protocol, args.lrs, args.seeds, args.fractions)
-    build = _build_overrides(args)[2:]  # the study places the shards in OUT/shards itself
-    return run_study(args.source, args.out, protocol, build_overrides=build, seed=args.seed or 0,
-                     workers=args.workers or 4)  # fmt: skip
-
-
 def _add_study_parser(sub) -> None:
     p = sub.add_parser("study", help="the whole study (shards → MAE → probes, baselines, fine-tuning → tables) "
                        "on your files, on this machine's GPUs or CPU")  # fmt: skip
@@ -274,7 +89,7 @@ def _add_study_parser(sub) -> None:
     p.add_argument("--seeds", type=int, help="seeds per regime (default: the protocol's)")
     p.add_argument("--fractions", type=float, nargs="+", help="label fractions (default: 0.01 0.1 1)")
     p.add_argument("overrides", nargs="*", help="dotted build overrides, as build-shards")
-    p.set_defaults(func=cmd_study)
+    p.set_defaults(func=commands.cmd_study)
 
 
 def _add_build_parser(sub) -> None:
@@ -305,14 +120,14 @@ def _add_build_parser(sub) -> None:
         help="with an s3:// OUT and --keep-identifiers: publish the identifiers too",
     )
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. binning.num_bins=6")
-    p.set_defaults(func=cmd_build)
+    p.set_defaults(func=commands.cmd_build)
 
 
 def _add_dataset_parsers(sub) -> None:
     """finalize-shards, publish, verify-shards: commands on a built dataset."""
     p = sub.add_parser("finalize-shards", help="merge the parts of a multi-task build into the manifest")
     p.add_argument("out")
-    p.set_defaults(func=cmd_finalize)
+    p.set_defaults(func=commands.cmd_finalize)
 
     p = sub.add_parser("publish", help="upload a finished shard dataset to s3:// (manifest last)")
     p.add_argument("out", help="local finished dataset")
@@ -323,12 +138,23 @@ def _add_dataset_parsers(sub) -> None:
         action="store_true",
         help="publish a dataset built with identifiers kept (ingest.privacy=off): public data only",
     )
-    p.set_defaults(func=cmd_publish)
+    p.set_defaults(func=commands.cmd_publish)
 
     p = sub.add_parser("verify-shards", help="re-read every shard and check it against the manifest")
     p.add_argument("out")
     p.add_argument("--quick", action="store_true", help="decode a 5%% sample of the images instead of all")
-    p.set_defaults(func=cmd_verify)
+    p.set_defaults(func=commands.cmd_verify)
+
+
+def add_report_parser(subparsers) -> None:
+    """Add ``report`` to the ``radstream`` console script (``subparsers`` from ``add_subparsers``)."""
+    p = subparsers.add_parser(
+        "report", help="probe, supervised and MAE pretraining runs → the study's result tables"
+    )
+    p.add_argument("run_dirs", nargs="+", help="run folders (searched recursively) or result files")
+    outputs = "results.md, results.csv, accuracy_vs_fraction.png, pretrain.csv"
+    p.add_argument("--out", required=True, help=f"folder for {outputs}")
+    p.set_defaults(func=commands.cmd_report)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -348,7 +174,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-side", type=int, default=2500)
     p.add_argument("--workers", type=int, default=1)
-    p.set_defaults(func=cmd_synth)
+    p.set_defaults(func=commands.cmd_synth)
 
     _add_build_parser(sub)
     _add_study_parser(sub)
@@ -361,7 +187,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=commands.cmd_demo)
 
     _add_dataset_parsers(sub)
 
@@ -370,9 +196,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small batches and few steps: about 4 minutes")
     p.add_argument("--budget-s", type=float, default=480.0, help="overall time limit in seconds")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (default: by device name)")
-    p.set_defaults(func=cmd_gpu_check)
-
-    from radstream.report.report import add_report_parser
+    p.set_defaults(func=commands.cmd_gpu_check)
 
     add_report_parser(sub)
 
@@ -385,7 +209,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("overrides", nargs="*", help="binning overrides, e.g. binning.strategy=strict")
-    p.set_defaults(func=cmd_bins)
+    p.set_defaults(func=commands.cmd_bins)
     return parser
 
 

@@ -28,7 +28,6 @@ first validation) falls back to its latest checkpoint, with a warning, and the c
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import logging
@@ -296,18 +295,3 @@ def export(
     write_text(out / CONFIG_JSON, json.dumps(config, indent=1) + "\n")
     write_text(out / CARD, card)
     return config
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    """``radstream export`` (its arguments are defined in ``radstream.cli``, which imports this module only
-    when the command runs: torch and timm take seconds to import)."""
-    config = export(
-        args.run, args.out, results=args.results, shards=args.shards, force=args.force, fmt=args.format
-    )
-    rs = config["radstream"]
-    print(
-        f"export: {config['architecture']} encoder ({rs['weights']} weights, {rs['pos_embed']} positions, "
-        f"img_size {config['model_args']['img_size']}) → {args.out}: {WEIGHTS}, {CONFIG_JSON}, {BIN_TABLES}, "
-        f"{CARD}"
-    )
-    return 0

@@ -18,7 +18,6 @@ below) and ``pretrain.csv``, from ``radstream.report.report_mae``; files of a ki
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 from collections import defaultdict
@@ -38,7 +37,6 @@ from radstream.report.report_files import (
     to_csv,
 )
 from radstream.report.report_mae import (
-    MAE_TITLE,
     PretrainRecord,
     collect_pretrain,
     pretrain_csv,
@@ -321,26 +319,3 @@ def write_report(run_dirs: Iterable[str | Path], out: str | Path) -> list[Select
         out / "results.md", markdown(selections, pretrain, majority_rate(run_dirs), prior_rates(run_dirs))
     )
     return selections
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    """``radstream report``: print the markdown tables after writing them."""
-
-    selections = write_report(args.run_dirs, args.out)
-    text = (Path(args.out) / "results.md").read_text()
-    print(text, end="")
-    written = ["results.md"] + (["results.csv", "accuracy_vs_fraction.png"] if selections else [])
-    written += ["pretrain.csv"] if f"## {MAE_TITLE}" in text else []
-    print(f"report: {', '.join(written)} in {args.out}")
-    return 0
-
-
-def add_report_parser(subparsers) -> None:
-    """Add ``report`` to the ``radstream`` console script (``subparsers`` from ``add_subparsers``)."""
-    p = subparsers.add_parser(
-        "report", help="probe, supervised and MAE pretraining runs → the study's result tables"
-    )
-    p.add_argument("run_dirs", nargs="+", help="run folders (searched recursively) or result files")
-    outputs = "results.md, results.csv, accuracy_vs_fraction.png, pretrain.csv"
-    p.add_argument("--out", required=True, help=f"folder for {outputs}")
-    p.set_defaults(func=cmd_report)

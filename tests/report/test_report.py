@@ -9,17 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from radstream.cli import add_report_parser
 from radstream.core.config import load_config, to_yaml
-from radstream.report.report import (
-    HEADER,
-    MODELS,
-    STUDY,
-    add_report_parser,
-    markdown,
-    prior_rates,
-    select_best,
-    write_report,
-)
+from radstream.report.report import HEADER, MODELS, STUDY, markdown, prior_rates, select_best, write_report
 from radstream.report.report_files import RunRecord, collect
 from radstream.report.report_mae import (
     MAE_HEADER,

@@ -185,7 +185,8 @@ def test_a_format_1_dataset_is_refused_in_one_line(tiny_shards: Path, tmp_path: 
 
 
 def test_the_opt_out_flags_and_shorthand_turn_privacy_off(tmp_path: Path) -> None:
-    from radstream.cli import _build_overrides, make_parser
+    from radstream.cli import make_parser
+    from radstream.commands import _build_overrides
 
     def enabled(*argv: str) -> bool:
         args = make_parser().parse_args(["build-shards", str(tmp_path), str(tmp_path / "out"), *argv])

@@ -73,7 +73,7 @@ def require_report_command() -> None:
     )
     if proc.returncode != 0:
         pytest.skip(
-            "`radstream report` is not a command yet (radstream.report.report.add_report_parser not in the CLI)"
+            "`radstream report` is not a command yet (radstream.cli.add_report_parser not in the CLI)"
         )
 
 
