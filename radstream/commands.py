@@ -31,7 +31,7 @@ def _build_overrides(args: argparse.Namespace) -> list[str]:
 def _privacy_shorthand(override: str) -> str:
     """``ingest.privacy=off|on`` (the documented opt-out) as the config's ``ingest.privacy.enabled``."""
     key, _, value = override.partition("=")
-    if key.strip() == "radstream.ingest.privacy" and value.strip().lower() in ("off", "on", "false", "true"):
+    if key.strip() == "ingest.privacy" and value.strip().lower() in ("off", "on", "false", "true"):
         return f"ingest.privacy.enabled={value.strip().lower() in ('on', 'true')}"
     return override
 
@@ -188,7 +188,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``radstream report``: print the markdown tables after writing them."""
-    from radstream.report.report import MAE_TITLE, write_report
+    from radstream.report.report import write_report
+    from radstream.report.report_mae import MAE_TITLE
 
     selections = write_report(args.run_dirs, args.out)
     text = (Path(args.out) / "results.md").read_text()

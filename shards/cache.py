@@ -43,16 +43,25 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from radstream.shards.cache_files import Cancelled, flocked, make_folders, restrict_folder, try_exclusive
+from radstream.shards.cache_files import (
+    CacheFullError,
+    Cancelled,
+    ChecksumError,
+    Fetch,
+    _allocate,
+    _sha256,
+    flocked,
+    make_folders,
+    restrict_folder,
+    try_exclusive,
+)
 from radstream.shards.cache_stamps import STAMPS, Stamps
 from radstream.shards.layout import inside, safe_rel
 
@@ -66,50 +75,6 @@ PARTIAL_SUFFIX = ".partial"
 CHECKSUM_ATTEMPTS = 2  # a corrupt download is fetched once more before giving up
 OPEN_ATTEMPTS = 3  # a file evicted between its download and our open is fetched again, this many times
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-
-
-class CacheFullError(RuntimeError):
-    """The cache cannot make room for a file: the size bound or the disk is full of files in use."""
-
-
-class ChecksumError(RuntimeError):
-    """A downloaded file does not match what the dataset says, even after fetching it again."""
-
-
-def _no_problems(sha256: str, path: Path) -> list[str]:
-    return []
-
-
-@dataclass(frozen=True)
-class Fetch:
-    """What the cache needs to know of one remote file, and nothing of the network."""
-
-    size: Callable[[], int]
-    """Its size in bytes (asked only when a download is needed: a small file's may need a request)."""
-    download: Callable[[Path], str]
-    """Write the file into the given (pre-allocated) local path; returns the sha256 of what it wrote."""
-    problems: Callable[[str, Path], list[str]] = field(default=_no_problems)
-    """``problems(sha256, path)``: what is wrong with a downloaded or cached file (empty: good)."""
-    sha256: str | None = None
-    """The sha256 the file must have, when known before downloading (a shard's, from the manifest): a cached
-    copy stamped with another is not taken even when unchanged."""
-    source: str = ""
-    """Where it comes from, for messages."""
-
-
-def _allocate(fd: int, size: int) -> None:
-    """Reserve ``size`` bytes for ``fd`` (real blocks where the filesystem can, else a sparse length)."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as err:
-        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
-        os.ftruncate(fd, size)
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The node cache's files as the operating system sees them: ``flock`` locks, safe across threads, processes
-and forks, and the modes of its folders (its owner's only, or a named group's).
+and forks, the modes of its folders (its owner's only, or a named group's), and one file's fetch (``Fetch``:
+its size, how to download it, how to check it; space allocated up front, the sha256 of what arrived).
 
 ``flock`` locks belong to an open file description, so they work between threads of one process as well as
 between processes (POSIX ``fcntl`` record locks would not). A wait can be cancelled (a closing store must not
@@ -9,10 +10,13 @@ wait forever for a lock another process of the node holds).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
@@ -128,3 +132,47 @@ def make_folders(root: Path, folder: Path, dir_mode: int) -> None:
         sub.mkdir(exist_ok=True)
         with contextlib.suppress(PermissionError):  # made by a group member at the same moment
             sub.chmod(dir_mode)
+
+
+class CacheFullError(RuntimeError):
+    """The cache cannot make room for a file: the size bound or the disk is full of files in use."""
+
+
+class ChecksumError(RuntimeError):
+    """A downloaded file does not match what the dataset says, even after fetching it again."""
+
+
+def _no_problems(sha256: str, path: Path) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """What the cache needs to know of one remote file, and nothing of the network."""
+
+    size: Callable[[], int]
+    """Its size in bytes (asked only when a download is needed: a small file's may need a request)."""
+    download: Callable[[Path], str]
+    """Write the file into the given (pre-allocated) local path; returns the sha256 of what it wrote."""
+    problems: Callable[[str, Path], list[str]] = field(default=_no_problems)
+    """``problems(sha256, path)``: what is wrong with a downloaded or cached file (empty: good)."""
+    sha256: str | None = None
+    """The sha256 the file must have, when known before downloading (a shard's, from the manifest): a cached
+    copy stamped with another is not taken even when unchanged."""
+    source: str = ""
+    """Where it comes from, for messages."""
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes for ``fd`` (real blocks where the filesystem can, else a sparse length)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -2,7 +2,7 @@
 
 ``open_dataset(url)`` gives a :class:`~radstream.shards.store.ShardStore`: the manifest, the samples table and, per
 shard, ``local_path(rel)`` / ``open(rel)``. :class:`RemoteStore` knows the remote side: what each file is
-(its size, how to download it, how to tell it is right: a :class:`~radstream.shards.cache.Fetch`), prefetching on a
+(its size, how to download it, how to tell it is right: a :class:`~radstream.shards.cache_files.Fetch`), prefetching on a
 thread pool, and refreshing the cached manifest and samples table when the server's changed. Fetching into
 the node cache (locks, space, download, verify, commit, re-checking a cached file) is one call of the cache
 (``radstream.shards.cache.ShardCache.fetch`` / ``open``). A local folder goes through the same interface without a copy.
@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from radstream.core.atomic import write_bytes
-from radstream.shards.cache import Cancelled, ChecksumError, Fetch, ShardCache
+from radstream.shards.cache import Cancelled, ShardCache
+from radstream.shards.cache_files import ChecksumError, Fetch
 from radstream.shards.index import verify_index
 from radstream.shards.integrity import cache_base
 from radstream.shards.layout import MANIFEST, SAMPLES, DatasetError, check_manifest_paths, shard_entries

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from radstream.shards.cache import CHECKSUM_ATTEMPTS, ChecksumError, Fetch, ShardCache
+from radstream.shards.cache import CHECKSUM_ATTEMPTS, ShardCache
+from radstream.shards.cache_files import ChecksumError, Fetch
 
 DATA = bytes(range(256)) * 40
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -24,7 +24,7 @@ pytest.importorskip("moto", reason="test extras (moto[server]) not installed")
 
 from radstream.shards import cache as cache_module  # noqa: E402
 from radstream.shards.builder.publish import publish  # noqa: E402
-from radstream.shards.cache import CacheFullError  # noqa: E402
+from radstream.shards.cache_files import CacheFullError
 from radstream.shards.layout import UnsafePathError, shard_entries  # noqa: E402
 from radstream.shards.loader import build_loader  # noqa: E402
 from radstream.shards.loader_base import Lookahead  # noqa: E402
