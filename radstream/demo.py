@@ -1,6 +1,6 @@
 """`radstream demo OUT`: the whole study on the embedded synthetic corpus, reusing finished stages.
 
-synthetic radiographs → the stages of `radstream study` (``radstream.stages``) with a tiny protocol: shards in
+synthetic radiographs → the stages of `radstream study` (``radstream.workflow``) with a tiny protocol: shards in
 smart bins → MAE pretraining → embeddings → linear probes, supervised ViT / ResNet50 baselines and MAE
 fine-tuning at 1%, 10% and 100% labels (one learning rate and seed per trained model) → the study's tables,
 plus pictures. Accelerate puts the training stages on the GPU when there is one and on the CPU otherwise.

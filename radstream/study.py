@@ -1,6 +1,6 @@
 """`radstream study SOURCE OUT`: the reference study on the user's own radiographs, on one machine.
 
-The stages of the demo (``radstream.stages``) on SOURCE with the study's full protocol: shards in smart bins,
+The stages of the demo (``radstream.workflow``) on SOURCE with the study's full protocol: shards in smart bins,
 MAE pretraining (ViT-B/16), embeddings and linear probes (10 LRs x 3 aggregations), the supervised ViT and
 ResNet50 and MAE fine-tuning each over the 10-value LR grid, every label fraction (1%, 10%, 100%) and 3 seeds,
 early stopping with patience 10; then the tables and pictures. Every GPU of the machine is used (accelerate

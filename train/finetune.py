@@ -294,7 +294,7 @@ class FinetuneTask(SupervisedTask):
 
 
 STAGE_CONFIG = FinetuneConfig
-"""The config this stage loads (``radstream.stages`` loads it the same way to count a run's steps)."""
+"""The config this stage loads (``radstream.workflow`` loads it the same way to count a run's steps)."""
 
 
 def run(cfg: FinetuneConfig) -> int:

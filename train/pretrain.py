@@ -89,7 +89,7 @@ class MAETask(TrainTask):
 
 
 STAGE_CONFIG = PretrainConfig
-"""The config this stage loads (``radstream.stages`` loads it the same way to count a run's steps)."""
+"""The config this stage loads (``radstream.workflow`` loads it the same way to count a run's steps)."""
 
 
 def run(cfg: PretrainConfig) -> int:

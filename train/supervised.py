@@ -202,7 +202,7 @@ class SupervisedTask(TrainTask):
 
 
 STAGE_CONFIG = SupervisedConfig
-"""The config this stage loads (``radstream.stages`` loads it the same way to count a run's steps)."""
+"""The config this stage loads (``radstream.workflow`` loads it the same way to count a run's steps)."""
 
 
 def run(cfg: SupervisedConfig) -> int:

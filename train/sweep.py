@@ -1,7 +1,7 @@
 """The learning-rate sweep: the study's ten rates, written once, and the one way a sweep is laid out.
 
 The rates are read by ``optim.lr_grid=study`` (``radstream.train.supervised``, ``radstream.train.finetune``, ``radstream.train.pretrain``),
-by ``radstream study``'s full protocol (``radstream.stages``) and by the SLURM sweep
+by ``radstream study``'s full protocol (``radstream.workflow``) and by the SLURM sweep
 (``slurm/sweep_lr.sbatch`` runs ``python -m radstream.train.sweep``, which prints them one a line). Every rate trains
 into ``run_dir/lr-<rate>`` (``radstream.train.run_layout.lr_dir``); ``radstream report`` picks the rate on validation.
 
