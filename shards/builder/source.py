@@ -82,17 +82,23 @@ def content_digest(cfg: BuildConfig) -> str:
 
 
 def check_out_outside_source(cfg: BuildConfig) -> None:
-    """Refuse OUT inside SOURCE before any work: the shards written would change the source under the build
-    (it could never finish: "the source changed") and become inputs of the next run.
+    """Refuse OUT inside SOURCE, or SOURCE inside OUT, before any work: the shards written would change the
+    source under the build (it could never finish: "the source changed") and become inputs of the next run;
+    and a replan, which clears OUT of its old shards and hidden work files, would delete files of SOURCE.
 
     Raises:
-        ValueError: OUT is SOURCE or lies inside it.
+        ValueError: OUT is SOURCE, lies inside it, or contains it.
     """
     source, out = Path(cfg.source).resolve(), Path(cfg.out).resolve()
     if source.is_dir() and out.is_relative_to(source):
         raise ValueError(
             f"{cfg.out}: OUT lies inside SOURCE {cfg.source}, so the build would read its own shards; "
             "choose an OUT outside SOURCE"
+        )
+    if source.is_dir() and source.is_relative_to(out):
+        raise ValueError(
+            f"{cfg.out}: SOURCE {cfg.source} lies inside OUT, so a rebuild or --force-replan would clear "
+            "files of SOURCE; choose an OUT that neither contains SOURCE nor lies inside it"
         )
 
 

@@ -136,6 +136,18 @@ def test_out_inside_source_is_refused_at_once(synth_corpus: Path, tmp_path: Path
     assert not (source / "shards").exists()
 
 
+def test_source_inside_out_is_refused_before_anything_is_written(synth_corpus: Path, tmp_path: Path) -> None:
+    """OUT=/data, SOURCE=/data/train: a replan clears OUT, and so files of SOURCE; refuse before writing."""
+    out = tmp_path / "data"
+    source = out / "train"
+    _small_source(synth_corpus, source, n=2)
+    before = sorted(out.rglob("*"))
+    for force in (False, True):
+        with pytest.raises(ValueError, match="SOURCE .* lies inside OUT"):
+            run_build(_cfg(source, out), force_replan=force)
+    assert sorted(out.rglob("*")) == before
+
+
 def test_a_manifest_whose_rows_all_miss_writes_its_rejects(
     synth_corpus: Path, tmp_path: Path, capsys
 ) -> None:
