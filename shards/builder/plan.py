@@ -222,8 +222,9 @@ def get_plan(
     A plan made from the same config but another source (files added, removed or modified since; with
     ``verify_source`` also bytes rewritten in place) is refused with :class:`SourceChanged`, and a finished
     dataset made with other options with :class:`PlanChanged`, unless ``force_replan``: then the old build is
-    dropped (manifest first, so no reader takes it for finished) and every part is built again. An unfinished
-    build of another config is replaced without asking (nothing of value is lost).
+    dropped (manifest first, so no reader takes it for finished) and every part is built again. A finished
+    dataset whose ``_work/plan.json`` is missing or unreadable is refused the same way (nothing says what it
+    was built from). An unfinished build of another config is replaced without asking (nothing of value is lost).
     """
     work_dir = Path(cfg.out) / "_work"
     source = source_digest(cfg)
@@ -245,6 +246,13 @@ def _replan(cfg: BuildConfig, source: tuple[int, str], content: str | None, forc
         _check_same_key(old, cfg, force_replan)  # first: the most specific reason
         if not force_replan:
             _refuse_replacing(cfg, old, source)
+    elif (out / MANIFEST).is_file() and not force_replan:
+        raise PlanChanged(
+            f"{out}: a finished dataset whose build record {work_dir / 'plan.json'} is missing or unreadable, "
+            "so this run cannot tell whether it would rebuild it with other options; build into a new OUT, or "
+            "rerun with --force-replan to replace it"
+        )
+    if old is not None or (out / MANIFEST).is_file():
         _drop_old_build(out)
     plan = make_plan(cfg, source)
     save_plan(plan, work_dir, cfg, source, content)

@@ -100,6 +100,25 @@ def test_a_finished_dataset_is_not_replaced_by_a_rerun_with_other_options(
     assert finalize(_cfg(source, out))["class_names"] == []
 
 
+def test_a_finished_dataset_without_its_plan_is_not_replaced(synth_corpus: Path, tmp_path: Path) -> None:
+    """_work/ gone or plan.json unreadable: nothing says what the dataset was built from; a rerun (identical
+    or with other options) refuses, naming --force-replan, and leaves the dataset as it was."""
+    source, out = tmp_path / "src", tmp_path / "out"
+    _small_source(synth_corpus, source, n=3)
+    run_build(_cfg(source, out, "ingest.labels=folder"))
+    before = finalize(_cfg(source, out, "ingest.labels=folder"))
+    (out / "_work" / "plan.json").write_text("{not json")
+    with pytest.raises(PlanChanged, match=r"plan\.json is missing or unreadable.*--force-replan"):
+        run_build(_cfg(source, out))
+    shutil.rmtree(out / "_work")
+    for extra in ((), ("ingest.labels=folder",)):
+        with pytest.raises(PlanChanged, match="--force-replan"):
+            run_build(_cfg(source, out, *extra))
+    assert json.loads((out / "manifest.json").read_text()) == before
+    assert run_build(_cfg(source, out), force_replan=True) == [0]
+    assert finalize(_cfg(source, out))["class_names"] == []
+
+
 def test_an_unfinished_build_of_other_options_is_replaced(synth_corpus: Path, tmp_path: Path) -> None:
     source, out = tmp_path / "src", tmp_path / "out"
     _small_source(synth_corpus, source, n=4)
