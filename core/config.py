@@ -8,6 +8,7 @@ OmegaConf structured config from it, so unknown keys and wrong types are errors,
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,10 +44,7 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Seque
     try:
         merged = OmegaConf.structured(cls)
         if recipe is not None:
-            path = Path(recipe)
-            if not path.is_file():
-                raise ConfigError(f"{path}: recipe file not found")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _load_recipe(Path(recipe)))
     except OmegaConfBaseException as err:
         raise ConfigError(f"{recipe}: {_first_line(err)}") from None
     except yaml.YAMLError as err:
@@ -56,6 +54,8 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Seque
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
         except OmegaConfBaseException as err:
             raise ConfigError(f"override {override!r}: {_first_line(err)}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {override!r}: {_yaml_problem(None, err)}") from None
     try:
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
@@ -66,11 +66,38 @@ def load_config(cls: type[T], recipe: str | Path | None = None, overrides: Seque
         raise ConfigError(str(err)) from None
 
 
+def _load_recipe(path: Path) -> Any:
+    """The recipe as an OmegaConf mapping, read as UTF-8 text by us, so that bytes of another encoding or a
+    top level that is not a mapping (a list, a bare word) are one line naming the file, not a traceback.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not UTF-8, or its top level is not a mapping.
+        yaml.YAMLError: a YAML syntax error (``load_config`` names its line).
+    """
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the recipe ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the recipe as UTF-8") from None
+    top = yaml.safe_load(text)
+    if top is not None and not isinstance(top, dict):
+        raise ConfigError(
+            f"{path}: the recipe's top level is a {type(top).__name__}, not a mapping of keys (key: value lines)"
+        )
+    return OmegaConf.load(io.StringIO(text))
+
+
 def _yaml_problem(recipe: str | Path | None, err: yaml.YAMLError) -> str:
-    """A YAML syntax error as ``file:line: problem`` (PyYAML's own message spans several lines)."""
+    """A YAML syntax error as ``file:line: problem`` (PyYAML's own message spans several lines); for an
+    override (no file), the problem alone."""
     mark = getattr(err, "problem_mark", None)
-    where = f"{recipe}:{mark.line + 1}" if mark is not None else str(recipe)
     problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if recipe is None:
+        return f"not valid YAML: {problem}"
+    where = f"{recipe}:{mark.line + 1}" if mark is not None else str(recipe)
     return f"{where}: YAML syntax error: {problem}"
 
 

@@ -131,6 +131,45 @@ def test_a_yaml_syntax_error_names_the_recipe_and_line(tmp_path: Path, caplog, c
     assert err.count("\n") == 1 and f"build-shards: error: {recipe}:3: YAML syntax error" in err, err
 
 
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"seed: 1\n\xff\xfe: 2\n", "not UTF-8 text"),
+        (b"- seed\n- 1\n", "top level is a list, not a mapping"),
+        (b"just words\n", "top level is a str, not a mapping"),
+    ],
+)
+def test_a_recipe_not_utf8_or_not_a_mapping_is_one_line(
+    tmp_path: Path, caplog, capsys, content: bytes, words: str
+) -> None:
+    """A UnicodeDecodeError and OmegaConf's TypeError on a list escaped as tracebacks."""
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_bytes(content)
+    from radstream.cli import main as cli
+    from radstream.train.pretrain import main
+
+    with caplog.at_level(logging.INFO):
+        assert main(["--config", str(recipe), f"shards={tmp_path}", f"run_dir={tmp_path / 'run'}"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"{recipe}: " in errors[0] and words in errors[0], errors
+    assert cli(["build-shards", str(tmp_path), str(tmp_path / "out"), "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"build-shards: error: {recipe}: " in err and words in err, err
+
+
+def test_an_override_of_bad_yaml_names_the_override(tmp_path: Path, caplog, capsys) -> None:
+    from radstream.cli import main as cli
+    from radstream.train.pretrain import main
+
+    with caplog.at_level(logging.INFO):
+        assert main(["--config", str(RECIPE), f"shards={tmp_path}", "optim.lr=[1,"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "override 'optim.lr=[1,': not valid YAML" in errors[0], errors
+    assert cli(["build-shards", str(tmp_path), str(tmp_path / "out"), "binning.num_bins=[1,"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: override 'binning.num_bins=[1,': not valid YAML" in err, err
+
+
 def test_an_unreachable_host_is_one_line_naming_it(tmp_path: Path, caplog) -> None:
     """Nothing listens on port 9 (discard) of this machine: a refused connection, retried, then one line."""
     fast = [
