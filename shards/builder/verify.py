@@ -178,6 +178,7 @@ class _Rows:
             keys = pa.array([e.key for e in found], pa.string()).take(pa.array(at))
             ok &= inside_ & pc.equal(sub["key"], keys).to_numpy(zero_copy_only=False)
             ok &= (spans[at, 0] == sub["offset"].to_numpy()) & (spans[at, 1] == sub["size"].to_numpy())
+            self._duplicates(path, rows, pos, ok, found)
             covered = np.zeros(len(found), bool)
             covered[pos[ok]] = True
             if not covered.all():
@@ -186,6 +187,20 @@ class _Rows:
                     f"{path}: {int((~covered).sum())} samples have no row in {SAMPLES}, e.g. {first}"
                 )
         self._report(rows[~ok], {path: found})
+
+    def _duplicates(self, path: str, rows: np.ndarray, pos: np.ndarray, ok: np.ndarray, found: list) -> None:
+        """Rows beyond the shard's samples: a second (third …) row that matches a sample another row of the
+        table already describes (a duplicated row passes every per-row check, and the loader would read that
+        sample twice per epoch). The first row, in table order, is the sample's; each later one is a problem."""
+        matched = np.flatnonzero(ok)
+        _, first = np.unique(pos[matched], return_index=True)
+        extra = np.ones(len(matched), bool)
+        extra[first] = False
+        owner = {int(pos[i]): int(rows[i]) for i in matched[first]}
+        for i in matched[extra].tolist():
+            p = int(pos[i])
+            self.problems.append((int(rows[i]), f"{SAMPLES} row {int(rows[i])} (key {found[p].key}, shard {path}): "
+                                  f"duplicate of row {owner[p]} (a row beyond the shard's {len(found)} samples)"))  # fmt: skip
 
     def finish(self, rep: VerifyReport) -> None:
         """The table's problems, its rows' in table order, then the shards' samples without a row."""

@@ -259,6 +259,25 @@ def test_labels_and_patients_in_the_table_are_checked_against_each_samples_membe
     assert "patient_id 'someone else', its .json member says" in line
 
 
+def test_a_duplicated_row_with_its_checksum_updated_is_refused(copy: Path) -> None:
+    """Every per-row check passes a copy of a good row; it is a row beyond its shard's samples."""
+    import hashlib
+
+    table = pq.read_table(copy / "samples.parquet")
+    n = table.num_rows
+    pq.write_table(pa.concat_tables([table, table.slice(1, 1), table.slice(1, 1)]), copy / "samples.parquet")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["samples_sha256"] = hashlib.sha256((copy / "samples.parquet").read_bytes()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    report = verify_shards(copy, quick=True)
+    key, shard = table["key"][1].as_py(), table["shard"][1].as_py()
+    size = len(read_index((copy / shard).with_suffix(".idx")))
+    assert len(report.problems) == 2, report.problems
+    for row, line in zip((n, n + 1), report.problems, strict=True):
+        assert line.startswith(f"samples.parquet row {row} (key {key}"), line  # then its source's name
+        assert line.endswith(f"shard {shard}): duplicate of row 1 (a row beyond the shard's {size} samples)")
+
+
 def test_the_record_falls_back_to_the_node_cache(copy: Path, tmp_path: Path, monkeypatch, reads) -> None:
     from radstream.shards import integrity
 
