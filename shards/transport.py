@@ -68,6 +68,16 @@ def _transient_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _credential_types() -> tuple[type[BaseException], ...]:
+    """botocore's "no credentials" errors: not an OSError, so without their own branch they escaped
+    ``with_retries`` as an 80-line traceback."""
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ImportError:
+        return ()
+    return (NoCredentialsError, PartialCredentialsError)
+
+
 def is_transient(err: BaseException) -> bool:
     """Whether retrying may help: not for missing files or refused access, not for 4xx except 408/429."""
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
@@ -82,11 +92,17 @@ def with_retries(call: Callable[[], T], what: str, retries: int, backoff_s: floa
     """``call()``, retried on transient errors with exponential backoff.
 
     Raises:
-        RemoteError: still failing after ``retries`` attempts (naming ``what`` and the last error).
+        RemoteError: still failing after ``retries`` attempts (naming ``what`` and the last error), or S3
+            credentials missing (never retried: they will not appear by waiting).
     """
     for attempt in range(1, retries + 1):
         try:
             return call()
+        except _credential_types() as err:
+            raise RemoteError(
+                f"{what}: S3 credentials are missing or incomplete ({err}); set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE with ~/.aws/credentials"
+            ) from None
         except _transient_types() as err:
             if not is_transient(err):
                 raise

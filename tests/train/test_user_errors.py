@@ -170,6 +170,26 @@ def test_an_override_of_bad_yaml_names_the_override(tmp_path: Path, caplog, caps
     assert err.count("\n") == 1 and "error: override 'binning.num_bins=[1,': not valid YAML" in err, err
 
 
+def test_s3_without_credentials_is_one_line_naming_the_url(
+    tiny_shards: Path, tmp_path: Path, caplog, capsys, monkeypatch
+) -> None:
+    """botocore's NoCredentialsError is no OSError: it escaped pretrain and publish as 80-100 lines."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup (slow, off-cloud)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("RADSTREAM_S3_ENDPOINT", "http://127.0.0.1:9")  # never reached: signing fails first
+    url = "s3://bucket/ds"
+    fast = [f"loader.remote.cache_dir={tmp_path / 'c'}", "loader.remote.backoff_s=0"]
+    pretrain_here(caplog, url, tmp_path / "run", 3, url, "S3 credentials are missing", extra=fast)
+    from radstream.cli import main as cli
+
+    assert cli(["publish", str(tiny_shards), url]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and url in err and "S3 credentials are missing" in err, err
+
+
 def test_an_unreachable_host_is_one_line_naming_it(tmp_path: Path, caplog) -> None:
     """Nothing listens on port 9 (discard) of this machine: a refused connection, retried, then one line."""
     fast = [
