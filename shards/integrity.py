@@ -65,9 +65,10 @@ def sha256_of(path: str | os.PathLike[str]) -> str:
     return _SEEN[key]
 
 
-def check_samples_table(root: str | os.PathLike[str], manifest: dict) -> None:
+def check_samples_table(root: str | os.PathLike[str], manifest: dict, url: str | None = None) -> None:
     """Raise :class:`DatasetError` when ``samples.parquet`` differs from the manifest's ``samples_sha256``
-    (datasets finalized before it was recorded are not checked)."""
+    (datasets finalized before it was recorded are not checked). ``url``: ``root`` is the cache of that
+    remote dataset (no finalize to advise: the next run fetches the table again)."""
     expected = manifest.get("samples_sha256")
     path = Path(root) / SAMPLES
     if expected is None:
@@ -76,6 +77,11 @@ def check_samples_table(root: str | os.PathLike[str], manifest: dict) -> None:
         found = sha256_of(path)
     except FileNotFoundError:
         raise DatasetError(f"{path}: missing (the manifest lists a samples table)") from None
+    if found != expected and url is not None:
+        raise DatasetError(
+            f"{path}: sha256 differs from the manifest of {url} (the cached samples table changed while in "
+            "use); run again: it is fetched again from there"
+        )
     if found != expected:
         raise DatasetError(
             f"{path}: sha256 differs from the manifest (truncated or corrupt samples table); "

@@ -66,7 +66,7 @@ def build_loader(
     fraction = cfg.label_fraction if split == "train" else None
     root, store = resolve_dataset(root, cfg.remote)
     if cfg.verify:
-        check_samples_table(root, store.manifest)
+        check_samples_table(root, store.manifest, store.url if store.remote else None)
     subset = cfg.label_subset if cfg.label_subset is not None else run_seed
     data = load_split(root, split, fraction, subset, cfg.remote.cache_dir)
     if cfg.verify and not store.remote:  # a remote store verifies each shard as it downloads it

@@ -34,7 +34,7 @@ from radstream.core.atomic import write_bytes
 from radstream.shards.cache import Cancelled, ShardCache
 from radstream.shards.cache_files import ChecksumError, Fetch
 from radstream.shards.index import verify_index
-from radstream.shards.integrity import cache_base
+from radstream.shards.integrity import cache_base, sha256_of
 from radstream.shards.layout import MANIFEST, SAMPLES, DatasetError, check_manifest_paths, shard_entries
 from radstream.shards.loader_config import RemoteConfig
 from radstream.shards.store import ShardStore
@@ -127,9 +127,9 @@ class RemoteStore(ShardStore):
         cached, samples = self.root / MANIFEST, self.root / SAMPLES
         with self.cache.cache_lock():  # one process per node refreshes; the others then find it done
             old = cached.read_bytes() if cached.is_file() else None
-            if old == raw and samples.is_file():
+            if old == raw and self._cached_samples_ok(samples, manifest):
                 return manifest
-            if old is not None:
+            if old is not None and old != raw:
                 self._invalidate(json.loads(old), manifest)
             data = self._get("samples.parquet")
             expected = manifest.get("samples_sha256")
@@ -142,6 +142,20 @@ class RemoteStore(ShardStore):
             for path, content in ((samples, data), (cached, raw)):  # manifest last: it marks "complete"
                 write_bytes(path, content).chmod(self.cache.file_mode)
         return manifest
+
+    def _cached_samples_ok(self, samples: Path, manifest: dict) -> bool:
+        """Whether the cached samples table is present and hashes to the manifest's ``samples_sha256`` (once
+        per process and file state: the loader's own check then reuses the hash). A damaged copy is fetched
+        again, as a damaged cached shard is, rather than failing every later run."""
+        if not samples.is_file():
+            return False
+        expected = manifest.get("samples_sha256")
+        if expected is None or sha256_of(samples) == expected:
+            return True
+        log.warning(
+            "%s/%s: the cached copy differs from the manifest's sha256; fetching it again", self.url, SAMPLES
+        )
+        return False
 
     def _invalidate(self, old: dict, new: dict) -> None:
         """Drop cached shards whose bytes the new manifest does not list any more."""

@@ -581,3 +581,23 @@ def test_a_cached_shard_changed_on_disk_is_fetched_again(
         os.close(fd)
     assert http.served[f"/{rel}"] == 2
     assert any("changed since it was downloaded" in r.getMessage() for r in caplog.records)
+
+
+def test_a_cached_samples_table_that_fails_its_checksum_is_fetched_again(
+    http, tiny_shards: Path, tmp_path: Path, caplog
+) -> None:
+    """It failed every later run (exit 3) with advice to rerun finalize-shards, which a remote reader cannot."""
+    from radstream.shards.integrity import check_samples_table
+    from radstream.shards.layout import DatasetError
+
+    with open_dataset(http.url, cache_dir=str(tmp_path), **FAST) as store:
+        cached = store.root / "samples.parquet"
+    cached.write_bytes(cached.read_bytes()[:-40] + bytes(40))
+    with pytest.raises(DatasetError, match=f"manifest of {http.url} .*fetched again") as err:
+        check_samples_table(store.root, store.manifest, http.url)  # the loader's check, mid-run
+    assert "finalize" not in str(err.value)
+    with caplog.at_level("WARNING"), open_dataset(http.url, cache_dir=str(tmp_path), **FAST) as again:
+        assert (again.root / "samples.parquet").read_bytes() == (tiny_shards / "samples.parquet").read_bytes()
+        check_samples_table(again.root, again.manifest, http.url)
+    assert http.served["/samples.parquet"] == 2
+    assert any("cached copy differs from the manifest" in r.getMessage() for r in caplog.records)
