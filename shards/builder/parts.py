@@ -276,8 +276,9 @@ def run_build(
     Raises:
         SourceChanged: ``OUT`` was planned from the same config over another source (with ``verify_source``,
             also same-size same-mtime bytes), and not ``force_replan`` (see ``radstream.shards.builder.plan.get_plan``).
-        PlanChanged: ``OUT`` is a finished dataset built with other options, and not ``force_replan``.
-        ValueError: ``OUT`` lies inside the source folder.
+        PlanChanged: ``OUT`` is a finished dataset built with other options (or whose ``_work/plan.json`` is
+            missing or unreadable), and not ``force_replan``.
+        ValueError: ``OUT`` lies inside the source folder, or the source folder inside ``OUT``.
     """
     if not 0 <= task_index < num_tasks:
         raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1}")
