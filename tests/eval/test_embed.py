@@ -26,6 +26,7 @@ from radstream.shards.loader import build_loader
 from radstream.shards.loader_config import LoaderConfig
 from radstream.shards.manifest import read_samples
 from radstream.train.checkpoint import load_encoder
+from tests.accelerate_state import reset_accelerate
 
 DIMS = {"cls": 2, "mean": 2, "flattened": 3}
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "debug.yaml"
@@ -35,10 +36,7 @@ RECIPE = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "debug.y
 def fresh_accelerate():
     """Accelerate keeps process-wide state; reset it after each test."""
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def feats_of(rows: np.ndarray) -> dict[str, np.ndarray]:

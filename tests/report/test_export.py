@@ -24,6 +24,7 @@ from radstream.shards.loader import build_loader
 from radstream.shards.loader_config import LoaderConfig
 from radstream.train.checkpoint import load_encoder
 from radstream.train.config import PretrainConfig
+from tests.accelerate_state import reset_accelerate
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "debug.yaml"
 
@@ -62,10 +63,7 @@ assert not ours, ours
 def fresh_accelerate():
     """Accelerate keeps process-wide state; reset it after each test."""
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def pretrain_config(shards: Path, run_dir: Path, *overrides: str) -> PretrainConfig:
@@ -81,10 +79,7 @@ def trained_run(tmp_path_factory, tiny_shards: Path) -> Path:
     """A finished debug run (sin-cos positions): best/, metrics.jsonl, summary.json, in runs/mae."""
     run_dir = tmp_path_factory.mktemp("runs") / "mae"
     assert pretrain.run(pretrain_config(tiny_shards, run_dir)) == 0
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     return run_dir
 
 

@@ -21,6 +21,7 @@ from radstream.shards.builder.finalize import finalize
 from radstream.shards.builder.parts import run_build
 from radstream.shards.builder.private import PRIVATE
 from radstream.shards.builder.publish import publish
+from tests.accelerate_state import reset_accelerate
 from tests.shards.identified_dicoms import write_archive
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "debug.yaml"
@@ -30,10 +31,7 @@ RECIPE = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "debug.y
 def fresh_accelerate():
     """Accelerate keeps process-wide state; reset it after the test."""
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def _decoded(path: Path) -> bytes:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 from radstream.core.config import load_config
 from radstream.shards.images import unit_float
@@ -28,6 +27,7 @@ from radstream.train.run_layout import latest_checkpoint
 from radstream.train.steps import build_accelerator
 from radstream.train.supervised import SupervisedOptimConfig
 from radstream.train.supervised import train_step as supervised_step
+from tests.accelerate_state import reset_accelerate
 from tests.train.tiny_mae import tiny_mae
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "debug.yaml"
@@ -38,8 +38,7 @@ STEPS = 3
 @pytest.fixture(autouse=True)
 def fresh_accelerate():
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +51,7 @@ def batches(tiny_shards: Path) -> list[dict]:
 
 def accelerator_for(precision: str, run_dir: Path):
     """The run's accelerator as ``run.mixed_precision=<precision>`` builds it (fresh process-wide state)."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     return build_accelerator(RunConfig(cpu=True, mixed_precision=precision, tensorboard=False), str(run_dir))
 
 

@@ -23,6 +23,7 @@ from radstream.train.finetune import (
 )
 from radstream.train.mae import MAE, MAEConfig
 from radstream.train.optim import build_optimizer, set_lr
+from tests.accelerate_state import reset_accelerate
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -31,10 +32,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 def fresh_accelerate():
     """Accelerate keeps process-wide state; reset it after each run."""
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def tiny_mae(depth: int = 4) -> MAE:

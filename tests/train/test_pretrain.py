@@ -23,6 +23,7 @@ from radstream.train.optim import lr_at, make_schedule
 from radstream.train.run_layout import latest_checkpoint
 from radstream.train.steps import NonFiniteLossError
 from radstream.train.visualize import masked_images, reconstruction_grid
+from tests.accelerate_state import reset_accelerate
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "pretrain"
 
@@ -42,10 +43,7 @@ def read_metrics(run_dir: Path, split: str) -> list[dict]:
 def fresh_accelerate():
     """Accelerate keeps process-wide state; reset it between runs as accelerate's own test case does."""
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def test_lr_at_warmup_then_cosine():

@@ -28,6 +28,7 @@ from radstream.train.optim import build_optimizer, param_groups
 from radstream.train.steps import allow_graphs, dynamo_plugin
 from radstream.train.supervised import SupervisedOptimConfig
 from radstream.train.supervised import train_step as supervised_step
+from tests.accelerate_state import reset_accelerate
 from tests.train.tiny_mae import tiny_mae
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs"
@@ -57,10 +58,7 @@ def fresh_dynamo():
     counters.clear()
     yield
     torch._dynamo.reset()
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def debug_loader(shards: Path, split: str = "train", train: bool = True):

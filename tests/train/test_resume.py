@@ -18,6 +18,7 @@ from radstream.core.config import load_config
 from radstream.train.checkpoint import load_checkpoint, save_checkpoint
 from radstream.train.config import PretrainConfig
 from radstream.train.run_layout import LATEST, latest_checkpoint, list_checkpoints
+from tests.accelerate_state import reset_accelerate
 from tests.train.stopping import sigterm_after_first_step
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,10 +39,7 @@ def losses(run_dir: Path, split: str = "train") -> dict[int, float]:
 def fresh_accelerate():
     """Accelerate keeps process-wide state; reset it between runs as accelerate's own test case does."""
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +47,7 @@ def reference(tiny_shards, tmp_path_factory) -> Path:
     """An uninterrupted 2-epoch debug run with 2 accumulated batches per step."""
     run_dir = tmp_path_factory.mktemp("reference")
     assert pretrain.run(debug_config(tiny_shards, run_dir, *COMMON)) == 0
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     return run_dir
 
 
@@ -93,10 +88,7 @@ def test_resume_after_signal_matches_uninterrupted(tiny_shards, tmp_path, refere
     assert latest_checkpoint(run_dir).name == "step-3"
     assert not (run_dir / "summary.json").exists()
     monkeypatch.setattr(pretrain, "train_step", train_step)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     assert pretrain.run(debug_config(tiny_shards, run_dir, *COMMON)) == 0
     ref, got = losses(reference), losses(run_dir)
     assert sorted(got) == sorted(ref)

@@ -21,6 +21,7 @@ from radstream.train.classifier import build_classifier
 from radstream.train.run_layout import latest_checkpoint, list_checkpoints
 from radstream.train.supervised import ClassifierConfig, SupervisedConfig, run
 from radstream.train.weights import adapt_state
+from tests.accelerate_state import reset_accelerate
 from tests.train.stopping import sigterm_after_first_step
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "supervised"
@@ -30,10 +31,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "configs" / "supervised"
 def fresh_accelerate():
     """Accelerate keeps process-wide state; reset it after each run."""
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def config(recipe: str, shards: Path, run_dir: Path, *overrides: str) -> SupervisedConfig:
@@ -184,13 +182,6 @@ def test_bad_config_is_refused(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- stop, requeue, resume
-
-
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def comparable(results: dict) -> dict:

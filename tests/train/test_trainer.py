@@ -18,6 +18,7 @@ from radstream.train.config import CheckpointConfig, RunConfig
 from radstream.train.optim import Schedule, optimizer_steps
 from radstream.train.run_layout import list_checkpoints
 from radstream.train.steps import StepStats, accumulate_step
+from tests.accelerate_state import reset_accelerate
 
 # ---------------------------------------------------------------------------------- the trainer's seam
 
@@ -154,17 +155,7 @@ class FakeTask(trainer.TrainTask):
 def fake_loaders(monkeypatch):
     monkeypatch.setattr(trainer, "build_loader", lambda cfg, root, split, **kw: FakeLoader(split))
     yield
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
 
 
 def train_lines(run_dir: Path, split: str = "train") -> dict[int, dict]:
