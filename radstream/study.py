@@ -56,7 +56,7 @@ TINY = StudyProtocol(
 try the command; what its test runs)."""
 SMALL = dataclasses.replace(DemoSize().protocol(), max_tokens=DemoSize().max_tokens, threads=None)
 """The demo's protocol on the user's own radiographs, for a machine without a GPU: the demo's small models
-(a ViT 96 wide and 4 blocks, a resnet18), images binned to at most 64 patches (128x128), each recipe's one
+(a ViT 96 wide and 4 blocks, a resnet10t), images binned to at most 64 patches (128x128), each recipe's one
 learning rate, 2 seeds, the demo's epochs and minimum steps, every core of the machine (the demo fixes 2
 threads): an hour or two on a few thousand images on a laptop, and the way to try radstream on one's own data
 before the full protocol."""

@@ -65,7 +65,8 @@ class StudyProtocol:
     sees every image): at least this many optimizer steps at every label fraction, the epoch cap raised to
     hold them, early stopping never before them (``run.min_steps``, the probe's ``min_steps``). A small
     fraction thus trains more epochs: at 1% an epoch can be one step, and a few steps leave a network from
-    scratch, and its BatchNorm statistics, untrained."""
+    scratch, and its BatchNorm statistics, untrained. Trained models validate every fifth of it
+    (``val_every_steps``)."""
 
     def recipe(self, stage: str) -> Path:
         return ROOT / self.recipes[stage]
@@ -75,7 +76,17 @@ class StudyProtocol:
         epochs = (self.epochs or {}).get(stage)
         out = [f"run.patience={self.patience}"] + ([f"run.epochs={epochs}"] if epochs else [])
         out += [f"run.deterministic={str(self.deterministic).lower()}"]
-        return out + ([f"run.min_steps={self.min_steps}"] if stage != "pretrain" else [])
+        if stage == "pretrain":  # the MAE sees every image each epoch: no minimum, validation every epoch
+            return out
+        return out + [f"run.min_steps={self.min_steps}", f"run.val_every_steps={self.val_every_steps}"]
+
+    @property
+    def val_every_steps(self) -> int:
+        """Steps between validations of a trained model (``run.val_every_steps``): a fifth of ``min_steps``, so
+        that a small fraction's one-step epochs validate about five times within the minimum instead of at
+        every step (a validation scores the whole validation split: at 1% it costs more than the steps
+        between), and patience (10 validations) spans about twice the minimum."""
+        return self.min_steps // 5
 
     def env(self) -> dict[str, str]:
         """The environment of every stage process: this one's, with the protocol's thread count."""

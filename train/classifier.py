@@ -24,7 +24,7 @@ class ClassifierConfig:
     """Which baseline this is, the row of the result tables: "vit" or "cnn" (the network is ``arch``)."""
     arch: str = "vit_base_patch16_224"
     """timm model name (created with pretrained=False, in_chans=1): a ViT for "vit"; resnet50 (the study's),
-    resnet18 (the demo's) or resnet10t (tests) for "cnn"."""
+    resnet10t (the demo's and the tests') for "cnn"."""
     embed_dim: int | None = None
     """ViT only: override the width (with depth and num_heads: a tiny debug ViT)."""
     depth: int | None = None

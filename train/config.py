@@ -111,9 +111,15 @@ class RunConfig:
     """Stop after this many optimizer steps in total (checkpoint, test, summary) without changing the LR
     schedule; for smoke tests and time-boxed jobs. None: run all epochs."""
     patience: int = 10
-    """Early stopping: stop after this many validations (one at every epoch's end) without a better validation
-    score (the study's 10): the task's own score, the loss for MAE pretraining, the accuracy for classifiers and
-    fine-tuning; 0 disables it. It never stops a run before ``min_steps``."""
+    """Early stopping: stop after this many validations (at epochs' ends, see ``val_every_steps``) without a
+    better validation score (the study's 10): the task's own score, the loss for MAE pretraining, the accuracy
+    for classifiers and fine-tuning; 0 disables it. It never stops a run before ``min_steps``."""
+    val_every_steps: int = 0
+    """Validate (early stopping, best weights, the epoch's checkpoint) at an epoch's end only once at least this
+    many optimizer steps have passed since the last validation, and always at the last epoch; 0: at every
+    epoch's end. At a small label fraction an epoch is one or a few steps, and a validation of the whole
+    validation split after each would cost more than the training (``radstream study`` sets a fifth of
+    ``min_steps``)."""
     min_steps: int = 0
     """The fewest optimizer steps of a run, whatever its label fraction: ``epochs`` is raised to cover them
     (at 1% an epoch can be one step, and a few steps leave a network from scratch, and its BatchNorm
@@ -147,8 +153,10 @@ class RunConfig:
             raise ValueError(f"run.epochs must be >= 1, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"run.max_steps must be >= 1 or None, got {self.max_steps}")
-        if self.patience < 0 or self.min_delta < 0 or self.min_steps < 0:
-            raise ValueError("run.patience, run.min_delta and run.min_steps must be >= 0")
+        if min(self.patience, self.min_delta, self.min_steps, self.val_every_steps) < 0:
+            raise ValueError(
+                "run.patience, run.min_delta, run.min_steps and run.val_every_steps must be >= 0"
+            )
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"run.mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         if self.compile_backend not in COMPILE_BACKENDS:

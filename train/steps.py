@@ -279,6 +279,8 @@ class LoopState:
     images: int = 0
     """Images trained in all, each step counted as its schedule's global batch: the LR schedule's position
     (``Schedule.lr_step``), which stays right when a resume at another world size changes the global batch."""
+    val_step: int = 0
+    """``step`` at the last validation (``run.val_every_steps`` counts from it)."""
 
 
 def training_over(run: RunConfig, state: LoopState, early: EarlyStopping) -> str | None:

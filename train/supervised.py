@@ -118,6 +118,29 @@ def evaluate_classifier(accelerator: Accelerator, model: nn.Module, loader, num_
     return accelerator.reduce(counts, reduction="sum").cpu().numpy().reshape(num_classes, num_classes)
 
 
+def without_padding(batch: dict) -> dict:
+    """``batch`` without its padding repeats (``valid`` false), keeping at least two rows (BatchNorm needs
+    more than one value per channel, and every rank must run the model for the gradients' all-reduce): the
+    repeats carry no loss, so computing them is waste, and at a small label fraction a bin's batch is mostly
+    repeats (1%: 2-3 real images of 16). Tensors and lists of the batch's length are cut alike."""
+    valid = batch["valid"].bool()
+    n = valid.shape[0]
+    keep = valid.clone()
+    keep[torch.nonzero(~valid).flatten()[: max(0, 2 - int(valid.sum()))]] = True
+    if bool(keep.all()):
+        return batch
+    rows = torch.nonzero(keep).flatten().tolist()
+    cut = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n:
+            cut[name] = value[keep]
+        elif isinstance(value, list) and len(value) == n:
+            cut[name] = [value[i] for i in rows]
+        else:
+            cut[name] = value
+    return cut
+
+
 def train_step(
     accelerator: Accelerator,
     model: nn.Module,
@@ -126,13 +149,18 @@ def train_step(
     *,
     step: int,
     optim: SupervisedOptimConfig,
+    drop_padding: bool = True,
 ) -> StepStats:
-    """One optimizer step of the masked cross-entropy over ``batches`` (``grad_accum_steps`` micro-batches)."""
+    """One optimizer step of the masked cross-entropy over ``batches`` (``grad_accum_steps`` micro-batches).
+    ``drop_padding``: the model computes only the real samples (``without_padding``); off under torch.compile,
+    whose graphs keep each bin's static batch shape (the repeats are then masked out of the loss: the same
+    gradient for a ViT, while a CNN's BatchNorm statistics include them)."""
     stats = StepStats(loss=torch.zeros(()))
 
     def loss_of(micro: int, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         stats.images += batch["image"].shape[0]
         stats.keys.extend(batch["key"])
+        batch = without_padding(batch) if drop_padding else batch
         logits = model(unit_float(batch["image"]))  # stored integers → [0, 1] floats on the device
         return masked_loss(logits, batch, optim.label_smoothing)
 
@@ -172,9 +200,9 @@ class SupervisedTask(TrainTask):
         return classifier_architecture(self.cfg.model.kind, self.cfg.model.arch, model, self.bins)
 
     def step(self, s: Session, batches: list[dict]) -> StepStats:
-        return train_step(
-            s.accelerator, s.model, s.optimizer, batches, step=s.state.step, optim=self.cfg.optim
-        )
+        cfg = self.cfg
+        return train_step(s.accelerator, s.model, s.optimizer, batches, step=s.state.step, optim=cfg.optim,
+                          drop_padding=not cfg.run.compile)  # fmt: skip
 
     def validate(self, s: Session) -> Validation:
         val_acc = accuracy(evaluate_classifier(s.accelerator, s.model, s.val_loader, len(self.class_names)))

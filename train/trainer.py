@@ -351,18 +351,31 @@ def _train_epoch(s: Session) -> str | None:
     return None
 
 
+def _validation_due(s: Session) -> bool:
+    """Whether this epoch's end validates: every epoch, or once ``run.val_every_steps`` steps have passed since
+    the last validation, and always at the last epoch."""
+    run, st = s.cfg.run, s.state
+    return (
+        not run.val_every_steps or st.epoch + 1 >= run.epochs or st.step - st.val_step >= run.val_every_steps
+    )
+
+
 def _end_epoch(s: Session) -> None:
-    """Validation, early stopping, best weights, then the epoch's checkpoint."""
+    """Validation, early stopping, best weights, then the epoch's checkpoint (when the epoch validates)."""
     st = s.state
-    v = s.task.validate(s)
-    sign = 1.0 if v.lower_is_better else -1.0  # EarlyStopping minimises
-    if s.early.update(sign * v.value, st.epoch):
-        meta = {"epoch": st.epoch, "step": st.step, f"val_{v.name}": v.value}
-        save_weights(s.accelerator, s.model, best_dir(s.run_dir), meta)
-    s.log("val", {**v.metrics, f"best_{v.name}": sign * s.early.best, "bad_epochs": s.early.bad_epochs})
+    due = _validation_due(s)
+    if due:
+        v = s.task.validate(s)
+        sign = 1.0 if v.lower_is_better else -1.0  # EarlyStopping minimises
+        if s.early.update(sign * v.value, st.epoch):
+            meta = {"epoch": st.epoch, "step": st.step, f"val_{v.name}": v.value}
+            save_weights(s.accelerator, s.model, best_dir(s.run_dir), meta)
+        s.log("val", {**v.metrics, f"best_{v.name}": sign * s.early.best, "bad_epochs": s.early.bad_epochs})
+        st.val_step = st.step
     st.epoch, st.epoch_step = st.epoch + 1, 0
     s.train_loader.set_epoch(st.epoch)
-    _checkpoint(s)
+    if due:  # between validations a kill resumes from the last one's checkpoint, replaying its epochs exactly
+        _checkpoint(s)
 
 
 def _checkpoint(s: Session) -> None:

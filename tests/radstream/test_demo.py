@@ -39,7 +39,7 @@ def test_tiny_demo_end_to_end(tmp_path: Path, capsys) -> None:
     flat = {name for name in rows if name.startswith(("MAE probe (flattened (", "MAE kNN (flattened ("))}
     assert len(flat) == 2 and all(name.endswith("))") for name in flat)
     assert set(rows) - flat == {
-        "CNN baseline (resnet18)",
+        "CNN baseline (resnet10t)",
         "ViT",
         "MAE probe (mean)",
         "MAE probe (CLS)",
@@ -100,6 +100,7 @@ def test_every_protocol_gives_every_trained_model_the_one_minimum(
     trained = [args for stage, args in calls if stage == "train.x"]
     assert len(trained) == 3 * len(protocol.fractions) * len(protocol.lrs or [1]) * protocol.train_seeds
     assert all(int(args["run.min_steps"]) == protocol.min_steps for args in trained)
+    assert all(int(args["run.val_every_steps"]) == protocol.min_steps // 5 for args in trained)
     probe = next(args for stage, args in calls if stage == "radstream.eval.probe")
     assert int(probe["min_steps"]) == protocol.min_steps
     assert "run.min_steps" not in " ".join(protocol.overrides("pretrain"))

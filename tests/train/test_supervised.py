@@ -271,3 +271,35 @@ def test_lr_grid_in_one_command_then_the_report_picks_on_validation(
     assert sel.lrs_searched == 2 and sel.lr in found
     with pytest.raises(ConfigError, match="lr_grid"):
         config("debug_vit.yaml", tiny_shards, run_dir, "optim.lr_grid=[0.0]")
+
+
+def test_padding_repeats_are_not_computed_and_the_step_is_the_same() -> None:
+    """``without_padding`` keeps the real rows (at least two), tensors and key lists alike; a step on the cut
+    batch gives the same weights as on the whole one for a network without batch statistics (the repeats
+    carry no loss either way)."""
+    from accelerate import Accelerator
+
+    from radstream.train.supervised import SupervisedOptimConfig, train_step, without_padding
+
+    gen = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randint(0, 255, (6, 1, 4, 4), dtype=torch.uint8, generator=gen),
+             "label": torch.tensor([0, 1, 2, 0, 1, -1]), "valid": torch.tensor([1, 0, 1, 0, 0, 1]).bool(),
+             "key": list("abcdef"), "bin": "4x4"}  # fmt: skip
+    cut = without_padding(batch)
+    assert cut["key"] == ["a", "c", "f"] and cut["label"].tolist() == [0, 2, -1] and cut["bin"] == "4x4"
+    assert cut["image"].shape[0] == 3 and torch.equal(cut["image"][1], batch["image"][2])
+    one = without_padding({**batch, "valid": torch.tensor([0, 0, 0, 1, 0, 0]).bool()})
+    assert one["key"] == ["a", "d"] and one["valid"].tolist() == [False, True]  # BatchNorm's two rows
+    assert without_padding({**batch, "valid": torch.ones(6).bool()})["key"] == list("abcdef")
+
+    weights = []
+    for drop in (False, True):
+        reset_accelerate()
+        accelerator = Accelerator(cpu=True)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        train_step(accelerator, model, optimizer, [batch], step=0, optim=SupervisedOptimConfig(lr=0.1),
+                   drop_padding=drop)  # fmt: skip
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-6, atol=1e-7)

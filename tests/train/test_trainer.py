@@ -237,3 +237,26 @@ def test_a_deterministic_run_turns_on_torchs_deterministic_algorithms(tmp_path: 
     finally:
         torch.use_deterministic_algorithms(False)
     assert seen and all(seen)
+
+
+def test_validation_every_n_steps_at_epoch_ends_and_always_at_the_last(tmp_path: Path, fake_loaders) -> None:
+    """3 steps an epoch, 6 epochs, run.val_every_steps=5: validations (and the epoch checkpoints) at the ends
+    of epochs 1, 3 and 5 (steps 6, 12, 18), not after every epoch; a run stopped between validations resumes
+    to the same losses and validations."""
+    base = FakeConfig(run_dir=str(tmp_path / "reference"),
+                      checkpoint=CheckpointConfig(every_steps=0, keep_last=10))  # fmt: skip
+    run = replace(base.run, epochs=6, patience=0, val_every_steps=5)
+    assert trainer.run(FakeTask(replace(base, run=run))) == 0
+    reference = Path(base.run_dir)
+    validations = [(r["epoch"], step) for step, r in train_lines(reference, "val").items()]
+    assert validations == [(1, 6), (3, 12), (5, 18)]
+    assert [p.name for p in list_checkpoints(reference)] == ["step-6", "step-12", "step-18"]
+    reset_accelerate()
+    run_dir = tmp_path / "resumed"
+    assert trainer.run(FakeTask(replace(base, run_dir=str(run_dir), run=replace(run, max_steps=8)))) == 0
+    reset_accelerate()
+    assert trainer.run(FakeTask(replace(base, run_dir=str(run_dir), run=run))) == 0
+    for split in ("train", "val"):
+        ref, got = train_lines(reference, split), train_lines(run_dir, split)
+        assert sorted(got) == sorted(ref)
+        assert all(got[k]["loss"] == pytest.approx(ref[k]["loss"], abs=1e-6) for k in ref), split
