@@ -30,6 +30,10 @@ class RemoteConfig:
     """Attempts per request before a transient failure becomes an error."""
     backoff_s: float = 0.5
     """Wait before the second attempt; doubled for each further one (with jitter), at most 30 s."""
+    timeout_s: float = 60.0
+    """Seconds a connection attempt, or a wait for the next bytes of an answer, may take before the request
+    counts as a transient failure (retried as above): a server that accepts and never answers, or stops
+    mid-answer, fails in ``retries`` x this instead of hanging the job."""
     chunk_bytes: int = 8 << 20
     """Bytes per ranged GET: a failed request costs at most this much again."""
     max_pinned: int = 16
@@ -41,8 +45,10 @@ class RemoteConfig:
             raise ValueError(f"remote.max_cache_bytes must be >= 1 or None, got {self.max_cache_bytes}")
         if self.prefetch < 1 or self.prefetch_shards < 0 or self.max_pinned < 1:
             raise ValueError("remote.prefetch, max_pinned must be >= 1 and remote.prefetch_shards >= 0")
-        if self.retries < 1 or self.backoff_s < 0 or self.chunk_bytes < 1:
-            raise ValueError("remote.retries and remote.chunk_bytes must be >= 1, remote.backoff_s >= 0")
+        if self.retries < 1 or self.backoff_s < 0 or self.chunk_bytes < 1 or not self.timeout_s > 0:
+            raise ValueError(
+                "remote.retries and remote.chunk_bytes must be >= 1, remote.backoff_s >= 0, remote.timeout_s > 0"
+            )
 
 
 @dataclass(frozen=True)

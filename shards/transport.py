@@ -1,7 +1,8 @@
 """Talking to object storage (``s3://``) or a web server (``http(s)://``): the filesystem of a URL and retries.
 
 All network access is fsspec (s3fs for S3, its aiohttp HTTP filesystem); transient failures (dropped
-connections, timeouts, 5xx, 408/429) are retried with exponential backoff, a bounded number of times.
+connections, timeouts, 5xx, 408/429) are retried with exponential backoff, a bounded number of times. Every
+connection and every read waits at most ``RemoteConfig.timeout_s`` (a server that never answers is a timeout).
 S3 endpoint: ``RemoteConfig.s3_endpoint``, else ``$RADSTREAM_S3_ENDPOINT``, else ``$AWS_ENDPOINT_URL``;
 credentials only from the environment or the usual AWS config files (botocore's chain). Used by the remote
 store (reading) and by ``radstream.shards.builder.publish`` (writing).
@@ -44,8 +45,15 @@ def filesystem(url: str, cfg: RemoteConfig):
     from fsspec.core import url_to_fs
 
     options: dict = {} if is_remote(url) else {"auto_mkdir": True}  # publishing into a local folder
-    if url.startswith("s3://") and s3_endpoint(cfg):
-        options["endpoint_url"] = s3_endpoint(cfg)
+    if url.startswith("s3://"):
+        options["config_kwargs"] = {"connect_timeout": cfg.timeout_s, "read_timeout": cfg.timeout_s}
+        if s3_endpoint(cfg):
+            options["endpoint_url"] = s3_endpoint(cfg)
+    elif url.startswith(("http://", "https://")):
+        import aiohttp  # the HTTP filesystem's client: no total bound (a big shard may take long), per read one
+
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.timeout_s, sock_read=cfg.timeout_s)
+        options["client_kwargs"] = {"timeout": timeout}
     fs, base = url_to_fs(url.rstrip("/"), **options)
     return fs, base.rstrip("/")
 
