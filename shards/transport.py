@@ -96,6 +96,14 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, _transient_types())
 
 
+def describe(err: BaseException) -> str:
+    """An error in one line: its type and message, or for a timeout without one, what timed out."""
+    text = str(err).strip() or (
+        "no answer within remote.timeout_s" if "Timeout" in type(err).__name__ else ""
+    )
+    return f"{type(err).__name__}: {text}".rstrip(": ")
+
+
 def with_retries(call: Callable[[], T], what: str, retries: int, backoff_s: float) -> T:
     """``call()``, retried on transient errors with exponential backoff.
 
@@ -115,12 +123,10 @@ def with_retries(call: Callable[[], T], what: str, retries: int, backoff_s: floa
             if not is_transient(err):
                 raise
             if attempt == retries:
-                raise RemoteError(
-                    f"{what}: failed {retries} times, last: {type(err).__name__}: {err}"
-                ) from err
+                raise RemoteError(f"{what}: failed {retries} times, last: {describe(err)}") from err
             delay = min(30.0, backoff_s * 2 ** (attempt - 1)) * random.uniform(
                 0.5, 1.0
             )  # jitter spreads nodes
-            log.info("%s: %s: %s; retry %d in %.2f s", what, type(err).__name__, err, attempt, delay)
+            log.info("%s: %s; retry %d in %.2f s", what, describe(err), attempt, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
