@@ -93,7 +93,9 @@ def make_plan(cfg: BuildConfig, source: tuple[int, str]) -> BuildPlan:
         full = [dataclasses.asdict(r) for r in sorted(err.rejects, key=lambda r: r.path)]
         listed = write_reject_lists(Path(cfg.out), full, keep_paths=not cfg.ingest.privacy.enabled)
         first = "; ".join(f"{r.path}: {r.reason}" for r in err.rejects[:3])
-        raise ValueError(f"{err}; all listed in {listed}, the first: {first}") from None
+        raise ValueError(
+            f"{err}; all listed in {listed}, the first: {first}" if first else str(err)
+        ) from None
     write_identities(Path(cfg.out), ingested.identities, cfg.source)
     records = ingested.records
     sizes = np.array([[r.height, r.width] for r in records], dtype=np.int64).reshape(-1, 2)

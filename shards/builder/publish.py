@@ -102,9 +102,13 @@ def check_publishable(out: Path, manifest: dict, files: list[str], allow_identif
         )
     found = find_private_values(out, files)
     if found:
+        fix = "rebuild it with privacy on"
+        if manifest.get("privacy", {}).get("identifiers") == "pseudonymised":  # came in through kept text
+            fix = ("privacy was on, so they came in through text the dataset keeps as it is (class names from "
+                   "folder labels, label columns) or an edit of its files: remove them there and rebuild")  # fmt: skip
         raise PrivateDataError(
             f"{out}: refusing to publish: {len(found)} files hold patient ids or source paths of its private "
-            f"map, e.g. {found[0]}; rebuild it with privacy on"
+            f"map, e.g. {found[0]}; {fix}"
         )
 
 

@@ -169,8 +169,11 @@ def test_publish_refuses_kept_identifiers_and_any_private_value_it_finds(
     shutil.copytree(tmp_path / "private", leaky)
     with open(leaky / "rejects.jsonl", "a") as fh:  # as a careless edit would
         fh.write(json.dumps({"note": f"see {PATIENTS[1][2]}"}) + "\n")
-    with pytest.raises(PrivateDataError, match=r"refusing to publish: 1 files .* e\.g\. rejects\.jsonl"):
-        publish(leaky, str(tmp_path / "pub-leaky"))
+    with pytest.raises(
+        PrivateDataError,
+        match=r"refusing to publish: 1 files .* rejects\.jsonl: 1 private values; privacy was on",
+    ):
+        publish(leaky, str(tmp_path / "pub-leaky"))  # the fix named: the kept text, not "privacy on"
 
 
 def test_a_format_1_dataset_is_refused_in_one_line(tiny_shards: Path, tmp_path: Path) -> None:

@@ -192,3 +192,14 @@ def test_a_manifest_whose_rows_all_miss_writes_its_rejects(
 
     text = " ".join(make_parser()._subparsers._group_actions[0].choices["build-shards"].format_help().split())
     assert "read from the CSV's own folder" in text
+
+
+def test_a_manifest_with_only_its_header_says_so_in_one_line(tmp_path: Path, capsys) -> None:
+    from radstream.cli import main as cli
+
+    source, csv = tmp_path / "src", tmp_path / "manifest.csv"
+    source.mkdir()
+    csv.write_text("path\n")
+    assert cli(["build-shards", str(source), str(tmp_path / "out"), "--manifest-csv", str(csv)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no usable images" in err and "the first:" not in err, err
