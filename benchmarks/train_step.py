@@ -11,8 +11,9 @@ batches (no loading), after one warm-up pass over its batches (compilation); the
 interleaved and the fastest pass of each counts (other load on the machine only slows a pass down). It
 reports images/s, patch tokens/s, foreground ("useful") tokens/s, encoder tokens per image, the foreground
 share of the visible patches (expected value: the foreground share of all patches under random masking, 100%
-with border-aware masking), FLOPs per image (FlopCounterMode, eager, once per batch), model FLOP utilisation
-on a GPU of known peak, peak memory, and the compute saved against ``fixed``.
+with border-aware masking), FLOPs per image (one eager step per batch), model FLOP utilisation on a GPU of
+known peak, peak memory, and the compute saved against ``fixed``. Sync, FLOPs, peak memory and the GPU peaks
+are ``radstream gpu-check``'s (``radstream.gpu.measure``, ``radstream.gpu.report``).
 
     python benchmarks/train_step.py                       # CPU, a small ViT
     python benchmarks/train_step.py --device cuda --model vit_base_patch16_224 --batch 256 --bf16 --compile
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,24 +42,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import TorchDynamoPlugin  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from radstream.bucketing.bins import assign_bins, plan_smart  # noqa: E402
 from radstream.bucketing.geometry import Bin, fit_geometry  # noqa: E402
 from radstream.core.config import load_config  # noqa: E402
+from radstream.gpu.measure import peak_memory_gib, reset_peak_memory, step_flops, sync  # noqa: E402
+from radstream.gpu.report import peak_tflops  # noqa: E402
 from radstream.train.config import OptimConfig, PretrainConfig  # noqa: E402
 from radstream.train.mae import MAEConfig, background_patches, build_mae  # noqa: E402
-from radstream.train.mae_step import batch_background, step_noise, train_step  # noqa: E402
-from radstream.train.optim import build_optimizer, param_groups
-from radstream.train.steps import allow_graphs
+from radstream.train.mae_step import train_step  # noqa: E402
+from radstream.train.optim import build_optimizer, param_groups  # noqa: E402
+from radstream.train.steps import allow_graphs  # noqa: E402
 
 PATCH = 16
 MAX_TOKENS = 196
 BORDER_THRESHOLD = 0.02
 MODES = {"fixed": ("fixed", False), "smart": ("smart", False), "smart+border": ("smart", True)}
 """Mode name -> (binning, border-aware masking)."""
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-"""Dense bf16 tensor-core peaks (TFLOP/s) by GPU name, for model FLOP utilisation."""
 # Aspect ratios (height / width) of a radiograph archive: hands and long bones tall, chests square-ish,
 # extremities and spine very tall, a few landscape (pelvis, skull laterals).
 ASPECTS = np.array([0.75, 1.0, 1.25, 1.33, 1.5, 2.0, 2.5])
@@ -127,21 +126,6 @@ def make_batches(images: list[Radiograph], mode: str, batch: int, device: torch.
     return batches
 
 
-def step_flops(model, batch: dict, seed: int) -> float:
-    """FLOPs of one forward + backward of the eager model on ``batch``."""
-    imgs = batch["image"]
-    noise = step_noise(seed, 0, 0, 0, (imgs.shape[0], imgs.shape[-2] * imgs.shape[-1] // PATCH**2))
-    with FlopCounterMode(display=False) as counter:
-        model(imgs, background=batch_background(model, batch), noise=noise.to(imgs.device)).loss.backward()
-    model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class Mode:
     """One way of feeding the images, ready to time."""
@@ -163,14 +147,18 @@ class Mode:
 def prepare_mode(
     accelerator: Accelerator, cfg: MAEConfig, batches: list[dict], compile_: bool = False
 ) -> Mode:
-    """Model and optimizer for a mode (the same initial weights for all), its FLOPs, one warm-up pass;
-    ``compile_``: the model compiled as a run compiles it (inductor, static shapes), whatever the accelerator."""
+    """Model and optimizer for a mode (the same initial weights for all), its FLOPs (one eager step per
+    batch), one warm-up pass; ``compile_``: the model compiled as a run compiles it (inductor, static shapes),
+    whatever the accelerator."""
     torch.manual_seed(0)
     model = build_mae(cfg).to(accelerator.device)
-    flops = sum(step_flops(model, b, 0) for b in batches)
     optim = OptimConfig()
     optimizer = build_optimizer(param_groups(model, optim.weight_decay), optim.betas, lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
+    flops = sum(
+        step_flops(lambda b=b: train_step(accelerator, model, optimizer, [b], seed=0, step=0))
+        for b in batches
+    )
     if compile_:
         allow_graphs(2 * len({b["bin"] for b in batches}))
         model = torch.compile(model, backend="inductor", dynamic=False)
@@ -184,8 +172,7 @@ def time_pass(accelerator: Accelerator, mode: Mode) -> None:
     """One timed pass of training steps over the mode's batches."""
     device = accelerator.device
     enc = torch.zeros((), device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     sync(device)
     start = time.perf_counter()
     for i, b in enumerate(mode.batches):
@@ -194,7 +181,7 @@ def time_pass(accelerator: Accelerator, mode: Mode) -> None:
     sync(device)
     mode.passes.append(time.perf_counter() - start)
     mode.encoder_tokens = float(enc)
-    mode.peak_mem_gb = max(mode.peak_mem_gb, _peak_memory_gb(device))
+    mode.peak_mem_gb = max(mode.peak_mem_gb, peak_memory_gib(device))
 
 
 def summarize(mode: Mode, device: torch.device) -> dict:
@@ -213,21 +200,6 @@ def summarize(mode: Mode, device: torch.device) -> dict:
 def foreground_background(batch: dict) -> torch.Tensor:
     """[B, L] background patches by the box and threshold rule, whatever the model's masking."""
     return background_patches(batch["image"], PATCH, BORDER_THRESHOLD, boxes=batch["foreground"])
-
-
-def _peak_memory_gb(device: torch.device) -> float:
-    """CUDA max allocated since the last reset, or the process's peak RSS on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-
-
-def peak_tflops(device: torch.device, given: float | None) -> float | None:
-    """The device's dense peak for MFU: ``--peak-tflops``, else looked up by GPU name; None on a CPU."""
-    if given is not None or device.type != "cuda":
-        return given
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
 def report(rows: dict[str, dict], peak: float | None) -> str:
@@ -340,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = {name: summarize(mode, accelerator.device) for name, mode in modes.items()}
     print(f"device {accelerator.device} ({torch.cuda.get_device_name() if cuda else 'cpu'}), model {args.model}, "
           f"batch {args.batch}, bf16 {args.bf16}, compile {args.compile}, {len(images)} images")  # fmt: skip
-    print(report(rows, peak_tflops(accelerator.device, args.peak_tflops)))
+    peak = peak_tflops(torch.cuda.get_device_name(), args.peak_tflops) if cuda else args.peak_tflops
+    print(report(rows, peak))
     return 0
 
 

@@ -37,7 +37,7 @@ run)
         echo "gpu_session: no .whl/ here (make device-wheels); using the Python environment as it is"
     fi
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-    "$PY" -c "import torch; import radstream.gpubench" || { echo "gpu_session: torch or the project does not import with $PY"; exit 1; }
+    "$PY" -c "import torch; import radstream.gpu.bench" || { echo "gpu_session: torch or the project does not import with $PY"; exit 1; }
     if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
         echo "gpu_session: stops here, the rest needs CUDA (torch.cuda.is_available() is False with $PY); nothing measured"
         exit 0

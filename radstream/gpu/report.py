@@ -1,7 +1,7 @@
 """The report of ``radstream gpu-check``: pytest results, MFU, the targets, and the Markdown around them.
 
 Pure functions of the parts' JSON results (no torch, no GPU), so they are unit-tested on the CPU with canned
-inputs. ``radstream.gpucheck`` runs the parts; ``radstream.gpubench`` measures.
+inputs. ``radstream.gpu.check`` runs the parts; ``radstream.gpu.bench`` measures.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _SUMMARY_WORDS = ("passed", "failed", "skipped", "errors", "error", "deselected"
 
 
 def save(path: Path, result: dict) -> None:
-    """Write a part's JSON result (``radstream.gpubench`` rewrites it after every row)."""
+    """Write a part's JSON result (the parts rewrite it after every row)."""
     path.write_text(json.dumps(result, indent=1) + "\n")
 
 

@@ -1,4 +1,5 @@
-"""`radstream gpu-check` on the CPU: the no-GPU line, the parsers, MFU, the targets, the report, the budget."""
+"""`radstream gpu-check` (``radstream.gpu``) on the CPU: the no-GPU line, the parsers, MFU, the targets, the report,
+the budget, and the MAE part's code path on a tiny model: it times the trainer's own step."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-import radstream.gpucheck as gpucheck
-from radstream import gpureport
+import radstream.gpu.check as gpucheck
 from radstream.cli import main as cli_main
-from radstream.gpubench import attention_backend, top_kernels
+from radstream.gpu import report as gpureport
+from radstream.gpu.mae import attention_backend, top_kernels
 from radstream.shards.loader import dali_available
+from tests.accelerate_state import reset_accelerate
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" errors="0" failures="1" skipped="1" tests="4">
@@ -156,17 +158,47 @@ def test_run_check_budget_timeout_and_partial_results(tmp_path, monkeypatch):
     assert "===== hang: timeout" in (tmp_path / "gpu_check.log").read_text()
 
 
-def test_mae_benchmark_runs_every_mode_on_a_tiny_model(tmp_path):
-    # The GPU measurement's code path on the CPU: batches, FLOP count, timing, profile, rows, saved JSON.
+TINY_MAE = ("model.encoder=vit_tiny_patch16_224", "model.embed_dim=32", "model.depth=1", "model.num_heads=2",
+            "model.decoder_dim=32", "model.decoder_depth=1", "model.decoder_heads=2",
+            "run.cpu=true", 'run.mixed_precision="no"', "run.compile_backend=eager")  # fmt: skip
+"""The ViT-B/16 recipe shrunk to seconds on the CPU; compiled with dynamo's "eager" backend (no code generation)."""
+
+
+def test_mae_benchmark_times_the_trainers_step_in_every_mode(tmp_path, monkeypatch):
+    # The GPU measurement's code path on the CPU: batches, FLOP count, timing, profile, rows, saved JSON; and
+    # every step it takes is radstream.train.mae_step.train_step on the recipe's MAE (seed, gradient clipping).
     import torch
 
-    from radstream.gpubench import MaeSize, run_mae
+    from radstream.gpu.mae import MaeSize, run_mae
+    from radstream.train import mae_step
+    from radstream.train.mae import MAE
 
-    tiny = {"encoder": "vit_tiny_patch16_224", "embed_dim": 32, "depth": 1, "num_heads": 2,
-            "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2}  # fmt: skip
-    size = MaeSize(batch=1, steps=1, compiled_smart=False, model=tiny, compile_backend="eager")
-    run_mae(tmp_path / "mae.json", size, None, torch.device("cpu"))
+    calls = []
+    real_step = mae_step.train_step
+
+    def spy(accelerator, model, optimizer, batches, **kw):
+        calls.append(
+            (
+                type(accelerator.unwrap_model(model, keep_torch_compile=False)),
+                kw["grad_clip"],
+                kw["seed"],
+                len(batches),
+            )
+        )
+        return real_step(accelerator, model, optimizer, batches, **kw)
+
+    monkeypatch.setattr(mae_step, "train_step", spy)
+    size = MaeSize(batch=1, steps=1, compiled_smart=False, overrides=TINY_MAE)
+    reset_accelerate()
+    try:
+        run_mae(tmp_path / "mae.json", size, None)
+    finally:
+        reset_accelerate()
+    # per mode: one FLOP-counting step per batch, two warm-up passes, the timed steps, one profiled step
+    assert len(calls) == (2 + 4 + 1 + 1) * 2 + (4 + 8 + 1 + 1)
+    assert set(calls) == {(MAE, 3.0, 0, 1)}  # the recipe's grad_clip and seed, one micro-batch per step
     result = json.loads((tmp_path / "mae.json").read_text())
+    assert (result["recipe"], result["precision"]) == ("vit_b16_224.yaml", "no")
     rows = {r["mode"]: r for r in result["rows"]}
     assert list(rows) == ["fixed 224, eager", "fixed 224, compiled", "smart bins + border-aware, eager"]
     for r in rows.values():
@@ -183,11 +215,12 @@ def test_mae_benchmark_runs_every_mode_on_a_tiny_model(tmp_path):
     # compiled as a run compiles: one static graph for the one 224 shape, no graph break
     assert (rows["fixed 224, compiled"]["graphs"], rows["fixed 224, compiled"]["graph_breaks"]) == (1, 0)
     assert rows["fixed 224, eager"]["graphs"] == 0
+    assert torch.is_grad_enabled()
 
 
 @pytest.mark.skipif(not dali_available(), reason="no nvidia.dali")
 def test_decode_benchmark_rows_on_the_cpu_decoder(tmp_path):
-    from radstream.gpubench_data import run_decode
+    from radstream.gpu.data import run_decode
 
     run_decode(tmp_path / "d.json", batch=4, seconds=0.01, shapes=((32, 48),), device_id=None)
     rows = json.loads((tmp_path / "d.json").read_text())["rows"]
@@ -200,7 +233,7 @@ def test_decode_benchmark_rows_on_the_cpu_decoder(tmp_path):
 
 
 def test_window_means_leave_out_the_first_window(tmp_path):
-    from radstream.gpubench_data import window_means
+    from radstream.gpu.data import window_means
 
     rows = [{"split": "train", "images_per_s": 100.0, "data_wait_frac": 0.9},  # compilation
             {"split": "val", "loss": 1.0},
@@ -217,4 +250,4 @@ def test_window_means_leave_out_the_first_window(tmp_path):
 def test_the_tests_part_collects_only_the_modules_with_gpu_tests():
     files = {Path(f).name for f in gpucheck.gpu_test_files(gpucheck.REPO / "tests")}
     assert {"test_gpu_decode.py", "test_loader.py", "test_pretrain.py", "test_supervised.py"} <= files
-    assert "test_remote.py" not in files and "test_gpucheck.py" not in files
+    assert "test_remote.py" not in files and "test_gpu.py" not in files

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from radstream.core.atomic import write_text
-from radstream.gpureport import parse_junit, parse_pytest_summary, render_report
+from radstream.gpu.report import parse_junit, parse_pytest_summary, render_report
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 """The checkout (tests/ and configs/ live there; an installed wheel has neither)."""
 LOG_TAIL_LINES = 40
 _MIN_PART_S = 10.0
@@ -66,7 +66,7 @@ def environment(command: str, quick: bool, peak_override: float | None) -> dict:
     """What the report is about: device, versions, date, the command and the peak used for MFU."""
     import torch
 
-    from radstream.gpureport import peak_tflops
+    from radstream.gpu.report import peak_tflops
 
     try:
         import nvidia.dali
@@ -100,7 +100,7 @@ def part_command(part: str, work: Path, quick: bool, peak: float | None, limit_s
     if part == "tests":
         return [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o",
                 "addopts=-ra", f"--junitxml={work / 'tests.xml'}", *gpu_test_files(REPO / "tests")]  # fmt: skip
-    cmd = [sys.executable, "-m", "radstream.gpubench", part, "--out", str(work / f"{part}.json"),
+    cmd = [sys.executable, "-m", "radstream.gpu.bench", part, "--out", str(work / f"{part}.json"),
            f"--limit-s={limit_s:.0f}"]  # fmt: skip
     cmd += ["--quick"] if quick else []
     return cmd + ([f"--peak-tflops={peak}"] if peak is not None else [])

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from radstream.gpureport import save
+from radstream.gpu.measure import sync
+from radstream.gpu.report import save
 from radstream.shards.codecs import bit_depth, encode
 from radstream.shards.loader import dali_available
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DECODE_SHAPES = ((224, 224), (256, 320))
 DISTINCT_IMAGES = 32
 """Distinct encoded images, repeated to fill a batch (encoding jp2 in Python is slow)."""
@@ -64,7 +65,7 @@ def decode_rate(
         pipe.run()
         runs += 1
     if device_id is not None:
-        torch.cuda.synchronize(device_id)
+        sync(torch.device("cuda", device_id))
     rate = runs * len(raws) / (time.perf_counter() - start)
     del pipe
     return rate

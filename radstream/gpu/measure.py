@@ -1,0 +1,54 @@
+"""How every MAE-step benchmark measures: device sync, a timed run, the FLOPs of one step, peak memory.
+
+One copy for ``radstream.gpu.bench`` (``radstream gpu-check``) and ``benchmarks/train_step.py``; peak memory is
+the trainer's own (``radstream.train.steps.peak_memory_mb``, the figure of metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from radstream.train.steps import peak_memory_mb
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): timings start and end on a quiet device."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step: Callable[[int], object], warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` calls of ``step(i)`` after ``warmup`` untimed ones (compilation, the allocator,
+    cuDNN autotuning), between two device synchronisations."""
+    for i in range(warmup):
+        step(i)
+    sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(warmup + i)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def step_flops(step: Callable[[], object]) -> float:
+    """FLOPs of one eager ``step()``: matrix products, convolutions and attention, forward and backward
+    (``torch.utils.flop_counter``), the usual numerator of MFU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new CUDA peak (the CPU's peak resident set size cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The trainer's peak memory in GiB: CUDA max allocated since the last reset, else the process's peak RSS."""
+    return peak_memory_mb(device) / 1024
