@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from radstream.shards.images import unit_float
 from radstream.train.mae import EVAL_SUMS, MAE, background_patches
 from radstream.train.masking import patch_errors, patchify
-from radstream.train.steps import StepStats, accumulate_step
+from radstream.train.steps import StepStats, accumulate_step, split_sums
 from radstream.train.visualize import masked_images
 
 
@@ -138,32 +138,26 @@ class EvalResult:
     """Up to ``keep`` (original, masked patches, reconstruction) [1, H, W] on the CPU, this rank's first."""
 
 
-@torch.no_grad()
 def evaluate(
     accelerator: Accelerator, model: torch.nn.Module, loader, *, seed: int, keep: int = 0
 ) -> EvalResult:
-    """MAE loss and pixel MSE of a whole split with fixed per-image masks (``key_noise``).
-
-    Every rank must call it (sums are all-reduced). The loader is reset to epoch 0 so batches, and thus
-    border-aware batch masks, are the same every time.
-    """
+    """MAE loss and pixel MSE of a whole split with fixed per-image masks (``key_noise``), through the one
+    evaluation skeleton (``radstream.train.steps.split_sums``: every rank must call it)."""
     mae = accelerator.unwrap_model(model)
-    was_training = model.training
-    model.eval()
-    loader.set_epoch(0)
-    sums = torch.zeros(len(EVAL_SUMS), dtype=torch.float64, device=accelerator.device)
     samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for batch in loader:
+
+    def sums(batch: dict) -> torch.Tensor:
         imgs, valid = unit_float(batch["image"]), batch["valid"].bool()
         length = imgs.shape[-2] * imgs.shape[-1] // mae.patch_size**2
         noise = key_noise(seed, batch["key"], length).to(imgs.device)
         out = model(imgs, background=batch_background(mae, batch, imgs), noise=noise)
-        sums += mae.eval_sums(imgs, out, valid)
-        imgs, pred, mask = imgs[valid], out.pred[valid], out.mask[valid]
-        if len(samples) < keep and len(imgs):
-            samples.extend(_grid_samples(mae, imgs, pred, mask, keep - len(samples)))
-    model.train(was_training)
-    return EvalResult(**mae.eval_means(accelerator.reduce(sums, reduction="sum")), samples=samples)
+        imgs_kept, pred, mask = imgs[valid], out.pred[valid], out.mask[valid]
+        if len(samples) < keep and len(imgs_kept):
+            samples.extend(_grid_samples(mae, imgs_kept, pred, mask, keep - len(samples)))
+        return mae.eval_sums(imgs, out, valid)
+
+    total = split_sums(accelerator, model, loader, sums, len(EVAL_SUMS))
+    return EvalResult(**mae.eval_means(total), samples=samples)
 
 
 def _grid_samples(
@@ -189,7 +183,6 @@ def objective_name(mae: MAE) -> str:
     return f"{what}, {where}"
 
 
-@torch.no_grad()
 def study_mse(accelerator: Accelerator, model: torch.nn.Module, loader) -> float | None:
     """The study's one MSE for every MAE: [0, 1] pixels, over the hidden patches of a uniform random 75%
     mask of ALL patches (``STUDY_MASK_SEED``; no border-aware background), valid images of all ranks.
@@ -202,11 +195,8 @@ def study_mse(accelerator: Accelerator, model: torch.nn.Module, loader) -> float
     mae = accelerator.unwrap_model(model)
     if mae.cfg.norm_pix_loss:
         return None
-    was_training = model.training
-    model.eval()
-    loader.set_epoch(0)
-    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for batch in loader:
+
+    def sums(batch: dict) -> torch.Tensor:
         imgs, valid = unit_float(batch["image"]), batch["valid"].bool()
         length = imgs.shape[-2] * imgs.shape[-1] // mae.patch_size**2
         noise = key_noise(STUDY_MASK_SEED, batch["key"], length).to(imgs.device)
@@ -214,7 +204,7 @@ def study_mse(accelerator: Accelerator, model: torch.nn.Module, loader) -> float
         out = model(imgs, mask_ratio=STUDY_MASK_RATIO, background=background, noise=noise)
         hidden = out.hidden.float() * valid[:, None].float()
         errors = patch_errors(out.pred.float(), patchify(imgs.float(), mae.patch_size))
-        sums += torch.stack([(errors * hidden).sum().double(), hidden.sum().double()])
-    model.train(was_training)
-    total, count = accelerator.reduce(sums, reduction="sum").tolist()
+        return torch.stack([(errors * hidden).sum().double(), hidden.sum().double()])
+
+    total, count = split_sums(accelerator, model, loader, sums, 2).tolist()
     return total / max(count, 1.0)

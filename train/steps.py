@@ -178,6 +178,33 @@ def agree_after_step(
     return stop
 
 
+@torch.no_grad()
+def split_sums(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    loader,
+    batch_sums: Callable[[dict], torch.Tensor],
+    size: int,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The one skeleton of every evaluation of a split (the MAE's losses and study MSE, a classifier's
+    confusion): ``batch_sums(batch)`` gives a batch's [size] sums on the device, added up and all-reduced once.
+
+    The model evaluates in eval mode and gets its own mode back after; the loader restarts at epoch 0, so the
+    batches (and thus border-aware batch masks) are the same at every evaluation. Every rank must call it.
+    """
+    was_training = model.training
+    model.eval()
+    loader.set_epoch(0)
+    total = torch.zeros(size, dtype=dtype, device=accelerator.device)
+    try:
+        for batch in loader:
+            total += batch_sums(batch)
+    finally:
+        model.train(was_training)
+    return accelerator.reduce(total, reduction="sum")
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: CUDA max allocated on a GPU, else the peak resident set size."""
     if device.type == "cuda":

@@ -46,7 +46,7 @@ from radstream.train.entry import stage_main
 from radstream.train.metrics import accuracy, balanced_accuracy, per_class_recall
 from radstream.train.provenance import classifier_architecture, init_name, manifest_bins
 from radstream.train.run_layout import RESULTS
-from radstream.train.steps import StepStats, accumulate_step
+from radstream.train.steps import StepStats, accumulate_step, split_sums
 from radstream.train.sweep import run_sweep
 from radstream.train.trainer import Session, TrainTask, Validation
 
@@ -103,19 +103,16 @@ def masked_loss(
     return (ce * keep).sum(), keep.sum()
 
 
-@torch.no_grad()
 def evaluate_classifier(accelerator: Accelerator, model: nn.Module, loader, num_classes: int) -> np.ndarray:
     """Confusion matrix [C, C] (rows: true class) of a whole split, summed over ranks; padding skipped."""
-    was_training = model.training
-    model.eval()
-    loader.set_epoch(0)
-    counts = torch.zeros(num_classes * num_classes, dtype=torch.long, device=accelerator.device)
-    for batch in loader:
+
+    def counts(batch: dict) -> torch.Tensor:
         pred = model(unit_float(batch["image"])).argmax(dim=-1)
         keep = batch["valid"].bool() & (batch["label"] >= 0)
-        counts += torch.bincount(batch["label"][keep] * num_classes + pred[keep], minlength=num_classes**2)
-    model.train(was_training)
-    return accelerator.reduce(counts, reduction="sum").cpu().numpy().reshape(num_classes, num_classes)
+        return torch.bincount(batch["label"][keep] * num_classes + pred[keep], minlength=num_classes**2)
+
+    total = split_sums(accelerator, model, loader, counts, num_classes**2, dtype=torch.long)
+    return total.cpu().numpy().reshape(num_classes, num_classes)
 
 
 def without_padding(batch: dict) -> dict:

@@ -17,7 +17,7 @@ import radstream.train.trainer as trainer
 from radstream.train.config import CheckpointConfig, RunConfig
 from radstream.train.optim import Schedule, optimizer_steps
 from radstream.train.run_layout import list_checkpoints
-from radstream.train.steps import StepStats, accumulate_step
+from radstream.train.steps import StepStats, accumulate_step, split_sums
 from tests.accelerate_state import reset_accelerate
 
 # ---------------------------------------------------------------------------------- the trainer's seam
@@ -89,6 +89,41 @@ def test_two_unequal_micro_batches_step_as_one_batch_of_both() -> None:
     reset_accelerate()
     torch.testing.assert_close(weights[1][0], weights[0][0], rtol=1e-6, atol=1e-7)
     assert weights[1][1] == pytest.approx(weights[0][1], rel=1e-6)
+
+
+def test_every_evaluation_is_one_skeleton_eval_mode_epoch_zero_its_mode_back() -> None:
+    """``split_sums``: the split from epoch 0, the model in eval mode and without gradients while it runs,
+    its own mode back after (also when a batch fails), the per-batch sums added up in the asked dtype."""
+    from accelerate import Accelerator
+
+    class Split(list):
+        epochs: list[int] = []
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epochs.append(epoch)
+
+    reset_accelerate()
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Dropout(0.5).train()
+    seen = []
+
+    def sums(batch: dict) -> torch.Tensor:
+        out = model(batch["x"])  # dropout would zero some in train mode
+        seen.append((model.training, torch.is_grad_enabled()))
+        return torch.stack([out.sum(), torch.tensor(float(len(out)))]).long()
+
+    split = Split([{"x": torch.ones(3)}, {"x": torch.ones(5)}])
+    total = split_sums(accelerator, model, split, sums, 2, dtype=torch.long)
+    assert total.tolist() == [8, 8] and total.dtype == torch.long
+    assert seen == [(False, False)] * 2 and split.epochs == [0] and model.training
+
+    def broken(batch: dict) -> torch.Tensor:
+        raise RuntimeError("a bad batch")
+
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        split_sums(accelerator, model, split, broken, 2)
+    assert model.training
+    reset_accelerate()
 
 
 @dataclass(frozen=True)
