@@ -147,9 +147,7 @@ def evaluate(
     samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def sums(batch: dict) -> torch.Tensor:
-        imgs, valid = unit_float(batch["image"]), batch["valid"].bool()
-        length = imgs.shape[-2] * imgs.shape[-1] // mae.patch_size**2
-        noise = key_noise(seed, batch["key"], length).to(imgs.device)
+        imgs, valid, noise = _keyed_inputs(mae, batch, seed)
         out = model(imgs, background=batch_background(mae, batch, imgs), noise=noise)
         imgs_kept, pred, mask = imgs[valid], out.pred[valid], out.mask[valid]
         if len(samples) < keep and len(imgs_kept):
@@ -158,6 +156,14 @@ def evaluate(
 
     total = split_sums(accelerator, model, loader, sums, len(EVAL_SUMS))
     return EvalResult(**mae.eval_means(total), samples=samples)
+
+
+def _keyed_inputs(mae: MAE, batch: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An evaluated batch's [0, 1] images, valid flags and mask noise by image key (``key_noise``), on the
+    images' device."""
+    imgs, valid = unit_float(batch["image"]), batch["valid"].bool()
+    length = imgs.shape[-2] * imgs.shape[-1] // mae.patch_size**2
+    return imgs, valid, key_noise(seed, batch["key"], length).to(imgs.device)
 
 
 def _grid_samples(
@@ -197,10 +203,8 @@ def study_mse(accelerator: Accelerator, model: torch.nn.Module, loader) -> float
         return None
 
     def sums(batch: dict) -> torch.Tensor:
-        imgs, valid = unit_float(batch["image"]), batch["valid"].bool()
-        length = imgs.shape[-2] * imgs.shape[-1] // mae.patch_size**2
-        noise = key_noise(STUDY_MASK_SEED, batch["key"], length).to(imgs.device)
-        background = torch.zeros(imgs.shape[0], length, dtype=torch.bool, device=imgs.device)
+        imgs, valid, noise = _keyed_inputs(mae, batch, STUDY_MASK_SEED)
+        background = torch.zeros(noise.shape, dtype=torch.bool, device=imgs.device)
         out = model(imgs, mask_ratio=STUDY_MASK_RATIO, background=background, noise=noise)
         hidden = out.hidden.float() * valid[:, None].float()
         errors = patch_errors(out.pred.float(), patchify(imgs.float(), mae.patch_size))
