@@ -46,12 +46,12 @@ from accelerate.utils import TorchDynamoPlugin  # noqa: E402
 from radstream.bucketing.bins import assign_bins, plan_smart  # noqa: E402
 from radstream.bucketing.geometry import Bin, fit_geometry  # noqa: E402
 from radstream.core.config import load_config  # noqa: E402
-from radstream.gpu.measure import peak_memory_gib, reset_peak_memory, step_flops, sync  # noqa: E402
+from radstream.gpu.measure import peak_memory_gib, prepare_for_training, reset_peak_memory, step_flops, sync  # noqa: E402
 from radstream.gpu.report import peak_tflops  # noqa: E402
 from radstream.train.config import OptimConfig, PretrainConfig  # noqa: E402
 from radstream.train.mae import MAEConfig, background_patches, build_mae  # noqa: E402
 from radstream.train.mae_step import train_step  # noqa: E402
-from radstream.train.optim import build_optimizer, param_groups  # noqa: E402
+from radstream.train.optim import param_groups  # noqa: E402
 from radstream.train.steps import allow_graphs  # noqa: E402
 
 PATCH = 16
@@ -153,8 +153,8 @@ def prepare_mode(
     torch.manual_seed(0)
     model = build_mae(cfg).to(accelerator.device)
     optim = OptimConfig()
-    optimizer = build_optimizer(param_groups(model, optim.weight_decay), optim.betas, lr=1e-4)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare_for_training(accelerator, model, param_groups(model, optim.weight_decay), optim,
+                                            len(batches[0]["key"]))  # fmt: skip
     flops = sum(
         step_flops(lambda b=b: train_step(accelerator, model, optimizer, [b], seed=0, step=0))
         for b in batches

@@ -1,10 +1,12 @@
 """The measurements of ``radstream gpu-check``, one part per process: ``python -m radstream.gpu.bench PART``.
 
 Parts: ``mae`` (``radstream.gpu.mae``: the trainer's MAE step on the ViT-B/16 recipe, eager and compiled, fixed
-224 and smart bins + border-aware masking: images/s, MFU, the attention kernel, peak memory), ``resnet``
-(ResNet50, channels-last, bf16), ``decode`` and ``e2e`` (``radstream.gpu.data``). Each writes its JSON result
-after every row, so a part stopped at its time limit still reports what it finished. Timing, FLOPs and peak
-memory: ``radstream.gpu.measure``.
+224 and smart bins + border-aware masking: images/s, MFU, the attention kernel, peak memory), ``resnet`` (the
+supervised ResNet50 step of ``configs/supervised/resnet50.yaml``, bf16), ``decode`` and ``e2e``
+(``radstream.gpu.data``). Each writes its JSON result after every row, so a part stopped at its time limit
+still reports what it finished. Timing, FLOPs and peak memory: ``radstream.gpu.measure``. Both training parts
+time the trainer's own step on what the trainer builds from the recipe, under the trainer's settings (no TF32
+or cuDNN autotuning that a run would not have).
 """
 
 from __future__ import annotations
@@ -12,40 +14,65 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 
-from radstream.gpu.measure import peak_memory_gib, reset_peak_memory, timed
+from radstream.core.config import load_config
+from radstream.gpu.measure import peak_memory_gib, prepare_for_training, reset_peak_memory, timed
 from radstream.gpu.report import peak_tflops, save
+from radstream.train import supervised
+from radstream.train.classifier import build_classifier
+from radstream.train.optim import param_groups
+from radstream.train.steps import build_accelerator
+from radstream.train.supervised import SupervisedConfig
+
+RESNET_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "supervised" / "resnet50.yaml"
+RESNET_CLASSES = 8
 
 
-def run_resnet(out: Path, quick: bool) -> None:
-    """ResNet50 supervised steps (bf16 autocast, channels-last, fused AdamW) on one random batch."""
-    import timm
+@dataclass(frozen=True)
+class ResnetSize:
+    """How big the ResNet measurement is."""
 
-    batch, device = (64 if quick else 256), torch.device("cuda")
-    torch.manual_seed(0)
-    model = timm.create_model("resnet50", in_chans=1, num_classes=8).to(
-        device, memory_format=torch.channels_last
-    )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    images = torch.rand(batch, 1, 224, 224, device=device).to(memory_format=torch.channels_last)
-    labels = torch.randint(0, 8, (batch,), device=device)
+    batch: int
+    steps: int
+    side: int = 224
+    """Image height and width (the CPU tests make it small)."""
+    overrides: tuple[str, ...] = ()
+    """``key=value`` overrides of the recipe (the CPU tests shrink the network and run on the CPU)."""
 
-    def step(_: int) -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    torch.backends.cudnn.benchmark = True
+RESNET_FULL = ResnetSize(batch=256, steps=15)
+RESNET_QUICK = ResnetSize(batch=64, steps=5)
+
+
+def run_resnet(out: Path, size: ResnetSize) -> None:
+    """The supervised baseline's training step itself (``radstream.train.supervised.train_step``, as
+    ``SupervisedTask.step`` calls it) on the network, parameter groups, AdamW and accelerator (bf16) the trainer
+    builds from ``configs/supervised/resnet50.yaml``, on one random batch (224x224, 8 classes)."""
+    cfg = load_config(SupervisedConfig, RESNET_RECIPE, ["shards=.", "run_dir=.", *size.overrides])
+    accelerator = build_accelerator(cfg.run, cfg.run_dir, cfg.optim.grad_accum_steps)
+    device = accelerator.device
+    set_seed(cfg.run.seed)
+    model = build_classifier(cfg.model, RESNET_CLASSES)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    model, optimizer = prepare_for_training(accelerator, model, groups, cfg.optim, size.batch)
+    gen = torch.Generator(device).manual_seed(0)
+    batch = {"image": torch.rand(size.batch, 1, size.side, size.side, device=device, generator=gen),
+             "label": torch.randint(0, RESNET_CLASSES, (size.batch,), device=device, generator=gen),
+             "valid": torch.ones(size.batch, dtype=torch.bool, device=device),
+             "key": [str(i) for i in range(size.batch)]}  # fmt: skip
+
+    def step(i: int) -> None:
+        supervised.train_step(accelerator, model, optimizer, [batch], step=i, optim=cfg.optim)
+
     reset_peak_memory(device)
-    steps = 5 if quick else 15
-    seconds = timed(step, 3, steps, device)
-    save(out, {"batch": batch, "steps": steps, "images_per_s": batch * steps / seconds,
-               "peak_mem_gib": peak_memory_gib(device)})  # fmt: skip
+    seconds = timed(step, 3, size.steps, device)
+    save(out, {"model": f"{cfg.model.arch}, {cfg.run.mixed_precision}", "batch": size.batch, "steps": size.steps,
+               "images_per_s": size.batch * size.steps / seconds, "peak_mem_gib": peak_memory_gib(device)})  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         save(out, {"skipped": "no CUDA device"})
         return 0
     peak = peak_tflops(torch.cuda.get_device_name(), args.peak_tflops)
-    torch.backends.cuda.matmul.allow_tf32 = True
     if args.part in ("decode", "e2e"):
         from radstream.gpu import data
 
@@ -72,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_mae(out, MAE_QUICK if args.quick else MAE_FULL, peak)
     else:
-        run_resnet(out, args.quick)
+        run_resnet(out, RESNET_QUICK if args.quick else RESNET_FULL)
     return 0
 
 

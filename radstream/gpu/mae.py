@@ -25,13 +25,19 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from radstream.core.config import load_config
-from radstream.gpu.measure import peak_memory_gib, reset_peak_memory, step_flops, sync, timed
+from radstream.gpu.measure import (
+    peak_memory_gib,
+    prepare_for_training,
+    reset_peak_memory,
+    step_flops,
+    sync,
+    timed,
+)
 from radstream.gpu.report import mfu, save
 from radstream.train import mae_step
 from radstream.train.config import PretrainConfig
 from radstream.train.mae import background_patches
 from radstream.train.mae_step import MAEStepStats
-from radstream.train.optim import build_optimizer
 from radstream.train.pretrain import MAETask
 from radstream.train.steps import allow_graphs, build_accelerator, dynamo_plugin
 
@@ -146,10 +152,10 @@ class TrainingStep:
         cfg, task = self.cfg, MAETask(self.cfg)
         set_seed(cfg.run.seed)
         model = task.build_model()
-        cuda = self.accelerator.device.type == "cuda"
-        lr = cfg.optim.peak_lr(len(self.batches[0]["key"]))
-        optimizer = build_optimizer(task.param_groups(model), cfg.optim.betas, lr, fused=cuda)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        images = len(self.batches[0]["key"])
+        self.model, self.optimizer = prepare_for_training(
+            self.accelerator, model, task.param_groups(model), cfg.optim, images
+        )
 
     def compile(self) -> None:
         """Compile the model as a run with ``run.compile`` does (Accelerate's prepare with the run's

@@ -1,7 +1,9 @@
-"""How every MAE-step benchmark measures: device sync, a timed run, the FLOPs of one step, peak memory.
+"""How the training-step benchmarks set up and measure: the trainer's optimizer and ``accelerator.prepare``,
+device sync, a timed run, the FLOPs of one step, peak memory.
 
-One copy for ``radstream.gpu.bench`` (``radstream gpu-check``) and ``benchmarks/train_step.py``; peak memory is
-the trainer's own (``radstream.train.steps.peak_memory_mb``, the figure of metrics.jsonl).
+One copy for ``radstream gpu-check`` (``radstream.gpu.mae``, ``radstream.gpu.bench``) and
+``benchmarks/train_step.py``; peak memory is the trainer's own (``radstream.train.steps.peak_memory_mb``, the
+figure of metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -11,7 +13,19 @@ from collections.abc import Callable
 
 import torch
 
+from radstream.train.config import OptimConfig
+from radstream.train.optim import build_optimizer
 from radstream.train.steps import peak_memory_mb
+
+
+def prepare_for_training(
+    accelerator, model: torch.nn.Module, groups: list[dict], optim: OptimConfig, images_per_step: int
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model and AdamW as the trainer's setup makes them: ``build_optimizer`` over the task's parameter
+    ``groups`` at ``optim``'s peak rate for ``images_per_step``, fused on CUDA, then ``accelerator.prepare``."""
+    cuda = accelerator.device.type == "cuda"
+    optimizer = build_optimizer(groups, optim.betas, optim.peak_lr(images_per_step), fused=cuda)
+    return accelerator.prepare(model, optimizer)
 
 
 def sync(device: torch.device) -> None:

@@ -235,7 +235,7 @@ def _resnet_section(r: dict) -> str:
         return ""
     return markdown_table(
         ["model", "batch", "images/s", "peak GiB"],
-        [("ResNet50, channels-last, bf16", r["batch"], r["images_per_s"], r["peak_mem_gib"])],
+        [(r.get("model", "resnet50"), r["batch"], r["images_per_s"], r["peak_mem_gib"])],
     )
 
 
@@ -270,6 +270,6 @@ _TITLES = {
     "tests": "GPU tests",
     "decode": "DALI decode throughput (mixed backend)",
     "mae": "MAE ViT-B/16, 224, mask 0.75, decoder 8x512, bf16, fused AdamW",
-    "resnet": "ResNet50 supervised",
+    "resnet": "ResNet50 supervised: the trainer's step (configs/supervised/resnet50.yaml)",
     "e2e": "End to end: MAE pretraining fed by the DALI loader from local shards",
 }

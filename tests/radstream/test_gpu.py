@@ -218,6 +218,36 @@ def test_mae_benchmark_times_the_trainers_step_in_every_mode(tmp_path, monkeypat
     assert torch.is_grad_enabled()
 
 
+def test_resnet_benchmark_times_the_supervised_step(tmp_path, monkeypatch):
+    # The ResNet part on the CPU: the recipe's network (shrunk), the real supervised step, a saved row.
+    from radstream.gpu.bench import ResnetSize, run_resnet
+    from radstream.train import supervised
+
+    calls = []
+    real_step = supervised.train_step
+
+    def spy(accelerator, model, optimizer, batches, **kw):
+        calls.append((kw["step"], kw["optim"].lr, len(batches[0]["key"])))
+        return real_step(accelerator, model, optimizer, batches, **kw)
+
+    monkeypatch.setattr(supervised, "train_step", spy)
+    size = ResnetSize(
+        batch=2,
+        steps=2,
+        side=64,
+        overrides=("model.arch=resnet10t", "run.cpu=true", 'run.mixed_precision="no"'),
+    )
+    reset_accelerate()
+    try:
+        run_resnet(tmp_path / "resnet.json", size)
+    finally:
+        reset_accelerate()
+    assert calls == [(i, 1e-3, 2) for i in range(3 + 2)]  # 3 warm-up steps, 2 timed; the recipe's rate
+    result = json.loads((tmp_path / "resnet.json").read_text())
+    assert result["model"] == "resnet10t, no" and (result["batch"], result["steps"]) == (2, 2)
+    assert result["images_per_s"] > 0 and result["peak_mem_gib"] > 0
+
+
 @pytest.mark.skipif(not dali_available(), reason="no nvidia.dali")
 def test_decode_benchmark_rows_on_the_cpu_decoder(tmp_path):
     from radstream.gpu.data import run_decode
