@@ -67,7 +67,8 @@ def run_resnet(out: Path, size: ResnetSize) -> None:
              "key": [str(i) for i in range(size.batch)]}  # fmt: skip
 
     def step(i: int) -> None:
-        supervised.train_step(accelerator, model, optimizer, [batch], step=i, optim=cfg.optim)
+        supervised.train_step(accelerator, model, optimizer, [batch], step=i, optim=cfg.optim,
+                              drop_padding=not cfg.run.compile)  # fmt: skip
 
     reset_peak_memory(device)
     seconds = timed(step, 3, size.steps, device)

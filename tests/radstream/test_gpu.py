@@ -227,7 +227,7 @@ def test_resnet_benchmark_times_the_supervised_step(tmp_path, monkeypatch):
     real_step = supervised.train_step
 
     def spy(accelerator, model, optimizer, batches, **kw):
-        calls.append((kw["step"], kw["optim"].lr, len(batches[0]["key"])))
+        calls.append((kw["step"], kw["optim"].lr, kw["drop_padding"], len(batches[0]["key"])))
         return real_step(accelerator, model, optimizer, batches, **kw)
 
     monkeypatch.setattr(supervised, "train_step", spy)
@@ -242,7 +242,7 @@ def test_resnet_benchmark_times_the_supervised_step(tmp_path, monkeypatch):
         run_resnet(tmp_path / "resnet.json", size)
     finally:
         reset_accelerate()
-    assert calls == [(i, 1e-3, 2) for i in range(3 + 2)]  # 3 warm-up steps, 2 timed; the recipe's rate
+    assert calls == [(i, 1e-3, True, 2) for i in range(3 + 2)]  # 3 warm-up steps, 2 timed; the recipe's rate
     result = json.loads((tmp_path / "resnet.json").read_text())
     assert result["model"] == "resnet10t, no" and (result["batch"], result["steps"]) == (2, 2)
     assert result["images_per_s"] > 0 and result["peak_mem_gib"] > 0
