@@ -52,6 +52,7 @@ from radstream.train.mae import MAE, MAEConfig
 from radstream.train.optim import no_weight_decay
 from radstream.train.provenance import mae_run_init, manifest_bins, vit_dims
 from radstream.train.run_layout import WEIGHTS
+from radstream.train.steps import StepStats
 from radstream.train.supervised import SupervisedOptimConfig, SupervisedTask, dataset_classes
 from radstream.train.sweep import run_sweep
 from radstream.train.trainer import Session
@@ -101,11 +102,18 @@ class FinetuneOptimConfig(SupervisedOptimConfig):
     layer_decay: float = 0.65
     """Layer-wise LR decay: a parameter of layer ``l`` of ``D + 1`` trains at ``lr x layer_decay ** (D + 1 - l)``
     (1: no decay). The reference's ViT-B value (0.75 is its ViT-L/H value)."""
+    probe_steps: int = 0
+    """LP-FT (Kumar et al., 2022, "Fine-tuning can distort pretrained features"): the first this many optimizer
+    steps train only the layer after the blocks (head and its norms) on the frozen encoder, at the schedule's
+    rate; then everything fine-tunes. A head trained first sends useful gradients into the encoder, where a
+    random head's distort its features before the head is any good. 0: plain fine-tuning (the reference)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 < self.layer_decay <= 1.0:
             raise ValueError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.probe_steps < 0:
+            raise ValueError(f"optim.probe_steps must be >= 0, got {self.probe_steps}")
 
 
 @dataclass(frozen=True)
@@ -284,7 +292,15 @@ class FinetuneTask(SupervisedTask):
         }
 
     def param_groups(self, model: nn.Module) -> list[dict]:
+        self.depth = model.depth
         return layer_decay_groups(model, self.cfg.optim.weight_decay, self.cfg.optim.layer_decay)
+
+    def step(self, s: Session, batches: list[dict]) -> StepStats:
+        if s.state.step < self.cfg.optim.probe_steps:  # LP-FT's probe: the encoder's rate is 0 (the trainer
+            for group in s.optimizer.param_groups:  # set every group's rate just before this step)
+                if group["layer"] <= self.depth:
+                    group["lr"] = 0.0
+        return super().step(s, batches)
 
     def test(self, s: Session, loader: ShardLoader, reason: str, weights: str) -> tuple[dict, dict]:
         metrics, results = super().test(s, loader, reason, weights)

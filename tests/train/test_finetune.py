@@ -174,6 +174,31 @@ def test_smoke_run_from_an_mae_run_writes_results_and_resumes(tmp_path: Path, ti
     )
 
 
+def test_lp_ft_trains_the_head_alone_for_its_probe_steps(tmp_path: Path, tiny_shards: Path) -> None:
+    """optim.probe_steps covering the run: the encoder's blocks and embeddings keep the MAE's weights bit for
+    bit while the head (and the norms after the blocks) train; the smoke run above shows them moving without
+    it."""
+    from safetensors.torch import load_file
+
+    mae_run = pretrain(tiny_shards, tmp_path / "mae", "run.epochs=1")
+    run_dir = tmp_path / "lpft"
+    overrides = [f"shards={tiny_shards}", f"run_dir={run_dir}", f"model.init={mae_run}", "run.epochs=1",
+                 "optim.probe_steps=1000", "optim.lr=0.01", "optim.lr_rule=absolute"]  # fmt: skip
+    assert run(load_config(FinetuneConfig, CONFIGS / "finetune" / "debug.yaml", overrides)) == 0
+    from radstream.train.run_layout import latest_checkpoint
+
+    tuned = load_file(latest_checkpoint(run_dir) / "model.safetensors")
+    pretrained = load_file(mae_run / "best" / "model.safetensors")
+    # the blocks and embeddings; the encoder's final norm is in the layer after the blocks, with the head
+    encoder = {
+        k: v for k, v in tuned.items() if k.startswith("backbone.encoder.") and ".encoder.norm." not in k
+    }
+    moved = [k for k, v in encoder.items() if not torch.equal(v, pretrained[k.removeprefix("backbone.")])]
+    assert encoder and not moved, moved
+    head = load_file(run_dir / "best" / "model.safetensors")["head.weight"]
+    assert head.abs().max() > 1e-3  # moved from its init (std 2e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.long
 def test_fine_tuned_model_beats_its_own_linear_probe_at_full_labels(
