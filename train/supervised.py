@@ -146,10 +146,11 @@ def train_step(
     *,
     step: int,
     optim: SupervisedOptimConfig,
-    drop_padding: bool = True,
+    drop_padding: bool = False,
 ) -> StepStats:
     """One optimizer step of the masked cross-entropy over ``batches`` (``grad_accum_steps`` micro-batches).
-    ``drop_padding``: the model computes only the real samples (``without_padding``); off under torch.compile,
+    ``drop_padding`` (the trainer sets it unless compiling): the model computes only the real samples
+    (``without_padding``); off under torch.compile,
     whose graphs keep each bin's static batch shape (the repeats are then masked out of the loss: the same
     gradient for a ViT, while a CNN's BatchNorm statistics include them)."""
     stats = StepStats(loss=torch.zeros(()))

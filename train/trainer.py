@@ -12,8 +12,8 @@ the LR schedule the same way for every task. The trainer does the rest, the same
   stopping), warning when the config differs from the checkpoint's; a finished run (its results file is of
   the current step) is not trained again.
 - each epoch: steps of ``grad_accum_steps`` micro-batches, a ``metrics.jsonl`` line every ``run.log_every``
-  steps, a checkpoint every ``checkpoint.every_steps``; at the end validation, early stopping on the task's
-  score, the best weights to ``run_dir/best``, a checkpoint (``checkpoint.keep_last`` kept).
+  steps, a checkpoint every ``checkpoint.every_steps``; at the end (every ``run.val_every_steps``) validation,
+  early stopping on the task's score, the best weights to ``run_dir/best``, a checkpoint (``keep_last`` kept).
 - stops: ``run.max_steps``, early stopping, or SIGTERM/SIGUSR1 (every rank finishes its step, a checkpoint,
   ``stopped.json``, exit 124); a non-finite loss raises ``NonFiniteLossError`` without a checkpoint.
 - finish: test with the best weights (``run.test_on_best``), the task's results file.
@@ -314,14 +314,9 @@ def _train_epoch(s: Session) -> str | None:
     meter, accum = Meter(), cfg.optim.grad_accum_steps
     # the epoch's last step: the schedule's steps_per_epoch, unless an elastic resume re-dealt its rest
     steps = st.epoch_step + s.train_loader.batches_left // accum
-    bar = progress(
-        total=steps,
-        initial=st.epoch_step,
-        desc=f"epoch {st.epoch}",
-        main_process=s.main,
-        unit="img",
-        unit_scale=s.schedule.global_batch,
-    )  # a step is global_batch images (at most)
+    # a step is global_batch images (at most)
+    bar = progress(total=steps, initial=st.epoch_step, desc=f"epoch {st.epoch}", main_process=s.main, unit="img",
+                   unit_scale=s.schedule.global_batch)  # fmt: skip
     batches = iter(s.train_loader)
     try:
         while st.epoch_step < steps:
@@ -354,10 +349,8 @@ def _train_epoch(s: Session) -> str | None:
 def _validation_due(s: Session) -> bool:
     """Whether this epoch's end validates: every epoch, or once ``run.val_every_steps`` steps have passed since
     the last validation, and always at the last epoch."""
-    run, st = s.cfg.run, s.state
-    return (
-        not run.val_every_steps or st.epoch + 1 >= run.epochs or st.step - st.val_step >= run.val_every_steps
-    )
+    every, st = s.cfg.run.val_every_steps, s.state
+    return not every or st.epoch + 1 >= s.cfg.run.epochs or st.step - st.val_step >= every
 
 
 def _end_epoch(s: Session) -> None:
