@@ -157,6 +157,11 @@ class RunConfig:
             raise ValueError(
                 "run.patience, run.min_delta, run.min_steps and run.val_every_steps must be >= 0"
             )
+        if self.mixed_precision in (
+            "False",
+            "false",
+        ):  # YAML 1.1 reads a bare `no` (run.mixed_precision=no) as false
+            object.__setattr__(self, "mixed_precision", "no")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"run.mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}")
         if self.compile_backend not in COMPILE_BACKENDS:

@@ -199,3 +199,13 @@ def test_an_unreachable_host_is_one_line_naming_it(tmp_path: Path, caplog) -> No
     ]
     url = "http://127.0.0.1:9/ds"
     pretrain_here(caplog, url, tmp_path / "run", 3, f"GET {url}/manifest.json", "failed 2 times", extra=fast)
+
+
+def test_mixed_precision_no_as_typed_is_no() -> None:
+    """`run.mixed_precision=no` on the command line (and `mixed_precision: no` in a recipe) is YAML 1.1's
+    false; it means "no", not an error."""
+    from radstream.core.config import load_config
+    from radstream.train.config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, RECIPE, ["shards=x", "run_dir=y", "run.mixed_precision=no"])
+    assert cfg.run.mixed_precision == "no"
