@@ -17,10 +17,11 @@ from radstream.core.progress import progress
 from radstream.ingest.privacy import HASH_CHARS
 from radstream.shards.builder.crosscheck import shard_row_problems
 from radstream.shards.builder.private import source_names
-from radstream.shards.codecs import decode, extension
+from radstream.shards.builder.verify_rows import TableRows
+from radstream.shards.codecs import decode
 from radstream.shards.index import ShardReader, read_index, verify_index
-from radstream.shards.integrity import check_samples_table, sha256_of
-from radstream.shards.layout import SAMPLES, DatasetError, inside, load_samples
+from radstream.shards.integrity import sha256_of
+from radstream.shards.layout import SAMPLES, inside
 from radstream.shards.manifest import read_manifest
 
 
@@ -33,6 +34,13 @@ class VerifyReport:
     decoded: int = 0
     bytes: int = 0
     problems: list[str] = field(default_factory=list)
+
+    def add(self, shard: VerifyReport) -> None:
+        """Count one shard's report in (its problems are listed apart, in the manifest's order)."""
+        self.shards += 1
+        self.samples += shard.samples
+        self.decoded += shard.decoded
+        self.bytes += shard.bytes
 
     @property
     def ok(self) -> bool:
@@ -109,122 +117,62 @@ def _check_sample(reader, pos, entry, ext, codec, bin_, where, rep) -> None:
         rep.problems.append(f"{where}: sample {entry.key} says bin {meta.get('bin')}")
 
 
-class _Rows:
-    """The samples table's rows, grouped by shard in Arrow (no Python object per row), checked shard by
-    shard against each tar's index while ``verify_shards`` has it in hand; only a row with a problem becomes
-    a Python object, for its message."""
-
-    def __init__(self, root: Path, manifest: dict, todo: list) -> None:
-        self.head: list[str] = []
-        """Problems of the table as a whole."""
-        self.ext = extension(manifest["codec"]["name"])
-        self.where = {s["path"]: (s["split"], b["name"]) for s, b in todo}
-        self.problems: list[tuple[int, str]] = []
-        self.missing: list[str] = []
-        self.table, self.rows_of = None, {}
-        try:
-            check_samples_table(root, manifest)
-        except DatasetError as err:
-            self.head.append(str(err))  # and still cross-check what rows can be read
-        try:
-            # every column (the cross-check compares each field a row shares with its .json member); split,
-            # bin and shard as dictionaries (a code per row); one chunk: a take per shard, not a concat
-            table = load_samples(root, dictionary=["split", "bin", "shard"])
-            self.table = table.unify_dictionaries().combine_chunks()
-        except (DatasetError, FileNotFoundError) as err:
-            if not any(str(root / SAMPLES) in p for p in self.head):
-                self.head.append(str(err))
-            return
-        shard = self.table["shard"].combine_chunks()
-        codes = shard.indices.to_numpy(zero_copy_only=False)
-        order = np.argsort(codes, kind="stable")
-        bounds = np.searchsorted(codes[order], np.arange(len(shard.dictionary) + 1))
-        self.rows_of = {
-            n: order[bounds[i] : bounds[i + 1]] for i, n in enumerate(shard.dictionary.to_pylist())
-        }
-        for name in [n for n in self.rows_of if n not in self.where]:
-            self._report(self.rows_of.pop(name), {})
-
-    def _report(self, rows: np.ndarray, entries: dict) -> None:
-        for n, row in zip(rows.tolist(), self.table.take(rows).to_pylist(), strict=True):
-            self.problems.append((n, f"{SAMPLES} row {n} (key {row['key']}, shard {row['shard']}): "
-                                     f"{_row_problem(row, self.where, entries, self.ext)}"))  # fmt: skip
-
-    def shard_rows(self, path: str) -> dict[int, tuple[int, dict]]:
-        """The rows naming shard ``path`` as position → (row number, row): one shard's rows as objects, for
-        the cross-check against their members (``radstream.shards.builder.crosscheck``)."""
-        if self.table is None or path not in self.rows_of:
-            return {}
-        rows = self.rows_of[path]
-        return {
-            row["position"]: (n, row)
-            for n, row in zip(rows.tolist(), self.table.take(rows).to_pylist(), strict=True)
-        }
-
-    def check(self, path: str, found: list) -> None:
-        """The rows naming shard ``path`` against its index entries ``found`` (empty: unreadable shard)."""
-        if self.table is None:
-            return
-        rows = self.rows_of.pop(path, np.zeros(0, np.int64))
-        sub = self.table.take(rows)
-        split, bin_name = self.where[path]
-        ok = pc.and_(pc.equal(sub["split"], split), pc.equal(sub["bin"], bin_name))
-        ok = ok.to_numpy(zero_copy_only=False).astype(bool)
-        if found:
-            pos = sub["position"].to_numpy(zero_copy_only=False)
-            inside_ = (pos >= 0) & (pos < len(found))
-            at = np.where(inside_, pos, 0)
-            spans = np.array([e.components.get(self.ext, (-1, -1)) for e in found], np.int64).reshape(-1, 2)
-            keys = pa.array([e.key for e in found], pa.string()).take(pa.array(at))
-            ok &= inside_ & pc.equal(sub["key"], keys).to_numpy(zero_copy_only=False)
-            ok &= (spans[at, 0] == sub["offset"].to_numpy()) & (spans[at, 1] == sub["size"].to_numpy())
-            self._duplicates(path, rows, pos, ok, found)
-            covered = np.zeros(len(found), bool)
-            covered[pos[ok]] = True
-            if not covered.all():
-                first = found[int(np.flatnonzero(~covered)[0])].key
-                self.missing.append(
-                    f"{path}: {int((~covered).sum())} samples have no row in {SAMPLES}, e.g. {first}"
-                )
-        self._report(rows[~ok], {path: found})
-
-    def _duplicates(self, path: str, rows: np.ndarray, pos: np.ndarray, ok: np.ndarray, found: list) -> None:
-        """Rows beyond the shard's samples: a second (third …) row that matches a sample another row of the
-        table already describes (a duplicated row passes every per-row check, and the loader would read that
-        sample twice per epoch). The first row, in table order, is the sample's; each later one is a problem."""
-        matched = np.flatnonzero(ok)
-        _, first = np.unique(pos[matched], return_index=True)
-        extra = np.ones(len(matched), bool)
-        extra[first] = False
-        owner = {int(pos[i]): int(rows[i]) for i in matched[first]}
-        for i in matched[extra].tolist():
-            p = int(pos[i])
-            self.problems.append((int(rows[i]), f"{SAMPLES} row {int(rows[i])} (key {found[p].key}, shard {path}): "
-                                  f"duplicate of row {owner[p]} (a row beyond the shard's {len(found)} samples)"))  # fmt: skip
-
-    def finish(self, rep: VerifyReport) -> None:
-        """The table's problems, its rows' in table order, then the shards' samples without a row."""
-        rep.problems.extend(self.head)
-        rep.problems.extend(message for _, message in sorted(self.problems))
-        rep.problems.extend(self.missing)
+def _shard_rows(rows: pa.Table | None, numbers: np.ndarray) -> dict[int, tuple[int, dict]]:
+    """One shard's rows as position → (row number, row): Python objects for one shard at a time, for the
+    cross-check against their members (``radstream.shards.builder.crosscheck``)."""
+    if rows is None:
+        return {}
+    return {row["position"]: (n, row) for n, row in zip(numbers.tolist(), rows.to_pylist(), strict=True)}
 
 
-def _row_problem(row: dict, where: dict, entries: dict, ext: str) -> str | None:
-    if row["shard"] not in where:
-        return "shard not in the manifest"
-    if where[row["shard"]] != (row["split"], row["bin"]):
-        return f"split/bin {row['split']}/{row['bin']}, the manifest says {'/'.join(where[row['shard']])}"
-    found = entries.get(row["shard"]) or []
-    if not found:
-        return None  # the shard itself is reported already
-    if not 0 <= row["position"] < len(found):
-        return f"position {row['position']} outside the shard's {len(found)} samples"
-    entry = found[row["position"]]
-    if entry.key != row["key"]:
-        return f"the tar holds {entry.key} at position {row['position']}"
-    if entry.components.get(ext) != (row["offset"], row["size"]):
-        return f"image at {row['offset']}+{row['size']}, the tar has it at {entry.components.get(ext)}"
-    return None
+def _check_rows(
+    table: TableRows, path: str, rows: pa.Table | None, numbers: np.ndarray, found: list
+) -> list[str]:
+    """The rows naming shard ``path`` against its index entries ``found`` (empty: unreadable shard); the
+    problems of rows go to ``table``, the returned line says which samples have no row."""
+    if rows is None:
+        rows = pa.table({"split": pa.array([], pa.string()), "bin": pa.array([], pa.string()),
+                         "position": pa.array([], pa.int64())})  # fmt: skip
+    split, bin_name = table.where[path]
+    ok = pc.and_(pc.equal(rows["split"], split), pc.equal(rows["bin"], bin_name))
+    ok = ok.to_numpy(zero_copy_only=False).astype(bool)
+    missing = []
+    if found:
+        pos = rows["position"].to_numpy(zero_copy_only=False)
+        inside_ = (pos >= 0) & (pos < len(found))
+        at = np.where(inside_, pos, 0)
+        spans = np.array([e.components.get(table.ext, (-1, -1)) for e in found], np.int64).reshape(-1, 2)
+        keys = pa.array([e.key for e in found], pa.string()).take(pa.array(at, pa.int64()))
+        if len(pos):
+            ok &= inside_ & pc.equal(rows["key"], keys).to_numpy(zero_copy_only=False)
+            ok &= (spans[at, 0] == rows["offset"].to_numpy()) & (spans[at, 1] == rows["size"].to_numpy())
+        _duplicates(table, path, numbers, pos, ok, found)
+        covered = np.zeros(len(found), bool)
+        covered[pos[ok]] = True
+        if not covered.all():
+            first = found[int(np.flatnonzero(~covered)[0])].key
+            missing.append(f"{path}: {int((~covered).sum())} samples have no row in {SAMPLES}, e.g. {first}")
+    bad = np.flatnonzero(~ok)
+    if len(bad):
+        table.report(rows.take(pa.array(bad)), numbers[bad], {path: found})
+    return missing
+
+
+def _duplicates(
+    table: TableRows, path: str, numbers: np.ndarray, pos: np.ndarray, ok: np.ndarray, found: list
+) -> None:
+    """Rows beyond the shard's samples: a second (third …) row that matches a sample another row of the
+    table already describes (a duplicated row passes every per-row check, and the loader would read that
+    sample twice per epoch). The first row, in table order, is the sample's; each later one is a problem."""
+    matched = np.flatnonzero(ok)
+    _, first = np.unique(pos[matched], return_index=True)
+    extra = np.ones(len(matched), bool)
+    extra[first] = False
+    owner = {int(pos[i]): int(numbers[i]) for i in matched[first]}
+    for i in matched[extra].tolist():
+        p, n = int(pos[i]), int(numbers[i])
+        table.problems.append((n, f"{SAMPLES} row {n} (key {found[p].key}, shard {path}): "
+                               f"duplicate of row {owner[p]} (a row beyond the shard's {len(found)} samples)"))  # fmt: skip
 
 
 def verify_shards(
@@ -238,16 +186,27 @@ def verify_shards(
     root = Path(root)
     manifest = read_manifest(root)
     codec = manifest["codec"]["name"]
-    rng = random.Random(seed)
     rep = VerifyReport()
     todo = [(s, b) for b in manifest["bins"] for s in b["shards"]]
-    samples = _Rows(root, manifest, todo)
-    for shard, bin_ in progress(todo, desc="verify", unit="shard"):
-        rep.shards += 1
-        rows = samples.shard_rows(shard["path"])
-        found = _check_shard(root, shard, bin_, codec, quick_share if quick else 1.0, rng, rep, rows)
-        samples.check(shard["path"], found)  # one shard's index entries and rows in memory at a time
-    samples.finish(rep)
+    table = TableRows(root, manifest, todo)  # the table streamed: one shard's rows in memory at a time
+    found_by: list[list[str]] = [[] for _ in todo]
+    missing: list[list[str]] = [[] for _ in todo]
+    with progress(total=len(todo), desc="verify", unit="shard") as bar:
+        for i, rows, numbers in table.shards():  # in the table's order; problems listed in the manifest's
+            shard, bin_ = todo[i]
+            one = VerifyReport()
+            rng = random.Random(f"{seed}/{shard['path']}")  # the same decoded samples, whatever the order
+            share = quick_share if quick else 1.0
+            found = _check_shard(root, shard, bin_, codec, share, rng, one, _shard_rows(rows, numbers))
+            if table.file is not None:
+                missing[i] = _check_rows(table, shard["path"], rows, numbers, found)
+            rep.add(one)
+            found_by[i] = one.problems
+            bar.update()
+    rep.problems = [p for lines in found_by for p in lines] + table.head
+    rep.problems += [message for _, message in sorted(table.problems)] + [
+        p for lines in missing for p in lines
+    ]
     written = manifest["counts"]["written"]
     if rep.samples != written:
         rep.problems.append(f"manifest: {written} samples written, shards hold {rep.samples}")
