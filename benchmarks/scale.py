@@ -2,7 +2,8 @@
 
 For each ``--sizes`` N it writes a build output as the build leaves it before finalize (part records, real
 tars with a 1-byte image and its ``.cls`` per sample and their ``.idx``), then runs each step in a fresh subprocess and prints
-its wall time and peak memory (``ru_maxrss`` minus the process's RSS after its imports):
+its wall time, its CPU time (the process's threads; what the growth ratios use, since other jobs on a shared
+machine stretch the wall time) and peak memory (``VmHWM`` minus the process's RSS after its imports):
 
 - ``finalize``: ``radstream.shards.builder.finalize.finalize`` (the plan is a stand-in: there is no source to ingest);
 - ``verify``: ``verify-shards --quick`` with no image decoded (shards, indexes and the samples table);
@@ -12,8 +13,9 @@ its wall time and peak memory (``ru_maxrss`` minus the process's RSS after its i
 - ``epoch W=...``: the epoch boundary of the last rank at world size W (``ShardLoader.epoch_plans``: schedule,
   padding masks, augmentation parameters), batch 32.
 
-With N and 10N both measured, the last column is the growth ratio: near 10 for what must be linear, near 1
-for what must stay constant.
+The last column is the growth ratio from each N to the next (CPU time, peak): near the ratio of the Ns for
+what must be linear, near 1 for what must stay constant. A write that was killed goes on where it stopped
+(``--step write --out DIR --n N``, then ``--step finalize|verify|load|epoch`` one by one).
 
     python benchmarks/scale.py                          # N = 100k and 1M (minutes on 2 cores)
     python benchmarks/scale.py --sizes 1000000 10000000 # 10M: ~10 GB of tiny tars under --work
@@ -39,6 +41,9 @@ PART_SIZE = 10_000
 WORLD_SIZES = (8, 512, 4096)
 
 
+_CPU_START = 0.0
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -51,7 +56,10 @@ def _peak_mb() -> float:
 
 
 def _reset_peak() -> float:
-    """Start a new peak at the current RSS (Linux: ``5`` in ``clear_refs``); returns that RSS."""
+    """Start a new peak at the current RSS (Linux: ``5`` in ``clear_refs``) and a new count of the process's
+    CPU time (its threads' too: on a shared machine the wall time also counts other jobs'); returns that RSS."""
+    global _CPU_START
+    _CPU_START = time.process_time()
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
     return _rss_mb()
@@ -87,14 +95,17 @@ def _row(i: int, rng) -> dict:
 
 
 def write_dataset(out: Path, n: int, part_size: int = PART_SIZE) -> None:
-    """The build output before finalize: one part record per ``part_size`` samples, tars and indexes."""
+    """The build output before finalize: one part record per ``part_size`` samples, tars and indexes. A part
+    whose record exists is kept (a killed write goes on where it stopped: each part draws from its own seed)."""
     import numpy as np
 
     from radstream.shards.builder import parts as build_parts
     from radstream.shards.builder.writer import ShardWriter
 
-    rng = np.random.default_rng(0)
     for part in range((n + part_size - 1) // part_size):
+        if (out / "_work" / "parts" / f"part-{part:04d}.json").is_file():
+            continue
+        rng = np.random.default_rng(part)
         rows = [_row(i, rng) for i in range(part * part_size, min(n, (part + 1) * part_size))]
         writers = {}
         for row in rows:
@@ -209,6 +220,7 @@ def _child(args) -> None:
         res = {"write": lambda o, n: write_dataset(o, n) or {"secs": 0, "base": 0},
                "finalize": step_finalize, "verify": step_verify, "load": step_load}[args.step](out, n)  # fmt: skip
     res["peak"] = _peak_mb() - res["base"]
+    res["cpu"] = time.process_time() - _CPU_START
     print(json.dumps(res))
 
 
@@ -233,7 +245,7 @@ def measure(n: int, work: Path) -> dict[str, dict]:
 
 def report(results: dict[int, dict[str, dict]]) -> str:
     sizes = sorted(results)
-    head = "| step | " + " | ".join(f"N={n:,}: s / peak MB" for n in sizes) + " | growth (time, peak) |"
+    head = "| step | " + " | ".join(f"N={n:,}: wall s / CPU s / peak MB" for n in sizes) + " | growth (CPU time, peak) |"
     lines = [head, "|" + "---|" * (len(sizes) + 2)]
     for step in results[sizes[0]]:
         cells = []
@@ -244,14 +256,12 @@ def report(results: dict[int, dict[str, dict]]) -> str:
                 if "pickled" in r
                 else ""
             )
-            cells.append(f"{r['secs']:.2f} / {r['peak']:.0f}{extra}")
+            cells.append(f"{r['secs']:.2f} / {r.get('cpu', 0):.2f} / {r['peak']:.0f}{extra}")
         growth = []
         for a, b in zip(sizes, sizes[1:], strict=False):
-            if b == 10 * a:
-                ra, rb = results[a][step], results[b][step]
-                growth.append(
-                    f"{rb['secs'] / max(ra['secs'], 1e-3):.1f}, {rb['peak'] / max(ra['peak'], 1):.1f}"
-                )
+            ra, rb = results[a][step], results[b][step]
+            cpu = rb.get("cpu", rb["secs"]) / max(ra.get("cpu", ra["secs"]), 1e-3)
+            growth.append(f"N x{b / a:g}: {cpu:.1f}, {rb['peak'] / max(ra['peak'], 1):.1f}")
         lines.append(f"| {step} | " + " | ".join(cells) + f" | {'; '.join(growth) or '-'} |")
     return "\n".join(lines)
 

@@ -16,23 +16,21 @@ rows in the dataset's stored order, shard after shard: the order the schedule's 
     label.npy       int32 [N]      class index, -1 unlabeled
     foreground.npy  int32 [N, 4]   foreground box (y0, x0, y1, x1) in bin pixels
     shards.npy      S<width> [S]   shard paths relative to the dataset, sorted
-    meta.json       split, label fraction, codec, class names, each bin's (name, height, width, start, stop)
+    meta.json       split, label fraction, rows, each bin's (name, height, width, start, stop), each file's
+                    size, the identity of the table it was built from
 
 The first process of the node to need an entry builds it under a file lock (the others wait, then map it),
-in a temporary folder renamed into place, so a reader never sees half an entry. Its name hashes the samples
+in a temporary folder renamed into place, so a reader never sees half an entry
+(``radstream.shards.column_cache``: built a batch at a time, checked, stale entries removed). Its name hashes the samples
 table's identity (its path, size, mtime and inode, and the manifest's ``samples_sha256``), what the entry
 takes from the manifest, the split and the label fraction: a rebuilt or rewritten table gets a new entry.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -40,7 +38,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from radstream.shards.integrity import cache_base
 from radstream.shards.layout import SAMPLES, load_samples
 from radstream.shards.subsets import subset_mask
 
@@ -101,14 +98,21 @@ class ShardPaths(Sequence[str]):
         return (ShardPaths.open, (self.root, self.source))
 
 
-def entry_name(root: Path, manifest: dict, split: str, fraction: float | None, subset: int = 0) -> str:
-    """The cache entry of one split (and label fraction and its subset) of the dataset at ``root``."""
+def table_identity(root: Path, manifest: dict) -> list:
+    """What names the samples table an entry is built from: its resolved path, size, mtime and inode, and the
+    manifest's ``samples_sha256`` (a table changed in place, not yet checked against the manifest or with
+    loader.verify=false, never reuses the entry of the table it replaced)."""
     path = Path(root) / SAMPLES
-    try:  # the file itself: a table changed in place (not yet checked against the manifest, or with
-        st = path.stat()  # loader.verify=false) never reuses the entry of the table it replaced
+    try:
+        st = path.stat()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no samples table (is this a finished shard dataset?)") from None
-    identity = [str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, manifest.get("samples_sha256")]
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, manifest.get("samples_sha256")]
+
+
+def entry_name(root: Path, manifest: dict, split: str, fraction: float | None, subset: int = 0) -> str:
+    """The cache entry of one split (and label fraction and its subset) of the dataset at ``root``."""
+    identity = table_identity(root, manifest)
     taken = [manifest["codec"]["name"], manifest.get("class_names"), [(b["name"], b["height"], b["width"])
              for b in manifest["bins"]]]  # fmt: skip
     text = json.dumps([ENTRY_VERSION, identity, taken, split, fraction, subset])
@@ -185,53 +189,6 @@ def read_split_table(root: Path, manifest: dict, split: str, fraction: float | N
         return load_samples(root, split, columns=columns)
     table = load_samples(root, split, columns=columns + ["fractions"] + (["patient_id"] if subset else []))
     return table.filter(subset_mask(table, manifest, fraction, subset)).select(columns)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor lets the lock go
-
-
-def write_entry(entry: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
-    """Write an entry's files into a temporary folder and rename it into place (a reader sees all or none)."""
-    tmp = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        for name, values in arrays.items():
-            np.save(tmp / f"{name}.npy", values)
-        names = meta["shards"]
-        np.save(tmp / "shards.npy", np.array([n.encode() for n in names], dtype=f"S{max(map(len, names))}"))
-        (tmp / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "shards"}))
-        os.rename(tmp, entry)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def node_entry(
-    root: Path, manifest: dict, split: str, fraction: float | None, subset: int, cache_dir: str | None
-) -> Path | None:
-    """The entry of this split on this node, built first if no process of the node has built it; None when
-    the cache folder cannot be written (the caller keeps the arrays in memory)."""
-    base = cache_base(cache_dir) / "columns"
-    entry = base / entry_name(root, manifest, split, fraction, subset)
-    if (entry / "meta.json").is_file():
-        return entry
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        with _locked(base / f"{entry.name}.lock"):
-            if not (entry / "meta.json").is_file():  # another process of the node may have built it meanwhile
-                write_entry(entry, *build(root, manifest, split, fraction, subset))
-                pa.default_memory_pool().release_unused()  # the table's memory, back to the system now
-    except OSError as err:
-        log.warning("cannot keep the sample columns at %s (%s): this process holds them in memory", base, err)
-        return None
-    return entry
 
 
 def build(

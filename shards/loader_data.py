@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from radstream.shards import column_cache
 from radstream.shards import columns as cols
 from radstream.shards.layout import DatasetError, inside, load_manifest, shard_entries
 from radstream.shards.store import ShardStore
@@ -128,7 +129,7 @@ def load_split(
     manifest = load_manifest(root)
     codec, class_names = manifest["codec"]["name"], tuple(manifest.get("class_names") or ())
     subset = label_subset if label_fraction is not None else 0
-    entry = cols.node_entry(root, manifest, split, label_fraction, subset, cache_dir)
+    entry = column_cache.node_entry(root, manifest, split, label_fraction, subset, cache_dir)
     if entry is None:
         meta, arrays = cols.build(root, manifest, split, label_fraction, subset)
         names = np.array([n.encode() for n in meta["shards"]])

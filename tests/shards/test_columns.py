@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from radstream.shards import column_cache
 from radstream.shards import columns as cols
 from radstream.shards.loader_data import load_split
 from radstream.shards.store import ShardStore
@@ -117,3 +118,126 @@ def test_a_rebuilt_table_gets_a_new_entry(tiny_shards: Path, tmp_path: Path) -> 
     assert name != cols.entry_name(tiny_shards, {**manifest, "samples_sha256": "0" * 64}, "train", None)
     assert name != cols.entry_name(tiny_shards, manifest, "train", 0.1)
     assert name != cols.entry_name(tiny_shards, manifest, "val", None)
+
+
+def _entry_arrays(entry: Path) -> dict[str, np.ndarray]:
+    return {p.stem: np.load(p) for p in sorted(entry.glob("*.npy"))}
+
+
+@pytest.mark.parametrize("fraction", [None, 0.1])
+def test_the_streamed_entry_is_the_in_memory_one(
+    tiny_shards: Path, tmp_path: Path, monkeypatch, fraction
+) -> None:
+    """Written a few rows at a time, from a table whose rows are out of the stored order: the same arrays as
+    the whole split read at once (``columns.build``)."""
+    import hashlib
+    import json
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_shards, root, ignore=shutil.ignore_patterns("_work", ".verified-shards.*"))
+    table = pq.read_table(root / "samples.parquet")
+    pq.write_table(table.take(pa.array(np.random.default_rng(1).permutation(table.num_rows))),
+                   root / "samples.parquet", row_group_size=7)  # fmt: skip
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["samples_sha256"] = hashlib.sha256((root / "samples.parquet").read_bytes()).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(column_cache, "BATCH_ROWS", 5)
+    data = load_split(root, "train", fraction, cache_dir=str(tmp_path / "cache"))
+    meta, arrays = cols.build(root, manifest, "train", fraction)
+    stored = _entry_arrays(data.entry)
+    assert stored.pop("shards").tolist() == [n.encode() for n in meta["shards"]]
+    assert stored.keys() == arrays.keys()
+    for name, values in arrays.items():
+        assert np.array_equal(stored[name], values) and stored[name].dtype == values.dtype, name
+    assert [b[:1] + b[3:] for b in json.loads((data.entry / "meta.json").read_text())["bins"]] == [
+        [name, start, stop] for name, start, stop in compute_bins(meta)
+    ]
+
+
+def compute_bins(meta: dict) -> list:
+    return [[name, start, stop] for name, _, _, start, stop in meta["bins"]]
+
+
+def _replicated(tiny_shards: Path, to: Path, times: int) -> Path:
+    """A dataset folder whose samples table is tiny_shards' ``times`` over (what load_split reads; the tars
+    are not opened)."""
+    import shutil
+
+    shutil.copytree(
+        tiny_shards, to, ignore=shutil.ignore_patterns("_work", "_private", "*/*/*.tar", ".verified-shards.*")
+    )
+    table = pq.read_table(tiny_shards / "samples.parquet")
+    pq.write_table(pa.concat_tables([table] * times), to / "samples.parquet")
+    return to
+
+
+def test_the_first_rank_holds_the_mapped_entry_not_arrays(
+    tiny_shards: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The process that builds the entry writes it a batch at a time and then maps it like every other: the
+    numpy and Python memory it used (tracemalloc's peak) does not grow with the split (the whole split read
+    at once: ~100 bytes a row for the arrays alone), and each column it returns is a read-only view of the
+    entry's file."""
+    import tracemalloc
+
+    monkeypatch.setattr(column_cache, "BATCH_ROWS", 64)
+    rows, peaks = [], []
+    for times in (4, 4, 40):
+        root = _replicated(tiny_shards, tmp_path / f"x{times}-{len(peaks)}", times)
+        rows.append(pq.ParquetFile(root / "samples.parquet").metadata.num_rows)
+        tracemalloc.start()
+        data = load_split(root, "train", cache_dir=str(tmp_path / "cache"))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()  # the first run warms caches up and is not compared
+    per_row = (peaks[2] - peaks[1]) / (rows[2] - rows[1])
+    assert per_row < 20, f"{per_row:.0f} bytes a row while building the entry ({peaks})"
+    for b in data.bins.values():
+        for values in (b.keys.raw, b.shard, b.offset, b.size, b.label, b.foreground):
+            assert isinstance(values, np.memmap) and not values.flags.writeable
+            assert Path(values.filename).parent == data.entry
+
+
+@pytest.mark.parametrize("damage", ["truncated column", "no meta", "torn meta"])
+def test_a_half_written_entry_is_built_again(tiny_shards: Path, tmp_path: Path, damage: str) -> None:
+    """What a crash of the machine can leave (a rename that reached the disk before the files): never
+    mapped, removed and built again by the next process."""
+    first = load_split(tiny_shards, "val", cache_dir=str(tmp_path))
+    good = _entry_arrays(first.entry)
+    if damage == "truncated column":
+        path = first.entry / "offset.npy"
+        path.write_bytes(path.read_bytes()[:-8])
+    elif damage == "no meta":
+        (first.entry / "meta.json").unlink()
+    else:
+        (first.entry / "meta.json").write_text('{"bins": [[')
+    (tmp_path / "columns" / f".{first.entry.name}.tmp-99999").mkdir()  # a crashed builder's leftovers
+    again = load_split(tiny_shards, "val", cache_dir=str(tmp_path))
+    assert again.entry == first.entry and column_cache.complete(again.entry)
+    assert {k: v.tolist() for k, v in _entry_arrays(again.entry).items()} == {
+        k: v.tolist() for k, v in good.items()
+    }
+    assert not list((tmp_path / "columns").glob(".*tmp*"))
+
+
+def test_entries_of_a_replaced_table_are_removed_once_unused(
+    tiny_shards: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import os
+    import shutil
+    import time
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_shards, root, ignore=shutil.ignore_patterns("_work", ".verified-shards.*"))
+    cache = str(tmp_path / "cache")
+    old = load_split(root, "val", cache_dir=cache).entry
+    other = load_split(tiny_shards, "val", cache_dir=cache).entry  # another dataset's: kept
+    table = root / "samples.parquet"
+    os.utime(table, ns=(time.time_ns(), table.stat().st_mtime_ns + 10**9))  # rewritten: a new identity
+    fresh = load_split(root, "test", cache_dir=cache).entry
+    assert old.is_dir()  # used within STALE_AFTER_S: a job may still map it
+    past = time.time() - column_cache.STALE_AFTER_S - 60
+    os.utime(old / "meta.json", (past, past))
+    os.utime(other / "meta.json", (past, past))
+    newer = load_split(root, "val", cache_dir=cache).entry
+    assert not old.exists() and other.is_dir() and fresh.is_dir() and newer.is_dir() and newer != old
