@@ -245,7 +245,11 @@ def measure(n: int, work: Path) -> dict[str, dict]:
 
 def report(results: dict[int, dict[str, dict]]) -> str:
     sizes = sorted(results)
-    head = "| step | " + " | ".join(f"N={n:,}: wall s / CPU s / peak MB" for n in sizes) + " | growth (CPU time, peak) |"
+    head = (
+        "| step | "
+        + " | ".join(f"N={n:,}: wall s / CPU s / peak MB" for n in sizes)
+        + " | growth (CPU time, peak) |"
+    )
     lines = [head, "|" + "---|" * (len(sizes) + 2)]
     for step in results[sizes[0]]:
         cells = []
