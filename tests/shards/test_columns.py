@@ -45,9 +45,10 @@ def test_columns_hold_the_split_rows_per_bin_in_stored_order(tiny_shards: Path, 
 def test_the_node_builds_an_entry_once_and_maps_it(tiny_shards: Path, tmp_path: Path, monkeypatch) -> None:
     first = load_split(tiny_shards, "val", cache_dir=str(tmp_path))
     assert first.entry is not None and first.entry.parent == tmp_path / "columns"
-    monkeypatch.setattr(
-        cols, "build", lambda *a: pytest.fail("a second process of the node rebuilt the entry")
-    )
+    for module, name in ((cols, "build"), (column_cache, "build_streamed")):
+        monkeypatch.setattr(
+            module, name, lambda *a: pytest.fail("a second process of the node rebuilt the entry")
+        )
     again = load_split(tiny_shards, "val", cache_dir=str(tmp_path))
     assert again.entry == first.entry
     for name, b in again.bins.items():
