@@ -2,7 +2,7 @@
 
 synthetic radiographs → the stages of `radstream study` (``radstream.workflow``) with a tiny protocol: shards in
 smart bins → MAE pretraining → embeddings → linear probes, supervised ViT / ResNet50 baselines and MAE
-fine-tuning at 1%, 10% and 100% labels (one learning rate and seed per trained model) → the study's tables,
+fine-tuning at 1%, 10% and 100% labels (one learning rate and two seeds per trained model) → the study's tables,
 plus pictures. Accelerate puts the training stages on the GPU when there is one and on the CPU otherwise.
 """
 
@@ -29,7 +29,8 @@ RECIPES = {
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How big the demo is: the defaults fit in about 15 minutes on 2 CPU cores."""
+    """How big the demo is: the defaults take about 9 minutes on 2 CPU cores (11 with `make demo`'s install;
+    the budget is 15)."""
 
     images: int = 700
     max_side: int = 1024
