@@ -227,17 +227,41 @@ def get_plan(
     dropped (manifest first, so no reader takes it for finished) and every part is built again. A finished
     dataset whose ``_work/plan.json`` is missing or unreadable is refused the same way (nothing says what it
     was built from). An unfinished build of another config is replaced without asking (nothing of value is lost).
+    Within one SLURM array job (``$SLURM_ARRAY_JOB_ID``) the source is listed once, by the first task to take
+    the lock; the others trust its digest (a file changed while the job runs is seen by the next job).
     """
     work_dir = Path(cfg.out) / "_work"
-    source = source_digest(cfg)
     content = content_digest(cfg) if verify_source else None
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or None
     with _planning_lock(work_dir):
+        source = _job_source(work_dir, job) or source_digest(cfg)
         plan = load_plan(work_dir, _combined(plan_fingerprint(cfg), source), keep)
         if plan is not None and content is not None:
             plan = _check_content(plan, cfg, content, force_replan)
         if plan is not None:
+            _mark_job(work_dir, job)
             return plan
-        return _only(_replan(cfg, source, content, force_replan), keep)
+        plan = _replan(cfg, source, content, force_replan)
+        _mark_job(work_dir, job)
+        return _only(plan, keep)
+
+
+def _job_source(work_dir: Path, job: str | None) -> tuple[int, str] | None:
+    """The source digest a task of the same SLURM array job already took (recorded in ``plan.json`` by
+    :func:`_mark_job`): the source is listed and statted once per job, not once per task (10M files on a
+    shared filesystem, times a thousand tasks). None: not in an array job, or none of its tasks came first."""
+    head = _saved_head(work_dir) if job else None
+    if head is None or head.get("job") != job:
+        return None
+    return head["source"]["files"], head["source"]["digest"]
+
+
+def _mark_job(work_dir: Path, job: str | None) -> None:
+    """Record in ``plan.json`` that array job ``job`` checked the source against this plan (see
+    :func:`_job_source`); a later job, a rerun, checks it again."""
+    head = _saved_head(work_dir) if job else None
+    if head is not None and head.get("job") != job:
+        write_bytes(work_dir / "plan.json", json.dumps({**head, "job": job}, indent=1).encode())
 
 
 def _replan(cfg: BuildConfig, source: tuple[int, str], content: str | None, force_replan: bool) -> BuildPlan:

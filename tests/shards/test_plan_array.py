@@ -64,3 +64,26 @@ def test_a_task_loads_only_the_records_of_its_parts(tiny_shards: Path) -> None:
     assert mine.part_records(1) == whole.part_records(1) and mine.num_parts == whole.num_parts
     none = load_plan(work, fingerprint, keep=lambda parts: parts < 0)
     assert none.records == () and (none.seen, none.rejects) == (whole.seen, whole.rejects)
+
+
+def test_one_array_job_lists_the_source_once(synth_corpus: Path, tmp_path: Path, monkeypatch) -> None:
+    """Tasks of one SLURM array job list and stat the source once between them (the first to take the plan
+    lock); a later job (a rerun) lists it again, and a build outside an array job every time."""
+    from radstream.core.config import load_config
+    from radstream.shards.builder import plan
+    from radstream.shards.builder.config import BuildConfig
+
+    listed = []
+    real = plan.source_digest
+    monkeypatch.setattr(plan, "source_digest", lambda cfg: listed.append(1) or real(cfg))
+    cfg = load_config(BuildConfig, None, [f"source={synth_corpus / 'images'}", f"out={tmp_path / 'out'}",
+                                          "shards.part_size=20"])  # fmt: skip
+    for job, tasks in (("77", 3), ("78", 2)):
+        monkeypatch.setenv("SLURM_ARRAY_JOB_ID", job)
+        for task in range(tasks):
+            plan.get_plan(cfg, keep=lambda parts, t=task, n=tasks: parts % n == t)
+    assert len(listed) == 2  # once per job
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
+    plan.get_plan(cfg)
+    plan.get_plan(cfg)
+    assert len(listed) == 4
