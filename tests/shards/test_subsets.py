@@ -3,6 +3,8 @@ fractions, and the same images for every model of that seed (the loader of a tra
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import torch
 
@@ -22,12 +24,18 @@ def test_two_seeds_at_the_smallest_fraction_label_different_images(tiny_shards) 
     first, second = subset_keys(tiny_shards, 0.01, 0), subset_keys(tiny_shards, 0.01, 1)
     assert first == split_keys(tiny_shards, 0.01, 0)  # subset 0 is the build's
     assert second == split_keys(tiny_shards, 0.01, 1)
-    assert len(first) == len(second) > 0
-    assert first != second
+    assert first and second and first != second
     assert subset_keys(tiny_shards, 0.01, 1) <= subset_keys(tiny_shards, 0.1, 1)  # nested within a seed
-    table = load_samples(tiny_shards, "train", columns=["key", "label_index"])
+    table = load_samples(tiny_shards, "train", columns=["key", "label_index", "patient_id"])
     label_of = dict(zip(table["key"].to_pylist(), table["label_index"].to_pylist(), strict=True))
-    assert sorted(label_of[k] for k in first) == sorted(label_of[k] for k in second)  # the same quotas
+    # the same quota per class; a patient's images come whole, so a draw may pass its quota by up to one
+    # patient's images less one (the pseudonyms, and so who is drawn, follow the test run's privacy key)
+    slack = max(Counter(table["patient_id"].to_pylist()).values()) - 1
+    counts = [Counter(label_of[k] for k in keys) for keys in (first, second)]
+    for label in set(label_of.values()) - {-1}:
+        assert (
+            min(counts[0][label], counts[1][label]) >= 1 and abs(counts[0][label] - counts[1][label]) <= slack
+        )
 
 
 def test_the_probe_of_seed_k_trains_on_the_loaders_subset_k(tiny_shards) -> None:
