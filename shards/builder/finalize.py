@@ -39,11 +39,8 @@ from radstream.shards.subsets import stored_mask
 
 log = logging.getLogger(__name__)
 
-ROW_GROUP_ROWS = 1 << 18
-"""Most rows per row group of the samples table (one (split, bin) per row group whatever its size). Finalize
-holds one row group's rows and the writer's buffers for them, and a reader (verify, the column cache) one row
-group's decoded columns: 262,144 rows (~100 MB of rows) bound both whatever the dataset's size; at 1 << 20
-finalize peaked at 2.5 GB at 10M samples (README, "Scale")."""
+ROW_GROUP_ROWS = 1 << 20
+"""Most rows per row group of the samples table (one (split, bin) per row group whatever its size)."""
 SORT_KEYS = [("split", "ascending"), ("bin", "ascending"), ("shard", "ascending"), ("position", "ascending")]
 
 
