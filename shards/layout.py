@@ -22,6 +22,8 @@ to rebuild it."""
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 SAMPLES = "samples.parquet"
+DUPLICATES = "duplicates.jsonl"
+"""Groups of identical images that sit in different build parts, one a line (hashes only; published)."""
 
 
 class DatasetError(ValueError):

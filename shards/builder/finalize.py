@@ -1,4 +1,5 @@
-"""Finalize a build: part records → ``manifest.json``, ``samples.parquet`` and ``rejects.jsonl``.
+"""Finalize a build: part records → ``manifest.json``, ``samples.parquet``, ``rejects.jsonl`` and
+``duplicates.jsonl``.
 
 The readers of those files are ``radstream.shards.manifest`` (any location) and ``radstream.shards.layout`` (a local folder).
 
@@ -34,13 +35,15 @@ from radstream.shards.builder.plan import BuildPlan, get_plan
 from radstream.shards.builder.private import write_reject_lists
 from radstream.shards.builder.records import part_rows, part_schema, record_path
 from radstream.shards.index import read_index
-from radstream.shards.layout import FORMAT_VERSION, MANIFEST, SAMPLES, SPLITS
+from radstream.shards.layout import DUPLICATES, FORMAT_VERSION, MANIFEST, SAMPLES, SPLITS
 from radstream.shards.subsets import stored_mask
 
 log = logging.getLogger(__name__)
 
 ROW_GROUP_ROWS = 1 << 20
 """Most rows per row group of the samples table (one (split, bin) per row group whatever its size)."""
+CANDIDATE_ROWS = 1 << 21
+"""Most candidate rows of the cross-part duplicate check held at once (two hashes a row, in Arrow)."""
 SORT_KEYS = [("split", "ascending"), ("bin", "ascending"), ("shard", "ascending"), ("position", "ascending")]
 
 
@@ -229,7 +232,7 @@ def finalize(cfg: BuildConfig) -> dict:
     try:
         schema, groups = _stage_parts(out, cfg, parts, extension(cfg.shards.codec), scratch)
         samples_sha256 = _write_samples(out, schema, groups, scratch, totals, cfg)
-        cross = _cross_part_duplicates(totals, scratch)
+        cross = _cross_part_duplicates(out, totals, scratch)
     finally:
         _remove(scratch)
     _write_rejects(out, rejects, duplicates, keep_paths=not cfg.ingest.privacy.enabled)
@@ -257,25 +260,46 @@ def _remove(scratch: Path) -> None:
         scratch.rmdir()
 
 
-def _cross_part_duplicates(totals: _Totals, scratch: Path) -> list[list[str]]:
-    """Same pixels in two parts (parts are deduplicated alone): reported, not silently dropped. Candidates
-    share the first 64 bits of the pixel hash; only their rows are read again and become Python objects."""
+def _cross_part_duplicates(out: Path, totals: _Totals, scratch: Path) -> dict:
+    """Same pixels in two parts (parts are deduplicated alone): reported in ``OUT/duplicates.jsonl`` (one
+    group a line, ordered by pixel hash: ``{"pixel_hash", "source_hashes"}``), not silently dropped; returns the
+    manifest's summary. Candidates share the first 64 bits of the pixel hash (by chance about N²/2⁶⁵ pairs:
+    none at 10M); only their rows are read again, in Arrow, at most ``CANDIDATE_ROWS`` at a time, and only
+    the groups found become Python objects."""
     prefixes = np.concatenate(totals.pixel_prefix) if totals.pixel_prefix else np.zeros(0, np.uint64)
-    values, counts = np.unique(prefixes[prefixes != 0], return_counts=True)
-    candidates = values[counts > 1]
-    by_sha = defaultdict(list)
-    for path in sorted(scratch.glob("part-*.parquet")) if len(candidates) else ():
-        rows = pq.read_table(path, columns=["pixel_hash", "source_hash"])
-        keep = np.isin(_pixel_prefix(rows["pixel_hash"]), candidates)
-        for r in rows.filter(pa.array(keep)).to_pylist():
-            by_sha[r["pixel_hash"]].append(r["source_hash"])
-    groups = [sorted(v) for v in by_sha.values() if len(v) > 1]
-    if groups:
-        log.warning(
-            "%d groups of identical images sit in different parts; see manifest 'cross_part_duplicates'",
-            len(groups),
-        )
-    return sorted(groups)
+    totals.pixel_prefix.clear()
+    prefixes = np.sort(prefixes[prefixes != 0])
+    candidates = np.unique(prefixes[1:][prefixes[1:] == prefixes[:-1]])
+    counts = np.searchsorted(prefixes, candidates, "right") - np.searchsorted(prefixes, candidates, "left")
+    del prefixes
+    # passes over the scratch files, each for a run of candidates of about CANDIDATE_ROWS rows at most
+    passes = np.split(candidates, np.flatnonzero(np.diff((np.cumsum(counts) - 1) // CANDIDATE_ROWS)) + 1)
+    files = sorted(scratch.glob("part-*.parquet")) if len(candidates) else []
+    summary = {"groups": 0, "samples": 0, "list": DUPLICATES}
+
+    def write(fh) -> None:
+        for wanted in passes if len(candidates) else ():
+            found = []
+            for path in files:
+                part = pq.read_table(path, columns=["pixel_hash", "source_hash"])
+                prefix = _pixel_prefix(part["pixel_hash"])
+                at = np.minimum(np.searchsorted(wanted, prefix), len(wanted) - 1)
+                found.append(part.filter(pa.array(wanted[at] == prefix)))
+            groups = pa.concat_tables(found).group_by("pixel_hash").aggregate([("source_hash", "list")])
+            groups = groups.filter(pc.greater(pc.list_value_length(groups["source_hash_list"]), 1))
+            for batch in groups.sort_by("pixel_hash").to_batches(max_chunksize=1 << 16):
+                for group in batch.to_pylist():
+                    hashes = sorted(group["source_hash_list"])
+                    summary["groups"] += 1
+                    summary["samples"] += len(hashes)
+                    line = {"pixel_hash": group["pixel_hash"], "source_hashes": hashes}
+                    fh.write(json.dumps(line).encode() + b"\n")
+
+    write_with(out / DUPLICATES, write)
+    if summary["groups"]:
+        log.warning("%d groups of identical images sit in different parts; see %s", summary["groups"],
+                    out / DUPLICATES)  # fmt: skip
+    return summary
 
 
 def _manifest(cfg, plan, totals: _Totals, shards, rejects, duplicates, cross) -> dict:

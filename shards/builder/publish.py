@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from radstream.shards.builder.private import find_private_values
-from radstream.shards.layout import inside, shard_entries
+from radstream.shards.layout import DUPLICATES, inside, shard_entries
 from radstream.shards.loader_config import RemoteConfig
 from radstream.shards.transport import filesystem, with_retries
 
@@ -121,10 +121,10 @@ def publish(
 ) -> dict:
     """Upload a finished local build to ``url`` (``s3://bucket/prefix`` or a local folder).
 
-    Order: shards and indexes first, then ``samples.parquet`` and ``rejects.jsonl``, ``manifest.json``
-    last, so a reader never sees a manifest whose files are missing. A different manifest already there is
-    deleted first, so readers of the old dataset get "no manifest" rather than mixed shards. Resume: a file
-    already there with the same size is skipped, unless the old manifest lists that shard with another
+    Order: shards and indexes first, then ``samples.parquet``, ``rejects.jsonl`` and ``duplicates.jsonl``,
+    ``manifest.json`` last, so a reader never sees a manifest whose files are missing. A different manifest
+    already there is deleted first, so readers of the old dataset get "no manifest" rather than mixed shards.
+    Resume: a file already there with the same size is skipped, unless the old manifest lists that shard with another
     sha256 (a rebuild that kept the size); an index is uploaded again whenever its tar is.
 
     Returns:
@@ -143,7 +143,7 @@ def publish(
     manifest_raw = _finished_manifest(out, url)
     manifest = json.loads(manifest_raw)
     files = _dataset_files(out, manifest)
-    meta = [name for name in ("samples.parquet", "rejects.jsonl") if (out / name).is_file()]
+    meta = [name for name in ("samples.parquet", "rejects.jsonl", DUPLICATES) if (out / name).is_file()]
     check_publishable(out, manifest, [f[0] for f in files] + meta + ["manifest.json"], allow_identifiers)
     fs, base = filesystem(str(url), cfg)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -219,3 +220,62 @@ def test_verify_reads_a_table_whose_rows_are_scattered(
         report.problems
     )
     assert "duplicate of row 3" in report.problems[0]
+
+
+def _set_pixel_hashes(out: Path, make) -> None:
+    """Every part's ``pixel_hash`` column rewritten as ``make(part, row)``."""
+    for rows_file in sorted((out / "_work" / "parts").glob("part-*.parquet")):
+        table, part = pq.read_table(rows_file), int(rows_file.stem.split("-")[1])
+        hashes = pa.array([make(part, i) for i in range(table.num_rows)], pa.string())
+        pq.write_table(
+            table.set_column(table.column_names.index("pixel_hash"), "pixel_hash", hashes), rows_file
+        )
+
+
+def _finalized(out: Path, n: int, part_size: int, monkeypatch) -> dict:
+    scale = _scale_benchmark()
+    monkeypatch.setattr(
+        "radstream.shards.builder.finalize.get_plan", lambda cfg, **kw: scale.stand_in_plan(n, part_size)
+    )
+    return finalize(scale.config(out))
+
+
+def test_identical_images_in_two_parts_are_listed_once(tmp_path: Path, monkeypatch) -> None:
+    # part 0's row 0 and part 2's row 5 are the same image; every other pair of rows shares the first 64 bits
+    # of its hash (candidates the check must read again and clear); passes of one candidate's rows at a time
+    out = tmp_path / "dups"
+    _scale_benchmark().write_dataset(out, 300, part_size=100)
+    same = "ab" * 10
+    _set_pixel_hashes(
+        out, lambda p, i: same if (p, i) in ((0, 0), (2, 5)) else f"{p * 50 + i // 2:016x}{i:04x}"
+    )
+    monkeypatch.setattr("radstream.shards.builder.finalize.CANDIDATE_ROWS", 1)
+    manifest = _finalized(out, 300, 100, monkeypatch)
+    table = pq.read_table(out / "samples.parquet", columns=["pixel_hash", "source_hash"])
+    expected = sorted(table.filter(pc.equal(table["pixel_hash"], same))["source_hash"].to_pylist())
+    lines = [json.loads(line) for line in (out / "duplicates.jsonl").read_text().splitlines()]
+    assert lines == [{"pixel_hash": same, "source_hashes": expected}] and len(expected) == 2
+    assert manifest["cross_part_duplicates"] == {"groups": 1, "samples": 2, "list": "duplicates.jsonl"}
+    assert table.num_rows == 300  # reported, not dropped
+
+
+def test_the_duplicate_check_holds_no_object_per_candidate(tmp_path: Path, monkeypatch) -> None:
+    # every row a candidate (pairs share the first 64 bits of the hash), none a duplicate: the rows are
+    # compared in Arrow (before: ~300 bytes of Python objects a candidate row)
+    from radstream.shards.builder import finalize as fin
+
+    real, peaks, sizes = fin._cross_part_duplicates, [], (400, 400, 1600)  # the first warms caches up
+
+    def traced(*args):
+        found = []
+        peaks.append(_traced_peak(lambda: found.append(real(*args))))
+        return found[0]
+
+    monkeypatch.setattr(fin, "_cross_part_duplicates", traced)
+    for k, n in enumerate(sizes):
+        out = tmp_path / f"{k}-{n}"
+        _scale_benchmark().write_dataset(out, n, part_size=200)
+        _set_pixel_hashes(out, lambda p, i: f"{p * 1000 + i // 2:016x}{i:04x}")
+        assert _finalized(out, n, 200, monkeypatch)["cross_part_duplicates"]["groups"] == 0
+    per_row = (peaks[2] - peaks[1]) / (sizes[2] - sizes[1])
+    assert per_row < 100, f"{per_row:.0f} bytes of Python objects per candidate row ({peaks})"

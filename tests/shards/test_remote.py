@@ -136,7 +136,7 @@ def test_publish_resumes_and_puts_the_manifest_last(s3, tiny_shards: Path, tmp_p
     names = [p.removeprefix(s3_path(s3, "")) for p in s3.puts]
     # Only the missing shard (and its index, which goes with its tar) is sent again, then the metadata.
     assert sorted(names[:2]) == sorted([first, idx(first)])  # uploaded in parallel
-    assert names[2:] == ["samples.parquet", "rejects.jsonl", "manifest.json"]
+    assert names[2:] == ["samples.parquet", "rejects.jsonl", "duplicates.jsonl", "manifest.json"]
     assert result["skipped"] == 2 * len(tars(read_manifest(tiny_shards))) - 2
 
 
