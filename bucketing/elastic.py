@@ -146,7 +146,7 @@ def remaining_schedule(
         for name in {name for name, _ in places}
     }
     return [
-        Step(name, tuple(orders[name][mine % len(orders[name])].tolist()))
+        Step(name, orders[name][mine % len(orders[name])])
         for name, mine in _rank_places(places, batch_size, rank)
     ]
 

@@ -45,14 +45,21 @@ ShardCounts = int | Sequence[int]
 _PERMUTE_STREAM, _INTERLEAVE_STREAM = 0, 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Step:
     """One step of one rank: a batch of samples from one bin."""
 
     bin: str
     """The bin's name, ``HxW``."""
-    indices: tuple[int, ...]
-    """Indices into the bin's samples (0..count-1, in the bin's stored order)."""
+    indices: np.ndarray
+    """int64 [batch]: indices into the bin's samples (0..count-1, in the bin's stored order); a view of the
+    epoch's order, not a Python int per sample."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Step) and self.bin == other.bin and np.array_equal(self.indices, other.indices)
+
+    def __hash__(self) -> int:
+        return hash((self.bin, np.asarray(self.indices, np.int64).tobytes()))
 
 
 def _name_key(name: str) -> int:
@@ -171,7 +178,7 @@ def epoch_schedule(
     next_batch = dict.fromkeys(names, 0)
     steps = []
     for name in sequence:
-        steps.append(Step(name, tuple(rank_batches[name][next_batch[name]].tolist())))
+        steps.append(Step(name, rank_batches[name][next_batch[name]]))
         next_batch[name] += 1
     return steps
 

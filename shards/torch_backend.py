@@ -63,16 +63,17 @@ class StepDataset(Dataset):
 
 
 class _Requests(Sampler):
-    """The step requests of the current pass; the loader replaces them before each pass."""
+    """The step requests of the current pass; the loader replaces its plans before each pass. A request's
+    crops and flips are drawn as the DataLoader asks for it (a few steps ahead), not all at the pass's start."""
 
     def __init__(self) -> None:
-        self.items: list[Request] = []
+        self.plans: list[StepPlan] = []
 
     def __iter__(self) -> Iterator[Request]:
-        return iter(self.items)
+        return ((p.bin, p.rows, p.crops, p.flips) for p in self.plans)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.plans)
 
 
 class TorchLoader(ShardLoader):
@@ -100,7 +101,7 @@ class TorchLoader(ShardLoader):
         return self._dataloader
 
     def _images(self, plans: list[StepPlan]) -> Iterator[torch.Tensor]:
-        self._requests.items = [(p.bin, p.rows, p.crops, p.flips) for p in plans]
+        self._requests.plans = plans
         if not plans:
             return
         yield from self._loader()
