@@ -419,3 +419,20 @@ def test_to_unit_float_is_numpys_quotient(dtype) -> None:
     assert unit_float(floats) is floats  # float batches (the benchmarks' synthetic ones) pass as they are
     with pytest.raises(TypeError, match="uint8 or uint16"):
         unit_float(torch.zeros(2, dtype=torch.int32))
+
+
+def test_an_epoch_boundary_draws_no_augmentation(tiny_shards: Path, monkeypatch) -> None:
+    # each step draws its crops when first asked, from the seed (seed, epoch, rank, step) it always had
+    from radstream.bucketing.dataplan import crop_params
+    from radstream.shards import loader_base
+
+    calls = []
+    monkeypatch.setattr(loader_base, "crop_params", lambda *a: calls.append(a) or crop_params(*a))
+    loader = make(tiny_shards, seed=3, rank=1, world=2)
+    plans = loader.epoch_plans(1)
+    assert not calls and len(plans) > 2
+    aug, b = loader.cfg.augment, loader.data.bins[plans[2].bin]
+    rng = np.random.default_rng(np.random.SeedSequence([3, 1, 1, 2, loader_base._AUGMENT_STREAM]))
+    crops = crop_params(rng, len(plans[2].rows), b.height, b.width, aug.scale, aug.ratio)
+    assert np.array_equal(plans[2].crops, crops) and len(calls) == 1
+    assert np.array_equal(plans[2].flips, rng.random(len(crops)) < aug.flip_prob) and len(calls) == 1
