@@ -7,8 +7,10 @@ here knows about building, fetching or decoding, so either side can import it wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 from pathlib import Path
 
 import pyarrow as pa
@@ -63,6 +65,25 @@ def inside(root: str | os.PathLike[str], rel: str | os.PathLike[str], what: str 
     if real != real_root and real_root not in real.parents:
         raise UnsafePathError(f"{what} {path} leads outside {real_root} (a symlink to {real}); refused")
     return path
+
+
+def all_inside(root: str | os.PathLike[str], rels, what: str = "path") -> None:
+    """:func:`inside` for many paths at the cost of one ``lstat`` each: their folders (a dataset has a few,
+    ``split/bin``) are resolved once, and a path is resolved on its own only where it is a symlink itself
+    or its folder leads outside (then :func:`inside` raises its message)."""
+    base = Path(root)
+    real_root = base.resolve()
+    folders: dict[str, tuple[Path, bool]] = {}
+    for rel in rels:
+        folder, _, name = safe_rel(rel, what).rpartition("/")
+        if folder not in folders:
+            real = (base / folder).resolve()
+            folders[folder] = real, real == real_root or real_root in real.parents
+        real, ok = folders[folder]
+        with contextlib.suppress(OSError):  # not there (yet: a remote dataset's node cache) resolves to itself
+            ok = ok and not stat.S_ISLNK(os.lstat(real / name).st_mode)
+        if not ok:
+            inside(base, rel, what)
 
 
 def check_manifest_paths(manifest: dict, where: str | os.PathLike[str]) -> dict:

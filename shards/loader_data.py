@@ -20,7 +20,7 @@ import numpy as np
 
 from radstream.shards import column_cache
 from radstream.shards import columns as cols
-from radstream.shards.layout import DatasetError, inside, load_manifest, shard_entries
+from radstream.shards.layout import DatasetError, all_inside, load_manifest, shard_entries
 from radstream.shards.store import ShardStore
 
 _MAX_OPEN_SHARDS = 64  # file descriptors kept open per process
@@ -137,8 +137,7 @@ def load_split(
     else:
         data = _mapped_split(entry, root, codec, class_names)
     names = data.shards.relative()
-    for name in names:
-        inside(root, name, f"{root}/samples.parquet: shard")
+    all_inside(root, names, f"{root}/samples.parquet: shard")
     unlisted = sorted(set(names) - set(shard_entries(manifest)))
     if unlisted:  # a remote store would fetch it unverified: the manifest holds the checksums
         raise DatasetError(f"{root}/samples.parquet: shard {unlisted[0]!r} is not in the manifest")

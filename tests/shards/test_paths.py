@@ -14,7 +14,14 @@ import pytest
 
 from radstream.shards.cache import ShardCache
 from radstream.shards.index import parse_index, scan_tar, verify_index
-from radstream.shards.layout import UnsafePathError, inside, load_manifest, safe_rel, shard_entries
+from radstream.shards.layout import (
+    UnsafePathError,
+    all_inside,
+    inside,
+    load_manifest,
+    safe_rel,
+    shard_entries,
+)
 from radstream.shards.loader import build_loader
 from radstream.shards.loader_config import LoaderConfig
 from radstream.shards.store import ShardStore
@@ -133,3 +140,27 @@ def test_tar_member_names_leaving_the_folder_are_refused(tmp_path: Path, name: s
     assert problems and all("refused" in p for p in problems)
     with pytest.raises(ValueError, match="line 2: member name"):
         parse_index(["v1.2 1", f"jpg 512 3 {name}"])
+
+
+def test_checking_many_paths_refuses_what_inside_refuses(tmp_path: Path) -> None:
+    # the loader checks every shard of a split at once (one lstat each, folders resolved once)
+    root, away = tmp_path / "ds", tmp_path / "away"
+    (root / "train" / "a").mkdir(parents=True)
+    away.mkdir()
+    (away / "x.tar").write_bytes(b"")
+    (root / "train" / "a" / "ok.tar").write_bytes(b"")
+    (root / "train" / "b").symlink_to(away)  # a folder leading outside
+    (root / "train" / "a" / "out.tar").symlink_to(away / "x.tar")
+    (root / "train" / "a" / "in.tar").symlink_to(Path("ok.tar"))
+    cases = {"train/a/ok.tar": True, "train/a/in.tar": True, "train/a/gone.tar": True, "train/b/x.tar": False,
+             "train/a/out.tar": False, "train/../x.tar": False}  # fmt: skip
+    for rel, fine in cases.items():
+        for check in (
+            lambda r: inside(root, r, "shard"),
+            lambda r: all_inside(root, ["train/a/ok.tar", r], "shard"),
+        ):
+            if fine:
+                check(rel)
+            else:
+                with pytest.raises(UnsafePathError, match=r"shard .*(outside|not a plain)"):
+                    check(rel)
