@@ -292,13 +292,14 @@ class FinetuneTask(SupervisedTask):
         }
 
     def param_groups(self, model: nn.Module) -> list[dict]:
-        self.depth = model.depth
         return layer_decay_groups(model, self.cfg.optim.weight_decay, self.cfg.optim.layer_decay)
 
     def step(self, s: Session, batches: list[dict]) -> StepStats:
         if s.state.step < self.cfg.optim.probe_steps:  # LP-FT's probe: the encoder's rate is 0 (the trainer
-            for group in s.optimizer.param_groups:  # set every group's rate just before this step)
-                if group["layer"] <= self.depth:
+            groups = s.optimizer.param_groups  # set every group's rate just before this step); the head is
+            top = max(group["layer"] for group in groups)  # the top layer (layer_id: depth + 1)
+            for group in groups:
+                if group["layer"] < top:
                     group["lr"] = 0.0
         return super().step(s, batches)
 

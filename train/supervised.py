@@ -120,19 +120,21 @@ def without_padding(batch: dict) -> dict:
     more than one value per channel, and every rank must run the model for the gradients' all-reduce): the
     repeats carry no loss, so computing them is waste, and at a small label fraction a bin's batch is mostly
     repeats (1%: 2-3 real images of 16). Tensors and lists of the batch's length are cut alike."""
-    valid = batch["valid"].bool()
+    valid = batch["valid"].bool().cpu()  # one transfer from the device: the cut is decided on the host
     n = valid.shape[0]
     keep = valid.clone()
     keep[torch.nonzero(~valid).flatten()[: max(0, 2 - int(valid.sum()))]] = True
     if bool(keep.all()):
         return batch
-    rows = torch.nonzero(keep).flatten().tolist()
-    cut = {}
+    rows = torch.nonzero(keep).flatten()
+    cut, on = {}, {}
     for name, value in batch.items():
         if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n:
-            cut[name] = value[keep]
+            if value.device not in on:
+                on[value.device] = rows.to(value.device, non_blocking=True)
+            cut[name] = value.index_select(0, on[value.device])
         elif isinstance(value, list) and len(value) == n:
-            cut[name] = [value[i] for i in rows]
+            cut[name] = [value[i] for i in rows.tolist()]
         else:
             cut[name] = value
     return cut
