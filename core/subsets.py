@@ -47,8 +47,11 @@ def nested_levels(
         raise ValueError(f"{len(labels)} labels but {len(patients)} patients")
     if len(labels) == 0:
         return np.zeros(0, dtype=np.int64)
-    _, class_of = np.unique(np.asarray(labels).astype(str), return_inverse=True)
-    _, first, patient_of = np.unique(np.asarray(patients).astype(str), return_index=True, return_inverse=True)
+    class_of = _codes_in_text_order(labels)
+    patients = np.asarray(patients)
+    if patients.dtype.kind not in "SU":  # bytes (UTF-8) and str arrays are compared as they are
+        patients = patients.astype(str)
+    _, first, patient_of = np.unique(patients, return_index=True, return_inverse=True)
     # patients in the order they first appear: with one image each, the items' own order
     order = np.argsort(first, kind="stable")
     renumber = np.empty_like(order)
@@ -71,6 +74,18 @@ def nested_levels(
     for i in reversed(range(len(levels))):
         level[before < alloc[i][patient_class]] = i
     return level[patient_of]
+
+
+def _codes_in_text_order(labels: Sequence[Hashable]) -> np.ndarray:
+    """Each label's class number, classes numbered in the sorted order of their text (``"10"`` before
+    ``"2"``); an integer array is coded without a string per item (10M labels: 10M strings otherwise)."""
+    values = np.asarray(labels)
+    if values.dtype.kind in "iu":
+        distinct, codes = np.unique(values, return_inverse=True)
+        rank = np.empty(len(distinct), np.int64)
+        rank[np.argsort(distinct.astype(str), kind="stable")] = np.arange(len(distinct))
+        return rank[codes.reshape(-1)]
+    return np.unique(values.astype(str), return_inverse=True)[1].reshape(-1)
 
 
 def _nested_allocations(per_class: np.ndarray, levels: list[float]) -> list[np.ndarray]:

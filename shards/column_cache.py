@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from radstream.shards import columns as cols
 from radstream.shards.integrity import cache_base
 from radstream.shards.layout import SAMPLES, DatasetError, inside, shard_entries
-from radstream.shards.subsets import stored_mask
+from radstream.shards.subsets import dataset_levels, drawn_mask, stored_mask
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +113,16 @@ class _Codes:
         return b.to_numpy(**as_int).astype(np.int64), s.to_numpy(**as_int).astype(np.int64)
 
 
-def build_streamed(entry_tmp: Path, root: Path, manifest: dict, split: str, fraction: float | None) -> dict:
-    """Write the entry of ``split`` (of a label fraction's stored subset) into the folder ``entry_tmp``;
-    returns its meta (``meta.json`` is the caller's, written last)."""
+def build_streamed(
+    entry_tmp: Path, root: Path, manifest: dict, split: str, fraction: float | None, subset: int = 0
+) -> dict:
+    """Write the entry of ``split`` (of a label fraction's stored subset, or of its drawn subset ``subset``
+    >= 1) into the folder ``entry_tmp``; returns its meta (``meta.json`` is the caller's, written last)."""
     codes = _Codes(Path(root), manifest)
     pairs = np.zeros(len(codes.bins) * len(codes.shards), np.int64)
     width = 1
-    for table in _batches(root, split, fraction, ["split", "key", "bin", "shard"]):
+    rows = _rows(root, manifest, split, fraction, subset)
+    for table in rows(["split", "key", "bin", "shard"]):
         b, s = codes(table)
         pairs += np.bincount(b * len(codes.shards) + s, minlength=len(pairs))
         width = max(width, int(pc.max(pc.binary_length(table["key"])).as_py() or 0))
@@ -135,7 +138,7 @@ def build_streamed(entry_tmp: Path, root: Path, manifest: dict, split: str, frac
              "size": (np.int32, (n,)), "label": (np.int32, (n,)), "foreground": (np.int32, (n, 4))}  # fmt: skip
     for name, (dtype, shape) in kinds.items():
         np.lib.format.open_memmap(entry_tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
-    for table in _batches(root, split, fraction, _READ):
+    for table in rows(_READ):
         _place(entry_tmp, table, codes, cursor, compact)
     shapes = {b["name"]: (int(b["height"]), int(b["width"])) for b in manifest["bins"]}
     per_bin = pairs.reshape(len(codes.bins), -1).sum(axis=1)
@@ -144,6 +147,36 @@ def build_streamed(entry_tmp: Path, root: Path, manifest: dict, split: str, frac
             for name, stop, count in zip(codes.bins, stops, per_bin, strict=True) if count]  # fmt: skip
     shards = [name for name, u in zip(codes.shards, used.tolist(), strict=True) if u]
     return {"bins": bins, "shards": shards, "rows": n}
+
+
+def _rows(root: Path, manifest: dict, split: str, fraction: float | None, subset: int):
+    """``rows(columns)``: the batches of the entry's rows. A drawn subset's keys are drawn first, from the
+    split's key, label and patient columns read a batch at a time into arrays (about 60 bytes a row for the
+    draw, no Python object per row), then its rows are read as the stored subset's are."""
+    if not subset or fraction is None:
+        return lambda columns: _batches(root, split, fraction, columns)
+    keys, labels, patients = [], [], []
+    for table in _batches(root, split, None, ["split", "key", "label_index", "patient_id"]):
+        keys.append(cols.fixed_width(table["key"]))
+        labels.append(table["label_index"].to_numpy().astype(np.int64))
+        patients.append(cols.fixed_width(table["patient_id"]))
+    if not keys:
+        return lambda columns: iter(())
+    key = np.concatenate(keys)
+    del keys
+    drawn = np.sort(key[drawn_mask(key, np.concatenate(labels), np.concatenate(patients),
+                                   dataset_levels(manifest), fraction, subset)])  # fmt: skip
+    del key, labels, patients
+
+    def rows(columns: list[str]) -> Iterator[pa.Table]:
+        for table in _batches(root, split, None, columns):
+            key = cols.fixed_width(table["key"])
+            at = np.minimum(np.searchsorted(drawn, key), max(len(drawn) - 1, 0))
+            keep = drawn[at] == key if len(drawn) else np.zeros(len(key), bool)
+            if keep.any():
+                yield table.filter(pa.array(keep))
+
+    return rows
 
 
 def _place(entry_tmp: Path, table: pa.Table, codes: _Codes, cursor: np.ndarray, compact: np.ndarray) -> None:
@@ -207,13 +240,7 @@ def write_entry(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        if subset:  # a drawn subset: the split's patients at once
-            meta, arrays = cols.build(root, manifest, split, fraction, subset)
-            for name, values in arrays.items():
-                np.save(tmp / f"{name}.npy", values)
-            del arrays
-        else:
-            meta = build_streamed(tmp, root, manifest, split, fraction)
+        meta = build_streamed(tmp, root, manifest, split, fraction, subset)
         names = meta.pop("shards")
         np.save(tmp / "shards.npy", np.array([n.encode() for n in names], dtype=f"S{max(map(len, names))}"))
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}

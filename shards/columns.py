@@ -120,20 +120,24 @@ def entry_name(root: Path, manifest: dict, split: str, fraction: float | None, s
 
 
 def fixed_width(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """A string column as a fixed-width bytes array ``S<longest>``, built from Arrow's buffers one character
-    position at a time (no Python string per row)."""
+    """A string column as a fixed-width bytes array ``S<longest>``, built from Arrow's buffers (no Python
+    string per row): one copy where every string has the same length (keyed hashes), else a scatter of the
+    characters to their (row, position)."""
     arr = strings.combine_chunks() if isinstance(strings, pa.ChunkedArray) else strings
     if pa.types.is_large_string(arr.type):
         arr = arr.cast(pa.string())
     n = len(arr)
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + n + 1]
+    offsets = offsets.astype(np.int64)
     data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if n else np.zeros(0, np.uint8)
-    starts, lengths = offsets[:-1].astype(np.int64), np.diff(offsets)
+    lengths = np.diff(offsets)
     width = max(int(lengths.max(initial=0)), 1)
+    chars = data[offsets[0] : offsets[-1]] if n else data[:0]
+    if n and (lengths == width).all():
+        return chars.copy().view(f"S{width}").reshape(n)
     out = np.zeros((n, width), dtype=np.uint8)
-    for j in range(width):
-        rows = np.flatnonzero(lengths > j)
-        out[rows, j] = data[starts[rows] + j]
+    row = np.repeat(np.arange(n), lengths)
+    out[row, np.arange(len(chars)) - (offsets[:-1] - offsets[0])[row]] = chars
     return out.view(f"S{width}").reshape(n)
 
 

@@ -80,7 +80,8 @@ def all_inside(root: str | os.PathLike[str], rels, what: str = "path") -> None:
             real = (base / folder).resolve()
             folders[folder] = real, real == real_root or real_root in real.parents
         real, ok = folders[folder]
-        with contextlib.suppress(OSError):  # not there (yet: a remote dataset's node cache) resolves to itself
+        # a path not there (yet: a remote dataset's node cache) resolves to itself
+        with contextlib.suppress(OSError):
             ok = ok and not stat.S_ISLNK(os.lstat(real / name).st_mode)
         if not ok:
             inside(base, rel, what)

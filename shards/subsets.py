@@ -56,8 +56,11 @@ def drawn_mask(
         keep[:] = True
         return keep
     labelled = np.flatnonzero(labels >= 0)
-    by_key = labelled[np.argsort(keys[labelled].astype(str), kind="stable")]
-    level = nested_levels(labels[by_key].tolist(), patients[by_key].tolist(), levels, subset_seed(subset))
+    text = (
+        keys[labelled] if keys.dtype.kind in "SU" else keys[labelled].astype(str)
+    )  # UTF-8 bytes sort as text
+    by_key = labelled[np.argsort(text, kind="stable")]
+    level = nested_levels(labels[by_key], patients[by_key], levels, subset_seed(subset))
     keep[by_key[level <= match[0]]] = True
     return keep
 
