@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from radstream.bucketing.bins import Bin, plan_bins
 from radstream.bucketing.dataplan import assign_parts
 from radstream.core.atomic import write_bytes
 from radstream.core.config import load_config, to_dict, to_yaml
+from radstream.core.locks import exclusive
 from radstream.core.perms import private_folder
 from radstream.ingest.pipeline import IngestRecord, NoUsableImages, Reject, run_ingest
 from radstream.ingest.privacy import Pseudonymizer
@@ -190,16 +190,11 @@ def load_plan(work_dir: Path, fingerprint: str, keep: Keep | None = None) -> Bui
     )
 
 
-@contextlib.contextmanager
-def _planning_lock(work_dir: Path) -> Iterator[None]:
-    """One task of an array plans at a time: the others wait here, then find its plan saved."""
+def _planning_lock(work_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """One task of an array plans at a time: the others wait here, then find its plan saved. The tasks run
+    on many nodes: ``radstream.core.locks.exclusive`` holds between them (or says why it cannot)."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(work_dir / "plan.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor lets the lock go
+    return exclusive(work_dir / "plan.lock")
 
 
 def _only(plan: BuildPlan, keep: Keep | None) -> BuildPlan:
