@@ -54,14 +54,19 @@ STALE_AFTER_S = 3600.0
 BATCH_ROWS = 1 << 16
 """Rows of the split read, placed and written at once (~10 MB of Arrow columns)."""
 _READ = ["split", "key", "bin", "shard", "offset", "size", "label_index", "foreground_bin"]
+_CODED = ("split", "bin", "shard")
+"""Columns read as dictionaries (a handful of distinct values a row group)."""
 
 
 def _batches(root: Path, split: str, fraction: float | None, columns: list[str]) -> Iterator[pa.Table]:
     """The split's rows (of the label fraction's stored subset), ``BATCH_ROWS`` at a time: only the row
-    groups whose statistics allow the split are read (each row group holds one (split, bin) in format 2.0)."""
+    groups whose statistics allow the split are read (each row group holds one (split, bin) in format 2.0).
+    ``split``, ``bin`` and ``shard`` come as dictionary columns (a few distinct values a row group): a look-up
+    is made in their dictionary, not in every row (:func:`_codes`)."""
     path = Path(root) / SAMPLES
     try:
-        file = pq.ParquetFile(path, buffer_size=1 << 20)
+        names = pq.read_schema(path).names
+        file = pq.ParquetFile(path, buffer_size=1 << 20, read_dictionary=[c for c in _CODED if c in names])
         index = file.schema_arrow.get_field_index("split")
         groups = [
             g
@@ -69,9 +74,10 @@ def _batches(root: Path, split: str, fraction: float | None, columns: list[str])
             if _may_hold(file.metadata.row_group(g), index, split)
         ]
         wanted = columns + (["fractions"] if fraction is not None else [])
+        is_split = pa.array([split], pa.string())
         for batch in file.iter_batches(BATCH_ROWS, row_groups=groups, columns=wanted, use_threads=False):
             table = pa.Table.from_batches([batch])
-            keep = pc.equal(table["split"], split).fill_null(False).to_numpy(zero_copy_only=False)
+            keep = _codes(table["split"], is_split) == 0
             if fraction is not None:
                 keep &= stored_mask(table["fractions"], fraction)
             if keep.any():
@@ -89,6 +95,22 @@ def _may_hold(group, index: int, split: str) -> bool:
     return stats.min <= split <= stats.max
 
 
+def _codes(column: pa.ChunkedArray | pa.Array, value_set: pa.Array) -> np.ndarray:
+    """int64 [rows]: each row's index in ``value_set``, -1 where it is not there or null. A dictionary column is
+    looked up through its dictionary (the row group's few shards, not its rows)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    as_int = {"zero_copy_only": False}
+    if not pa.types.is_dictionary(arr.type):
+        return pc.index_in(arr, value_set=value_set).fill_null(-1).to_numpy(**as_int).astype(np.int64)
+    lookup = (
+        pc.index_in(arr.dictionary, value_set=value_set).fill_null(-1).to_numpy(**as_int).astype(np.int64)
+    )
+    codes = lookup[arr.indices.fill_null(0).to_numpy(**as_int)] if len(lookup) else np.full(len(arr), -1)
+    if arr.null_count:
+        codes[arr.is_null().to_numpy(**as_int)] = -1
+    return codes
+
+
 class _Codes:
     """Row → (bin number, shard number) against the manifest's bins and shards, sorted by name; a row naming
     a bin or shard the manifest does not list is refused as ``columns.build`` and ``load_split`` refuse it."""
@@ -100,17 +122,16 @@ class _Codes:
         self.bin_set, self.shard_set = pa.array(self.bins, pa.string()), pa.array(self.shards, pa.string())
 
     def __call__(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-        b = pc.index_in(table["bin"], value_set=self.bin_set)
-        if b.null_count:
-            unknown = table["bin"].filter(pc.is_null(b))[0].as_py()
+        b = _codes(table["bin"], self.bin_set)
+        if (b < 0).any():
+            unknown = table["bin"][int(np.argmax(b < 0))].as_py()
             raise ValueError(f"{self.root}: samples table has bin {unknown!r}, the manifest does not")
-        s = pc.index_in(table["shard"], value_set=self.shard_set)
-        if s.null_count:
-            name = table["shard"].filter(pc.is_null(s))[0].as_py()
+        s = _codes(table["shard"], self.shard_set)
+        if (s < 0).any():
+            name = table["shard"][int(np.argmax(s < 0))].as_py()
             inside(self.root, str(name), f"{self.root}/{SAMPLES}: shard")  # a path outside: refused as such
             raise DatasetError(f"{self.root}/{SAMPLES}: shard {name!r} is not in the manifest")
-        as_int = {"zero_copy_only": False}
-        return b.to_numpy(**as_int).astype(np.int64), s.to_numpy(**as_int).astype(np.int64)
+        return b, s
 
 
 def build_streamed(
@@ -207,8 +228,7 @@ def _place(entry_tmp: Path, table: pa.Table, codes: _Codes, cursor: np.ndarray, 
     for name, value in values.items():
         out = np.lib.format.open_memmap(entry_tmp / f"{name}.npy", mode="r+")
         out[dest] = value
-        out.flush()
-        del out
+        del out  # unmapped: the pages are the page cache's (write_entry syncs the files once, at the end)
 
 
 @contextlib.contextmanager
