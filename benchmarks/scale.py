@@ -10,8 +10,12 @@ machine stretch the wall time) and peak memory (``VmHWM`` minus the process's RS
 - ``load_split cold`` / ``warm``: ``load_split('train')`` in a first rank of the node, then in a second one;
   ``steady`` is what the process still holds once the split is loaded, ``pickled`` what a DataLoader worker
   receives (``StepDataset(data, store)`` pickled);
-- ``epoch W=...``: the epoch boundary of the last rank at world size W (``ShardLoader.epoch_plans``: schedule,
-  padding masks, augmentation parameters), batch 32.
+- ``epoch W=...``: the epoch boundary of the last rank at world size W (``ShardLoader.epoch_plans``: schedule
+  and padding masks; each step draws its augmentation when it is read), batch 32.
+
+The synthetic rows are shaped like a real build's: keys of 24 characters, pixel hashes of 20 uniformly spread
+hex digits (a keyed hash; finalize's cross-part duplicate check reads back only rows whose first 64 bits
+collide, none by chance at 10M).
 
 The last column is the growth ratio from each N to the next (CPU time, peak): near the ratio of the Ns for
 what must be linear, near 1 for what must stay constant. A write that was killed goes on where it stopped

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 ROW_GROUP_ROWS = 1 << 20
 """Most rows per row group of the samples table (one (split, bin) per row group whatever its size)."""
-CANDIDATE_ROWS = 1 << 21
+CANDIDATE_ROWS = 1 << 19
 """Most candidate rows of the cross-part duplicate check held at once (two hashes a row, in Arrow)."""
 SORT_KEYS = [("split", "ascending"), ("bin", "ascending"), ("shard", "ascending"), ("position", "ascending")]
 
