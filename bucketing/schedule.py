@@ -56,7 +56,9 @@ class Step:
     epoch's order, not a Python int per sample."""
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Step) and self.bin == other.bin and np.array_equal(self.indices, other.indices)
+        return (
+            isinstance(other, Step) and self.bin == other.bin and np.array_equal(self.indices, other.indices)
+        )
 
     def __hash__(self) -> int:
         return hash((self.bin, np.asarray(self.indices, np.int64).tobytes()))
@@ -171,7 +173,8 @@ def epoch_schedule(
         bin_samples = bin_order(counts[name], name=name, seed=seed, epoch=epoch, shuffle_block=shuffle_block)
         # np.resize cycles the order: the wrap-around padding of the last global batch.
         taken = np.resize(bin_samples, n_batches * global_batch) if n_batches else bin_samples[:0]
-        rank_batches[name] = taken.reshape(n_batches, world_size, size)[:, rank, :]
+        # this rank's share, copied: a view would keep every rank's order alive as long as the steps
+        rank_batches[name] = taken.reshape(n_batches, world_size, size)[:, rank, :].copy()
     sequence = bin_sequence(
         counts, batch_size, seed=seed, epoch=epoch, world_size=world_size, drop_incomplete=drop_incomplete
     )

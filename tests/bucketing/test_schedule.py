@@ -207,3 +207,14 @@ def test_rejects_bad_arguments() -> None:
         epoch_schedule({"224x224": 3}, 0, seed=0, epoch=0, world_size=1, rank=0)
     with pytest.raises(ValueError):
         epoch_schedule({"224x224": 3}, 4, seed=-1, epoch=0, world_size=1, rank=0)
+
+
+def test_a_ranks_steps_hold_only_its_share_of_the_order() -> None:
+    # a step's indices are a numpy view (no Python int per sample) of this rank's share alone: a view of the
+    # whole epoch's order would keep every rank's samples alive as long as the steps (O(N), not O(N/W))
+    counts, world = {"64x64": 4000, "32x32": 1000}, 16
+    steps = epoch_schedule(counts, 8, seed=0, epoch=0, world_size=world, rank=3)
+    for step in steps:
+        assert step.indices.dtype == np.int64 and len(step.indices) == 8
+        held = step.indices.base if step.indices.base is not None else step.indices
+        assert held.size <= -(-counts[step.bin] // world) + 8  # this rank's share (and its padding)
