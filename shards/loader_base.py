@@ -81,7 +81,7 @@ class StepPlan:
     """bool [B], False for padded repeats."""
     draw: Callable[[int, str, int], tuple[np.ndarray, np.ndarray]] | None = field(default=None, repr=False)
     """``draw(step, bin, B)``: the step's (crops, flips), from its own seed; None: no augmentation. Drawn
-    when first asked, not at the epoch boundary (~140 µs a step: 5 s there for 10M samples on 8 ranks)."""
+    when first asked, not at the epoch boundary (~100 µs a step: 3-5 s there for 10M samples on 8 ranks)."""
 
     @functools.cached_property
     def _augmentation(self) -> tuple[np.ndarray | None, np.ndarray | None]:
