@@ -16,11 +16,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-FORMAT_VERSION = "2.0"
+FORMAT_VERSION = "2.1"
 """2.0: keys, members and tables name samples by keyed hashes and patients by pseudonyms (no ``source``
 column); the samples table is written in row groups per (split, bin), so a reader of one split reads only its
-row groups (a table in one row group reads the same, only slower). A 1.x dataset is refused with a line saying
-to rebuild it."""
+row groups (a table in one row group reads the same, only slower). 2.1: identical images in two build parts
+are listed in ``duplicates.jsonl``, the manifest's ``cross_part_duplicates`` counts them (2.0 listed them
+there). Readers check the major version: a 1.x dataset is refused with a line saying to rebuild it; 2.0 reads."""
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 SAMPLES = "samples.parquet"

@@ -92,7 +92,7 @@ def test_the_samples_table_is_in_row_groups_per_split_and_bin(tiny_shards: Path)
     assert groups == sorted(groups) and len(set(groups)) == len(groups) and len(groups) > 3
     table = pq.read_table(tiny_shards / "samples.parquet")
     assert table.equals(table.sort_by([(c, "ascending") for c in ORDER]))  # the stored order, as before
-    assert load_manifest(tiny_shards)["format_version"] == FORMAT_VERSION == "2.0"
+    assert load_manifest(tiny_shards)["format_version"] == FORMAT_VERSION == "2.1"
 
 
 def test_finalize_again_writes_the_same_bytes(tiny_shards: Path, tmp_path: Path, monkeypatch) -> None:
