@@ -92,9 +92,10 @@ def check_manifest_paths(manifest: dict, where: str | os.PathLike[str]) -> dict:
     """``manifest`` once its format version is this one's and every shard path it lists passes
     :func:`safe_rel` (the message names ``where``)."""
     version = str(manifest.get("format_version", FORMAT_VERSION)) if isinstance(manifest, dict) else ""
-    if version.split(".")[0] != FORMAT_VERSION.split(".")[0]:
+    major = FORMAT_VERSION.split(".")[0]
+    if version.split(".")[0] != major:
         raise DatasetError(
-            f"{where}: shard format {version}, this radstream reads {FORMAT_VERSION}; rebuild the dataset with "
+            f"{where}: shard format {version}, this radstream reads {major}.x; rebuild the dataset with "
             "`radstream build-shards` (format 1.x names samples by file name and carries patient ids)"
         )
     try:

@@ -183,7 +183,7 @@ def test_a_format_1_dataset_is_refused_in_one_line(tiny_shards: Path, tmp_path: 
     old.mkdir()
     manifest = json.loads((tiny_shards / "manifest.json").read_text())
     (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": "1.0"}))
-    with pytest.raises(DatasetError, match=r"shard format 1\.0, this radstream reads 2\.0; rebuild"):
+    with pytest.raises(DatasetError, match=r"shard format 1\.0, this radstream reads 2\.x; rebuild"):
         load_manifest(old)
 
 
