@@ -116,12 +116,18 @@ class ShardReader:
     Args:
         tar_path: the shard.
         idx_path: its index; default: the tar's path with ``.idx``.
+        entries: its index already read (``read_index``), not read again.
     """
 
-    def __init__(self, tar_path: str | os.PathLike[str], idx_path: str | os.PathLike[str] | None = None):
+    def __init__(
+        self,
+        tar_path: str | os.PathLike[str],
+        idx_path: str | os.PathLike[str] | None = None,
+        entries: list[IndexEntry] | None = None,
+    ):
         self.tar_path = Path(tar_path)
         self.idx_path = Path(idx_path) if idx_path is not None else self.tar_path.with_suffix(".idx")
-        self.entries: list[IndexEntry] = read_index(self.idx_path)
+        self.entries: list[IndexEntry] = read_index(self.idx_path) if entries is None else entries
         self._positions: dict[str, int] | None = None
         self._fd: int | None = None
         self._pid: int | None = None
@@ -199,26 +205,77 @@ class ShardReader:
 
 
 def scan_tar(tar_path: str | os.PathLike[str]) -> list[IndexEntry]:
-    """Index a tar by reading its headers with ``tarfile``, grouping members as wds2idx does.
+    """Index a tar by reading its headers, grouping members as wds2idx does.
 
     Raises :class:`~radstream.shards.layout.UnsafePathError` for a member name with ``..`` or an absolute path.
     Regular files only; consecutive members with the same key form one sample; hidden files (name starting
-    with a dot) and entries under folders whose key would be empty are skipped.
+    with a dot) and entries under folders whose key would be empty are skipped. Plain ustar headers (what
+    the shard writer and most tools write) are read directly, ~5x faster than ``tarfile``; a tar with
+    anything else (pax or GNU long-name headers, base-256 sizes, a bad checksum, a truncated header) is read by
+    ``tarfile``, which decides what it means.
     """
+    members = _ustar_members(tar_path)
+    if members is None:
+        with tarfile.open(tar_path, "r:") as tar:
+            members = [(m.name, m.isreg(), m.offset_data, m.size) for m in tar]
     entries: list[IndexEntry] = []
-    with tarfile.open(tar_path, "r:") as tar:
-        for member in tar:
-            safe_rel(member.name, f"{tar_path}: member name")  # before any name is used
-            if not member.isreg():
-                continue
-            key, ext = split_name(member.name)
-            if not key or key.endswith("/"):
-                continue
-            if entries and entries[-1].key == key:
-                entries[-1].components[ext] = (member.offset_data, member.size)
-            else:
-                entries.append(IndexEntry(key, {ext: (member.offset_data, member.size)}))
+    for name, regular, offset, size in members:
+        safe_rel(name, f"{tar_path}: member name")  # before any name is used
+        if not regular:
+            continue
+        key, ext = split_name(name)
+        if not key or key.endswith("/"):
+            continue
+        if entries and entries[-1].key == key:
+            entries[-1].components[ext] = (offset, size)
+        else:
+            entries.append(IndexEntry(key, {ext: (offset, size)}))
     return entries
+
+
+_REGULAR = (b"0", b"\0", b"7")  # tarfile.REGULAR_TYPES less sparse files
+_OTHER = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, folders, fifos: no data follows
+_ZERO_BLOCK = bytes(512)
+
+
+def _ustar_members(tar_path: str | os.PathLike[str]) -> list[tuple[str, bool, int, int]] | None:
+    """``(name, regular, data offset, size)`` of every member, read from plain ustar headers as ``tarfile``
+    reads them; None as soon as a header is anything else (the caller asks ``tarfile``)."""
+    members = []
+    with open(tar_path, "rb") as fh:
+        offset, end = 0, os.fstat(fh.fileno()).st_size
+        while True:
+            if offset > end:
+                return None  # the last member's data runs past the end: tarfile's "unexpected end of data"
+            fh.seek(offset)
+            header = fh.read(512)
+            if not header:
+                return members if offset else None  # an empty file is tarfile's error to raise
+            if len(header) < 512:
+                return None
+            if header == _ZERO_BLOCK:
+                return members if offset else None
+            kind = header[156:157]
+            if kind not in _REGULAR and kind not in _OTHER:
+                return None
+            try:
+                stored = int(header[148:156].replace(b"\0", b" ").strip() or b"x", 8)
+                size = int(header[124:136].replace(b"\0", b" ").strip() or b"0", 8)
+            except ValueError:
+                return None  # base-256 numbers, a damaged field
+            if stored != sum(header[:148]) + 256 + sum(header[156:]):  # the checksum field counts as spaces
+                return None
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            folder = kind == b"5" or (kind == b"\0" and name.endswith("/"))  # tarfile: a V7 folder
+            name = name.rstrip("/") if folder else name
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if prefix:  # a long ustar name; elsewhere (GNU headers) those bytes mean something else
+                if header[257:265] != b"ustar\x0000":
+                    return None
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+            regular = kind in _REGULAR and not folder
+            members.append((name, regular, offset + 512, size))
+            offset += 512 + (-(-size // 512) * 512 if regular else 0)
 
 
 def _compare(expected: list[IndexEntry], found: list[IndexEntry]) -> Iterator[str]:
@@ -231,8 +288,10 @@ def _compare(expected: list[IndexEntry], found: list[IndexEntry]) -> Iterator[st
             yield f"sample {pos} ({want.key}): index members {got.components}, tar members {want.components}"
 
 
-def verify_index(tar_path: str | os.PathLike[str], idx_path: str | os.PathLike[str]) -> list[str]:
-    """Check an index against the actual members of its tar.
+def verify_index(
+    tar_path: str | os.PathLike[str], idx_path: str | os.PathLike[str], found: list[IndexEntry] | None = None
+) -> list[str]:
+    """Check an index against the actual members of its tar (``found``: the index already read).
 
     Returns:
         Problems found, one line each (empty when the index matches the tar exactly): an unreadable index
@@ -240,7 +299,7 @@ def verify_index(tar_path: str | os.PathLike[str], idx_path: str | os.PathLike[s
         sizes differ.
     """
     try:
-        found = read_index(idx_path)
+        found = read_index(idx_path) if found is None else found
     except (OSError, ValueError, UnicodeDecodeError) as err:
         return [f"unreadable index: {err}"]
     try:

@@ -80,13 +80,17 @@ def _check_shard_files(
         rep.problems.append(f"{shard['path']}: {size} bytes, manifest says {shard['bytes']}")
     if sha256_of(tar) != shard["sha256"]:
         rep.problems.append(f"{shard['path']}: sha256 differs from the manifest")
-    rep.problems.extend(f"{shard['path']}: {p}" for p in verify_index(tar, idx))
-    entries = read_index(idx)
+    try:
+        entries = read_index(idx)  # read once: checked against the tar, then read through
+    except (OSError, ValueError) as err:
+        rep.problems.append(f"{shard['path']}: unreadable index: {err}")
+        raise
+    rep.problems.extend(f"{shard['path']}: {p}" for p in verify_index(tar, idx, entries))
     rep.samples += len(entries)
     if len(entries) != shard["samples"]:
         rep.problems.append(f"{shard['path']}: {len(entries)} samples, manifest says {shard['samples']}")
     ext = "jpg" if codec == "jpg" else ("png" if codec.startswith("png") else codec)
-    with ShardReader(tar) as reader:
+    with ShardReader(tar, entries=entries) as reader:
         for pos, entry in enumerate(entries):
             if rng.random() >= decode_share:
                 continue

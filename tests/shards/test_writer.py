@@ -17,7 +17,8 @@ import pytest
 
 from radstream.shards.builder.writer import ShardInfo, ShardWriter, finished_size, member_span
 from radstream.shards.codecs import encode
-from radstream.shards.index import ShardReader, read_index, scan_tar, verify_index
+from radstream.shards.index import ShardReader, _ustar_members, read_index, scan_tar, verify_index
+from radstream.shards.layout import UnsafePathError
 from tests.shards.tar_member import read_member
 
 PREFIX = "train-32x48-0003"
@@ -333,3 +334,77 @@ def test_readable_by_dali_webdataset_reader(tmp_path):
         assert np.array(jpgs[i]).tobytes() == members["jpg"]
         assert np.array(classes[i]).tobytes() == members["cls"]
         assert np.array(images[i]).shape == (32, 48, 1)
+
+
+def _tarfile_scan(path: Path) -> list:
+    """scan_tar as it was: every header read by tarfile."""
+    from radstream.shards.index import IndexEntry, split_name
+    from radstream.shards.layout import safe_rel
+
+    entries = []
+    with tarfile.open(path, "r:") as tar:
+        for m in tar:
+            safe_rel(m.name, f"{path}: member name")
+            key, ext = split_name(m.name)
+            if not m.isreg() or not key or key.endswith("/"):
+                continue
+            if entries and entries[-1].key == key:
+                entries[-1].components[ext] = (m.offset_data, m.size)
+            else:
+                entries.append(IndexEntry(key, {ext: (m.offset_data, m.size)}))
+    return entries
+
+
+def _renamed(raw: bytes, old: bytes, new: bytes) -> bytes:
+    """A tar whose member ``old`` is named ``new`` (as long), its header's checksum made right again."""
+    at = raw.index(old + b"\0")
+    header = bytearray(raw[at : at + 512])
+    header[: len(new)] = new
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return raw[:at] + bytes(header) + raw[at + 512 :]
+
+
+def _outcome(scan, path: Path):
+    try:
+        return scan(path)
+    except Exception as err:  # the same error, or the same entries
+        return type(err).__name__, str(err)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_reading_headers_directly_gives_what_tarfile_gives(tmp_path: Path, fmt: int) -> None:
+    import io
+
+    long_dir = "d" * 120  # past the 100 bytes of a name: a ustar prefix, a GNU or pax long name
+    members = [("s1.png", b"x" * 700), ("s1.cls", b"3"), ("sub", None), ("sub/s2.png", b""), (".hidden.png", b"y"),
+               (f"{long_dir}/s3.png", b"z" * 513), ("s4.j\u00e9son", b"{}"), ("link", "s1.png")]  # fmt: skip
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif isinstance(data, str):
+                info.type, info.linkname = tarfile.SYMTYPE, data
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    raw = path.read_bytes()
+    variants = {"whole": raw, "no end blocks": raw[: raw.rfind(b"z" * 513) + 1024],
+                "cut in a member's data": raw[:1100], "empty": b"", "zeros": bytes(1024),
+                "bad checksum": raw[:148] + b"0000000\0" + raw[156:],
+                "bad checksum later": raw[:1536 + 148] + b"0000000\0" + raw[1536 + 156:],  # s1.cls's header
+                "escape": _renamed(raw, b"sub/s2.png", b"../sb2.png")}  # fmt: skip
+    for what, data in variants.items():
+        path.write_bytes(data)
+        assert _outcome(scan_tar, path) == _outcome(_tarfile_scan, path), what
+    path.write_bytes(raw)
+    assert [e.key for e in scan_tar(path)] == ["s1", "sub/s2", f"{long_dir}/s3", "s4"]
+    # read directly where the headers are plain ustar (a long name in its prefix), by tarfile where not
+    assert (_ustar_members(path) is None) == (fmt != tarfile.USTAR_FORMAT)
+    path.write_bytes(_renamed(raw, b"sub/s2.png", b"../sb2.png"))
+    with pytest.raises(UnsafePathError, match="member name"):
+        scan_tar(path)
