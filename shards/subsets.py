@@ -56,9 +56,8 @@ def drawn_mask(
         keep[:] = True
         return keep
     labelled = np.flatnonzero(labels >= 0)
-    text = (
-        keys[labelled] if keys.dtype.kind in "SU" else keys[labelled].astype(str)
-    )  # UTF-8 bytes sort as text
+    # fixed-width keys (UTF-8 bytes sort as their text) need no string per row
+    text = keys[labelled] if keys.dtype.kind in "SU" else keys[labelled].astype(str)
     by_key = labelled[np.argsort(text, kind="stable")]
     level = nested_levels(labels[by_key], patients[by_key], levels, subset_seed(subset))
     keep[by_key[level <= match[0]]] = True

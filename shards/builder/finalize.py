@@ -268,17 +268,17 @@ def _cross_part_duplicates(out: Path, totals: _Totals, scratch: Path) -> dict:
     the groups found become Python objects."""
     prefixes = np.concatenate(totals.pixel_prefix) if totals.pixel_prefix else np.zeros(0, np.uint64)
     totals.pixel_prefix.clear()
-    prefixes = np.sort(prefixes[prefixes != 0])
-    candidates = np.unique(prefixes[1:][prefixes[1:] == prefixes[:-1]])
-    counts = np.searchsorted(prefixes, candidates, "right") - np.searchsorted(prefixes, candidates, "left")
+    values, counts = np.unique(prefixes[prefixes != 0], return_counts=True)
     del prefixes
+    candidates, counts = values[counts > 1], counts[counts > 1]
     # passes over the scratch files, each for a run of candidates of about CANDIDATE_ROWS rows at most
-    passes = np.split(candidates, np.flatnonzero(np.diff((np.cumsum(counts) - 1) // CANDIDATE_ROWS)) + 1)
-    files = sorted(scratch.glob("part-*.parquet")) if len(candidates) else []
+    ends = np.flatnonzero(np.diff((np.cumsum(counts) - 1) // CANDIDATE_ROWS)) + 1
+    passes = np.split(candidates, ends) if len(candidates) else []
+    files = sorted(scratch.glob("part-*.parquet"))
     summary = {"groups": 0, "samples": 0, "list": DUPLICATES}
 
     def write(fh) -> None:
-        for wanted in passes if len(candidates) else ():
+        for wanted in passes:
             found = []
             for path in files:
                 part = pq.read_table(path, columns=["pixel_hash", "source_hash"])
